@@ -1,0 +1,1 @@
+"""The falconet dispatcher: task queue, executor registry and result routing."""

@@ -1,0 +1,473 @@
+"""The dispatcher's state and rules, with no network code (sans-IO).
+
+The ZeroMQ loop in :mod:`falconet.dispatcher.server` feeds decoded messages in with the
+peer's routing id and the monotonic time, calls :meth:`Core.tick` and
+:meth:`Core.dispatch`, and sends whatever :meth:`Core.take_outgoing` returns.  Tests drive
+the same object directly.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from falconet import protocol as p
+from falconet.dispatcher import states
+from falconet.protocol import TaskState
+
+log = logging.getLogger("falconet.dispatcher")
+
+_PENDING, _DISPATCHED, _RUNNING = int(TaskState.PENDING), int(TaskState.DISPATCHED), int(TaskState.RUNNING)
+_DONE, _FAILED, _CANCELLED = int(TaskState.DONE), int(TaskState.FAILED), int(TaskState.CANCELLED)
+_FINAL = frozenset({_DONE, _FAILED, _CANCELLED})
+_KINDS = frozenset(int(k) for k in p.TaskKind)
+_STATE_NAMES = {int(s): s.name.lower() for s in TaskState}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Dispatcher settings; times in seconds."""
+
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 10.0
+    max_submit_batch: int = 100_000  #: tasks in one Submit message
+    max_dispatch_batch: int = 2048  #: tasks in one Tasks message
+    max_results_batch: int = 4096  #: results in one Results message
+    rate_window_s: float = 10.0  #: window of the tasks/s figure
+
+
+class Task:
+    """One accepted task; small on purpose (a queued task is its body plus these slots)."""
+
+    __slots__ = (
+        "tid", "client", "seq", "kind", "body", "retries", "walltime_s",
+        "state", "attempt", "losses", "executor", "submitted",
+    )  # fmt: skip
+
+    def __init__(self, tid, client, spec: p.TaskSpec, submitted: float):
+        self.tid = tid
+        self.client = client
+        self.seq = spec.seq
+        self.kind = spec.kind
+        self.body = spec.body
+        self.retries = spec.retries
+        self.walltime_s = spec.walltime_s
+        self.state = _PENDING
+        self.attempt = 0  # number of times dispatched; results must name the current one
+        self.losses = 0  # attempts ended by a lost executor or dead slot
+        self.executor = None
+        self.submitted = submitted
+
+
+class ExecutorState(enum.Enum):
+    """Where a registered executor is in its life."""
+
+    ACTIVE = "active"  #: takes work as its credit allows
+    DRAINING = "draining"  #: finishing what it runs; gets no new work
+
+
+class ExecutorEntry:
+    """A registered executor as the dispatcher knows it."""
+
+    __slots__ = ("peer", "info", "state", "credit", "tasks", "last_seen", "last_sent", "registered", "completed")
+
+    def __init__(self, peer: bytes, info: p.Register, now: float, wall: float):
+        self.peer = peer
+        self.info = info
+        self.state = ExecutorState.ACTIVE
+        self.credit = 0
+        self.tasks: dict[int, Task] = {}
+        self.last_seen = now
+        self.last_sent = now
+        self.registered = wall
+        self.completed = 0
+
+
+class ClientEntry:
+    """A client session: its identity, name and per-state task counts."""
+
+    __slots__ = ("peer", "name", "counts", "results")
+
+    def __init__(self, peer: bytes, name: str):
+        self.peer = peer
+        self.name = name
+        self.counts = [0] * len(TaskState)
+        self.results: list[p.TaskResult] = []
+
+
+class Core:
+    """Queue, executor registry and result routing, driven by events."""
+
+    def __init__(self, config: Config = Config(), wall: Callable[[], float] = time.time):
+        self.config = config
+        self.wall = wall
+        self.dispatcher_id = uuid.uuid4().hex[:12]
+        self.started_wall = wall()
+        self.queue: collections.deque[Task] = collections.deque()
+        self.executors: dict[bytes, ExecutorEntry] = {}
+        self.ready: dict[bytes, ExecutorEntry] = {}  # executors with credit > 0, in turn order
+        self.clients: dict[bytes, ClientEntry] = {}
+        self.counts = [0] * len(TaskState)  # live tasks by state; final states are totals
+        self.submitted_total = 0
+        self.lost_total = 0
+        self.stale_results = 0
+        self.recent_lost: collections.deque[dict] = collections.deque(maxlen=20)
+        self._done_times: collections.deque[tuple[float, int]] = collections.deque()
+        self._next_tid = 1
+        self._results_pending: dict[bytes, ClientEntry] = {}
+        self.to_clients: list[tuple[bytes, Any]] = []
+        self.to_executors: list[tuple[bytes, Any]] = []
+
+    # ------------------------------------------------------------ state changes
+
+    def _move(self, task: Task, new: int) -> None:
+        old = task.state
+        states.check(old, new)
+        task.state = new
+        self.counts[old] -= 1
+        self.counts[new] += 1
+        c = task.client.counts
+        c[old] -= 1
+        c[new] += 1
+
+    def _finish(self, task: Task, state: int, output: bytes, reason: str, executor: str,
+                started: float, finished: float) -> None:
+        self._move(task, state)
+        client = task.client
+        client.results.append(
+            p.TaskResult(task.seq, state, output, reason, executor, task.attempt,
+                         task.submitted, started, finished)
+        )
+        self._results_pending[client.peer] = client
+
+    # ------------------------------------------------------------ clients
+
+    def on_client(self, peer: bytes, msg: Any, now: float) -> None:
+        """Handle one decoded message from a client."""
+        if type(msg) is p.Hello:
+            self._hello(peer, msg)
+            return
+        client = self.clients.get(peer)
+        if client is None:
+            self.to_clients.append((peer, p.Refused("say Hello first: this dispatcher does not know this client")))
+            return
+        if type(msg) is p.Submit:
+            self._submit(client, msg)
+        elif type(msg) is p.Cancel:
+            self._cancel(client, set(msg.seqs))
+        elif type(msg) is p.StatusRequest:
+            self.to_clients.append((peer, p.StatusReply(msg.req_id, self.status(now, msg.detail, client))))
+        else:
+            self.to_clients.append((peer, p.Refused(f"{type(msg).__name__} is not a client message")))
+
+    def _hello(self, peer: bytes, msg: p.Hello) -> None:
+        reason = p.check_version(msg.version)
+        if reason:
+            self.to_clients.append((peer, p.Refused(reason)))
+            return
+        client = self.clients.get(peer)
+        if client is None:
+            client = self.clients[peer] = ClientEntry(peer, msg.name)
+        limits = {"max_submit_batch": self.config.max_submit_batch}
+        self.to_clients.append((peer, p.Welcome(p.PROTOCOL_VERSION, self.dispatcher_id, limits)))
+        if client.results:  # undelivered results of an earlier connection
+            self._results_pending[peer] = client
+
+    def _submit(self, client: ClientEntry, msg: p.Submit) -> None:
+        if len(msg.tasks) > self.config.max_submit_batch:
+            self.to_clients.append((client.peer, p.Refused(
+                f"batch {msg.batch} has {len(msg.tasks)} tasks, more than the limit of "
+                f"{self.config.max_submit_batch}; submit in smaller batches")))
+            return
+        wall = self.wall()
+        queue, counts, ccounts = self.queue, self.counts, client.counts
+        for spec in msg.tasks:
+            task = Task(self._next_tid, client, spec, wall)
+            self._next_tid += 1
+            counts[_PENDING] += 1
+            ccounts[_PENDING] += 1
+            reason = _invalid(spec)
+            if reason:
+                self._finish(task, _FAILED, b"", reason, "", 0.0, wall)
+            else:
+                queue.append(task)
+        self.submitted_total += len(msg.tasks)
+        self.to_clients.append((client.peer, p.Accepted(msg.batch, len(msg.tasks))))
+
+    def _cancel(self, client: ClientEntry, seqs: set[int]) -> None:
+        wall = self.wall()
+        for task in self.queue:  # cancelled tasks stay in the deque and are skipped later
+            if task.client is client and task.state == _PENDING and task.seq in seqs:
+                self._finish(task, _CANCELLED, b"", "cancelled before it started", "", 0.0, wall)
+        for ex in self.executors.values():
+            tids = [t.tid for t in ex.tasks.values()
+                    if t.client is client and t.state == _DISPATCHED and t.seq in seqs]
+            if tids:
+                self._send_executor(ex, p.CancelTasks(tids))
+
+    # ------------------------------------------------------------ executors
+
+    def on_executor(self, peer: bytes, msg: Any, now: float) -> None:
+        """Handle one decoded message from an executor."""
+        ex = self.executors.get(peer)
+        if type(msg) is p.Register:
+            self._register(peer, msg, ex, now)
+            return
+        if ex is None:
+            if type(msg) is not p.Bye:
+                self.to_executors.append((peer, p.Reregister("unknown executor (declared lost, or the dispatcher restarted)")))
+            return
+        ex.last_seen = now
+        kind = type(msg)
+        if kind is p.Report:
+            self._report(ex, msg, now)
+        elif kind is p.Heartbeat:
+            pass
+        elif kind is p.Drain:
+            self._drain(ex, msg)
+        elif kind is p.Bye:
+            self._remove(ex, lost=False)
+        else:
+            log.warning("executor %s sent %s, which is not an executor message; ignored", ex.info.executor_id, kind.__name__)
+
+    def _register(self, peer: bytes, msg: p.Register, ex: ExecutorEntry | None, now: float) -> None:
+        reason = p.check_version(msg.version)
+        if not reason and msg.slots < 1:
+            reason = f"an executor needs at least one slot, not {msg.slots}"
+        if reason:
+            self.to_executors.append((peer, p.Refused(reason)))
+            return
+        if ex is not None:  # a reconnect: keep what it still holds, requeue the rest
+            held = {tid for tid, _ in msg.holding}
+            for tid in [tid for tid in ex.tasks if tid not in held]:
+                self._requeue(ex.tasks.pop(tid), loss=False)
+            ex.info, ex.state, ex.credit, ex.last_seen = msg, ExecutorState.ACTIVE, 0, now
+            self.ready.pop(peer, None)
+        else:
+            ex = self.executors[peer] = ExecutorEntry(peer, msg, now, self.wall())
+            log.info("executor %s registered: host %s, %d slots, addresses %s",
+                     msg.executor_id, msg.hostname, msg.slots, ",".join(msg.addresses))
+        self._send_executor(ex, p.Registered(self.config.heartbeat_interval_s, self.config.heartbeat_timeout_s))
+
+    def _report(self, ex: ExecutorEntry, msg: p.Report, now: float) -> None:
+        tasks = ex.tasks
+        for tid, attempt in msg.started:
+            t = tasks.get(tid)
+            if t is not None and t.attempt == attempt and t.state == _DISPATCHED:
+                self._move(t, _RUNNING)
+        if msg.results:
+            eid = ex.info.executor_id
+            for r in msg.results:
+                t = tasks.get(r.tid)
+                if t is None or t.attempt != r.attempt:
+                    self.stale_results += 1
+                    continue
+                del tasks[r.tid]
+                state, reason = r.state, r.reason
+                if state not in _FINAL:
+                    state, reason = _FAILED, f"executor reported invalid state {state}"
+                self._finish(t, state, r.output, reason, eid, r.started, r.finished)
+            ex.completed += len(msg.results)
+            self._done_times.append((now, len(msg.results)))
+        if msg.credit > 0 and ex.state is ExecutorState.ACTIVE:
+            ex.credit += msg.credit
+            self.ready[ex.peer] = ex
+
+    def _drain(self, ex: ExecutorEntry, msg: p.Drain) -> None:
+        if ex.state is ExecutorState.ACTIVE:
+            log.info("executor %s is draining", ex.info.executor_id)
+        ex.state = ExecutorState.DRAINING
+        ex.credit = 0
+        self.ready.pop(ex.peer, None)
+        for tid, attempt in msg.returned:
+            t = ex.tasks.get(tid)
+            if t is not None and t.attempt == attempt:
+                self._requeue(ex.tasks.pop(tid), loss=False)
+
+    def _requeue(self, task: Task, *, loss: bool, why: str = "") -> None:
+        task.executor = None
+        if task.state in _FINAL:
+            return
+        if loss:
+            task.losses += 1
+            if task.losses > task.retries:
+                self._finish(task, _FAILED, b"", f"{why}; retry limit of {task.retries} reached after "
+                             f"{task.attempt} attempts", "", 0.0, self.wall())
+                return
+        self._move(task, _PENDING)
+        self.queue.appendleft(task)  # it waited longest: run it next
+
+    def _remove(self, ex: ExecutorEntry, *, lost: bool) -> None:
+        del self.executors[ex.peer]
+        self.ready.pop(ex.peer, None)
+        info = ex.info
+        why = f"executor {info.executor_id} on {info.hostname} lost"
+        for t in ex.tasks.values():
+            self._requeue(t, loss=lost, why=why)
+        if lost:
+            self.lost_total += 1
+            self.recent_lost.append({"id": info.executor_id, "host": info.hostname,
+                                     "tasks": len(ex.tasks), "at": self.wall()})
+            log.warning("%s: no message for %.1fs; %d tasks go back to the queue",
+                        why, self.config.heartbeat_timeout_s, len(ex.tasks))
+        else:
+            log.info("executor %s left", info.executor_id)
+        ex.tasks = {}
+
+    def executor_unreachable(self, peer: bytes, msg: Any) -> None:
+        """The loop could not route msg to this executor: it is gone."""
+        ex = self.executors.get(peer)
+        if ex is None:
+            return
+        if type(msg) is p.Tasks:  # never arrived, so no attempt was made
+            for a in msg.tasks:
+                t = ex.tasks.pop(a.tid, None)
+                if t is not None:
+                    t.attempt -= 1
+                    self._requeue(t, loss=False)
+        self._remove(ex, lost=True)
+
+    def _send_executor(self, ex: ExecutorEntry, msg: Any) -> None:
+        self.to_executors.append((ex.peer, msg))
+
+    # ------------------------------------------------------------ time and work
+
+    def tick(self, now: float) -> None:
+        """Declare silent executors lost and send heartbeats to quiet ones."""
+        timeout, interval = self.config.heartbeat_timeout_s, self.config.heartbeat_interval_s
+        for ex in list(self.executors.values()):
+            if now - ex.last_seen > timeout:
+                self._remove(ex, lost=True)
+            elif now - ex.last_sent >= interval:
+                ex.last_sent = now
+                self._send_executor(ex, p.Heartbeat())
+
+    def dispatch(self, now: float) -> None:
+        """Hand queued tasks to executors with credit, sharing fairly when work is short."""
+        queue, ready = self.queue, self.ready
+        if not queue or not ready:
+            return
+        total = sum(ex.credit for ex in ready.values())
+        short = len(queue) < total
+        limit = self.config.max_dispatch_batch
+        wall = self.wall()
+        for ex in list(ready.values()):
+            if not queue:
+                break
+            n = ex.credit
+            if short:
+                n = min(n, math.ceil(len(queue) * ex.credit / total))
+            batch = self._take(ex, min(n, limit), wall)
+            del ready[ex.peer]
+            if ex.credit > 0:
+                ready[ex.peer] = ex  # to the back of the line
+            if batch:
+                ex.last_sent = now
+                self.to_executors.append((ex.peer, p.Tasks(batch)))
+
+    def _take(self, ex: ExecutorEntry, n: int, wall: float) -> list[p.Assignment]:
+        queue, tasks, counts = self.queue, ex.tasks, self.counts
+        batch = []
+        append = batch.append
+        while len(batch) < n and queue:
+            t = queue.popleft()
+            if t.state != _PENDING:
+                continue  # cancelled while queued
+            t.state = _DISPATCHED  # PENDING -> DISPATCHED is in the table; inlined for speed
+            counts[_PENDING] -= 1
+            counts[_DISPATCHED] += 1
+            cc = t.client.counts
+            cc[_PENDING] -= 1
+            cc[_DISPATCHED] += 1
+            t.attempt += 1
+            t.executor = ex
+            tasks[t.tid] = t
+            append(p.Assignment(t.tid, t.attempt, t.kind, t.body, t.walltime_s))
+        ex.credit -= len(batch)
+        return batch
+
+    def take_outgoing(self) -> tuple[list[tuple[bytes, Any]], list[tuple[bytes, Any]]]:
+        """Return and clear the messages to send: (to clients, to executors)."""
+        step = self.config.max_results_batch
+        for peer, client in self._results_pending.items():
+            results, client.results = client.results, []
+            for i in range(0, len(results), step):
+                self.to_clients.append((peer, p.Results(results[i:i + step])))
+        self._results_pending.clear()
+        out = self.to_clients, self.to_executors
+        self.to_clients, self.to_executors = [], []
+        return out
+
+    def undelivered(self, peer: bytes, msg: Any) -> None:
+        """The loop could not route msg to this client: keep its results for a reconnect."""
+        client = self.clients.get(peer)
+        if client is not None and type(msg) is p.Results:
+            client.results[:0] = msg.results
+
+    # ------------------------------------------------------------ statistics
+
+    def tasks_per_s(self, now_mono: float) -> float:
+        """Completions per second over the last rate window."""
+        window = self.config.rate_window_s
+        times = self._done_times
+        while times and times[0][0] < now_mono - window:
+            times.popleft()
+        if not times:
+            return 0.0
+        span = max(now_mono - times[0][0], 1.0)
+        return sum(n for _, n in times) / span
+
+    def status(self, now: float, detail: bool = False, client: ClientEntry | None = None) -> dict:
+        """The dispatcher's statistics as a msgpack-friendly map."""
+        info: dict[str, Any] = {
+            "dispatcher_id": self.dispatcher_id,
+            "version": p.PROTOCOL_VERSION,
+            "uptime_s": self.wall() - self.started_wall,
+            "durability": "in-memory",
+            "queued": self.counts[_PENDING],
+            "tasks": {_STATE_NAMES[s]: n for s, n in enumerate(self.counts)},
+            "submitted_total": self.submitted_total,
+            "tasks_per_s": self.tasks_per_s(now),
+            "executors": len(self.executors),
+            "slots": sum(ex.info.slots for ex in self.executors.values()),
+            "busy": sum(len(ex.tasks) for ex in self.executors.values()),
+            "lost_executors": self.lost_total,
+            "stale_results": self.stale_results,
+            "clients": len(self.clients),
+        }
+        if client is not None:
+            info["client"] = {_STATE_NAMES[s]: n for s, n in enumerate(client.counts)}
+        if detail:
+            info["executor_table"] = [_executor_row(ex, now) for ex in self.executors.values()]
+            info["recent_lost"] = list(self.recent_lost)
+        return info
+
+
+def _executor_row(ex: ExecutorEntry, now: float) -> dict:
+    i = ex.info
+    running = sum(1 for t in ex.tasks.values() if t.state == _RUNNING)
+    return {
+        "id": i.executor_id, "host": i.hostname, "addresses": i.addresses, "pid": i.pid,
+        "cpus": i.cpus, "memory": i.memory, "platform": i.platform, "slots": i.slots,
+        "state": ex.state.value, "busy": running, "assigned": len(ex.tasks),
+        "completed": ex.completed, "last_seen_s": now - ex.last_seen,
+        "registered": ex.registered, "facts": i.facts,
+    }
+
+
+def _invalid(spec: p.TaskSpec) -> str:
+    """Why a task spec cannot be queued, or an empty string."""
+    if spec.kind not in _KINDS:
+        return (f"unknown task kind {spec.kind}: this dispatcher runs "
+                + ", ".join(f"{k.name.lower()} ({int(k)})" for k in p.TaskKind))
+    if spec.retries < 0:
+        return f"retries must be 0 or more, not {spec.retries}"
+    if spec.walltime_s < 0 or math.isnan(spec.walltime_s):
+        return f"walltime must be 0 (no limit) or positive, not {spec.walltime_s}"
+    return ""

@@ -1,0 +1,181 @@
+"""The dispatcher's ZeroMQ event loop: one thread, two ROUTER sockets, batched I/O.
+
+Each turn drains every waiting message from both ports, lets the core react, dispatches
+queued work against executor credit, and sends everything the core produced.  Nothing
+here knows the rules; :mod:`falconet.dispatcher.core` does.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import time
+from typing import Any, Callable
+
+import zmq
+
+from falconet import protocol as p
+from falconet.dispatcher.core import Config, Core
+from falconet.errors import FalconetError, ProtocolError
+
+log = logging.getLogger("falconet.dispatcher")
+
+MAX_MESSAGE_BYTES = 256 << 20
+_RECV_PER_TURN = 20_000  # bound a turn so one busy port cannot starve the other
+
+
+class BindRefused(FalconetError):
+    """The dispatcher will not listen where it was asked to."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _RateLimitedLog:
+    """At most one warning a second for bad input, with a count of what it held back."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.held = 0
+
+    def warn(self, fmt: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < 1.0:
+            self.held += 1
+            return
+        if self.held:
+            fmt += " (and %d more bad messages in the last second)"
+            args = (*args, self.held)
+        log.warning(fmt, *args)
+        self.last, self.held = now, 0
+
+
+class Server:
+    """Binds the client and executor ports and runs the event loop."""
+
+    def __init__(self, host: str = "127.0.0.1", client_port: int = 0, executor_port: int = 0,
+                 config: Config = Config(), *, insecure: bool = False,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+        if not is_loopback(host) and not insecure:
+            raise BindRefused(
+                f"refusing to listen on {host} without authentication: CURVE keys are not "
+                "configured; bind 127.0.0.1, or pass --insecure if the network is trusted")
+        if insecure and not is_loopback(host):
+            log.warning("INSECURE: listening on %s without authentication; anyone who can "
+                        "reach these ports can submit and run commands", host)
+        self.insecure = insecure and not is_loopback(host)
+        self.core = Core(config)
+        self.ctx = zmq.Context()
+        self.client_sock = self._router(host, client_port, max_message_bytes)
+        self.executor_sock = self._router(host, executor_port, max_message_bytes)
+        self.client_address = self.client_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.executor_address = self.executor_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._stop = False
+        self._bad = _RateLimitedLog()
+
+    def _router(self, host: str, port: int, max_bytes: int) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise: we learn a peer left
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer takes over its identity
+        sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)  # ZeroMQ drops a peer that sends more
+        sock.setsockopt(zmq.SNDHWM, 0)  # credit bounds executor traffic; results must not drop
+        sock.setsockopt(zmq.RCVHWM, 0)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+            sock.setsockopt(zmq.IPV6, 1)
+        sock.bind(f"tcp://{host}:{port or '*'}")
+        return sock
+
+    def stop(self, *_: Any) -> None:
+        """Ask the loop to end after its current turn (safe from a signal handler)."""
+        self._stop = True
+
+    def serve(self) -> None:
+        """Run until stop() is called; closes the sockets on the way out."""
+        core = self.core
+        tick_s = core.config.heartbeat_interval_s / 2
+        poller = zmq.Poller()
+        poller.register(self.client_sock, zmq.POLLIN)
+        poller.register(self.executor_sock, zmq.POLLIN)
+        next_tick = time.monotonic()
+        try:
+            while not self._stop:
+                wait_ms = max(0.0, next_tick - time.monotonic()) * 1000
+                ready = dict(poller.poll(wait_ms))
+                now = time.monotonic()
+                if self.client_sock in ready:
+                    self._receive(self.client_sock, core.on_client, now, "client")
+                if self.executor_sock in ready:
+                    self._receive(self.executor_sock, core.on_executor, now, "executor")
+                if now >= next_tick:
+                    core.tick(now)
+                    next_tick = now + tick_s
+                core.dispatch(now)
+                self._send_all()
+        finally:
+            self.close()
+
+    def _receive(self, sock: zmq.Socket, handle: Callable[[bytes, Any, float], None],
+                 now: float, port: str) -> None:
+        recv = sock.recv_multipart
+        for _ in range(_RECV_PER_TURN):
+            try:
+                frames = recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self._bad.warn("dropped a %d-frame message on the %s port: falconet messages "
+                               "are one frame", len(frames) - 1, port)
+                continue
+            peer, frame = frames
+            try:
+                msg = p.decode(frame)
+            except ProtocolError as exc:
+                self._bad.warn("dropped a malformed message on the %s port from %r: %s",
+                               port, peer[:16], exc)
+                continue
+            try:
+                handle(peer, msg, now)
+            except Exception:  # the loop boundary: one bad message must not stop the service
+                log.exception("error while handling %s from %r on the %s port",
+                              type(msg).__name__, peer[:16], port)
+
+    def _send_all(self) -> None:
+        # An unreachable executor can produce more output (failed tasks), hence the loop;
+        # it ends because an unreachable executor is removed.
+        while True:
+            to_clients, to_executors = self.core.take_outgoing()
+            if not to_clients and not to_executors:
+                return
+            for peer, msg in to_clients:
+                if not self._send(self.client_sock, peer, msg):
+                    self.core.undelivered(peer, msg)
+            for peer, msg in to_executors:
+                if not self._send(self.executor_sock, peer, msg):
+                    self.core.executor_unreachable(peer, msg)
+
+    @staticmethod
+    def _send(sock: zmq.Socket, peer: bytes, msg: Any) -> bool:
+        try:
+            sock.send_multipart([peer, p.encode(msg)], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN):
+                return False
+            raise
+
+    def close(self) -> None:
+        """Close both sockets and the context without waiting for unsent messages."""
+        self.client_sock.close(0)
+        self.executor_sock.close(0)
+        self.ctx.term()
+

@@ -1,0 +1,33 @@
+"""The task state machine: one table of legal transitions and the one function that applies it."""
+
+from __future__ import annotations
+
+from falconet.protocol import TaskState
+
+P, D, R = TaskState.PENDING, TaskState.DISPATCHED, TaskState.RUNNING
+DONE, FAILED, CANCELLED = TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED
+
+#: state -> the states it may move to.  DISPATCHED may finish directly because an
+#: executor may report a task's start and its end in the same batch; DISPATCHED and
+#: RUNNING go back to PENDING when their executor is lost or hands them back.
+TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    P: frozenset({D, FAILED, CANCELLED}),
+    D: frozenset({R, P, DONE, FAILED, CANCELLED}),
+    R: frozenset({P, DONE, FAILED}),
+    DONE: frozenset(),
+    FAILED: frozenset(),
+    CANCELLED: frozenset(),
+}
+
+# Plain ints make the hot-path check a set lookup on ints rather than on enum members.
+_ALLOWED = {int(s): frozenset(int(t) for t in ts) for s, ts in TRANSITIONS.items()}
+
+
+class IllegalTransition(RuntimeError):
+    """A transition the table does not allow: a bug in the dispatcher, never input."""
+
+
+def check(old: int, new: int) -> None:
+    """Raise IllegalTransition unless old -> new is in the table."""
+    if new not in _ALLOWED[old]:
+        raise IllegalTransition(f"task state {TaskState(old).name} -> {TaskState(new).name} is not allowed")

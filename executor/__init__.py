@@ -1,0 +1,1 @@
+"""The falconet executor: pulls tasks from the dispatcher and runs them in slots."""

@@ -1,0 +1,406 @@
+"""The executor: connects out to the dispatcher, pulls work with credit, runs it in slots.
+
+One thread, one ZeroMQ DEALER socket and one pipe pair per slot, all in one poll loop.
+The executor never listens on a port.  It asks for as many tasks as it can start now plus
+a prefetch sized to cover about ten milliseconds of work at the measured task rate, hands
+tasks to idle slots in chunks sized to about two milliseconds of work (one task at a time
+when tasks are long or have a wall-time limit), and reports starts, results and new
+credit together in one message per turn.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from falconet import protocol as p
+from falconet.errors import ProtocolError
+from falconet.executor import host, pipes
+
+log = logging.getLogger("falconet.executor")
+
+_FAILED, _CANCELLED = int(p.TaskState.FAILED), int(p.TaskState.CANCELLED)
+CHUNK_WORK_S = 0.002  # work per chunk handed to a slot
+BACKLOG_WORK_S = 0.01  # work held locally beyond the slots
+MAX_CHUNK = 64
+MAX_BACKLOG = 1024
+MAX_REPORT = 4096  # results per Report message
+COMMAND_GRACE_S = 5.0  # a command's own slot enforces its wall time; this is the backstop
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """How an executor runs; times in seconds."""
+
+    dispatcher: str  #: the dispatcher's executor address, tcp://host:port
+    slots: int = field(default_factory=host.cpus)
+    idle_timeout_s: float = 0.0  #: leave after this long without work; 0 = never
+    prefetch: int | None = None  #: tasks held beyond the slots; None = sized automatically
+    executor_id: str = ""  #: default: hostname and a random suffix
+    facts: dict = field(default_factory=dict)  #: extra facts for the registration
+    poll_s: float = 0.1
+
+
+class Phase(enum.Enum):
+    """Where the executor is in its life."""
+
+    ACTIVE = "active"  #: taking and running work (registered or trying to be)
+    DRAINING = "draining"  #: finishing what runs; handed the rest back
+    DONE = "done"  #: leaving the loop
+
+
+class Slot:
+    """One slot process and the chunk of tasks it was handed, in order."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.proc: subprocess.Popen | None = None
+        self.rfd = self.wfd = -1
+        self.reader = pipes.FrameReader()
+        self.chunk: dict[int, p.Assignment] = {}
+        self.sent_at = 0.0
+
+    def start(self) -> None:
+        to_slot_r, to_slot_w = os.pipe()
+        from_slot_r, from_slot_w = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "falconet.executor.slot", str(to_slot_r), str(from_slot_w)],
+            pass_fds=(to_slot_r, from_slot_w), stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        os.close(to_slot_r)
+        os.close(from_slot_w)
+        os.set_blocking(from_slot_r, False)
+        self.rfd, self.wfd = from_slot_r, to_slot_w
+        self.reader = pipes.FrameReader()
+
+    def close(self, kill: bool = False) -> int | None:
+        """Close the pipes; kill the process group if asked; return the exit status."""
+        for fd in (self.rfd, self.wfd):
+            if fd >= 0:
+                os.close(fd)
+        self.rfd = self.wfd = -1
+        if self.proc is None:
+            return None
+        if kill:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            return self.proc.wait(timeout=None if kill else 5)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait()
+
+
+class Executor:
+    """The pull loop; run() returns the process exit status."""
+
+    def __init__(self, config: ExecutorConfig):
+        if config.slots < 1:
+            raise ValueError(f"an executor needs at least one slot, not {config.slots}")
+        self.config = config
+        self.id = config.executor_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing while disconnected: we keep our own
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        self.sock.connect(config.dispatcher)
+        self.slots = [Slot(i) for i in range(config.slots)]
+        self.queue: collections.deque[p.Assignment] = collections.deque()
+        self.phase = Phase.ACTIVE
+        self.exit_code = 0
+        self.registered = False
+        self.asked = 0
+        self.started: list[tuple[int, int]] = []
+        self.results: list[p.ExecResult] = []
+        self.mean_s: float | None = None
+        self.heartbeat_interval_s, self.heartbeat_timeout_s = 1.0, 10.0
+        now = time.monotonic()
+        self.heard = self.spoke = self.last_busy = now
+        self.next_register, self.backoff_s = now, 0.1
+        self.drain_requested = self.stop_requested = False
+        self._facts = {**host.facts(), **config.facts}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def request_drain(self, *_: Any) -> None:
+        """SIGTERM: finish running tasks, hand back the rest, leave.  A second one stops now."""
+        if self.drain_requested:
+            self.stop_requested = True
+        self.drain_requested = True
+
+    def run(self) -> int:
+        """Serve until drained, idle past the timeout, refused or stopped."""
+        for slot in self.slots:
+            slot.start()
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        for slot in self.slots:
+            self.poller.register(slot.rfd, zmq.POLLIN)
+        log.info("executor %s: %d slots, dispatcher %s", self.id, len(self.slots), self.config.dispatcher)
+        try:
+            while self.phase is not Phase.DONE and not self.stop_requested:
+                self._turn()
+        finally:
+            for slot in self.slots:
+                slot.close(kill=self.stop_requested)
+            self.sock.close()
+            self.ctx.term()
+        return self.exit_code
+
+    def _turn(self) -> None:
+        ready = dict(self.poller.poll(self.config.poll_s * 1000))
+        now = time.monotonic()
+        if self.sock in ready:
+            self._on_dispatcher(now)
+        for slot in self.slots:
+            if slot.rfd in ready:
+                self._on_slot(slot, now)
+        self._enforce_walltime(now)
+        if self.drain_requested and self.phase is Phase.ACTIVE:
+            self._begin_drain("asked to stop")
+        self._feed_slots(now)
+        self._housekeeping(now)
+        self._flush(now)
+
+    # ------------------------------------------------------------ dispatcher side
+
+    def _on_dispatcher(self, now: float) -> None:
+        while True:
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.heard = now
+            try:
+                msg = p.decode(frame)
+            except ProtocolError as exc:
+                log.warning("dropped a malformed message from the dispatcher: %s", exc)
+                continue
+            self._handle(msg, now)
+
+    def _handle(self, msg: Any, now: float) -> None:
+        kind = type(msg)
+        if kind is p.Tasks:
+            self.asked = max(0, self.asked - len(msg.tasks))
+            if self.phase is Phase.DRAINING:
+                self._send(p.Drain([(a.tid, a.attempt) for a in msg.tasks]), now)
+            else:
+                self.queue.extend(msg.tasks)
+        elif kind is p.Registered:
+            if not self.registered:
+                log.info("registered with the dispatcher at %s", self.config.dispatcher)
+            self.registered, self.asked, self.backoff_s = True, 0, 0.1
+            self.heartbeat_interval_s = msg.heartbeat_interval_s
+            self.heartbeat_timeout_s = msg.heartbeat_timeout_s
+        elif kind is p.CancelTasks:
+            self._cancel(set(msg.tids))
+        elif kind is p.Reregister:
+            log.info("dispatcher asks to register again: %s", msg.reason)
+            self.registered, self.next_register = False, now
+        elif kind is p.Refused:
+            log.error("the dispatcher refused this executor: %s", msg.reason)
+            self.exit_code, self.phase = 1, Phase.DONE
+        elif kind is not p.Heartbeat:
+            log.warning("ignored %s: not a message for executors", kind.__name__)
+
+    def _cancel(self, tids: set[int]) -> None:
+        now = time.time()
+        kept = collections.deque()
+        for a in self.queue:
+            if a.tid in tids:
+                self.results.append(p.ExecResult(a.tid, a.attempt, _CANCELLED, b"", "cancelled before it started", 0.0, now))
+            else:
+                kept.append(a)
+        self.queue = kept
+
+    def _register(self, now: float) -> None:
+        f = self._facts
+        msg = p.Register(
+            p.PROTOCOL_VERSION, self.id, f["hostname"], f["addresses"], f["cpus"], f["memory"],
+            f["platform"], len(self.slots), os.getpid(),
+            {k: v for k, v in f.items() if k not in ("hostname", "addresses", "cpus", "memory", "platform")},
+            self._holding(),
+        )
+        self._send(msg, now)
+        self.next_register = now + self.backoff_s
+        self.backoff_s = min(self.backoff_s * 2, 5.0)
+
+    def _holding(self) -> list[tuple[int, int]]:
+        held = [(a.tid, a.attempt) for a in self.queue]
+        for slot in self.slots:
+            held += [(a.tid, a.attempt) for a in slot.chunk.values()]
+        held += [(r.tid, r.attempt) for r in self.results]
+        return held
+
+    def _send(self, msg: Any, now: float) -> bool:
+        try:
+            self.sock.send(p.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:  # not connected (IMMEDIATE): the caller keeps what it had
+            return False
+        self.spoke = now
+        return True
+
+    def _flush(self, now: float) -> None:
+        if not self.registered:
+            return
+        credit = self._credit_to_ask()
+        while self.started or self.results or credit:
+            results = self.results[:MAX_REPORT]
+            if not self._send(p.Report(credit, self.started, results), now):
+                return
+            self.asked += credit
+            self.started, self.results, credit = [], self.results[MAX_REPORT:], 0
+
+    def _credit_to_ask(self) -> int:
+        if self.phase is not Phase.ACTIVE:
+            return 0
+        held = len(self.queue) + sum(len(s.chunk) for s in self.slots)
+        target = self._target()
+        deficit = target - held - self.asked
+        if deficit <= 0:
+            return 0
+        if self.results or deficit * 4 >= target:  # piggyback, or worth a message of its own
+            return deficit
+        return 0
+
+    def _target(self) -> int:
+        n = len(self.slots)
+        if self.config.prefetch is not None:
+            return n + self.config.prefetch
+        if self.mean_s is None:
+            return 2 * n
+        backlog = math.ceil(n / max(self.mean_s, 1e-6) * BACKLOG_WORK_S)
+        return n + min(backlog, MAX_BACKLOG)
+
+    def _housekeeping(self, now: float) -> None:
+        if self.phase is Phase.DONE:
+            return
+        if self.registered and now - self.heard > self.heartbeat_timeout_s:
+            log.warning("no word from the dispatcher for %.1fs; registering again", now - self.heard)
+            self.registered, self.next_register = False, now
+        if not self.registered and now >= self.next_register:
+            self._register(now)
+        elif self.registered and now - self.spoke >= self.heartbeat_interval_s:
+            self._send(p.Heartbeat(), now)
+        busy = self.queue or self.results or any(s.chunk for s in self.slots)
+        if busy:
+            self.last_busy = now
+        elif self.phase is Phase.DRAINING:
+            if self.registered:
+                self._send(p.Bye(), now)
+            self.phase = Phase.DONE
+        elif self.config.idle_timeout_s and now - self.last_busy > self.config.idle_timeout_s:
+            self._begin_drain(f"idle for {self.config.idle_timeout_s:g}s")
+
+    def _begin_drain(self, why: str) -> None:
+        log.info("executor %s leaving (%s): finishing %d running tasks, handing back %d",
+                 self.id, why, sum(len(s.chunk) for s in self.slots), len(self.queue))
+        self.phase = Phase.DRAINING
+        returned = [(a.tid, a.attempt) for a in self.queue]
+        self.queue.clear()
+        self._send(p.Drain(returned), time.monotonic())
+
+    # ------------------------------------------------------------ slot side
+
+    def _chunk_size(self) -> int:
+        if self.mean_s is None:
+            return 1
+        n = min(MAX_CHUNK, max(1, int(CHUNK_WORK_S / max(self.mean_s, 1e-7))))
+        return min(n, math.ceil(len(self.queue) / len(self.slots)))
+
+    def _feed_slots(self, now: float) -> None:
+        queue = self.queue
+        for slot in self.slots:
+            if not queue:
+                return
+            if slot.chunk:
+                continue
+            size = self._chunk_size()
+            chunk = [queue.popleft()]
+            if chunk[0].walltime_s == 0:  # wall-time tasks go alone, so the clock is exact
+                while len(chunk) < size and queue and queue[0].walltime_s == 0:
+                    chunk.append(queue.popleft())
+            try:
+                pipes.write_frame(slot.wfd, [list(a) for a in chunk])
+            except OSError:
+                queue.extendleft(reversed(chunk))
+                self._restart(slot, "its pipe broke")
+                continue
+            slot.chunk = {a.tid: a for a in chunk}
+            slot.sent_at = now
+            self.started += [(a.tid, a.attempt) for a in chunk]
+
+    def _on_slot(self, slot: Slot, now: float) -> None:
+        while True:
+            try:
+                data = os.read(slot.rfd, 1 << 20)
+            except BlockingIOError:
+                return
+            if not data:
+                self._slot_died(slot)
+                return
+            for frame in slot.reader.feed(data):
+                for r in frame:
+                    slot.chunk.pop(r[0], None)
+                    result = p.ExecResult._make(r)
+                    self.results.append(result)
+                    took = max(result.finished - result.started, 0.0)
+                    self.mean_s = took if self.mean_s is None else 0.9 * self.mean_s + 0.1 * took
+                slot.sent_at = now  # the next task of the chunk started about now
+
+    def _slot_died(self, slot: Slot) -> None:
+        chunk = list(slot.chunk.values())
+        code = self._restart(slot, "it died")
+        if chunk:
+            culprit, rest = chunk[0], chunk[1:]
+            how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+            self._fail(culprit, f"the slot process running this task died ({how})")
+            self.queue.extendleft(reversed(rest))
+
+    def _enforce_walltime(self, now: float) -> None:
+        for slot in self.slots:
+            if not slot.chunk:
+                continue
+            a = next(iter(slot.chunk.values()))
+            if a.walltime_s <= 0:
+                continue
+            limit = a.walltime_s + (COMMAND_GRACE_S if a.kind == p.TaskKind.COMMAND else 0.0)
+            if now - slot.sent_at > limit:
+                rest = list(slot.chunk.values())[1:]
+                slot.chunk = {}
+                self._restart(slot, "a task ran past its wall time", kill=True)
+                self._fail(a, f"wall time of {a.walltime_s:g}s exceeded; the slot running it was killed")
+                self.queue.extendleft(reversed(rest))
+
+    def _fail(self, a: p.Assignment, reason: str) -> None:
+        now = time.time()
+        self.results.append(p.ExecResult(a.tid, a.attempt, _FAILED, b"", reason, now, now))
+
+    def _restart(self, slot: Slot, why: str, kill: bool = False) -> int | None:
+        self.poller.unregister(slot.rfd)
+        slot.chunk = {}
+        code = slot.close(kill=True)
+        if not kill:
+            log.warning("slot %d restarted: %s (status %s)", slot.index, why, code)
+        slot.start()
+        self.poller.register(slot.rfd, zmq.POLLIN)
+        return code
+

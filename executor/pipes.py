@@ -1,0 +1,60 @@
+"""Length-prefixed msgpack frames over the pipes between an executor and its slots."""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any
+
+import msgpack
+
+_HEADER = struct.Struct("<I")
+
+
+def write_frame(fd: int, obj: Any) -> None:
+    """Write one frame, blocking until all of it is in the pipe."""
+    data = msgpack.packb(obj, use_bin_type=True)
+    view = memoryview(_HEADER.pack(len(data)) + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def read_exact(fd: int, n: int) -> bytes | None:
+    """Read exactly n bytes, or None at end of file."""
+    parts = []
+    while n:
+        chunk = os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            return None
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
+
+
+def read_frame(fd: int) -> Any | None:
+    """Read one frame, blocking; None at end of file."""
+    header = read_exact(fd, _HEADER.size)
+    if header is None:
+        return None
+    data = read_exact(fd, _HEADER.unpack(header)[0])
+    return None if data is None else msgpack.unpackb(data)
+
+
+class FrameReader:
+    """Non-blocking side: feed whatever a read returned, take out complete frames."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        buf = self._buf
+        buf += data
+        frames, pos, size = [], 0, len(buf)
+        while size - pos >= 4:
+            (n,) = _HEADER.unpack_from(buf, pos)
+            if size - pos - 4 < n:
+                break
+            frames.append(msgpack.unpackb(bytes(buf[pos + 4:pos + 4 + n])))
+            pos += 4 + n
+        del buf[:pos]
+        return frames

@@ -1,0 +1,154 @@
+"""Run one task of either kind and turn its outcome into (state, output, reason)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import selectors
+import signal
+import subprocess
+import time
+import traceback
+from collections import OrderedDict
+from typing import Any, Callable
+
+from falconet import tasks
+from falconet.errors import ProtocolError
+from falconet.protocol import TaskKind, TaskState
+
+DONE, FAILED = int(TaskState.DONE), int(TaskState.FAILED)
+_READ_CHUNK = 1 << 16
+
+Outcome = tuple[int, bytes, str]  # state, output, reason
+
+
+def run(kind: int, body: bytes, walltime_s: float, functions: "FunctionCache") -> Outcome:
+    """Run a task body; never raises for anything the task itself does."""
+    try:
+        if kind == TaskKind.COMMAND:
+            return run_command(tasks.decode_command(body), walltime_s)
+        if kind == TaskKind.PYTHON:
+            return run_python(body, functions)
+        return FAILED, b"", f"unknown task kind {kind}: this executor runs command (1) and python (2)"
+    except ProtocolError as exc:
+        return FAILED, b"", f"task body could not be decoded: {exc}"
+
+
+# ---------------------------------------------------------------- commands
+
+
+def run_command(spec: tasks.CommandSpec, walltime_s: float) -> Outcome:
+    """Run a command with captured, capped output and an optional wall-time limit."""
+    env = None if spec.env is None else {**os.environ, **spec.env}
+    try:
+        proc = subprocess.Popen(
+            spec.cmd, shell=isinstance(spec.cmd, str), env=env, cwd=spec.cwd,
+            stdin=subprocess.PIPE if spec.stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        )
+    except OSError as exc:
+        msg = f"could not start the command: {exc}"
+        return FAILED, tasks.encode_command_output(127, b"", msg.encode(), False), msg
+    deadline = time.monotonic() + walltime_s if walltime_s > 0 else None
+    out, err, truncated, timed_out = _communicate(proc, spec.stdin, spec.cap, deadline)
+    code = proc.wait()
+    output = tasks.encode_command_output(code, out, err, truncated)
+    if timed_out:
+        return FAILED, output, f"wall time of {walltime_s:g}s exceeded; the command was killed"
+    if code != 0:
+        why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        return FAILED, output, why
+    return DONE, output, ""
+
+
+def _communicate(proc: subprocess.Popen, stdin: bytes | None, cap: int,
+                 deadline: float | None) -> tuple[bytes, bytes, bool, bool]:
+    """Feed stdin and read both pipes, keeping at most cap bytes of each."""
+    keep = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    truncated = timed_out = False
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        pending = memoryview(stdin or b"")
+        if stdin:
+            sel.register(proc.stdin, selectors.EVENT_WRITE)
+        while sel.get_map():
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                timed_out = True
+                _kill_group(proc)
+                deadline = None  # keep reading what is left, the group is dead
+                continue
+            for key, _ in sel.select(wait):
+                f = key.fileobj
+                if f is proc.stdin:
+                    try:
+                        n = os.write(f.fileno(), pending[:_READ_CHUNK])
+                        pending = pending[n:]
+                    except BrokenPipeError:
+                        pending = pending[:0]
+                    if not pending:
+                        sel.unregister(f)
+                        f.close()
+                    continue
+                data = os.read(f.fileno(), _READ_CHUNK)
+                if not data:
+                    sel.unregister(f)
+                    f.close()
+                    continue
+                buf = keep[f]
+                room = cap - len(buf)
+                if len(data) > room:
+                    truncated = True
+                buf += data[:max(room, 0)]
+    return bytes(keep[proc.stdout]), bytes(keep[proc.stderr]), truncated, timed_out
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# ---------------------------------------------------------------- python
+
+
+class FunctionCache:
+    """Unpickled functions by their pickle, so a map() loads its function once per slot."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._fns: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
+
+    def load(self, data: bytes) -> Callable[..., Any]:
+        fn = self._fns.get(data)
+        if fn is None:
+            fn = pickle.loads(data)
+            self._fns[data] = fn
+            if len(self._fns) > self.size:
+                self._fns.popitem(last=False)
+        return fn
+
+
+def run_python(body: bytes, functions: FunctionCache) -> Outcome:
+    """Call a pickled function; its exception, with traceback, is a FAILED outcome."""
+    fn_data, args_data = tasks.decode_python(body)
+    try:
+        fn = functions.load(fn_data)
+        args, kwargs = pickle.loads(args_data)
+    except Exception as exc:
+        tb = traceback.format_exc()
+        return (FAILED, tasks.encode_python_error(exc, tb),
+                f"could not load the task's function or arguments on the executor: "
+                f"{type(exc).__name__}: {exc}")
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as exc:  # SystemExit too: the task failed, the slot lives on
+        tb = traceback.format_exc()
+        return FAILED, tasks.encode_python_error(exc, tb), f"{type(exc).__name__}: {exc}"
+    try:
+        return DONE, tasks.encode_python_value(value), ""
+    except Exception as exc:
+        msg = f"the return value could not be pickled: {type(exc).__name__}: {exc}"
+        return FAILED, tasks.encode_python_error(TypeError(msg), traceback.format_exc()), msg

@@ -1,0 +1,47 @@
+"""A slot: one child process of an executor that runs tasks one after another.
+
+It reads chunks of assignments from one pipe and writes result frames to another.  Results
+of a chunk are sent together when the chunk ends, or as soon as the oldest unsent one is
+FLUSH_S old, so tiny tasks cost one pipe write per chunk rather than per task.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+from falconet.executor import pipes, runner
+
+FLUSH_S = 0.002
+
+
+def serve(rfd: int, wfd: int) -> None:
+    """Run chunks until the executor closes the pipe."""
+    functions = runner.FunctionCache()
+    while True:
+        chunk = pipes.read_frame(rfd)
+        if chunk is None:
+            return
+        unsent: list = []
+        oldest = 0.0
+        for i, (tid, attempt, kind, body, walltime_s) in enumerate(chunk):
+            started = time.time()
+            state, output, reason = runner.run(kind, body, walltime_s, functions)
+            finished = time.time()
+            if not unsent:
+                oldest = time.monotonic()
+            unsent.append([tid, attempt, state, output, reason, started, finished])
+            if i == len(chunk) - 1 or time.monotonic() - oldest >= FLUSH_S:
+                pipes.write_frame(wfd, unsent)
+                unsent = []
+
+
+def main() -> None:
+    # The executor decides when slots stop: Ctrl-C in its terminal must not kill tasks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    serve(int(sys.argv[1]), int(sys.argv[2]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""falconet: a fast, light-weight pilot-job task farm.
+
+    import falconet
+    with falconet.local(slots=2) as client:
+        print(client.submit(pow, 2, 10).result())
+"""
+
+from falconet.client import Client, FalconetExecutor, TaskFuture
+from falconet.errors import (
+    DispatcherUnavailable,
+    FalconetError,
+    ProtocolError,
+    RefusedError,
+    TaskError,
+)
+from falconet.local import LocalCluster, local
+from falconet.tasks import CommandResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client", "CommandResult", "DispatcherUnavailable", "FalconetError", "FalconetExecutor",
+    "LocalCluster", "ProtocolError", "RefusedError", "TaskError", "TaskFuture", "local",
+]

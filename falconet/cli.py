@@ -1,0 +1,253 @@
+"""The `falconet` command line: a thin layer of click over the library.
+
+Every option can also be set by an environment variable FALCONET_<COMMAND>_<OPTION>, for
+example FALCONET_EXECUTOR_DISPATCHER or FALCONET_RUN_LOCAL (shown in each --help).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import click
+
+from falconet.errors import FalconetError, TaskFileError
+
+CONTEXT = {"auto_envvar_prefix": "FALCONET", "show_default": True, "help_option_names": ["-h", "--help"]}
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _watch_parent(pid: int | None, on_gone: Callable[[], None]) -> None:
+    """Call on_gone once the process that started us has exited (embedded clusters)."""
+    if not pid:
+        return
+
+    def watch() -> None:
+        while os.getppid() == pid:
+            time.sleep(0.5)
+        on_gone()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+log_level = click.option("--log-level", default="info", show_envvar=True,
+                         type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+                         help="How much to log on stderr.")
+parent_pid = click.option("--parent-pid", type=int, default=None, hidden=True,
+                          help="Exit when this process is gone (used by embedded clusters).")
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="falconet")
+def main() -> None:
+    """falconet: run many short tasks fast on a fleet of executors."""
+
+
+# ---------------------------------------------------------------- run
+
+
+@main.command()
+@click.argument("taskfile", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--local", "local_slots", type=click.IntRange(min=1), default=None, show_envvar=True,
+              help="Start an embedded dispatcher with this many local executor slots "
+                   "[default: the number of CPUs, when --dispatcher is not given].")
+@click.option("--dispatcher", default=None, show_envvar=True, metavar="tcp://HOST:PORT",
+              help="Run on an existing dispatcher (its client address).")
+@click.option("--results", type=click.File("w"), default=None, show_envvar=True,
+              help="Write one JSON object per finished task to this file (JSON Lines).")
+@click.option("--retries", type=click.IntRange(min=0), default=3, show_envvar=True,
+              help="Re-runs allowed when an executor is lost while running a task.")
+@click.option("--walltime", type=click.FloatRange(min=0), default=0, show_envvar=True,
+              help="Seconds a command may run before it is killed and failed (0: no limit).")
+@click.option("--quiet", "-q", is_flag=True, show_envvar=True, help="No progress bar.")
+def run(taskfile: str, local_slots: int | None, dispatcher: str | None, results: Any,
+        retries: int, walltime: float, quiet: bool) -> None:
+    """Run every line of TASKFILE as a shell command ('-' reads standard input).
+
+    Blank lines and lines starting with # are skipped.  Exits 0 when every task
+    succeeded, 1 when any failed, 2 on a usage error.
+    """
+    from falconet import local as local_mod
+    from falconet import runfile, taskfile as tf
+    from falconet.client import Client
+
+    if local_slots and dispatcher:
+        raise click.UsageError("give either --local N or --dispatcher ADDR, not both")
+    try:
+        lines = tf.parse(sys.stdin.read(), "<stdin>") if taskfile == "-" else tf.read(taskfile)
+    except TaskFileError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    if not lines:
+        click.echo(f"{taskfile}: no tasks (every line is blank or a comment)", err=True)
+        sys.exit(0)
+    progress = None if quiet else sys.stderr
+    try:
+        if dispatcher:
+            with Client(dispatcher, name="falconet-run") as client:
+                tally = runfile.run_tasks(client, lines, results=results, progress=progress,
+                                          retries=retries, walltime_s=walltime)
+        else:
+            with local_mod.local(slots=local_slots or os.cpu_count(), name="falconet-run") as client:
+                tally = runfile.run_tasks(client, lines, results=results, progress=progress,
+                                          retries=retries, walltime_s=walltime)
+    except FalconetError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(runfile.summary(tally), err=True)
+    sys.exit(1 if tally.failed else 0)
+
+
+# ---------------------------------------------------------------- services
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_envvar=True,
+              help="Address to listen on; anything but loopback needs --insecure until keys exist.")
+@click.option("--client-port", type=click.IntRange(0, 65535), default=0, show_envvar=True,
+              help="Port for clients (0: any free port).")
+@click.option("--executor-port", type=click.IntRange(0, 65535), default=0, show_envvar=True,
+              help="Port for executors (0: any free port).")
+@click.option("--heartbeat-interval", type=click.FloatRange(min=0.01), default=1.0, show_envvar=True,
+              help="Seconds between heartbeats to quiet executors.")
+@click.option("--heartbeat-timeout", type=click.FloatRange(min=0.05), default=10.0, show_envvar=True,
+              help="Seconds of silence after which an executor is declared lost.")
+@click.option("--insecure", is_flag=True, show_envvar=True,
+              help="Allow listening beyond loopback without authentication (loudly logged).")
+@log_level
+@parent_pid
+def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interval: float,
+               heartbeat_timeout: float, insecure: bool, log_level: str, parent_pid: int | None) -> None:
+    """Run a dispatcher; prints 'client: ADDR' and 'executor: ADDR', then serves."""
+    from falconet.dispatcher import server
+    from falconet.dispatcher.core import Config
+
+    _logging(log_level)
+    if heartbeat_timeout <= heartbeat_interval:
+        raise click.UsageError("--heartbeat-timeout must be longer than --heartbeat-interval")
+    config = Config(heartbeat_interval_s=heartbeat_interval, heartbeat_timeout_s=heartbeat_timeout)
+    try:
+        srv = server.Server(host, client_port, executor_port, config, insecure=insecure)
+    except (server.BindRefused, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    signal.signal(signal.SIGTERM, srv.stop)
+    signal.signal(signal.SIGINT, srv.stop)
+    _watch_parent(parent_pid, srv.stop)
+    click.echo(f"client: {srv.client_address}")
+    click.echo(f"executor: {srv.executor_address}")
+    sys.stdout.flush()
+    srv.serve()
+
+
+@main.command()
+@click.option("--dispatcher", required=True, show_envvar=True, metavar="tcp://HOST:PORT",
+              help="The dispatcher's executor address (the 'executor:' line it printed).")
+@click.option("--slots", type=click.IntRange(min=1), default=None, show_envvar=True,
+              help="Tasks run at once [default: the CPUs this process may use].")
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=0, show_envvar=True,
+              help="Leave after this many seconds without work (0: never).")
+@click.option("--prefetch", type=click.IntRange(min=0), default=None, show_envvar=True,
+              help="Tasks to hold beyond the free slots [default: sized to ~10 ms of work].")
+@click.option("--id", "executor_id", default="", show_envvar=True,
+              help="Executor id [default: hostname and a random suffix].")
+@log_level
+@parent_pid
+def executor(dispatcher: str, slots: int | None, idle_timeout: float, prefetch: int | None,
+             executor_id: str, log_level: str, parent_pid: int | None) -> None:
+    """Run an executor: connect out to a dispatcher and run the tasks it hands over.
+
+    SIGTERM drains it: running tasks finish, queued ones go back, then it leaves.
+    """
+    from falconet.executor import agent, host
+
+    _logging(log_level)
+    config = agent.ExecutorConfig(dispatcher=dispatcher, slots=slots or host.cpus(),
+                                  idle_timeout_s=idle_timeout, prefetch=prefetch,
+                                  executor_id=executor_id)
+    ex = agent.Executor(config)
+    signal.signal(signal.SIGTERM, ex.request_drain)
+    signal.signal(signal.SIGINT, ex.request_drain)
+    _watch_parent(parent_pid, ex.request_drain)
+    sys.exit(ex.run())
+
+
+# ---------------------------------------------------------------- queries
+
+
+def _status(address: str, detail: bool) -> dict:
+    from falconet.client import Client
+
+    try:
+        with Client(address, name="falconet-status", connect_timeout_s=5) as client:
+            return client.status(detail=detail, timeout_s=5)
+    except FalconetError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+client_address = click.option("--dispatcher", required=True, show_envvar=True, metavar="tcp://HOST:PORT",
+                              help="The dispatcher's client address (the 'client:' line it printed).")
+as_json = click.option("--json", "as_json", is_flag=True, help="Print the raw statistics as JSON.")
+
+
+@main.command()
+@client_address
+@as_json
+def status(dispatcher: str, as_json: bool) -> None:
+    """Queue depth, tasks by state, tasks/s and the executors of a dispatcher."""
+    info = _status(dispatcher, detail=True)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    tasks = info["tasks"]
+    click.echo(f"dispatcher {info['dispatcher_id']}  up {info['uptime_s']:.0f}s  "
+               f"state: {info['durability']}")
+    click.echo(f"queued {info['queued']}  dispatched {tasks['dispatched']}  running {tasks['running']}  "
+               f"done {tasks['done']}  failed {tasks['failed']}  cancelled {tasks['cancelled']}")
+    click.echo(f"{info['tasks_per_s']:.1f} tasks/s (last 10s)  submitted {info['submitted_total']}  "
+               f"executors {info['executors']} ({info['slots']} slots, {info['busy']} tasks assigned)  "
+               f"lost {info['lost_executors']}")
+    if info.get("executor_table"):
+        click.echo("")
+        _executor_table(info["executor_table"])
+
+
+@main.command()
+@client_address
+@as_json
+def executors(dispatcher: str, as_json: bool) -> None:
+    """The executors registered with a dispatcher."""
+    rows = _status(dispatcher, detail=True).get("executor_table", [])
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+    elif not rows:
+        click.echo("no executors registered")
+    else:
+        _executor_table(rows)
+
+
+def _executor_table(rows: list[dict]) -> None:
+    header = ("ID", "HOST", "ADDRESSES", "SLOTS", "BUSY", "DONE", "STATE", "SEEN")
+    table = [header] + [
+        (r["id"], r["host"], ",".join(r["addresses"]) or "-", str(r["slots"]), str(r["busy"]),
+         str(r["completed"]), r["state"], f"{r['last_seen_s']:.1f}s ago")
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+if __name__ == "__main__":
+    main()

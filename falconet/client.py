@@ -1,0 +1,365 @@
+"""The Python API: submit tasks to a dispatcher and get concurrent.futures back.
+
+A client owns one background thread with one DEALER socket.  Submitting only appends to
+an outbox and, if the thread is not already awake, wakes it with one byte on a pipe; the
+thread sends everything waiting as one Submit message.  So a tight loop of submit() or a
+map() over 100,000 items costs a handful of messages, not a round trip per task.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import zmq
+
+from falconet import protocol as p
+from falconet import tasks
+from falconet.errors import DispatcherUnavailable, ProtocolError, RefusedError, TaskError
+
+log = logging.getLogger("falconet.client")
+
+DEFAULT_RETRIES = 3
+_DONE, _FAILED, _CANCELLED = int(p.TaskState.DONE), int(p.TaskState.FAILED), int(p.TaskState.CANCELLED)
+
+
+class TaskFuture(cf.Future):
+    """A Future for one task; ``info`` holds the dispatcher's record once it finished."""
+
+    def __init__(self, client: "Client", seq: int, kind: int, label: str = ""):
+        super().__init__()
+        self.seq = seq
+        self.kind = kind
+        self.label = label  #: the command line, or the function's name
+        self.info: p.TaskResult | None = None
+        self._client = client
+
+    def cancel(self) -> bool:
+        """Cancel locally and ask the dispatcher to drop the task if it has not started."""
+        if super().cancel():
+            self.set_running_or_notify_cancel()  # wakes wait() and as_completed()
+            self._client._cancel(self.seq)
+            return True
+        return False
+
+
+class Client:
+    """A connection to a dispatcher's client port."""
+
+    def __init__(self, address: str | None = None, *, name: str = "",
+                 connect_timeout_s: float = 10.0, retries: int = DEFAULT_RETRIES,
+                 walltime_s: float = 0.0):
+        address = address or os.environ.get("FALCONET_DISPATCHER")
+        if not address:
+            raise ValueError("no dispatcher address: pass one (tcp://host:port, the dispatcher's "
+                             "client address) or set FALCONET_DISPATCHER")
+        self.address = address
+        self.id = uuid.uuid4().hex
+        self.name = name or f"pid-{os.getpid()}"
+        self.retries, self.walltime_s = retries, walltime_s
+        self._seq = itertools.count(1)
+        self._batch = itertools.count(1)
+        self._req = itertools.count(1)
+        self._lock = threading.Lock()
+        self._outbox: list[tuple[p.TaskSpec, TaskFuture]] = []
+        self._control: list[Any] = []  # StatusRequest messages to send
+        self._cancels: list[int] = []
+        self._futures: dict[int, TaskFuture] = {}
+        self._status_waiters: dict[int, cf.Future] = {}
+        self._wake_r, self._wake_w = os.pipe()
+        self._awake = False
+        self._closed = False
+        self._welcome: cf.Future = cf.Future()
+        self.max_batch = 10_000
+        self._ctx = zmq.Context()
+        self._thread = threading.Thread(target=self._io_loop, name="falconet-client", daemon=True)
+        self._thread.start()
+        try:
+            welcome = self._welcome.result(timeout=connect_timeout_s)
+        except cf.TimeoutError:
+            self.close()
+            raise DispatcherUnavailable(
+                f"no dispatcher answered at {address} within {connect_timeout_s:g}s; is it running, "
+                "and is this its client address (the 'client:' line it printed)?") from None
+        except Exception:
+            self.close()
+            raise
+        self.dispatcher_id = welcome.dispatcher_id
+        self.max_batch = int(welcome.limits.get("max_submit_batch", self.max_batch))
+
+    # ------------------------------------------------------------ submitting
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Run fn(*args, **kwargs) on an executor; the future holds its value or exception."""
+        return self.submit_python(fn, args, kwargs)
+
+    def submit_python(self, fn: Callable[..., Any], args: Sequence = (), kwargs: dict | None = None,
+                      *, retries: int | None = None, walltime_s: float | None = None) -> TaskFuture:
+        """submit() with per-task retries and wall-time limit (seconds, 0 = none)."""
+        body = tasks.encode_python(tasks.pickle_function(fn), tasks.pickle_arguments(tuple(args), kwargs or {}))
+        return self._enqueue([(p.TaskKind.PYTHON, body, _name(fn))], retries, walltime_s)[0]
+
+    def submit_command(self, cmd: str | Sequence[str], *, env: dict[str, str] | None = None,
+                       cwd: str | None = None, stdin: bytes | str | None = None,
+                       retries: int | None = None, walltime_s: float | None = None,
+                       output_cap: int = tasks.DEFAULT_OUTPUT_CAP) -> TaskFuture:
+        """Run a shell line (str) or argv (list); the future holds a CommandResult."""
+        body = tasks.encode_command(cmd, env=env, cwd=cwd, stdin=stdin, output_cap=output_cap)
+        label = cmd if isinstance(cmd, str) else " ".join(cmd)
+        return self._enqueue([(p.TaskKind.COMMAND, body, label)], retries, walltime_s)[0]
+
+    def submit_commands(self, cmds: Iterable[str | Sequence[str]], **options: Any) -> list[TaskFuture]:
+        """Submit many commands at once (one lock, one wake-up)."""
+        cap = options.pop("output_cap", tasks.DEFAULT_OUTPUT_CAP)
+        retries, walltime_s = options.pop("retries", None), options.pop("walltime_s", None)
+        items = [(p.TaskKind.COMMAND, tasks.encode_command(c, output_cap=cap, **options),
+                  c if isinstance(c, str) else " ".join(c)) for c in cmds]
+        return self._enqueue(items, retries, walltime_s)
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable, timeout: float | None = None,
+            chunksize: int = 1, retries: int | None = None, walltime_s: float | None = None) -> Iterator[Any]:
+        """Like concurrent.futures.Executor.map: results in order; fn is pickled once."""
+        fn_data = tasks.pickle_function(fn)
+        name = _name(fn)
+        futures: list[TaskFuture] = []
+        batch: list[tuple[int, bytes, str]] = []
+        for args in zip(*iterables):
+            batch.append((p.TaskKind.PYTHON, tasks.encode_python(fn_data, tasks.pickle_arguments(args, {})), name))
+            if len(batch) >= 4096:
+                futures += self._enqueue(batch, retries, walltime_s)
+                batch = []
+        futures += self._enqueue(batch, retries, walltime_s)
+        return _results_in_order(futures, timeout)
+
+    def _enqueue(self, items: list[tuple[int, bytes, str]], retries: int | None,
+                 walltime_s: float | None) -> list[TaskFuture]:
+        if self._closed:
+            raise RuntimeError("this client is closed")
+        r = self.retries if retries is None else retries
+        w = self.walltime_s if walltime_s is None else walltime_s
+        made = []
+        for kind, body, label in items:
+            seq = next(self._seq)
+            fut = TaskFuture(self, seq, int(kind), label)
+            made.append((p.TaskSpec(seq, int(kind), body, r, float(w)), fut))
+        with self._lock:
+            self._outbox += made
+        self._wake()
+        return [f for _, f in made]
+
+    def _cancel(self, seq: int) -> None:
+        with self._lock:
+            self._cancels.append(seq)
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._lock:
+            if self._awake:
+                return
+            self._awake = True
+        os.write(self._wake_w, b"x")
+
+    # ------------------------------------------------------------ queries
+
+    def status(self, detail: bool = False, timeout_s: float = 10.0) -> dict:
+        """The dispatcher's statistics (detail adds the executor table)."""
+        req = next(self._req)
+        fut: cf.Future = cf.Future()
+        with self._lock:
+            self._status_waiters[req] = fut
+            self._control.append(p.StatusRequest(req, detail))
+        self._wake()
+        try:
+            return fut.result(timeout=timeout_s)
+        except cf.TimeoutError:
+            raise DispatcherUnavailable(f"the dispatcher at {self.address} did not answer a status "
+                                        f"request within {timeout_s:g}s") from None
+        finally:
+            with self._lock:
+                self._status_waiters.pop(req, None)
+
+    def executor(self) -> "FalconetExecutor":
+        """A concurrent.futures.Executor over this client."""
+        return FalconetExecutor(self)
+
+    # ------------------------------------------------------------ the I/O thread
+
+    def _io_loop(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self.address)
+        sock.send(p.encode(p.Hello(p.PROTOCOL_VERSION, self.id, self.name)))
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._closed:
+                ready = dict(poller.poll(500))
+                if self._wake_r in ready:
+                    os.read(self._wake_r, 4096)
+                    self._send_waiting(sock)
+                if sock in ready:
+                    self._receive(sock)
+        except Exception as exc:  # the thread's boundary: fail every waiter, do not hang them
+            log.exception("the falconet client thread failed")
+            self._fail_all(exc)
+        finally:
+            sock.close(0)
+
+    def _send_waiting(self, sock: zmq.Socket) -> None:
+        with self._lock:
+            outbox, self._outbox = self._outbox, []
+            control, self._control = self._control, []
+            cancels, self._cancels = self._cancels, []
+            self._awake = False
+        step = self.max_batch
+        for i in range(0, len(outbox), step):
+            part = outbox[i:i + step]
+            for spec, fut in part:
+                self._futures[spec.seq] = fut
+            sock.send(p.encode(p.Submit(next(self._batch), [s for s, _ in part])))
+        if cancels:  # after the submits, so a cancel never overtakes its task
+            control.append(p.Cancel(cancels))
+        for msg in control:
+            sock.send(p.encode(msg))
+
+    def _receive(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = p.decode(frame)
+            except ProtocolError as exc:
+                log.warning("dropped a malformed message from the dispatcher: %s", exc)
+                continue
+            kind = type(msg)
+            if kind is p.Results:
+                for r in msg.results:
+                    self._resolve(r)
+            elif kind is p.StatusReply:
+                with self._lock:
+                    waiter = self._status_waiters.get(msg.req_id)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(msg.info)
+            elif kind is p.Welcome:
+                if not self._welcome.done():
+                    self._welcome.set_result(msg)
+            elif kind is p.Refused:
+                if not self._welcome.done():
+                    self._welcome.set_exception(RefusedError(msg.reason))
+                else:
+                    log.error("the dispatcher refused a request: %s", msg.reason)
+            # Accepted needs no action until submissions are replayed (durable dispatcher)
+
+    def _resolve(self, r: p.TaskResult) -> None:
+        fut = self._futures.pop(r.seq, None)
+        if fut is None or fut.done():
+            return  # cancelled here already, or a duplicate
+        fut.info = r
+        if r.state == _CANCELLED:
+            cf.Future.cancel(fut)
+            fut.set_running_or_notify_cancel()
+            return
+        try:
+            if fut.kind == p.TaskKind.COMMAND:
+                if not r.output:
+                    raise TaskError(r.reason, executor=r.executor, attempts=r.attempts)
+                code, out, err, truncated = tasks.decode_command_output(r.output)
+                fut.set_result(tasks.CommandResult(
+                    code, out, err, truncated, r.executor, r.attempts,
+                    {"submitted": r.submitted, "started": r.started, "finished": r.finished},
+                    r.reason))
+            elif not r.output:
+                raise TaskError(r.reason, executor=r.executor, attempts=r.attempts)
+            else:
+                fut.set_result(tasks.decode_python_output(r.output))
+        except BaseException as exc:
+            fut.set_exception(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for fut in list(self._futures.values()):
+            if not fut.done():
+                fut.set_exception(exc)
+        self._futures.clear()
+
+    # ------------------------------------------------------------ closing
+
+    def close(self) -> None:
+        """Stop the I/O thread; tasks still queued at the dispatcher keep running there."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            os.write(self._wake_w, b"x")
+            self._thread.join()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self._ctx.term()
+        self._fail_all(RuntimeError("the falconet client was closed before this task finished"))
+
+    def pending(self) -> int:
+        """Tasks submitted through this client that have no result yet."""
+        return len(self._futures) + len(self._outbox)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class FalconetExecutor(cf.Executor):
+    """concurrent.futures.Executor backed by a falconet Client."""
+
+    def __init__(self, client: Client):
+        self._client = client
+        self._futures: "weakref.WeakSet[TaskFuture]" = weakref.WeakSet()
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        fut = self._client.submit(fn, *args, **kwargs)
+        self._futures.add(fut)
+        return fut
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable, timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        return self._client.map(fn, *iterables, timeout=timeout)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shutdown = True
+        futures = list(self._futures)
+        if cancel_futures:
+            for f in futures:
+                f.cancel()
+        if wait:
+            cf.wait(futures)
+
+
+def _results_in_order(futures: list[TaskFuture], timeout: float | None) -> Iterator[Any]:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        for fut in futures:
+            yield fut.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    finally:
+        for fut in futures:
+            fut.cancel()
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)

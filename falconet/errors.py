@@ -1,0 +1,42 @@
+"""Every exception falconet raises, in one place."""
+
+
+class FalconetError(Exception):
+    """Base class of falconet's own errors."""
+
+
+class ProtocolError(FalconetError):
+    """A frame or message that does not follow falconet.protocol."""
+
+
+class TaskError(FalconetError):
+    """A task could not run to an outcome (executor lost, wall time, bad body)."""
+
+    def __init__(self, reason: str, *, executor: str = "", attempts: int = 0):
+        super().__init__(reason)
+        self.reason = reason
+        self.executor = executor
+        self.attempts = attempts
+
+
+class RemoteTraceback(Exception):
+    """Carries a task's remote traceback text as the __cause__ of its exception."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class TaskFileError(FalconetError):
+    """A task file line that cannot be read; the message names the line."""
+
+
+class DispatcherUnavailable(FalconetError):
+    """The dispatcher did not answer within the timeout."""
+
+
+class RefusedError(FalconetError):
+    """The dispatcher refused this peer (version, role or limits)."""

@@ -1,0 +1,122 @@
+"""An embedded cluster: a dispatcher and executors as child processes of this one.
+
+They are real processes talking ZeroMQ over loopback, the same programs as
+``falconet dispatcher`` and ``falconet executor``.  Each child watches this process and
+leaves when it is gone, so a killed script leaks nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Iterator
+
+from falconet.client import Client
+from falconet.errors import FalconetError
+
+
+class LocalCluster:
+    """Start a dispatcher on 127.0.0.1 and `executors` executors with `slots` slots each."""
+
+    def __init__(self, slots: int | None = None, executors: int = 1, *,
+                 heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float = 10.0,
+                 log_dir: str | None = None, start_timeout_s: float = 30.0):
+        self.slots = slots or os.cpu_count() or 1
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="falconet-local-")
+        self.dispatcher: subprocess.Popen | None = None
+        self.executors: list[subprocess.Popen] = []
+        try:
+            self._start_dispatcher(heartbeat_interval_s, heartbeat_timeout_s, start_timeout_s)
+            for i in range(executors):
+                self.add_executor(name=f"executor-{i}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self, name: str, args: list[str], stdout: int | None = None) -> subprocess.Popen:
+        log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
+        cmd = [sys.executable, "-m", "falconet", *args, "--parent-pid", str(os.getpid())]
+        try:
+            # Its own session: a Ctrl-C meant for this program must not kill the children
+            # before they can drain; stop() ends them in order.
+            return subprocess.Popen(cmd, stdout=stdout or log, stderr=log, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        finally:
+            log.close()
+
+    def _start_dispatcher(self, interval_s: float, timeout_s: float, start_timeout_s: float) -> None:
+        self.dispatcher = self._spawn("dispatcher", [
+            "dispatcher", "--host", "127.0.0.1", "--client-port", "0", "--executor-port", "0",
+            "--heartbeat-interval", str(interval_s), "--heartbeat-timeout", str(timeout_s),
+        ], stdout=subprocess.PIPE)
+        found: dict[str, str] = {}
+        deadline = time.monotonic() + start_timeout_s
+        while len(found) < 2:
+            line = self.dispatcher.stdout.readline().decode()  # type: ignore[union-attr]
+            if not line or time.monotonic() > deadline:
+                raise FalconetError(f"the local dispatcher did not start; see {self.log_dir}/dispatcher.log")
+            key, _, value = line.strip().partition(": ")
+            if key in ("client", "executor"):
+                found[key] = value
+        self.client_address, self.executor_address = found["client"], found["executor"]
+
+    def add_executor(self, slots: int | None = None, name: str | None = None,
+                     extra: list[str] | None = None) -> subprocess.Popen:
+        """Start one more executor process."""
+        name = name or f"executor-{len(self.executors)}"
+        proc = self._spawn(name, [
+            "executor", "--dispatcher", self.executor_address, "--slots", str(slots or self.slots),
+            *(extra or []),
+        ])
+        self.executors.append(proc)
+        return proc
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Drain the executors (SIGTERM), then stop the dispatcher; SIGKILL what lingers."""
+        procs = [p for p in self.executors if p.poll() is None]
+        _signal_all(procs, signal.SIGTERM)
+        _wait_all(procs, timeout_s)
+        if self.dispatcher is not None and self.dispatcher.poll() is None:
+            _signal_all([self.dispatcher], signal.SIGTERM)
+            _wait_all([self.dispatcher], timeout_s)
+        if self.dispatcher is not None and self.dispatcher.stdout:
+            self.dispatcher.stdout.close()
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextlib.contextmanager
+def local(slots: int | None = None, executors: int = 1, **client_options: Any) -> Iterator[Client]:
+    """An embedded dispatcher with local executors, and a Client connected to it."""
+    with LocalCluster(slots, executors) as cluster:
+        client = Client(cluster.client_address, **client_options)
+        try:
+            yield client
+        finally:
+            client.close()

@@ -1,0 +1,453 @@
+"""The falconet wire protocol: every message that crosses a socket, and its codec.
+
+Transport
+---------
+The dispatcher binds two ZeroMQ ROUTER sockets: the *client port* (Python API, CLI) and
+the *executor port*.  Clients and executors connect DEALER sockets and set their routing
+id to their own id (``client_id`` / ``executor_id``), so a reconnecting peer keeps its
+identity.  Every ZeroMQ message is a single frame (the ROUTER adds the identity frame):
+a msgpack array ``[type, field1, field2, ...]`` where ``type`` is a :class:`MsgType`
+and the fields follow the order of the dataclass below.  Per-task records inside batches
+(``TaskSpec``, ``Assignment``, ``ExecResult``, ``TaskResult``) are msgpack arrays in the
+order of their NamedTuple fields.  Wall-clock times are float seconds since the epoch;
+durations are float seconds.  Task bodies and outputs are opaque bytes to the dispatcher
+(see :mod:`falconet.tasks`).
+
+Sequences
+---------
+Client::
+
+    Hello -> Welcome | Refused          (version checked here; required before the rest)
+    Submit(batch, tasks) -> Accepted(batch) ... Results(...) as tasks finish
+    Cancel(seqs)       -> Results with state CANCELLED for tasks not yet started
+    StatusRequest(req) -> StatusReply(req, info)
+
+Executor::
+
+    Register -> Registered | Refused    (version checked here)
+    Report(credit, started, results)    credit = how many *more* tasks it can take now
+      <- Tasks(assignments)             never more than the credit granted
+    Heartbeat  <->  Heartbeat           any message counts as a sign of life
+    Drain(returned)                     no more credit; these tasks were never started
+    Bye                                 all results sent; forget me
+      <- CancelTasks(tids)              drop these if not started
+      <- Reregister(reason)             "I do not know you": register again
+
+A message from an executor the dispatcher does not know (declared lost, or a restarted
+dispatcher) is answered by ``Reregister``; its results are accepted only if the task's
+current attempt is the one it reports, so every task has exactly one result.
+
+Malformed input of any kind raises :class:`ProtocolError` from :func:`decode`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Callable, NamedTuple
+
+import msgpack
+
+from falconet.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+
+class MsgType(enum.IntEnum):
+    """Tag of every message; the first element of each encoded array."""
+
+    # client -> dispatcher
+    HELLO = 1
+    SUBMIT = 2
+    CANCEL = 3
+    STATUS_REQUEST = 4
+    # dispatcher -> client
+    WELCOME = 10
+    ACCEPTED = 11
+    RESULTS = 12
+    STATUS_REPLY = 13
+    REFUSED = 14
+    # executor -> dispatcher
+    REGISTER = 20
+    REPORT = 21
+    DRAIN = 22
+    BYE = 23
+    # dispatcher -> executor
+    REGISTERED = 30
+    TASKS = 31
+    CANCEL_TASKS = 32
+    REREGISTER = 33
+    # both ways on the executor port
+    HEARTBEAT = 40
+
+
+class TaskKind(enum.IntEnum):
+    """What a task body holds."""
+
+    COMMAND = 1  #: a shell line or argv, run as a process
+    PYTHON = 2  #: a cloudpickled function with its arguments
+
+
+class TaskState(enum.IntEnum):
+    """Life of a task in the dispatcher; see falconet.dispatcher.states for the rules."""
+
+    PENDING = 0  #: queued, waiting for an executor with credit
+    DISPATCHED = 1  #: sent to an executor, not yet reported started
+    RUNNING = 2  #: the executor handed it to a slot
+    DONE = 3  #: finished successfully (exit code 0 / returned a value)
+    FAILED = 4  #: finished unsuccessfully, or could not be run
+    CANCELLED = 5  #: cancelled before it started
+
+
+FINAL_STATES = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED})
+
+
+# ---------------------------------------------------------------- per-task records
+
+
+class TaskSpec(NamedTuple):
+    """One task as a client submits it."""
+
+    seq: int  #: the client's own id for the task, unique per client
+    kind: int  #: a TaskKind
+    body: bytes  #: kind-specific encoding, opaque to the dispatcher
+    retries: int  #: re-runs allowed after a lost executor or dead slot
+    walltime_s: float  #: 0 means no limit
+
+
+class Assignment(NamedTuple):
+    """One task as the dispatcher hands it to an executor."""
+
+    tid: int  #: the dispatcher's id for the task
+    attempt: int  #: 1 for the first run, +1 on each re-run
+    kind: int
+    body: bytes
+    walltime_s: float
+
+
+class ExecResult(NamedTuple):
+    """One finished attempt as an executor reports it."""
+
+    tid: int
+    attempt: int
+    state: int  #: DONE, FAILED or CANCELLED
+    output: bytes  #: kind-specific encoding, opaque to the dispatcher
+    reason: str  #: empty when DONE; otherwise why it failed
+    started: float  #: wall clock on the executor's host
+    finished: float
+
+
+class TaskResult(NamedTuple):
+    """One task's final outcome as the dispatcher returns it to its client."""
+
+    seq: int
+    state: int
+    output: bytes
+    reason: str
+    executor: str  #: executor id that produced it ("" when it never ran)
+    attempts: int
+    submitted: float  #: wall clock on the dispatcher's host
+    started: float
+    finished: float
+
+
+# ---------------------------------------------------------------- field checkers
+
+
+def _int(v: Any) -> int:
+    if type(v) is not int:
+        raise ProtocolError(f"expected an integer, got {type(v).__name__}")
+    return v
+
+
+def _float(v: Any) -> float:
+    if type(v) is float:
+        return v
+    if type(v) is int:
+        return float(v)
+    raise ProtocolError(f"expected a number, got {type(v).__name__}")
+
+
+def _str(v: Any) -> str:
+    if type(v) is not str:
+        raise ProtocolError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _bytes(v: Any) -> bytes:
+    if type(v) is not bytes:
+        raise ProtocolError(f"expected bytes, got {type(v).__name__}")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if type(v) is not bool:
+        raise ProtocolError(f"expected a boolean, got {type(v).__name__}")
+    return v
+
+
+def _dict(v: Any) -> dict:
+    if type(v) is not dict:
+        raise ProtocolError(f"expected a map, got {type(v).__name__}")
+    return v
+
+
+def _list_of(item: Callable[[Any], Any]) -> Callable[[Any], list]:
+    def check(v: Any) -> list:
+        if type(v) is not list:
+            raise ProtocolError(f"expected an array, got {type(v).__name__}")
+        return [item(x) for x in v]
+
+    return check
+
+
+def _record(cls: type, checks: tuple) -> Callable[[Any], Any]:
+    n = len(checks)
+
+    def check(v: Any) -> Any:
+        if type(v) is not list or len(v) != n:
+            raise ProtocolError(f"malformed {cls.__name__}: expected an array of {n}")
+        return cls._make([c(x) for c, x in zip(checks, v)])
+
+    return check
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    if type(v) is not list or len(v) != 2 or type(v[0]) is not int or type(v[1]) is not int:
+        raise ProtocolError("expected a [tid, attempt] pair")
+    return (v[0], v[1])
+
+
+_task_spec = _record(TaskSpec, (_int, _int, _bytes, _int, _float))
+_assignment = _record(Assignment, (_int, _int, _int, _bytes, _float))
+_exec_result = _record(ExecResult, (_int, _int, _int, _bytes, _str, _float, _float))
+_task_result = _record(
+    TaskResult, (_int, _int, _bytes, _str, _str, _int, _float, _float, _float)
+)
+
+# ---------------------------------------------------------------- messages
+
+_REGISTRY: dict[int, tuple[type, tuple]] = {}
+
+
+def _message(tag: MsgType, *checks: Callable[[Any], Any]):
+    """Declare a message dataclass with its tag and one checker per field."""
+
+    def wrap(cls: type) -> type:
+        cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        if len(names) != len(checks):  # a programming error, caught at import
+            raise TypeError(f"{cls.__name__}: {len(names)} fields, {len(checks)} checkers")
+        cls.TYPE = tag
+        cls._names = tuple(names)
+        _REGISTRY[int(tag)] = (cls, checks)
+        return cls
+
+    return wrap
+
+
+@_message(MsgType.HELLO, _int, _str, _str)
+class Hello:
+    """A client introduces itself; required before any other client message."""
+
+    version: int
+    client_id: str
+    name: str
+
+
+@_message(MsgType.SUBMIT, _int, _list_of(_task_spec))
+class Submit:
+    """A batch of tasks; acknowledged by Accepted(batch)."""
+
+    batch: int
+    tasks: list
+
+
+@_message(MsgType.CANCEL, _list_of(_int))
+class Cancel:
+    """Cancel the client's tasks with these seqs, if they have not started."""
+
+    seqs: list
+
+
+@_message(MsgType.STATUS_REQUEST, _int, _bool)
+class StatusRequest:
+    """Ask for the dispatcher's statistics; detail adds the executor table."""
+
+    req_id: int
+    detail: bool
+
+
+@_message(MsgType.WELCOME, _int, _str, _dict)
+class Welcome:
+    """The dispatcher accepts a client; limits holds the batch and size limits."""
+
+    version: int
+    dispatcher_id: str
+    limits: dict
+
+
+@_message(MsgType.ACCEPTED, _int, _int)
+class Accepted:
+    """Every task of the batch is queued (invalid ones come back as failed results)."""
+
+    batch: int
+    count: int
+
+
+@_message(MsgType.RESULTS, _list_of(_task_result))
+class Results:
+    """Final outcomes of some of the client's tasks."""
+
+    results: list
+
+
+@_message(MsgType.STATUS_REPLY, _int, _dict)
+class StatusReply:
+    """Statistics: see falconet.dispatcher.core.Core.status for the keys."""
+
+    req_id: int
+    info: dict
+
+
+@_message(MsgType.REFUSED, _str)
+class Refused:
+    """The peer's request was refused; reason says why and what to do."""
+
+    reason: str
+
+
+@_message(
+    MsgType.REGISTER,
+    _int,
+    _str,
+    _str,
+    _list_of(_str),
+    _int,
+    _int,
+    _str,
+    _int,
+    _int,
+    _dict,
+    _list_of(_pair),
+)
+class Register:
+    """An executor joins; holding lists tasks it still runs from before a reconnect."""
+
+    version: int
+    executor_id: str
+    hostname: str
+    addresses: list
+    cpus: int
+    memory: int  #: bytes
+    platform: str
+    slots: int
+    pid: int
+    facts: dict  #: extra host facts, e.g. cloud instance id and type
+    holding: list
+
+
+@_message(MsgType.REPORT, _int, _list_of(_pair), _list_of(_exec_result))
+class Report:
+    """Executor progress: more credit, tasks started, attempts finished."""
+
+    credit: int
+    started: list
+    results: list
+
+
+@_message(MsgType.DRAIN, _list_of(_pair))
+class Drain:
+    """The executor takes no more work; returned tasks were never started."""
+
+    returned: list
+
+
+@_message(MsgType.BYE)
+class Bye:
+    """The executor is leaving; every result it had has been sent."""
+
+
+@_message(MsgType.REGISTERED, _float, _float)
+class Registered:
+    """The dispatcher accepts an executor and tells it the heartbeat rules."""
+
+    heartbeat_interval_s: float
+    heartbeat_timeout_s: float
+
+
+@_message(MsgType.TASKS, _list_of(_assignment))
+class Tasks:
+    """Work for an executor, never more than its outstanding credit."""
+
+    tasks: list
+
+
+@_message(MsgType.CANCEL_TASKS, _list_of(_int))
+class CancelTasks:
+    """Drop these tasks if they have not started."""
+
+    tids: list
+
+
+@_message(MsgType.REREGISTER, _str)
+class Reregister:
+    """The dispatcher does not know this executor: register again."""
+
+    reason: str
+
+
+@_message(MsgType.HEARTBEAT)
+class Heartbeat:
+    """A sign of life, sent when nothing else was sent for an interval."""
+
+
+CLIENT_TO_DISPATCHER = frozenset({Hello, Submit, Cancel, StatusRequest})
+EXECUTOR_TO_DISPATCHER = frozenset({Register, Report, Drain, Bye, Heartbeat})
+
+# ---------------------------------------------------------------- codec
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def encode(msg: Any) -> bytes:
+    """Encode one message as its msgpack frame."""
+    return _packb([msg.TYPE, *[getattr(msg, n) for n in msg._names]])
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError("msgpack extension types are not part of the protocol")
+
+
+def decode(frame: bytes) -> Any:
+    """Decode one frame into its message object, or raise ProtocolError."""
+    try:
+        raw = msgpack.unpackb(frame, ext_hook=_reject_ext, use_list=True)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises many types on garbage; all mean the same
+        raise ProtocolError(f"not a msgpack frame ({type(exc).__name__})") from None
+    if type(raw) is not list or not raw or type(raw[0]) is not int:
+        raise ProtocolError("a message is an array starting with its integer type")
+    entry = _REGISTRY.get(raw[0])
+    if entry is None:
+        raise ProtocolError(f"unknown message type {raw[0]}")
+    cls, checks = entry
+    if len(raw) != len(checks) + 1:
+        raise ProtocolError(
+            f"{cls.__name__} has {len(checks)} fields, got {len(raw) - 1}"
+        )
+    try:
+        return cls(*[c(v) for c, v in zip(checks, raw[1:])])
+    except ProtocolError as exc:
+        raise ProtocolError(f"{cls.__name__}: {exc}") from None
+
+
+def check_version(version: int) -> str:
+    """Return an empty string when compatible, else the refusal reason."""
+    if version == PROTOCOL_VERSION:
+        return ""
+    return (
+        f"protocol version {version} is not supported by this dispatcher "
+        f"(it speaks {PROTOCOL_VERSION}); install the same falconet version on both sides"
+    )

@@ -1,0 +1,196 @@
+"""Task bodies and outputs for each TaskKind: what clients encode and executors decode.
+
+The dispatcher never looks inside these bytes.
+
+* command body: msgpack map ``{"cmd": str | [str], "env": {str: str} | nil,
+  "cwd": str | nil, "stdin": bytes | nil, "cap": int}``; a string runs through
+  ``/bin/sh -c``, a list is an argv.  ``cap`` bounds captured stdout and stderr each.
+* command output: msgpack ``[exit_code, stdout, stderr, truncated]``; a process killed by
+  signal N has exit code -N, as in :mod:`subprocess`.
+* python body: msgpack ``[function, arguments]``, each a pickle; the function is
+  cloudpickled once per function so executors can cache it, the arguments are
+  ``(args, kwargs)``.
+* python output: a pickle of ``("ok", value)`` or ``("err", exception | None, traceback)``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import cloudpickle
+import msgpack
+
+from falconet.errors import ProtocolError, RemoteTraceback
+
+DEFAULT_OUTPUT_CAP = 1 << 20  # bytes of stdout and of stderr kept per command
+
+_PLAIN = (int, float, str, bytes, bool, type(None))
+
+
+def encode_command(
+    cmd: str | Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    stdin: bytes | str | None = None,
+    output_cap: int = DEFAULT_OUTPUT_CAP,
+) -> bytes:
+    """Encode a command task body."""
+    if isinstance(cmd, str):
+        if not cmd.strip():
+            raise ValueError("a command task needs a non-empty command line")
+    else:
+        cmd = [str(a) for a in cmd]
+        if not cmd:
+            raise ValueError("a command task needs a non-empty argv")
+    if isinstance(stdin, str):
+        stdin = stdin.encode()
+    return msgpack.packb(
+        {"cmd": cmd, "env": env, "cwd": cwd, "stdin": stdin, "cap": int(output_cap)},
+        use_bin_type=True,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSpec:
+    """A decoded command body."""
+
+    cmd: str | list
+    env: dict | None
+    cwd: str | None
+    stdin: bytes | None
+    cap: int
+
+
+def decode_command(body: bytes) -> CommandSpec:
+    """Decode a command body or raise ProtocolError naming the bad field."""
+    try:
+        d = msgpack.unpackb(body)
+    except Exception as exc:
+        raise ProtocolError(f"command body is not msgpack ({type(exc).__name__})") from None
+    if type(d) is not dict:
+        raise ProtocolError("command body must be a map")
+    cmd = d.get("cmd")
+    if not (isinstance(cmd, str) or (isinstance(cmd, list) and cmd and all(isinstance(a, str) for a in cmd))):
+        raise ProtocolError("command body: 'cmd' must be a string or a list of strings")
+    env = d.get("env")
+    if env is not None and not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+        raise ProtocolError("command body: 'env' must map strings to strings")
+    cwd = d.get("cwd")
+    if cwd is not None and not isinstance(cwd, str):
+        raise ProtocolError("command body: 'cwd' must be a string")
+    stdin = d.get("stdin")
+    if stdin is not None and not isinstance(stdin, bytes):
+        raise ProtocolError("command body: 'stdin' must be bytes")
+    cap = d.get("cap", DEFAULT_OUTPUT_CAP)
+    if type(cap) is not int or cap < 0:
+        raise ProtocolError("command body: 'cap' must be a non-negative integer")
+    return CommandSpec(cmd, env, cwd, stdin, cap)
+
+
+def encode_command_output(exit_code: int, stdout: bytes, stderr: bytes, truncated: bool) -> bytes:
+    """Encode what a command produced."""
+    return msgpack.packb([exit_code, stdout, stderr, truncated], use_bin_type=True)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command task produced; the value of a command future."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    truncated: bool = False
+    executor: str = ""
+    attempts: int = 0
+    timings: dict = field(default_factory=dict)
+    reason: str = ""  #: why it failed, e.g. "exit code 2" or "wall time of 5s exceeded"
+
+    @property
+    def ok(self) -> bool:
+        """True when the command exited with status 0."""
+        return self.exit_code == 0
+
+
+def decode_command_output(output: bytes) -> tuple[int, str, str, bool]:
+    """Decode a command output into (exit_code, stdout, stderr, truncated)."""
+    try:
+        code, out, err, truncated = msgpack.unpackb(output)
+    except Exception as exc:
+        raise ProtocolError(f"malformed command output ({type(exc).__name__})") from None
+    return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), truncated
+
+
+# ---------------------------------------------------------------- python tasks
+
+
+def pickle_function(fn: Any) -> bytes:
+    """Serialise a callable by value where needed (lambdas, closures, __main__)."""
+    return cloudpickle.dumps(fn)
+
+
+def _plain(obj: Any, depth: int = 0) -> bool:
+    """True when the standard pickler can carry obj without cloudpickle's help."""
+    if isinstance(obj, _PLAIN):
+        return True
+    if depth < 3 and isinstance(obj, (tuple, list)):
+        return all(_plain(x, depth + 1) for x in obj)
+    if depth < 3 and isinstance(obj, dict):
+        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in obj.items())
+    return False
+
+
+def pickle_arguments(args: tuple, kwargs: dict) -> bytes:
+    """Serialise call arguments; plain data takes the fast C pickler."""
+    payload = (args, kwargs)
+    if _plain(args) and _plain(kwargs):
+        return pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    return cloudpickle.dumps(payload)
+
+
+def encode_python(fn_pickle: bytes, args_pickle: bytes) -> bytes:
+    """Encode a python task body from its pickled function and arguments."""
+    return msgpack.packb([fn_pickle, args_pickle], use_bin_type=True)
+
+
+def decode_python(body: bytes) -> tuple[bytes, bytes]:
+    """Split a python body into (function pickle, arguments pickle)."""
+    try:
+        fn, args = msgpack.unpackb(body)
+    except Exception as exc:
+        raise ProtocolError(f"python body is not [function, arguments] ({type(exc).__name__})") from None
+    if type(fn) is not bytes or type(args) is not bytes:
+        raise ProtocolError("python body: function and arguments must be bytes")
+    return fn, args
+
+
+def encode_python_value(value: Any) -> bytes:
+    """Pickle a task's return value; raises if it cannot be pickled."""
+    return cloudpickle.dumps(("ok", value))
+
+
+def encode_python_error(exc: BaseException, tb: str) -> bytes:
+    """Pickle a task's exception, falling back to its text when it will not pickle."""
+    try:
+        data = cloudpickle.dumps(("err", exc, tb))
+        pickle.loads(data)  # an exception that pickles but cannot load would break the client
+        return data
+    except Exception:
+        return cloudpickle.dumps(("err", None, tb))
+
+
+def decode_python_output(output: bytes) -> Any:
+    """Return the task's value or raise its exception with the remote traceback."""
+    try:
+        tag, *rest = pickle.loads(output)
+    except Exception as exc:
+        raise ProtocolError(f"could not unpickle the task's result: {exc}") from exc
+    if tag == "ok":
+        return rest[0]
+    exc, tb = rest
+    if exc is None:
+        exc = RuntimeError("the task raised an exception that could not be pickled")
+    exc.__cause__ = RemoteTraceback(tb)
+    raise exc
