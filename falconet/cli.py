@@ -77,7 +77,7 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, results:
     Blank lines and lines starting with # are skipped.  Exits 0 when every task
     succeeded, 1 when any failed, 2 on a usage error.
     """
-    from falconet import local as local_mod
+    from falconet.local import local as local_cluster
     from falconet import runfile, taskfile as tf
     from falconet.client import Client
 
@@ -98,7 +98,7 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, results:
                 tally = runfile.run_tasks(client, lines, results=results, progress=progress,
                                           retries=retries, walltime_s=walltime)
         else:
-            with local_mod.local(slots=local_slots or os.cpu_count(), name="falconet-run") as client:
+            with local_cluster(slots=local_slots or os.cpu_count(), name="falconet-run") as client:
                 tally = runfile.run_tasks(client, lines, results=results, progress=progress,
                                           retries=retries, walltime_s=walltime)
     except FalconetError as exc:

@@ -1,0 +1,101 @@
+"""The falconet command line, end to end, as a person would run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import wait_until
+
+FALCONET = [sys.executable, "-m", "falconet"]
+
+
+def falconet(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*FALCONET, *args], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def test_run_local_all_succeed(tmp_path):
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("# a comment\n\n" + "".join(f"echo line{i}\n" for i in range(50)))
+    out = tmp_path / "results.jsonl"
+    res = falconet("run", str(tasks), "--local", "2", "--results", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "50 tasks: 50 done, 0 failed" in res.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 50
+    by_line = {r["line"]: r for r in records}
+    assert set(by_line) == set(range(3, 53))  # the comment and blank line keep their numbers
+    for r in records:
+        assert r["state"] == "done" and r["exit_code"] == 0
+        assert r["stdout"] == f"line{r['line'] - 3}\n"
+        assert {"id", "command", "stderr", "executor", "attempts", "submitted", "started", "finished"} <= set(r)
+        assert r["submitted"] <= r["started"] <= r["finished"] and r["attempts"] == 1 and r["executor"]
+
+
+def test_run_local_reports_failures_and_exits_1(tmp_path):
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("true\necho oops >&2; exit 3\nno-such-program-xyz\n")
+    out = tmp_path / "results.jsonl"
+    res = falconet("run", str(tasks), "--local", "1", "--results", str(out), "--quiet")
+    assert res.returncode == 1
+    assert "3 tasks: 1 done, 2 failed" in res.stderr
+    assert "line 2:" in res.stderr and "exit code 3" in res.stderr and "oops" in res.stderr
+    records = {r["line"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert records[1]["state"] == "done"
+    assert records[2]["state"] == "failed" and records[2]["exit_code"] == 3
+    assert records[3]["state"] == "failed" and records[3]["exit_code"] == 127
+
+
+def test_run_rejects_a_bad_task_file_with_line_numbers(tmp_path):
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("echo fine\necho 'unterminated\n")
+    res = falconet("run", str(tasks), "--local", "1")
+    assert res.returncode == 2
+    assert f"{tasks}:2:" in res.stderr and "quot" in res.stderr
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert falconet("run").returncode == 2
+    assert falconet("run", str(tmp_path / "missing.txt"), "--local", "1").returncode == 2
+    tasks = tmp_path / "t.txt"
+    tasks.write_text("true\n")
+    both = falconet("run", str(tasks), "--local", "1", "--dispatcher", "tcp://127.0.0.1:1")
+    assert both.returncode == 2 and "not both" in both.stderr
+
+
+def test_every_command_has_help():
+    for cmd in ([], ["run"], ["dispatcher"], ["executor"], ["status"], ["executors"]):
+        res = falconet(*cmd, "--help")
+        assert res.returncode == 0 and "Usage:" in res.stdout
+    assert "FALCONET_EXECUTOR_DISPATCHER" in falconet("executor", "--help").stdout
+
+
+def test_run_status_and_executors_against_a_running_dispatcher(cluster, tmp_path):
+    cluster.start_dispatcher()
+    cluster.start_executor("ex-cli", 2)
+    with cluster.client() as client:
+        wait_until(lambda: cluster.registered(client), what="registration")
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("".join(f"echo {i}\n" for i in range(20)))
+    res = falconet("run", str(tasks), "--dispatcher", cluster.client_address)
+    assert res.returncode == 0, res.stderr
+    status = falconet("status", "--dispatcher", cluster.client_address)
+    assert status.returncode == 0
+    assert "done 20" in status.stdout and "ex-cli" in status.stdout
+    rows = json.loads(falconet("executors", "--dispatcher", cluster.client_address, "--json").stdout)
+    assert [r["id"] for r in rows] == ["ex-cli"] and rows[0]["slots"] == 2 and rows[0]["host"]
+    env_status = falconet("status", env={"FALCONET_STATUS_DISPATCHER": cluster.client_address,
+                                         "PATH": "/usr/bin:/bin"})
+    assert env_status.returncode == 0 and "ex-cli" in env_status.stdout
+
+
+def test_status_of_a_missing_dispatcher_is_one_clear_line():
+    res = falconet("status", "--dispatcher", "tcp://127.0.0.1:9", timeout=60)
+    assert res.returncode == 1
+    assert res.stderr.startswith("error: no dispatcher answered at tcp://127.0.0.1:9")
+
+
+def test_dispatcher_refuses_a_public_address_without_insecure():
+    res = falconet("dispatcher", "--host", "0.0.0.0", timeout=30)
+    assert res.returncode == 1 and "--insecure" in res.stderr
