@@ -15,7 +15,10 @@ The dispatcher never looks inside these bytes.
 
 from __future__ import annotations
 
+import os
 import pickle
+import sys
+import sysconfig
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -126,8 +129,36 @@ def decode_command_output(output: bytes) -> tuple[int, str, str, bool]:
 # ---------------------------------------------------------------- python tasks
 
 
+_INSTALLED = tuple(
+    os.path.realpath(path) + os.sep
+    for key in ("stdlib", "platstdlib", "purelib", "platlib")
+    if (path := sysconfig.get_paths().get(key))
+)
+_by_value_checked: set[str] = set()
+
+
+def _ship_module_by_value(fn: Any) -> None:
+    """Send the code of fn's module along when that module is the user's own.
+
+    cloudpickle pickles a function from an importable module by reference, which fails on
+    an executor that lacks the module: a script's helper module, a test file, a notebook's
+    sibling .py.  Modules outside the installed prefixes are registered to go by value.
+    """
+    name = getattr(fn, "__module__", None)
+    if not name or name in _by_value_checked:
+        return
+    _by_value_checked.add(name)
+    module = sys.modules.get(name)
+    path = getattr(module, "__file__", None)
+    if module is None or path is None or name == "__main__" or name.split(".")[0] == "falconet":
+        return
+    if not os.path.realpath(path).startswith(_INSTALLED):
+        cloudpickle.register_pickle_by_value(module)
+
+
 def pickle_function(fn: Any) -> bytes:
-    """Serialise a callable by value where needed (lambdas, closures, __main__)."""
+    """Serialise a callable; by value where the executor may not have its code."""
+    _ship_module_by_value(fn)
     return cloudpickle.dumps(fn)
 
 

@@ -1,90 +1,12 @@
-"""Real processes on random loopback ports: a dispatcher and executors, started and killed per test."""
+"""Fixtures for integration tests."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-import falconet
-
-HEARTBEAT_INTERVAL_S = 0.2
-HEARTBEAT_TIMEOUT_S = 2.0
-
-
-def wait_until(predicate: Callable[[], object], timeout_s: float = 30.0, what: str = "condition") -> object:
-    """Poll predicate until it is true; fail the test with `what` if it never is."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.02)
-
-
-class Cluster:
-    """A dispatcher process and executor processes, each in its own process group."""
-
-    def __init__(self, log_dir: Path):
-        self.log_dir = log_dir
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.dispatcher: subprocess.Popen | None = None
-
-    def _spawn(self, name: str, args: list[str], **kw) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "falconet", *args], stderr=log,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                stdout=kw.pop("stdout", log), **kw)
-        log.close()
-        self.procs[name] = proc
-        return proc
-
-    def start_dispatcher(self, client_port: int = 0, executor_port: int = 0) -> None:
-        self.dispatcher = self._spawn("dispatcher", [
-            "dispatcher", "--client-port", str(client_port), "--executor-port", str(executor_port),
-            "--heartbeat-interval", str(HEARTBEAT_INTERVAL_S),
-            "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S), "--log-level", "debug",
-        ], stdout=subprocess.PIPE)
-        lines = [self.dispatcher.stdout.readline().decode().strip() for _ in range(2)]
-        found = dict(line.split(": ", 1) for line in lines if ": " in line)
-        assert set(found) == {"client", "executor"}, f"dispatcher printed {lines!r}"
-        self.client_address, self.executor_address = found["client"], found["executor"]
-
-    def start_executor(self, name: str, slots: int = 2, *extra: str) -> subprocess.Popen:
-        return self._spawn(name, ["executor", "--dispatcher", self.executor_address,
-                                  "--slots", str(slots), "--id", name, "--log-level", "debug", *extra])
-
-    def client(self, **kw) -> falconet.Client:
-        return falconet.Client(self.client_address, **kw)
-
-    def registered(self, client: falconet.Client) -> set[str]:
-        return {row["id"] for row in client.status(detail=True)["executor_table"]}
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        os.kill(self.procs[name].pid, sig)
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            proc.wait()
-            if proc.stdout:
-                proc.stdout.close()
-
-    def logs(self) -> str:
-        return "\n".join(f"----- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
-                         for p in sorted(self.log_dir.glob("*.log")))
+from cluster_helpers import Cluster
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import wait_until
+from cluster_helpers import wait_until
 
 FALCONET = [sys.executable, "-m", "falconet"]
 

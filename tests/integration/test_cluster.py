@@ -13,7 +13,7 @@ import zmq
 
 import falconet
 from falconet import protocol as p
-from conftest import HEARTBEAT_TIMEOUT_S, wait_until
+from cluster_helpers import HEARTBEAT_TIMEOUT_S, wait_until
 
 
 def triple(x):
