@@ -1,0 +1,595 @@
+"""A rule-based state machine over the dispatcher core: no task is lost, doubled or answered twice.
+
+The machine plays clients and executors against one :class:`Core`, with an injected wall
+clock and a monotonic ``now`` that only the ``tick`` rule moves.  It keeps its own model of
+every task (who holds which attempt, per the ``Tasks`` messages the core sent) and of every
+executor (registered or not, draining, outstanding credit, last sign of life), predicts every
+message the core must send, and after each step compares the model with the core.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from falconet import protocol as p
+from falconet.dispatcher.core import Config, Core, ExecutorState
+from falconet.protocol import TaskState
+
+CONFIG = Config(heartbeat_interval_s=1.0, heartbeat_timeout_s=10.0, max_dispatch_batch=4)
+WALL0 = 1_700_000_000.0
+PENDING, DISPATCHED, RUNNING = int(TaskState.PENDING), int(TaskState.DISPATCHED), int(TaskState.RUNNING)
+DONE, FAILED, CANCELLED = int(TaskState.DONE), int(TaskState.FAILED), int(TaskState.CANCELLED)
+LIVE = (PENDING, DISPATCHED, RUNNING)
+UNKNOWN_SEQ = 10**6  # a seq no client ever uses
+
+KINDS = st.sampled_from([1, 1, 1, 2, 2, 2, 0, 9])  # mostly valid; 0 and 9 are not task kinds
+RETRIES = st.sampled_from([0, 0, 1, 2, -1])  # -1 is invalid
+WALLTIMES = st.sampled_from([0.0, 0.0, 2.5])
+
+
+@dataclass
+class Expect:
+    """The one result the model predicts for a task, before the core sends it."""
+
+    state: int
+    executor: str
+    attempts: int
+    reason_has: str = ""
+    record: p.ExecResult | None = None  # the executor's report, echoed in the result
+
+
+@dataclass
+class MTask:
+    """The model's view of one submitted task."""
+
+    client: bytes
+    spec: p.TaskSpec
+    submitted: float
+    valid: bool
+    tid: int | None = None  # learned from the first Assignment
+    holder: bytes | None = None  # executor peer holding the current attempt, None when queued
+    attempt: int = 0
+    losses: int = 0
+    started: bool = False
+    expect: Expect | None = None
+    results: list = field(default_factory=list)
+
+    @property
+    def live(self) -> bool:
+        return self.valid and not self.results and self.expect is None
+
+
+@dataclass
+class MExec:
+    """The model's view of one executor peer."""
+
+    peer: bytes
+    eid: str
+    slots: int
+    known: bool = False  # registered with the core (not lost, not gone with Bye)
+    draining: bool = False
+    credit: int = 0  # granted minus received
+    last_seen: float = 0.0
+    old: set = field(default_factory=set)  # (tid, attempt) it ran once that are no longer current
+
+
+class CoreMachine(RuleBasedStateMachine):
+    """Clients and executors driving one Core, checked against a model after every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.core = Core(CONFIG, wall=lambda: WALL0 + self.now)
+        self.clients: list[bytes] = []
+        self.execs: list[MExec] = []
+        self.tasks: dict[tuple[bytes, int], MTask] = {}
+        self.by_body: dict[bytes, MTask] = {}
+        self.by_tid: dict[int, MTask] = {}
+        self.next_seq: collections.Counter = collections.Counter()
+        self.next_batch = 0
+        self.next_req = 0
+        self.expected_accepts: list[tuple[bytes, int, int]] = []
+        self.expected_welcomes: list[bytes] = []
+        self.expected_status: dict[tuple[bytes, int], bool] = {}
+        self.stale = 0
+        self.lost = 0
+        self.clean = True  # False while a step runs; teardown completes only after clean steps
+
+    # ------------------------------------------------------------ model helpers
+
+    def held(self, ex: MExec) -> list[MTask]:
+        return sorted((t for t in self.tasks.values() if t.holder == ex.peer), key=lambda t: t.tid)
+
+    def pending(self) -> list[MTask]:
+        return [t for t in self.tasks.values() if t.live and t.holder is None]
+
+    def known(self) -> list[MExec]:
+        return [e for e in self.execs if e.known]
+
+    def release(self, ex: MExec, t: MTask) -> None:
+        """The task leaves ex without a loss: it goes back to the queue."""
+        ex.old.add((t.tid, t.attempt))
+        t.holder, t.started = None, False
+
+    def lose(self, ex: MExec) -> None:
+        """The core declares ex lost: its tasks cost a retry each."""
+        ex.known, ex.draining, ex.credit = False, False, 0
+        self.lost += 1
+        for t in self.held(ex):
+            self.release(ex, t)
+            t.losses += 1
+            if t.losses > t.spec.retries:
+                t.expect = Expect(FAILED, "", t.attempt, "lost")
+
+    def expect_reregister(self, ex: MExec) -> list:
+        return [] if ex.known else [(ex.peer, p.Reregister)]
+
+    def touch(self, ex: MExec) -> None:
+        if ex.known:
+            ex.last_seen = self.now
+
+    # ------------------------------------------------------------ outgoing messages
+
+    def pump(self, expect_exec=(), *, tasks_ok=False, heartbeats_ok=False, cancels=None) -> list:
+        """Take everything the core wants to send and check it against the model."""
+        to_clients, to_executors = self.core.take_outgoing()
+        for peer, msg in to_clients:
+            self.on_client_msg(peer, msg)
+        seen = collections.Counter()
+        tasks_msgs = []
+        for peer, msg in to_executors:
+            kind = type(msg)
+            if kind is p.Tasks:
+                assert tasks_ok, f"Tasks sent to {peer!r} outside dispatch"
+                self.on_tasks(peer, msg)
+                tasks_msgs.append((peer, msg))
+                continue
+            if kind is p.Heartbeat:
+                assert heartbeats_ok, "Heartbeat sent outside tick"
+                assert self.exec_by_peer(peer).known, "Heartbeat to an executor the core dropped"
+                continue
+            if kind is p.CancelTasks:
+                assert cancels is not None and sorted(msg.tids) == cancels.get(peer), (peer, msg)
+            seen[(peer, kind)] += 1
+        expected = collections.Counter(expect_exec)
+        if cancels:
+            expected.update((peer, p.CancelTasks) for peer in cancels)
+        assert seen == expected, f"executor messages {dict(seen)} != expected {dict(expected)}"
+        assert not self.expected_accepts, f"no Accepted for {self.expected_accepts}"
+        assert not self.expected_welcomes, f"no Welcome for {self.expected_welcomes}"
+        assert not self.expected_status, f"no StatusReply for {self.expected_status}"
+        missing = [(t.client, t.spec.seq) for t in self.tasks.values() if t.expect is not None]
+        assert not missing, f"results expected but not sent: {missing}"
+        return tasks_msgs
+
+    def exec_by_peer(self, peer: bytes) -> MExec:
+        return next(e for e in self.execs if e.peer == peer)
+
+    def on_client_msg(self, peer: bytes, msg) -> None:
+        kind = type(msg)
+        if kind is p.Welcome:
+            self.expected_welcomes.remove(peer)
+        elif kind is p.Accepted:
+            self.expected_accepts.remove((peer, msg.batch, msg.count))
+        elif kind is p.Results:
+            for r in msg.results:
+                self.on_result(peer, r)
+        elif kind is p.StatusReply:
+            self.check_status(msg.info, self.expected_status.pop((peer, msg.req_id)))
+        elif kind is p.Refused:
+            assert peer not in self.clients, f"client {peer!r} refused: {msg.reason}"
+        else:
+            raise AssertionError(f"unexpected {kind.__name__} to client {peer!r}")
+
+    def on_result(self, peer: bytes, r: p.TaskResult) -> None:
+        t = self.tasks[(peer, r.seq)]
+        assert not t.results, f"second result for {(peer, r.seq)}: {t.results[0]} then {r}"
+        exp = t.expect
+        assert exp is not None, f"result the model did not predict: {r}"
+        assert (r.state, r.executor, r.attempts) == (exp.state, exp.executor, exp.attempts), (r, exp)
+        assert exp.reason_has in r.reason, (r.reason, exp.reason_has)
+        assert r.submitted == t.submitted
+        if exp.record is not None:
+            rec = exp.record
+            assert (r.output, r.reason, r.started, r.finished) == (
+                rec.output, rec.reason, rec.started, rec.finished)
+        t.results.append(r)
+        t.expect = None
+
+    def on_tasks(self, peer: bytes, msg: p.Tasks) -> None:
+        ex = self.exec_by_peer(peer)
+        assert ex.known and not ex.draining, f"Tasks to {peer!r}, which may not take work"
+        assert 0 < len(msg.tasks) <= ex.credit, f"{len(msg.tasks)} tasks against credit {ex.credit}"
+        assert len(msg.tasks) <= CONFIG.max_dispatch_batch
+        ex.credit -= len(msg.tasks)
+        for a in msg.tasks:
+            t = self.by_body[a.body]
+            assert t.live and t.holder is None, f"dispatched a task that is not queued: {a}"
+            assert a.attempt == t.attempt + 1, (a, t.attempt)
+            assert (a.kind, a.walltime_s) == (t.spec.kind, t.spec.walltime_s)
+            if t.tid is None:
+                assert a.tid not in self.by_tid
+                t.tid = a.tid
+                self.by_tid[a.tid] = t
+            assert a.tid == t.tid
+            t.attempt, t.holder, t.started = a.attempt, peer, False
+
+    def check_status(self, info: dict, detail: bool) -> None:
+        assert info["queued"] == len(self.pending())
+        assert info["executors"] == len(self.known())
+        assert info["stale_results"] == self.stale
+        assert info["lost_executors"] == self.lost
+        assert info["busy"] == sum(len(self.held(e)) for e in self.known())
+        assert ("executor_table" in info) == detail
+
+    # ------------------------------------------------------------ setup
+
+    @initialize(n_clients=st.integers(1, 2), slots=st.lists(st.integers(1, 3), min_size=1, max_size=4))
+    def setup(self, n_clients, slots):
+        self.clean = False
+        for i in range(n_clients):
+            peer = b"c%d" % i
+            self.clients.append(peer)
+            self.expected_welcomes.append(peer)
+            self.core.on_client(peer, p.Hello(p.PROTOCOL_VERSION, f"client-{i}", f"name-{i}"), self.now)
+        expect = []
+        for i, n in enumerate(slots):
+            ex = MExec(b"e%d" % i, f"exec-{i}", n)
+            self.execs.append(ex)
+            self.send_register(ex, n, [])
+            expect.append((ex.peer, p.Registered))
+        self.pump(expect)
+
+    def send_register(self, ex: MExec, slots: int, holding: list, version=p.PROTOCOL_VERSION) -> None:
+        msg = p.Register(version, ex.eid, f"host-{ex.eid}", ["10.0.0.1", "fe80::1"], 4, 1 << 30,
+                         "linux", slots, 100, {"instance_type": "t3.micro"}, holding)
+        self.core.on_executor(ex.peer, msg, self.now)
+        if version != p.PROTOCOL_VERSION:
+            return  # refused: nothing changes
+        if ex.known:  # a reconnect: what it no longer holds goes back to the queue
+            kept = {tid for tid, _ in holding}
+            for t in self.held(ex):
+                if t.tid not in kept:
+                    self.release(ex, t)
+        ex.known, ex.draining, ex.credit, ex.slots, ex.last_seen = True, False, 0, slots, self.now
+
+    # ------------------------------------------------------------ client rules
+
+    @rule(data=st.data(), n=st.integers(0, 5))
+    def submit(self, data, n):
+        self.clean = False
+        client = data.draw(st.sampled_from(self.clients))
+        specs = []
+        for _ in range(n):
+            seq = self.next_seq[client]
+            self.next_seq[client] += 1
+            spec = p.TaskSpec(seq, data.draw(KINDS), b"%s|%d" % (client, seq), data.draw(RETRIES),
+                              data.draw(WALLTIMES))
+            valid = spec.kind in (1, 2) and spec.retries >= 0
+            t = MTask(client, spec, WALL0 + self.now, valid)
+            if spec.kind not in (1, 2):
+                t.expect = Expect(FAILED, "", 0, f"unknown task kind {spec.kind}")
+            elif spec.retries < 0:
+                t.expect = Expect(FAILED, "", 0, "retries")
+            self.tasks[(client, seq)] = t
+            self.by_body[spec.body] = t
+            specs.append(spec)
+        self.next_batch += 1
+        self.expected_accepts.append((client, self.next_batch, n))
+        self.core.on_client(client, p.Submit(self.next_batch, specs), self.now)
+        self.pump()
+
+    @rule(data=st.data())
+    def cancel(self, data):
+        self.clean = False
+        client = data.draw(st.sampled_from(self.clients))
+        seqs = data.draw(st.sets(st.integers(0, max(self.next_seq[client] - 1, 0)), max_size=4))
+        if data.draw(st.booleans()):
+            seqs.add(UNKNOWN_SEQ)
+        cancels: dict[bytes, list[int]] = {}
+        for seq in seqs:
+            t = self.tasks.get((client, seq))
+            if t is None or not t.live:
+                continue
+            if t.holder is None:
+                t.expect = Expect(CANCELLED, "", t.attempt, "cancelled")
+            elif not t.started:
+                cancels.setdefault(t.holder, []).append(t.tid)
+        for tids in cancels.values():
+            tids.sort()
+        self.core.on_client(client, p.Cancel(sorted(seqs)), self.now)
+        self.pump(cancels=cancels)
+
+    @rule(data=st.data(), detail=st.booleans())
+    def status(self, data, detail):
+        self.clean = False
+        client = data.draw(st.sampled_from(self.clients))
+        self.next_req += 1
+        self.expected_status[(client, self.next_req)] = detail
+        self.core.on_client(client, p.StatusRequest(self.next_req, detail), self.now)
+        self.pump()
+
+    @rule()
+    def stranger_submits(self):
+        """A client that never said Hello is refused and creates no task."""
+        self.clean = False
+        self.core.on_client(b"stranger", p.Submit(1, [p.TaskSpec(0, 1, b"x", 0, 0.0)]), self.now)
+        to_clients, to_executors = self.core.take_outgoing()
+        assert [(peer, type(m)) for peer, m in to_clients] == [(b"stranger", p.Refused)]
+        assert not to_executors
+
+    # ------------------------------------------------------------ executor rules
+
+    @rule(data=st.data(), slots=st.integers(1, 3), bad_version=st.integers(0, 9))
+    def register(self, data, slots, bad_version):
+        """(Re-)register, saying which of its tasks it still holds."""
+        self.clean = False
+        ex = data.draw(st.sampled_from(self.execs))
+        held = [(t.tid, t.attempt) for t in self.held(ex)]
+        holding = data.draw(st.lists(st.sampled_from(held), unique=True)) if held else []
+        current = {tid for tid, _ in held}
+        old = sorted(pair for pair in ex.old if pair[0] not in current)
+        if old:
+            holding += data.draw(st.lists(st.sampled_from(old), unique=True, max_size=2))
+        version = p.PROTOCOL_VERSION + 1 if bad_version == 0 else p.PROTOCOL_VERSION
+        self.send_register(ex, slots, holding, version)
+        self.pump([(ex.peer, p.Refused if version != p.PROTOCOL_VERSION else p.Registered)])
+
+    @rule(data=st.data(), credit=st.integers(1, 3))
+    def report_credit(self, data, credit):
+        self.clean = False
+        ex = data.draw(st.sampled_from(self.execs))
+        expect = self.expect_reregister(ex)
+        self.touch(ex)
+        if ex.known and not ex.draining:
+            ex.credit += credit
+        self.core.on_executor(ex.peer, p.Report(credit, [], []), self.now)
+        self.pump(expect)
+
+    @rule(data=st.data())
+    def dispatch(self, data):
+        self.clean = False
+        could = bool(self.pending()) and any(e.credit > 0 for e in self.known() if not e.draining)
+        self.core.dispatch(self.now)
+        sent = self.pump(tasks_ok=True)
+        assert bool(sent) == could, "dispatch made no progress though work and credit were there"
+        if not sent or not data.draw(st.integers(0, 3)) == 0:
+            return
+        # The loop could not route one Tasks message: the executor is gone.
+        peer, msg = data.draw(st.sampled_from(sent))
+        ex = self.exec_by_peer(peer)
+        for a in msg.tasks:  # never arrived: no attempt made, no retry spent
+            t = self.by_tid[a.tid]
+            if t.holder == peer and t.attempt == a.attempt:
+                t.attempt -= 1
+                t.holder, t.started = None, False
+        self.lose(ex)
+        self.core.executor_unreachable(peer, msg)
+        self.pump()
+
+    def _held_by_known(self, unstarted: bool = False) -> list[MExec]:
+        return [e for e in self.known() if any(not (unstarted and t.started) for t in self.held(e))]
+
+    @precondition(lambda self: self._held_by_known(unstarted=True))
+    @rule(data=st.data())
+    def report_started(self, data):
+        self.clean = False
+        ex = data.draw(st.sampled_from(self._held_by_known(unstarted=True)))
+        fresh = [t for t in self.held(ex) if not t.started]
+        chosen = data.draw(st.lists(st.sampled_from(fresh), unique_by=lambda t: t.tid, min_size=1))
+        started = [(t.tid, t.attempt) for t in chosen]
+        started.append((chosen[0].tid, chosen[0].attempt + 5))  # a wrong attempt: ignored
+        for t in chosen:
+            t.started = True
+        self.touch(ex)
+        self.core.on_executor(ex.peer, p.Report(0, started, []), self.now)
+        self.pump()
+
+    @precondition(lambda self: self._held_by_known())
+    @rule(data=st.data(), credit=st.integers(0, 3))
+    def report_results(self, data, credit):
+        """Finish some held tasks with the right attempt, some started in the same report."""
+        self.clean = False
+        ex = data.draw(st.sampled_from(self._held_by_known()))
+        chosen = data.draw(st.lists(st.sampled_from(self.held(ex)), unique_by=lambda t: t.tid, min_size=1))
+        started, results = [], []
+        for t in chosen:
+            start_now = not t.started and data.draw(st.booleans())
+            if start_now:
+                started.append((t.tid, t.attempt))
+            states = [DONE, FAILED] if (t.started or start_now) else [DONE, FAILED, CANCELLED]
+            state = data.draw(st.sampled_from(states))
+            reason = "" if state == DONE else f"reason {t.tid}"
+            rec = p.ExecResult(t.tid, t.attempt, state, b"out %d" % t.tid, reason,
+                               WALL0 + self.now - 1.0, WALL0 + self.now)
+            results.append(rec)
+            t.expect = Expect(state, ex.eid, t.attempt, reason, rec)
+            ex.old.add((t.tid, t.attempt))  # a repeat of this result would be stale
+            t.holder = None
+        self.touch(ex)
+        if not ex.draining:
+            ex.credit += credit
+        self.core.on_executor(ex.peer, p.Report(credit, started, results), self.now)
+        self.pump()
+
+    @precondition(lambda self: any(e.old for e in self.execs) or self._held_by_known())
+    @rule(data=st.data())
+    def stale_result(self, data):
+        """A result for an attempt that is no longer current: from an old run or the wrong attempt."""
+        self.clean = False
+        candidates = [e for e in self.execs if e.old] + self._held_by_known()
+        ex = data.draw(st.sampled_from(candidates))
+        pairs = sorted(ex.old)
+        for t in self.held(ex):
+            pairs.append((t.tid, t.attempt - 1 if t.attempt > 1 else t.attempt + 7))
+        tid, attempt = data.draw(st.sampled_from(pairs))
+        t = self.by_tid[tid]
+        assert not (t.holder == ex.peer and t.attempt == attempt), "the model picked a current attempt"
+        rec = p.ExecResult(tid, attempt, DONE, b"late", "", WALL0, WALL0 + self.now)
+        expect = self.expect_reregister(ex)
+        if ex.known:
+            self.stale += 1
+        self.touch(ex)
+        self.core.on_executor(ex.peer, p.Report(0, [], [rec]), self.now)
+        self.pump(expect)
+
+    @rule(data=st.data())
+    def heartbeat(self, data):
+        """Any executor, registered or lost, says it is alive; a lost one is told to register."""
+        self.clean = False
+        ex = data.draw(st.sampled_from(self.execs))
+        expect = self.expect_reregister(ex)
+        self.touch(ex)
+        self.core.on_executor(ex.peer, p.Heartbeat(), self.now)
+        self.pump(expect)
+
+    @rule(data=st.data())
+    def drain(self, data):
+        """Take no more work, handing back tasks never started (plus one wrong attempt, ignored)."""
+        self.clean = False
+        ex = data.draw(st.sampled_from(self.execs))
+        fresh = [t for t in self.held(ex) if not t.started]
+        returned = data.draw(st.lists(st.sampled_from(fresh), unique_by=lambda t: t.tid)) if fresh else []
+        pairs = [(t.tid, t.attempt) for t in returned]
+        if fresh and data.draw(st.booleans()):
+            pairs.append((fresh[0].tid, fresh[0].attempt + 3))
+        expect = self.expect_reregister(ex)
+        self.touch(ex)
+        if ex.known:
+            ex.draining, ex.credit = True, 0
+            for t in returned:
+                self.release(ex, t)
+        self.core.on_executor(ex.peer, p.Drain(pairs), self.now)
+        self.pump(expect)
+
+    @rule(data=st.data())
+    def bye(self, data):
+        """The executor leaves; whatever it still held goes back without costing a retry."""
+        self.clean = False
+        ex = data.draw(st.sampled_from(self.execs))
+        if ex.known:
+            for t in self.held(ex):
+                self.release(ex, t)
+            ex.known, ex.draining, ex.credit = False, False, 0
+        self.core.on_executor(ex.peer, p.Bye(), self.now)
+        self.pump()
+
+    @rule(dt=st.sampled_from([0.0, 0.5, 2.0, 6.0, 10.5, 25.0]))
+    def tick(self, dt):
+        """Time passes; executors silent for longer than the timeout are lost."""
+        self.clean = False
+        self.now += dt
+        for ex in self.known():
+            if self.now - ex.last_seen > CONFIG.heartbeat_timeout_s:
+                self.lose(ex)
+        self.core.tick(self.now)
+        self.pump(heartbeats_ok=True)
+
+    @rule()
+    def run_to_completion(self):
+        """If executors keep reporting everything, every task ends with exactly one result."""
+        self.clean = False
+        self.complete()
+
+    def complete(self) -> None:
+        if not any(not e.draining for e in self.known()):
+            ex = self.execs[0]
+            self.send_register(ex, ex.slots, [(t.tid, t.attempt) for t in self.held(ex)])
+            self.pump([(ex.peer, p.Registered)])
+        for _ in range(100):
+            if all(t.results for t in self.tasks.values()):
+                break
+            for ex in self.known():
+                results = []
+                for t in self.held(ex):
+                    rec = p.ExecResult(t.tid, t.attempt, DONE, b"", "", WALL0, WALL0 + self.now)
+                    results.append(rec)
+                    t.expect = Expect(DONE, ex.eid, t.attempt, "", rec)
+                    ex.old.add((t.tid, t.attempt))
+                    t.holder = None
+                credit = 0 if ex.draining else ex.slots
+                ex.credit += credit
+                ex.last_seen = self.now
+                self.core.on_executor(ex.peer, p.Report(credit, [], results), self.now)
+                self.pump()
+            self.core.dispatch(self.now)
+            self.pump(tasks_ok=True)
+        unanswered = [(t.client, t.spec.seq) for t in self.tasks.values() if len(t.results) != 1]
+        assert not unanswered, f"tasks without exactly one result: {unanswered}"
+
+    # ------------------------------------------------------------ invariants
+
+    @invariant()
+    def model_matches_core(self):
+        core = self.core
+        places: dict[tuple[bytes, int], list] = collections.defaultdict(list)
+        for t in core.queue:
+            if t.state == PENDING:
+                places[(t.client.peer, t.seq)].append((None, t))
+            else:  # cancelled while queued, left for dispatch to skip
+                assert t.state == CANCELLED, TaskState(t.state)
+        for peer, ex in core.executors.items():
+            for tid, t in ex.tasks.items():
+                assert t.tid == tid and t.executor is ex
+                assert t.state in (DISPATCHED, RUNNING), TaskState(t.state)
+                places[(t.client.peer, t.seq)].append((peer, t))
+        for key, mt in self.tasks.items():
+            where = places.pop(key, [])
+            if mt.results:
+                assert not where, f"finished task {key} is still at {[w for w, _ in where]}"
+                continue
+            assert mt.valid, f"invalid task {key} has no result"
+            assert len(where) == 1, f"task {key} is in {len(where)} places: {[w for w, _ in where]}"
+            holder, t = where[0]
+            assert holder == mt.holder, f"task {key}: core has it at {holder!r}, model at {mt.holder!r}"
+            assert t.attempt == mt.attempt
+            if holder is not None:
+                assert t.state == (RUNNING if mt.started else DISPATCHED)
+        assert not places, f"the core holds tasks nobody submitted: {list(places)}"
+        self.check_counts()
+        self.check_executors()
+        self.clean = True
+
+    def check_counts(self) -> None:
+        def recount(tasks) -> list[int]:
+            counts = [0] * len(TaskState)
+            for t in tasks:
+                if t.results:
+                    counts[t.results[0].state] += 1
+                elif t.holder is None:
+                    counts[PENDING] += 1
+                else:
+                    counts[RUNNING if t.started else DISPATCHED] += 1
+            return counts
+
+        assert self.core.counts == recount(self.tasks.values())
+        for peer in self.clients:
+            mine = [t for t in self.tasks.values() if t.client == peer]
+            assert self.core.clients[peer].counts == recount(mine), peer
+        assert self.core.submitted_total == len(self.tasks)
+
+    def check_executors(self) -> None:
+        core = self.core
+        assert set(core.executors) == {e.peer for e in self.known()}
+        for ex in self.known():
+            entry = core.executors[ex.peer]
+            assert entry.credit == ex.credit, (ex.peer, entry.credit, ex.credit)
+            assert (entry.state is ExecutorState.DRAINING) == ex.draining
+            assert entry.last_seen == ex.last_seen
+        takers = {e.peer for e in self.known() if not e.draining and e.credit > 0}
+        assert set(core.ready) == takers
+        assert core.stale_results == self.stale
+        assert core.lost_total == self.lost
+
+    def teardown(self):
+        if self.clean:  # after a failed step the model is not worth completing
+            self.complete()
+
+
+CoreMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
+TestCoreMachine = CoreMachine.TestCase
