@@ -155,7 +155,7 @@ class Core:
             return
         client = self.clients.get(peer)
         if client is None:
-            self.to_clients.append((peer, p.Refused("say Hello first: this dispatcher does not know this client")))
+            self.to_clients.append((peer, p.Refused(f"{p.HELLO_FIRST}: this dispatcher does not know this client")))
             return
         if type(msg) is p.Submit:
             self._submit(client, msg)

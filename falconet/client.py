@@ -27,6 +27,7 @@ from falconet.errors import DispatcherUnavailable, ProtocolError, RefusedError, 
 log = logging.getLogger("falconet.client")
 
 DEFAULT_RETRIES = 3
+PING_S = 2.0  # ask the dispatcher for a sign of life after this much silence
 _DONE, _FAILED, _CANCELLED = int(p.TaskState.DONE), int(p.TaskState.FAILED), int(p.TaskState.CANCELLED)
 
 
@@ -55,7 +56,7 @@ class Client:
 
     def __init__(self, address: str | None = None, *, name: str = "",
                  connect_timeout_s: float = 10.0, retries: int = DEFAULT_RETRIES,
-                 walltime_s: float = 0.0):
+                 walltime_s: float = 0.0, dispatcher_timeout_s: float = 60.0):
         address = address or os.environ.get("FALCONET_DISPATCHER")
         if not address:
             raise ValueError("no dispatcher address: pass one (tcp://host:port, the dispatcher's "
@@ -64,6 +65,8 @@ class Client:
         self.id = uuid.uuid4().hex
         self.name = name or f"pid-{os.getpid()}"
         self.retries, self.walltime_s = retries, walltime_s
+        self.dispatcher_timeout_s = dispatcher_timeout_s
+        self.dispatcher_id = ""
         self._seq = itertools.count(1)
         self._batch = itertools.count(1)
         self._req = itertools.count(1)
@@ -91,7 +94,6 @@ class Client:
         except Exception:
             self.close()
             raise
-        self.dispatcher_id = welcome.dispatcher_id
         self.max_batch = int(welcome.limits.get("max_submit_batch", self.max_batch))
 
     # ------------------------------------------------------------ submitting
@@ -202,6 +204,7 @@ class Client:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        self._heard = self._pinged = time.monotonic()
         try:
             while not self._closed:
                 ready = dict(poller.poll(500))
@@ -209,7 +212,9 @@ class Client:
                     os.read(self._wake_r, 4096)
                     self._send_waiting(sock)
                 if sock in ready:
+                    self._heard = time.monotonic()
                     self._receive(sock)
+                self._check_liveness(sock, time.monotonic())
         except Exception as exc:  # the thread's boundary: fail every waiter, do not hang them
             log.exception("the falconet client thread failed")
             self._fail_all(exc)
@@ -254,14 +259,42 @@ class Client:
                 if waiter is not None and not waiter.done():
                     waiter.set_result(msg.info)
             elif kind is p.Welcome:
-                if not self._welcome.done():
-                    self._welcome.set_result(msg)
+                self._welcomed(msg)
             elif kind is p.Refused:
-                if not self._welcome.done():
+                if msg.reason.startswith(p.HELLO_FIRST):  # a restarted dispatcher
+                    sock.send(p.encode(p.Hello(p.PROTOCOL_VERSION, self.id, self.name)))
+                elif not self._welcome.done():
                     self._welcome.set_exception(RefusedError(msg.reason))
                 else:
                     log.error("the dispatcher refused a request: %s", msg.reason)
             # Accepted needs no action until submissions are replayed (durable dispatcher)
+
+    def _welcomed(self, msg: p.Welcome) -> None:
+        if not self._welcome.done():
+            self.dispatcher_id = msg.dispatcher_id
+            self._welcome.set_result(msg)
+        elif msg.dispatcher_id != self.dispatcher_id:
+            log.error("the dispatcher at %s restarted; tasks it had not finished are lost", self.address)
+            self.dispatcher_id = msg.dispatcher_id
+            self._fail_all(DispatcherUnavailable(
+                f"the dispatcher at {self.address} restarted without a journal and lost this "
+                "task; submit it again"))
+
+    def _check_liveness(self, sock: zmq.Socket, now: float) -> None:
+        """Ping a silent dispatcher while tasks are out; fail them if it stays silent."""
+        if not self._futures:
+            self._heard = now
+            return
+        silent = now - self._heard
+        if silent >= PING_S and now - self._pinged >= PING_S:
+            sock.send(p.encode(p.StatusRequest(0, False)))
+            self._pinged = now
+        if silent > self.dispatcher_timeout_s:
+            n = len(self._futures)
+            self._fail_all(DispatcherUnavailable(
+                f"no word from the dispatcher at {self.address} for {silent:.0f}s; "
+                f"{n} unfinished tasks are given up (dispatcher_timeout_s={self.dispatcher_timeout_s:g})"))
+            self._heard = now
 
     def _resolve(self, r: p.TaskResult) -> None:
         fut = self._futures.pop(r.seq, None)

@@ -52,6 +52,9 @@ from falconet.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 
+#: Refused.reason prefix for a client the dispatcher does not know: it should say Hello.
+HELLO_FIRST = "say Hello first"
+
 
 class MsgType(enum.IntEnum):
     """Tag of every message; the first element of each encoded array."""

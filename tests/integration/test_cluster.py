@@ -189,3 +189,49 @@ def test_wall_time_limits(cluster):
         res = cmd.result(timeout=20)
         assert not res.ok and "wall time" in res.reason
         assert client.submit(triple, 2).result(timeout=20) == 6  # the killed slot was replaced
+
+
+def test_clients_learn_of_a_dead_or_restarted_dispatcher(cluster):
+    cport, eport = _free_port(), _free_port()
+    cluster.start_dispatcher(cport, eport)
+    cluster.start_executor("ex", 3)  # one slot stays busy with an orphaned sleep after the restart
+    patient = cluster.client()
+    impatient = cluster.client(dispatcher_timeout_s=3)
+    try:
+        long_a = patient.submit_command("sleep 60")
+        long_b = impatient.submit_command("sleep 60")
+        wait_until(lambda: patient.status()["tasks"]["running"] >= 2, what="two running tasks")
+        cluster.dispatcher.kill()
+        cluster.dispatcher.wait()
+        with pytest.raises(falconet.DispatcherUnavailable, match="no word from the dispatcher"):
+            long_b.result(timeout=30)
+        cluster.start_dispatcher(cport, eport)
+        with pytest.raises(falconet.DispatcherUnavailable, match="restarted"):
+            long_a.result(timeout=30)
+        assert patient.submit(triple, 1).result(timeout=30) == 3  # and it carries on
+    finally:
+        patient.close()
+        impatient.close()
+
+
+def test_a_frozen_executor_is_replaced_and_its_late_results_are_ignored(cluster):
+    cluster.start_dispatcher()
+    cluster.start_executor("frozen", 1)
+    with cluster.client() as client:
+        wait_until(lambda: cluster.registered(client) == {"frozen"}, what="registration")
+        futures = client.submit_commands(["sleep 0.5; echo $$"] * 3)
+        wait_until(lambda: client.status()["tasks"]["running"] >= 1, what="a running task")
+        cluster.kill("frozen", signal.SIGSTOP)
+        wait_until(lambda: client.status()["lost_executors"] == 1, timeout_s=HEARTBEAT_TIMEOUT_S + 20,
+                   what="the frozen executor declared lost")
+        cluster.start_executor("thawed-helper", 2)
+        results = [f.result(timeout=60) for f in futures]
+        assert all(r.ok and r.executor == "thawed-helper" for r in results)
+        cluster.kill("frozen", signal.SIGCONT)
+        wait_until(lambda: cluster.registered(client) == {"frozen", "thawed-helper"},
+                   timeout_s=HEARTBEAT_TIMEOUT_S + 20, what="the thawed executor to register again")
+        status = client.status()
+        assert status["tasks"]["done"] == 3
+        wait_until(lambda: client.status()["stale_results"] >= 1, what="its late result to arrive")
+        assert client.status()["tasks"]["done"] == 3  # discarded, not counted twice
+        assert client.submit(triple, 4).result(timeout=30) == 12

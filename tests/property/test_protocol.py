@@ -41,7 +41,7 @@ def _field_strategies(floats: st.SearchStrategy, min_size: int) -> dict[type, tu
     """One strategy per field of every message class, in field order."""
 
     def lists(item: st.SearchStrategy) -> st.SearchStrategy:
-        return st.lists(item, min_size=min_size, max_size=5)
+        return st.lists(item, min_size=min_size, max_size=4)
 
     maps = st.dictionaries(TEXT, _values(floats), max_size=5)
     pairs = st.tuples(INTS, INTS)  # decode gives [tid, attempt] back as a tuple
