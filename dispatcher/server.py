@@ -8,6 +8,7 @@ here knows the rules; :mod:`falconet.dispatcher.core` does.
 from __future__ import annotations
 
 import errno
+import gc
 import ipaddress
 import logging
 import time
@@ -73,6 +74,9 @@ class Server:
                         "reach these ports can submit and run commands", host)
         self.insecure = insecure and not is_loopback(host)
         self.core = Core(config)
+        # The queue holds millions of small tracked objects; CPython's default of a young
+        # collection every 700 allocations makes the collector a large share of each turn.
+        gc.set_threshold(100_000, 50, 1000)
         self.ctx = zmq.Context()
         self.client_sock = self._router(host, client_port, max_message_bytes)
         self.executor_sock = self._router(host, executor_port, max_message_bytes)

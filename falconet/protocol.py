@@ -189,9 +189,30 @@ def _bool(v: Any) -> bool:
     return v
 
 
+_DATA = (type(None), bool, int, float, str, bytes)
+
+
+def _plain_data(v: Any, depth: int = 0) -> None:
+    """Maps carry plain data only: no Timestamp (msgpack decodes that extension itself)."""
+    t = type(v)
+    if t in _DATA:
+        return
+    if depth > 32:
+        raise ProtocolError("a map is nested too deeply")
+    if t is list:
+        for x in v:
+            _plain_data(x, depth + 1)
+    elif t is dict:
+        for x in v.values():
+            _plain_data(x, depth + 1)
+    else:
+        raise ProtocolError(f"{t.__name__} values are not part of the protocol")
+
+
 def _dict(v: Any) -> dict:
     if type(v) is not dict:
         raise ProtocolError(f"expected a map, got {type(v).__name__}")
+    _plain_data(v)
     return v
 
 
@@ -204,13 +225,20 @@ def _list_of(item: Callable[[Any], Any]) -> Callable[[Any], list]:
     return check
 
 
+_EXACT = {_int: int, _float: float, _str: str, _bytes: bytes, _bool: bool}
+
+
 def _record(cls: type, checks: tuple) -> Callable[[Any], Any]:
     n = len(checks)
+    exact = tuple(_EXACT[c] for c in checks)  # what our own encoders always produce
+    new = tuple.__new__
 
     def check(v: Any) -> Any:
         if type(v) is not list or len(v) != n:
             raise ProtocolError(f"malformed {cls.__name__}: expected an array of {n}")
-        return cls._make([c(x) for c, x in zip(checks, v)])
+        if tuple(map(type, v)) == exact:  # the hot path: one comparison per record
+            return new(cls, v)
+        return cls._make([c(x) for c, x in zip(checks, v)])  # precise checks and errors
 
     return check
 

@@ -19,7 +19,8 @@ class TaskLine:
 def parse(text: str, source: str = "<tasks>") -> list[TaskLine]:
     """Return the commands, or raise TaskFileError listing every bad line with its number."""
     found, problems = [], []
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # Only \n ends a line, as for the shell; str.splitlines() would also split at \f, \x1c...
+    for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

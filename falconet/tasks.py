@@ -70,14 +70,15 @@ class CommandSpec:
 def decode_command(body: bytes) -> CommandSpec:
     """Decode a command body or raise ProtocolError naming the bad field."""
     try:
-        d = msgpack.unpackb(body)
+        d = msgpack.unpackb(body, strict_map_key=False)
     except Exception as exc:
         raise ProtocolError(f"command body is not msgpack ({type(exc).__name__})") from None
     if type(d) is not dict:
         raise ProtocolError("command body must be a map")
     cmd = d.get("cmd")
-    if not (isinstance(cmd, str) or (isinstance(cmd, list) and cmd and all(isinstance(a, str) for a in cmd))):
-        raise ProtocolError("command body: 'cmd' must be a string or a list of strings")
+    if not ((isinstance(cmd, str) and cmd.strip())
+            or (isinstance(cmd, list) and cmd and all(isinstance(a, str) for a in cmd))):
+        raise ProtocolError("command body: 'cmd' must be a non-empty string or list of strings")
     env = d.get("env")
     if env is not None and not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
         raise ProtocolError("command body: 'env' must map strings to strings")
@@ -123,7 +124,9 @@ def decode_command_output(output: bytes) -> tuple[int, str, str, bool]:
         code, out, err, truncated = msgpack.unpackb(output)
     except Exception as exc:
         raise ProtocolError(f"malformed command output ({type(exc).__name__})") from None
-    return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), truncated
+    if type(code) is not int or type(out) is not bytes or type(err) is not bytes:
+        raise ProtocolError("malformed command output: expected [int, bytes, bytes, bool]")
+    return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), bool(truncated)
 
 
 # ---------------------------------------------------------------- python tasks
@@ -162,13 +165,17 @@ def pickle_function(fn: Any) -> bytes:
     return cloudpickle.dumps(fn)
 
 
+_PLAIN_TYPES = frozenset(_PLAIN)
+
+
 def _plain(obj: Any, depth: int = 0) -> bool:
     """True when the standard pickler can carry obj without cloudpickle's help."""
-    if isinstance(obj, _PLAIN):
+    if type(obj) in _PLAIN_TYPES:
         return True
-    if depth < 3 and isinstance(obj, (tuple, list)):
+    # Exact types only: a namedtuple or subclass may live where the executor cannot import it.
+    if depth < 3 and type(obj) in (tuple, list):
         return all(_plain(x, depth + 1) for x in obj)
-    if depth < 3 and isinstance(obj, dict):
+    if depth < 3 and type(obj) is dict:
         return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in obj.items())
     return False
 
@@ -176,7 +183,7 @@ def _plain(obj: Any, depth: int = 0) -> bool:
 def pickle_arguments(args: tuple, kwargs: dict) -> bytes:
     """Serialise call arguments; plain data takes the fast C pickler."""
     payload = (args, kwargs)
-    if _plain(args) and _plain(kwargs):
+    if _plain(args) and (not kwargs or _plain(kwargs)):
         return pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
     return cloudpickle.dumps(payload)
 
@@ -199,6 +206,8 @@ def decode_python(body: bytes) -> tuple[bytes, bytes]:
 
 def encode_python_value(value: Any) -> bytes:
     """Pickle a task's return value; raises if it cannot be pickled."""
+    if _plain(value):
+        return pickle.dumps(("ok", value), protocol=pickle.HIGHEST_PROTOCOL)
     return cloudpickle.dumps(("ok", value))
 
 
@@ -215,12 +224,15 @@ def encode_python_error(exc: BaseException, tb: str) -> bytes:
 def decode_python_output(output: bytes) -> Any:
     """Return the task's value or raise its exception with the remote traceback."""
     try:
-        tag, *rest = pickle.loads(output)
+        data = pickle.loads(output)
     except Exception as exc:
         raise ProtocolError(f"could not unpickle the task's result: {exc}") from exc
-    if tag == "ok":
-        return rest[0]
-    exc, tb = rest
+    if type(data) is tuple and len(data) == 2 and data[0] == "ok":
+        return data[1]
+    if not (type(data) is tuple and len(data) == 3 and data[0] == "err" and isinstance(data[2], str)
+            and (data[1] is None or isinstance(data[1], BaseException))):
+        raise ProtocolError("malformed python task output: expected ('ok', value) or ('err', exc, tb)")
+    _, exc, tb = data
     if exc is None:
         exc = RuntimeError("the task raised an exception that could not be pickled")
     exc.__cause__ = RemoteTraceback(tb)

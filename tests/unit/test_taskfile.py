@@ -109,11 +109,6 @@ def test_directory_is_refused(tmp_path):
         taskfile.read(str(tmp_path))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse uses str.splitlines, which also breaks at \\x0b \\x0c \\x1c-\\x1e \\x85 "
-    "\\u2028 \\u2029: one command becomes two and later line numbers shift",
-)
 @pytest.mark.parametrize("sep", ["\x0c", "\x85", "\u2028"], ids=["form-feed", "NEL", "LINE-SEPARATOR"])
 def test_only_newlines_end_a_line(sep):
     assert taskfile.parse(f"echo a{sep}b\necho c\n") == [TaskLine(1, f"echo a{sep}b"), TaskLine(2, "echo c")]
