@@ -77,7 +77,8 @@ class Slot:
         to_slot_r, to_slot_w = os.pipe()
         from_slot_r, from_slot_w = os.pipe()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "falconet.executor.slot", str(to_slot_r), str(from_slot_w)],
+            [sys.executable, "-m", "falconet.executor.slot", str(to_slot_r), str(from_slot_w),
+             str(os.getpid())],
             pass_fds=(to_slot_r, from_slot_w), stdin=subprocess.DEVNULL, start_new_session=True,
         )
         os.close(to_slot_r)
@@ -94,16 +95,20 @@ class Slot:
         self.rfd = self.wfd = -1
         if self.proc is None:
             return None
-        if kill:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if kill:  # SIGTERM first: the slot kills its running command's group, then exits
+            _signal_group(self.proc.pid, signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=None if kill else 5)
+            return self.proc.wait(timeout=1 if kill else 5)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            _signal_group(self.proc.pid, signal.SIGKILL)
             return self.proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
 
 
 class Executor:

@@ -80,9 +80,14 @@ def run_command(spec: tasks.CommandSpec, walltime_s: float) -> Outcome:
     except OSError as exc:
         msg = f"could not start the command: {exc}"
         return FAILED, tasks.encode_command_output(126, b"", msg.encode(), False), msg
-    deadline = time.monotonic() + walltime_s if walltime_s > 0 else None
-    out, err, truncated, timed_out = _communicate(proc, spec.stdin, spec.cap, deadline)
-    code = proc.wait()
+    global _running
+    _running = proc
+    try:
+        deadline = time.monotonic() + walltime_s if walltime_s > 0 else None
+        out, err, truncated, timed_out = _communicate(proc, spec.stdin, spec.cap, deadline)
+        code = proc.wait()
+    finally:
+        _running = None
     output = tasks.encode_command_output(code, out, err, truncated)
     if timed_out:
         return FAILED, output, f"wall time of {walltime_s:g}s exceeded; the command was killed"
@@ -133,6 +138,15 @@ def _communicate(proc: subprocess.Popen, stdin: bytes | None, cap: int,
                     truncated = True
                 buf += data[:max(room, 0)]
     return bytes(keep[proc.stdout]), bytes(keep[proc.stderr]), truncated, timed_out
+
+
+_running: subprocess.Popen | None = None  # the command this slot process is running now
+
+
+def kill_running_command() -> None:
+    """Kill the running command's process group (the slot is being stopped)."""
+    if _running is not None:
+        _kill_group(_running)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

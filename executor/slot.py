@@ -7,6 +7,8 @@ FLUSH_S old, so tiny tasks cost one pipe write per chunk rather than per task.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 import sys
 import time
@@ -37,9 +39,27 @@ def serve(rfd: int, wfd: int) -> None:
                 unsent = []
 
 
+def _die_with_parent(parent: int) -> None:
+    """Get SIGTERM when the executor dies, even by SIGKILL (Linux), and stop at once."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the slot still ends when its pipe closes, after its current chunk
+    if os.getppid() != parent:  # the executor died before prctl took effect
+        sys.exit(1)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    runner.kill_running_command()
+    os._exit(128 + signum)
+
+
 def main() -> None:
     # The executor decides when slots stop: Ctrl-C in its terminal must not kill tasks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _terminate)  # takes the running command's process group along
+    _die_with_parent(int(sys.argv[3]))
     serve(int(sys.argv[1]), int(sys.argv[2]))
 
 

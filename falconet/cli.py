@@ -92,18 +92,28 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, results:
         click.echo(f"{taskfile}: no tasks (every line is blank or a comment)", err=True)
         sys.exit(0)
     progress = None if quiet else sys.stderr
+    tally = runfile.Tally(len(lines))
     try:
         if dispatcher:
-            with Client(dispatcher, name="falconet-run") as client:
-                tally = runfile.run_tasks(client, lines, results=results, progress=progress,
-                                          retries=retries, walltime_s=walltime)
+            client = Client(dispatcher, name="falconet-run")
+            try:
+                runfile.run_tasks(client, lines, tally, results=results, progress=progress,
+                                  retries=retries, walltime_s=walltime)
+            except KeyboardInterrupt:
+                client.close(cancel=True)  # do not leave the rest queued on a shared dispatcher
+                raise
+            finally:
+                client.close()
         else:
             with local_cluster(slots=local_slots or os.cpu_count(), name="falconet-run") as client:
-                tally = runfile.run_tasks(client, lines, results=results, progress=progress,
-                                          retries=retries, walltime_s=walltime)
+                runfile.run_tasks(client, lines, tally, results=results, progress=progress,
+                                  retries=retries, walltime_s=walltime)
     except FalconetError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: {runfile.summary(tally)}", err=True)
+        sys.exit(130)
     click.echo(runfile.summary(tally), err=True)
     sys.exit(1 if tally.failed else 0)
 

@@ -215,11 +215,12 @@ class Client:
                     self._heard = time.monotonic()
                     self._receive(sock)
                 self._check_liveness(sock, time.monotonic())
+            self._send_waiting(sock)  # what was submitted or cancelled before close() goes out
         except Exception as exc:  # the thread's boundary: fail every waiter, do not hang them
             log.exception("the falconet client thread failed")
             self._fail_all(exc)
         finally:
-            sock.close(0)
+            sock.close(linger=1000)  # let those last messages reach a live dispatcher
 
     def _send_waiting(self, sock: zmq.Socket) -> None:
         with self._lock:
@@ -329,8 +330,15 @@ class Client:
 
     # ------------------------------------------------------------ closing
 
-    def close(self) -> None:
-        """Stop the I/O thread; tasks still queued at the dispatcher keep running there."""
+    def close(self, cancel: bool = False) -> None:
+        """Stop the I/O thread; with cancel, ask the dispatcher to drop the unfinished tasks.
+
+        Without cancel, tasks already submitted keep running at the dispatcher.
+        """
+        if cancel and not self._closed:
+            with self._lock:
+                self._cancels += [seq for seq, f in list(self._futures.items()) if not f.done()]
+                self._outbox = []
         if self._closed:
             return
         self._closed = True

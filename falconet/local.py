@@ -90,8 +90,8 @@ class LocalCluster:
     def __enter__(self) -> "LocalCluster":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.stop(timeout_s=2.0 if exc_type else 10.0)  # on an error or Ctrl-C, do not linger
 
 
 def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:
@@ -118,5 +118,8 @@ def local(slots: int | None = None, executors: int = 1, **client_options: Any) -
         client = Client(cluster.client_address, **client_options)
         try:
             yield client
+        except BaseException:
+            client.close(cancel=True)
+            raise
         finally:
             client.close()

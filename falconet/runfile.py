@@ -57,11 +57,10 @@ def record(fut: TaskFuture, line: TaskLine) -> dict:
     return rec
 
 
-def run_tasks(client: Client, lines: list[TaskLine], *, results: IO[str] | None = None,
+def run_tasks(client: Client, lines: list[TaskLine], tally: Tally, *, results: IO[str] | None = None,
               progress: IO[str] | None = sys.stderr, retries: int | None = None,
               walltime_s: float | None = None) -> Tally:
-    """Run every line as a shell command and wait for all of them."""
-    tally = Tally(len(lines))
+    """Run every line as a shell command and wait for all of them, counting into tally."""
     finished: queue.SimpleQueue = queue.SimpleQueue()
     futures = client.submit_commands([ln.command for ln in lines], retries=retries, walltime_s=walltime_s)
     for fut, line in zip(futures, lines):

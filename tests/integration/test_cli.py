@@ -99,3 +99,24 @@ def test_status_of_a_missing_dispatcher_is_one_clear_line():
 def test_dispatcher_refuses_a_public_address_without_insecure():
     res = falconet("dispatcher", "--host", "0.0.0.0", timeout=30)
     assert res.returncode == 1 and "--insecure" in res.stderr
+
+
+def test_ctrl_c_stops_a_local_run_and_leaves_no_process_behind(tmp_path):
+    import psutil
+    import signal
+
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("sleep 30\n" * 8)
+    proc = subprocess.Popen([*FALCONET, "run", str(tasks), "--local", "2"], stderr=subprocess.PIPE,
+                            text=True)
+    me = psutil.Process(proc.pid)
+    # dispatcher, executor and its two slots, each running a sleep
+    wait_until(lambda: sum(p.name() == "sleep" for p in me.children(recursive=True)) == 2,
+               what="two running sleeps")
+    family = me.children(recursive=True)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted: 8 tasks: 0 done" in err
+    wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family),
+               timeout_s=30, what="every child process to exit")
