@@ -14,8 +14,9 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from falconet import protocol as p
 from falconet.dispatcher import states

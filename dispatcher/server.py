@@ -12,7 +12,8 @@ import gc
 import ipaddress
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 

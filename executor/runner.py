@@ -11,7 +11,8 @@ import subprocess
 import time
 import traceback
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from falconet import tasks
 from falconet.errors import ProtocolError
@@ -23,7 +24,7 @@ _READ_CHUNK = 1 << 16
 Outcome = tuple[int, bytes, str]  # state, output, reason
 
 
-def run(kind: int, body: bytes, walltime_s: float, functions: "FunctionCache") -> Outcome:
+def run(kind: int, body: bytes, walltime_s: float, functions: FunctionCache) -> Outcome:
     """Run a task body; never raises for anything the task itself does."""
     try:
         if kind == TaskKind.COMMAND:
@@ -40,9 +41,7 @@ def run(kind: int, body: bytes, walltime_s: float, functions: "FunctionCache") -
 
 # Words the shell runs itself, or differently from the program of the same name.
 _SHELL_WORDS = frozenset(
-    ". : [ alias bg break cd chdir command continue echo eval exec exit export fc fg getopts hash "
-    "jobs kill local printf pwd read readonly return set shift test times trap type ulimit umask "
-    "unalias unset wait".split()
+    [".", ":", "[", "alias", "bg", "break", "cd", "chdir", "command", "continue", "echo", "eval", "exec", "exit", "export", "fc", "fg", "getopts", "hash", "jobs", "kill", "local", "printf", "pwd", "read", "readonly", "return", "set", "shift", "test", "times", "trap", "type", "ulimit", "umask", "unalias", "unset", "wait"]
 )
 _SHELL_CHARS = frozenset("|&;<>()$`\\\"' \t\n*?[]#~=%{}!")
 

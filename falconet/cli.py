@@ -13,7 +13,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -77,9 +78,10 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, results:
     Blank lines and lines starting with # are skipped.  Exits 0 when every task
     succeeded, 1 when any failed, 2 on a usage error.
     """
-    from falconet.local import local as local_cluster
-    from falconet import runfile, taskfile as tf
+    from falconet import runfile
+    from falconet import taskfile as tf
     from falconet.client import Client
+    from falconet.local import local as local_cluster
 
     if local_slots and dispatcher:
         raise click.UsageError("give either --local N or --dispatcher ADDR, not both")

@@ -16,7 +16,8 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import zmq
 
@@ -34,7 +35,7 @@ _DONE, _FAILED, _CANCELLED = int(p.TaskState.DONE), int(p.TaskState.FAILED), int
 class TaskFuture(cf.Future):
     """A Future for one task; ``info`` holds the dispatcher's record once it finished."""
 
-    def __init__(self, client: "Client", seq: int, kind: int, label: str = ""):
+    def __init__(self, client: Client, seq: int, kind: int, label: str = ""):
         super().__init__()
         self.seq = seq
         self.kind = kind
@@ -187,7 +188,7 @@ class Client:
             with self._lock:
                 self._status_waiters.pop(req, None)
 
-    def executor(self) -> "FalconetExecutor":
+    def executor(self) -> FalconetExecutor:
         """A concurrent.futures.Executor over this client."""
         return FalconetExecutor(self)
 
@@ -354,7 +355,7 @@ class Client:
         """Tasks submitted through this client that have no result yet."""
         return len(self._futures) + len(self._outbox)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -366,7 +367,7 @@ class FalconetExecutor(cf.Executor):
 
     def __init__(self, client: Client):
         self._client = client
-        self._futures: "weakref.WeakSet[TaskFuture]" = weakref.WeakSet()
+        self._futures: weakref.WeakSet[TaskFuture] = weakref.WeakSet()
         self._shutdown = False
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:

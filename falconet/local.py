@@ -14,7 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from falconet.client import Client
 from falconet.errors import FalconetError
@@ -39,7 +40,7 @@ class LocalCluster:
             raise
 
     def _spawn(self, name: str, args: list[str], stdout: int | None = None) -> subprocess.Popen:
-        log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
+        log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")  # noqa: SIM115 - handed to the child
         cmd = [sys.executable, "-m", "falconet", *args, "--parent-pid", str(os.getpid())]
         try:
             # Its own session: a Ctrl-C meant for this program must not kill the children
@@ -87,7 +88,7 @@ class LocalCluster:
         if self.dispatcher is not None and self.dispatcher.stdout:
             self.dispatcher.stdout.close()
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:

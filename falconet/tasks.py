@@ -19,8 +19,9 @@ import os
 import pickle
 import sys
 import sysconfig
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import cloudpickle
 import msgpack

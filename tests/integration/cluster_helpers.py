@@ -7,8 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -39,7 +39,7 @@ class Cluster:
         self.dispatcher: subprocess.Popen | None = None
 
     def _spawn(self, name: str, args: list[str], **kw) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "ab")
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
         proc = subprocess.Popen([sys.executable, "-m", "falconet", *args], stderr=log,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 stdout=kw.pop("stdout", log), **kw)

@@ -102,8 +102,9 @@ def test_dispatcher_refuses_a_public_address_without_insecure():
 
 
 def test_ctrl_c_stops_a_local_run_and_leaves_no_process_behind(tmp_path):
-    import psutil
     import signal
+
+    import psutil
 
     tasks = tmp_path / "tasks.txt"
     tasks.write_text("sleep 30\n" * 8)

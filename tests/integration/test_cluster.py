@@ -10,10 +10,10 @@ import time
 import msgpack
 import pytest
 import zmq
+from cluster_helpers import HEARTBEAT_TIMEOUT_S, wait_until
 
 import falconet
 from falconet import protocol as p
-from cluster_helpers import HEARTBEAT_TIMEOUT_S, wait_until
 
 
 def triple(x):

@@ -154,7 +154,7 @@ def test_every_registered_message_has_strategies():
     assert set(FIELDS) == registered
     assert {int(t) for t in p.MsgType} == set(p._REGISTRY)
     for tag, (cls, checks) in p._REGISTRY.items():
-        assert cls.TYPE == tag
+        assert tag == cls.TYPE
         assert len(FIELDS[cls]) == len(checks) == len(dataclasses.fields(cls))
         assert cls.__dataclass_params__.frozen and "__slots__" in cls.__dict__
 
