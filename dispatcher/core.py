@@ -254,7 +254,8 @@ class Core:
             ex = self.executors[peer] = ExecutorEntry(peer, msg, now, self.wall())
             log.info("executor %s registered: host %s, %d slots, addresses %s",
                      msg.executor_id, msg.hostname, msg.slots, ",".join(msg.addresses))
-        self._send_executor(ex, p.Registered(self.config.heartbeat_interval_s, self.config.heartbeat_timeout_s))
+        self._send_executor(ex, p.Registered(self.dispatcher_id, self.config.heartbeat_interval_s,
+                                             self.config.heartbeat_timeout_s))
 
     def _report(self, ex: ExecutorEntry, msg: p.Report, now: float) -> None:
         tasks = ex.tasks

@@ -132,6 +132,7 @@ class Executor:
         self.phase = Phase.ACTIVE
         self.exit_code = 0
         self.registered = False
+        self.session = ""  # the dispatcher_id of the dispatcher we registered with
         self.asked = 0
         self.started: list[tuple[int, int]] = []
         self.results: list[p.ExecResult] = []
@@ -210,6 +211,9 @@ class Executor:
             else:
                 self.queue.extend(msg.tasks)
         elif kind is p.Registered:
+            if self.session and msg.dispatcher_id != self.session:
+                self._abandon_previous_session()
+            self.session = msg.dispatcher_id
             if not self.registered:
                 log.info("registered with the dispatcher at %s", self.config.dispatcher)
             self.registered, self.asked, self.backoff_s = True, 0, 0.1
@@ -225,6 +229,22 @@ class Executor:
             self.exit_code, self.phase = 1, Phase.DONE
         elif kind is not p.Heartbeat:
             log.warning("ignored %s: not a message for executors", kind.__name__)
+
+    def _abandon_previous_session(self) -> None:
+        """A restarted dispatcher: its predecessor's tasks are not ours to finish.
+
+        The new dispatcher may hand out the same task ids, so a late result of the old run
+        could be taken for a new task's: drop what is queued and reported-not-yet, and
+        restart the slots still running old work.
+        """
+        busy = [s for s in self.slots if s.chunk]
+        n = len(self.queue) + len(self.results) + sum(len(s.chunk) for s in busy)
+        log.warning("the dispatcher restarted; abandoning %d tasks of its previous run", n)
+        self.queue.clear()
+        self.results.clear()
+        self.started.clear()
+        for slot in busy:
+            self._restart(slot, "abandoning a restarted dispatcher's work", kill=True)
 
     def _cancel(self, tids: set[int]) -> None:
         now = time.time()

@@ -24,7 +24,8 @@ Client::
 
 Executor::
 
-    Register -> Registered | Refused    (version checked here)
+    Register -> Registered | Refused    (version checked here; a new dispatcher_id in
+                                         Registered means a restarted dispatcher)
     Report(credit, started, results)    credit = how many *more* tasks it can take now
       <- Tasks(assignments)             never more than the credit granted
     Heartbeat  <->  Heartbeat           any message counts as a sign of life
@@ -400,10 +401,15 @@ class Bye:
     """The executor is leaving; every result it had has been sent."""
 
 
-@_message(MsgType.REGISTERED, _float, _float)
+@_message(MsgType.REGISTERED, _str, _float, _float)
 class Registered:
-    """The dispatcher accepts an executor and tells it the heartbeat rules."""
+    """The dispatcher accepts an executor and tells it the heartbeat rules.
 
+    dispatcher_id changes when the dispatcher restarts: an executor that sees a new one
+    abandons the work of the old one, whose task ids the new one may reuse.
+    """
+
+    dispatcher_id: str
     heartbeat_interval_s: float
     heartbeat_timeout_s: float
 

@@ -235,3 +235,23 @@ def test_a_frozen_executor_is_replaced_and_its_late_results_are_ignored(cluster)
         wait_until(lambda: client.status()["stale_results"] >= 1, what="its late result to arrive")
         assert client.status()["tasks"]["done"] == 3  # discarded, not counted twice
         assert client.submit(triple, 4).result(timeout=30) == 12
+
+
+def test_a_restarted_dispatcher_never_gets_its_predecessors_results(cluster):
+    """Task ids restart with the dispatcher: old work must not answer for new tasks."""
+    cport, eport = _free_port(), _free_port()
+    cluster.start_dispatcher(cport, eport)
+    cluster.start_executor("ex", 2)
+    old_client = cluster.client()
+    old = old_client.submit_commands(["sleep 1.5; echo OLD"] * 2)
+    wait_until(lambda: old_client.status()["tasks"]["running"] == 2, what="two old tasks running")
+    cluster.dispatcher.kill()
+    cluster.dispatcher.wait()
+    cluster.start_dispatcher(cport, eport)
+    with cluster.client() as client:
+        wait_until(lambda: cluster.registered(client) == {"ex"}, timeout_s=30, what="re-registration")
+        new = client.submit_commands([f"sleep 2; echo NEW-{i}" for i in range(2)])
+        assert [f.result(timeout=60).stdout for f in new] == ["NEW-0\n", "NEW-1\n"]
+    with pytest.raises(falconet.DispatcherUnavailable):
+        old[0].result(timeout=30)
+    old_client.close()
