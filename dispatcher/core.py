@@ -41,6 +41,7 @@ class Config:
     max_dispatch_batch: int = 2048  #: tasks in one Tasks message
     max_results_batch: int = 4096  #: results in one Results message
     rate_window_s: float = 10.0  #: window of the tasks/s figure
+    max_message_bytes: int = 256 << 20  #: ZeroMQ disconnects a peer that sends a larger one
 
 
 class Task:
@@ -175,7 +176,8 @@ class Core:
         client = self.clients.get(peer)
         if client is None:
             client = self.clients[peer] = ClientEntry(peer, msg.name)
-        limits = {"max_submit_batch": self.config.max_submit_batch}
+        limits = {"max_submit_batch": self.config.max_submit_batch,
+                  "max_message_bytes": self.config.max_message_bytes}
         self.to_clients.append((peer, p.Welcome(p.PROTOCOL_VERSION, self.dispatcher_id, limits)))
         if client.results:  # undelivered results of an earlier connection
             self._results_pending[peer] = client
@@ -255,7 +257,7 @@ class Core:
             log.info("executor %s registered: host %s, %d slots, addresses %s",
                      msg.executor_id, msg.hostname, msg.slots, ",".join(msg.addresses))
         self._send_executor(ex, p.Registered(self.dispatcher_id, self.config.heartbeat_interval_s,
-                                             self.config.heartbeat_timeout_s))
+                                             self.config.heartbeat_timeout_s, self.config.max_message_bytes))
 
     def _report(self, ex: ExecutorEntry, msg: p.Report, now: float) -> None:
         tasks = ex.tasks

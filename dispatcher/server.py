@@ -23,7 +23,6 @@ from falconet.errors import FalconetError, ProtocolError
 
 log = logging.getLogger("falconet.dispatcher")
 
-MAX_MESSAGE_BYTES = 256 << 20
 _RECV_PER_TURN = 20_000  # bound a turn so one busy port cannot starve the other
 
 
@@ -64,8 +63,7 @@ class Server:
     """Binds the client and executor ports and runs the event loop."""
 
     def __init__(self, host: str = "127.0.0.1", client_port: int = 0, executor_port: int = 0,
-                 config: Config = Config(), *, insecure: bool = False,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+                 config: Config = Config(), *, insecure: bool = False):
         if not is_loopback(host) and not insecure:
             raise BindRefused(
                 f"refusing to listen on {host} without authentication: CURVE keys are not "
@@ -79,8 +77,8 @@ class Server:
         # collection every 700 allocations makes the collector a large share of each turn.
         gc.set_threshold(100_000, 50, 1000)
         self.ctx = zmq.Context()
-        self.client_sock = self._router(host, client_port, max_message_bytes)
-        self.executor_sock = self._router(host, executor_port, max_message_bytes)
+        self.client_sock = self._router(host, client_port, config.max_message_bytes)
+        self.executor_sock = self._router(host, executor_port, config.max_message_bytes)
         self.client_address = self.client_sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.executor_address = self.executor_sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop = False

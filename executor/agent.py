@@ -138,6 +138,7 @@ class Executor:
         self.results: list[p.ExecResult] = []
         self.mean_s: float | None = None
         self.heartbeat_interval_s, self.heartbeat_timeout_s = 1.0, 10.0
+        self.max_message_bytes = 256 << 20
         now = time.monotonic()
         self.heard = self.spoke = self.last_busy = now
         self.next_register, self.backoff_s = now, 0.1
@@ -219,6 +220,7 @@ class Executor:
             self.registered, self.asked, self.backoff_s = True, 0, 0.1
             self.heartbeat_interval_s = msg.heartbeat_interval_s
             self.heartbeat_timeout_s = msg.heartbeat_timeout_s
+            self.max_message_bytes = msg.max_message_bytes
         elif kind is p.CancelTasks:
             self._cancel(set(msg.tids))
         elif kind is p.Reregister:
@@ -288,11 +290,31 @@ class Executor:
             return
         credit = self._credit_to_ask()
         while self.started or self.results or credit:
-            results = self.results[:MAX_REPORT]
-            if not self._send(p.Report(credit, self.started, results), now):
+            n = self._report_size()
+            if not self._send(p.Report(credit, self.started, self.results[:n]), now):
                 return
             self.asked += credit
-            self.started, self.results, credit = [], self.results[MAX_REPORT:], 0
+            self.started, self.results, credit = [], self.results[n:], 0
+
+    def _report_size(self) -> int:
+        """How many results fit one Report under the dispatcher's message limit.
+
+        A single result too large for any message is replaced by a failure saying so;
+        sent as it is, it would get this executor disconnected again and again.
+        """
+        budget = self.max_message_bytes // 2
+        size = 0
+        for i, r in enumerate(self.results[:MAX_REPORT]):
+            n = len(r.output) + len(r.reason) + 64
+            if n > budget:
+                why = (f"the result of {len(r.output)} bytes is larger than the dispatcher "
+                       f"accepts ({budget} bytes); return less, or write it to a file")
+                self.results[i] = r._replace(state=_FAILED, output=b"", reason=why)
+                n = len(why) + 64
+            if size + n > budget and i:
+                return i
+            size += n
+        return min(len(self.results), MAX_REPORT)
 
     def _credit_to_ask(self) -> int:
         if self.phase is not Phase.ACTIVE:

@@ -134,12 +134,15 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, results:
               help="Seconds between heartbeats to quiet executors.")
 @click.option("--heartbeat-timeout", type=click.FloatRange(min=0.05), default=10.0, show_envvar=True,
               help="Seconds of silence after which an executor is declared lost.")
+@click.option("--max-message-bytes", type=click.IntRange(min=65536), default=256 << 20, show_envvar=True,
+              help="Largest message taken from a peer; a peer that sends more is disconnected.")
 @click.option("--insecure", is_flag=True, show_envvar=True,
               help="Allow listening beyond loopback without authentication (loudly logged).")
 @log_level
 @parent_pid
 def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interval: float,
-               heartbeat_timeout: float, insecure: bool, log_level: str, parent_pid: int | None) -> None:
+               heartbeat_timeout: float, max_message_bytes: int, insecure: bool, log_level: str,
+               parent_pid: int | None) -> None:
     """Run a dispatcher; prints 'client: ADDR' and 'executor: ADDR', then serves."""
     from falconet.dispatcher import server
     from falconet.dispatcher.core import Config
@@ -147,7 +150,8 @@ def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interv
     _logging(log_level)
     if heartbeat_timeout <= heartbeat_interval:
         raise click.UsageError("--heartbeat-timeout must be longer than --heartbeat-interval")
-    config = Config(heartbeat_interval_s=heartbeat_interval, heartbeat_timeout_s=heartbeat_timeout)
+    config = Config(heartbeat_interval_s=heartbeat_interval, heartbeat_timeout_s=heartbeat_timeout,
+                    max_message_bytes=max_message_bytes)
     try:
         srv = server.Server(host, client_port, executor_port, config, insecure=insecure)
     except (server.BindRefused, OSError) as exc:

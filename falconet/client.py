@@ -82,6 +82,7 @@ class Client:
         self._closed = False
         self._welcome: cf.Future = cf.Future()
         self.max_batch = 10_000
+        self.max_message_bytes = 256 << 20
         self._ctx = zmq.Context()
         self._thread = threading.Thread(target=self._io_loop, name="falconet-client", daemon=True)
         self._thread.start()
@@ -96,6 +97,7 @@ class Client:
             self.close()
             raise
         self.max_batch = int(welcome.limits.get("max_submit_batch", self.max_batch))
+        self.max_message_bytes = int(welcome.limits.get("max_message_bytes", self.max_message_bytes))
 
     # ------------------------------------------------------------ submitting
 
@@ -229,9 +231,7 @@ class Client:
             control, self._control = self._control, []
             cancels, self._cancels = self._cancels, []
             self._awake = False
-        step = self.max_batch
-        for i in range(0, len(outbox), step):
-            part = outbox[i:i + step]
+        for part in self._batches(outbox):
             for spec, fut in part:
                 self._futures[spec.seq] = fut
             sock.send(p.encode(p.Submit(next(self._batch), [s for s, _ in part])))
@@ -239,6 +239,32 @@ class Client:
             control.append(p.Cancel(cancels))
         for msg in control:
             sock.send(p.encode(msg))
+
+    def _batches(self, outbox: list[tuple[p.TaskSpec, TaskFuture]]) -> Iterator[list]:
+        """Split the outbox under the dispatcher's count and size limits.
+
+        A task too large for any message fails here with the reason, rather than getting
+        this client disconnected by the dispatcher.
+        """
+        budget = self.max_message_bytes // 2  # room for msgpack framing of many records
+        part: list = []
+        size = 0
+        for spec, fut in outbox:
+            n = len(spec.body) + 64
+            if n > budget:
+                if fut.done():  # cancelled meanwhile
+                    continue
+                fut.set_exception(ValueError(
+                    f"task of {len(spec.body)} bytes is larger than the dispatcher accepts "
+                    f"({budget} bytes); pass large data through files or object storage"))
+                continue
+            if part and (len(part) >= self.max_batch or size + n > budget):
+                yield part
+                part, size = [], 0
+            part.append((spec, fut))
+            size += n
+        if part:
+            yield part
 
     def _receive(self, sock: zmq.Socket) -> None:
         while True:

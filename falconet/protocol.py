@@ -401,7 +401,7 @@ class Bye:
     """The executor is leaving; every result it had has been sent."""
 
 
-@_message(MsgType.REGISTERED, _str, _float, _float)
+@_message(MsgType.REGISTERED, _str, _float, _float, _int)
 class Registered:
     """The dispatcher accepts an executor and tells it the heartbeat rules.
 
@@ -412,6 +412,7 @@ class Registered:
     dispatcher_id: str
     heartbeat_interval_s: float
     heartbeat_timeout_s: float
+    max_message_bytes: int  #: the dispatcher disconnects an executor that sends more
 
 
 @_message(MsgType.TASKS, _list_of(_assignment))

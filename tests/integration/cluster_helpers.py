@@ -47,11 +47,11 @@ class Cluster:
         self.procs[name] = proc
         return proc
 
-    def start_dispatcher(self, client_port: int = 0, executor_port: int = 0) -> None:
+    def start_dispatcher(self, client_port: int = 0, executor_port: int = 0, extra: tuple = ()) -> None:
         self.dispatcher = self._spawn("dispatcher", [
             "dispatcher", "--client-port", str(client_port), "--executor-port", str(executor_port),
             "--heartbeat-interval", str(HEARTBEAT_INTERVAL_S),
-            "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S), "--log-level", "debug",
+            "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S), "--log-level", "debug", *extra,
         ], stdout=subprocess.PIPE)
         lines = [self.dispatcher.stdout.readline().decode().strip() for _ in range(2)]
         found = dict(line.split(": ", 1) for line in lines if ": " in line)

@@ -255,3 +255,28 @@ def test_a_restarted_dispatcher_never_gets_its_predecessors_results(cluster):
     with pytest.raises(falconet.DispatcherUnavailable):
         old[0].result(timeout=30)
     old_client.close()
+
+
+def big(n):
+    return b"x" * n
+
+
+def test_oversized_tasks_results_and_frames_get_a_clear_error(cluster):
+    cluster.start_dispatcher(extra=["--max-message-bytes", str(1 << 20)])
+    cluster.start_executor("ex", 2)
+    with cluster.client() as client:
+        with pytest.raises(ValueError, match="larger than the dispatcher accepts"):
+            client.submit(len, b"y" * (2 << 20)).result(timeout=30)
+        with pytest.raises(falconet.TaskError, match="larger than the dispatcher accepts"):
+            client.submit(big, 2 << 20).result(timeout=30)
+        many = [client.submit(big, 100_000) for _ in range(40)]  # 4 MB: several Reports
+        assert all(len(f.result(timeout=60)) == 100_000 for f in many)
+        ctx = zmq.Context()
+        rogue = ctx.socket(zmq.DEALER)
+        rogue.setsockopt(zmq.LINGER, 0)
+        rogue.connect(cluster.client_address)
+        rogue.send(b"z" * (3 << 20))  # ZeroMQ cuts this peer off
+        rogue.close()
+        ctx.term()
+        assert client.submit(big, 10).result(timeout=30) == b"x" * 10
+    assert cluster.dispatcher.poll() is None
