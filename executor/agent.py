@@ -213,7 +213,7 @@ class Executor:
                 self.queue.extend(msg.tasks)
         elif kind is p.Registered:
             if self.session and msg.dispatcher_id != self.session:
-                self._abandon_previous_session()
+                self._abandon_work("the dispatcher restarted")
             self.session = msg.dispatcher_id
             if not self.registered:
                 log.info("registered with the dispatcher at %s", self.config.dispatcher)
@@ -225,6 +225,7 @@ class Executor:
             self._cancel(set(msg.tids))
         elif kind is p.Reregister:
             log.info("dispatcher asks to register again: %s", msg.reason)
+            self._abandon_work("the dispatcher no longer counts this executor's tasks as ours")
             self.registered, self.next_register = False, now
         elif kind is p.Refused:
             log.error("the dispatcher refused this executor: %s", msg.reason)
@@ -232,16 +233,19 @@ class Executor:
         elif kind is not p.Heartbeat:
             log.warning("ignored %s: not a message for executors", kind.__name__)
 
-    def _abandon_previous_session(self) -> None:
-        """A restarted dispatcher: its predecessor's tasks are not ours to finish.
+    def _abandon_work(self, why: str) -> None:
+        """Drop every task held: the dispatcher has requeued them, or forgotten them.
 
-        The new dispatcher may hand out the same task ids, so a late result of the old run
-        could be taken for a new task's: drop what is queued and reported-not-yet, and
-        restart the slots still running old work.
+        Reregister means we were declared lost (our tasks run elsewhere now); a new
+        dispatcher_id means a restart, and the new dispatcher may reuse task ids, so a late
+        result of the old run could be taken for a new task's.  Queued tasks and unsent
+        results are dropped and the slots still running such work are restarted.
         """
         busy = [s for s in self.slots if s.chunk]
         n = len(self.queue) + len(self.results) + sum(len(s.chunk) for s in busy)
-        log.warning("the dispatcher restarted; abandoning %d tasks of its previous run", n)
+        if not n:
+            return
+        log.warning("%s; abandoning the %d tasks held", why, n)
         self.queue.clear()
         self.results.clear()
         self.started.clear()
