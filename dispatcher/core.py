@@ -267,6 +267,7 @@ class Core:
                 self._move(t, _RUNNING)
         if msg.results:
             eid = ex.info.executor_id
+            accepted = 0
             for r in msg.results:
                 t = tasks.get(r.tid)
                 if t is None or t.attempt != r.attempt:
@@ -277,8 +278,9 @@ class Core:
                 if state not in _FINAL:
                     state, reason = _FAILED, f"executor reported invalid state {state}"
                 self._finish(t, state, r.output, reason, eid, r.started, r.finished)
-            ex.completed += len(msg.results)
-            self._done_times.append((now, len(msg.results)))
+                accepted += 1
+            ex.completed += accepted
+            self._done_times.append((now, accepted))
         if msg.credit > 0 and ex.state is ExecutorState.ACTIVE:
             ex.credit += msg.credit
             self.ready[ex.peer] = ex
@@ -358,7 +360,8 @@ class Core:
         if not queue or not ready:
             return
         total = sum(ex.credit for ex in ready.values())
-        short = len(queue) < total
+        queued = len(queue)  # shares are of the work there was when this turn began
+        short = queued < total
         limit = self.config.max_dispatch_batch
         wall = self.wall()
         for ex in list(ready.values()):
@@ -366,7 +369,7 @@ class Core:
                 break
             n = ex.credit
             if short:
-                n = min(n, math.ceil(len(queue) * ex.credit / total))
+                n = min(n, math.ceil(queued * ex.credit / total))
             batch = self._take(ex, min(n, limit), wall)
             del ready[ex.peer]
             if ex.credit > 0:

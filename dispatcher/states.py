@@ -9,11 +9,12 @@ DONE, FAILED, CANCELLED = TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED
 
 #: state -> the states it may move to.  DISPATCHED may finish directly because an
 #: executor may report a task's start and its end in the same batch; DISPATCHED and
-#: RUNNING go back to PENDING when their executor is lost or hands them back.
+#: RUNNING go back to PENDING when their executor is lost or hands them back; an executor
+#: may cancel a task it runs.
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     P: frozenset({D, FAILED, CANCELLED}),
     D: frozenset({R, P, DONE, FAILED, CANCELLED}),
-    R: frozenset({P, DONE, FAILED}),
+    R: frozenset({P, DONE, FAILED, CANCELLED}),
     DONE: frozenset(),
     FAILED: frozenset(),
     CANCELLED: frozenset(),

@@ -3,8 +3,9 @@
 The machine plays clients and executors against one :class:`Core`, with an injected wall
 clock and a monotonic ``now`` that only the ``tick`` rule moves.  It keeps its own model of
 every task (who holds which attempt, per the ``Tasks`` messages the core sent) and of every
-executor (registered or not, draining, outstanding credit, last sign of life), predicts every
-message the core must send, and after each step compares the model with the core.
+executor (registered or not, draining, outstanding credit, last sign of life), and the order
+of the queue (submissions at the back, returned and lost work at the front).  It predicts
+every message the core must send, and after each step compares the model with the core.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ CONFIG = Config(heartbeat_interval_s=1.0, heartbeat_timeout_s=10.0, max_dispatch
 WALL0 = 1_700_000_000.0
 PENDING, DISPATCHED, RUNNING = int(TaskState.PENDING), int(TaskState.DISPATCHED), int(TaskState.RUNNING)
 DONE, FAILED, CANCELLED = int(TaskState.DONE), int(TaskState.FAILED), int(TaskState.CANCELLED)
-LIVE = (PENDING, DISPATCHED, RUNNING)
 UNKNOWN_SEQ = 10**6  # a seq no client ever uses
 
 KINDS = st.sampled_from([1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 9])  # mostly valid; 0 and 9 are not task kinds
@@ -75,6 +75,7 @@ class MExec:
     draining: bool = False
     credit: int = 0  # granted minus received
     last_seen: float = 0.0
+    holding: dict = field(default_factory=dict)  # tid -> MTask, in the order the core assigned them
     old: set = field(default_factory=set)  # (tid, attempt) it ran once that are no longer current
 
 
@@ -90,6 +91,8 @@ class CoreMachine(RuleBasedStateMachine):
         self.tasks: dict[tuple[bytes, int], MTask] = {}
         self.by_body: dict[bytes, MTask] = {}
         self.by_tid: dict[int, MTask] = {}
+        self.queue: list[MTask] = []  # queued tasks, in the order the core must hand them out
+        self.registry: list[bytes] = []  # registered executors, in the core's order
         self.next_seq: collections.Counter = collections.Counter()
         self.next_batch = 0
         self.next_req = 0
@@ -105,28 +108,40 @@ class CoreMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ model helpers
 
     def held(self, ex: MExec) -> list[MTask]:
-        return sorted((t for t in self.tasks.values() if t.holder == ex.peer), key=lambda t: t.tid)
+        return list(ex.holding.values())
 
     def pending(self) -> list[MTask]:
-        return [t for t in self.tasks.values() if t.live and t.holder is None]
+        return self.queue
 
     def known(self) -> list[MExec]:
-        return [e for e in self.execs if e.known]
+        return [self.exec_by_peer(peer) for peer in self.registry]
 
-    def release(self, ex: MExec, t: MTask) -> None:
-        """The task leaves ex without a loss: it goes back to the queue."""
+    def let_go(self, ex: MExec, t: MTask) -> None:
+        """The attempt ex held is over (finished, returned or lost); a repeat of it is stale."""
+        del ex.holding[t.tid]
         ex.old.add((t.tid, t.attempt))
         t.holder, t.started = None, False
 
-    def lose(self, ex: MExec) -> None:
-        """The core declares ex lost: its tasks cost a retry each."""
+    def requeue(self, ex: MExec, t: MTask) -> None:
+        """The task leaves ex without a loss: it goes to the front of the queue."""
+        self.let_go(ex, t)
+        self.queue.insert(0, t)
+
+    def forget(self, ex: MExec) -> None:
         ex.known, ex.draining, ex.credit = False, False, 0
+        self.registry.remove(ex.peer)
+
+    def lose(self, ex: MExec) -> None:
+        """The core declares ex lost: its tasks cost a retry each, and fail past the limit."""
+        self.forget(ex)
         self.lost += 1
         for t in self.held(ex):
-            self.release(ex, t)
+            self.let_go(ex, t)
             t.losses += 1
             if t.losses > t.spec.retries:
                 t.expect = Expect(FAILED, "", t.attempt, "lost")
+            else:
+                self.queue.insert(0, t)
 
     def expect_reregister(self, ex: MExec) -> list:
         return [] if ex.known else [(ex.peer, p.Reregister)]
@@ -168,6 +183,13 @@ class CoreMachine(RuleBasedStateMachine):
         missing = [(t.client, t.spec.seq) for t in self.tasks.values() if t.expect is not None]
         assert not missing, f"results expected but not sent: {missing}"
         return tasks_msgs
+
+    def pick_exec(self, data) -> MExec:
+        """Any executor, but mostly one that holds tasks when there is one: that is where bugs hide."""
+        busy = self._held_by_known()
+        if busy and data.draw(st.integers(0, 3)) != 0:
+            return data.draw(st.sampled_from(busy))
+        return data.draw(st.sampled_from(self.execs))
 
     def exec_by_peer(self, peer: bytes) -> MExec:
         return next(e for e in self.execs if e.peer == peer)
@@ -212,6 +234,8 @@ class CoreMachine(RuleBasedStateMachine):
         for a in msg.tasks:
             t = self.by_body[a.body]
             assert t.live and t.holder is None, f"dispatched a task that is not queued: {a}"
+            assert self.queue[0] is t, f"dispatched {a.body!r} before {self.queue[0].spec.body!r}"
+            del self.queue[0]
             assert a.attempt == t.attempt + 1, (a, t.attempt)
             assert (a.kind, a.walltime_s) == (t.spec.kind, t.spec.walltime_s)
             if t.tid is None:
@@ -220,13 +244,14 @@ class CoreMachine(RuleBasedStateMachine):
                 self.by_tid[a.tid] = t
             assert a.tid == t.tid
             t.attempt, t.holder, t.started = a.attempt, peer, False
+            ex.holding[a.tid] = t
 
     def check_status(self, info: dict, detail: bool) -> None:
         assert info["queued"] == len(self.pending())
         assert info["executors"] == len(self.known())
         assert info["stale_results"] == self.stale
         assert info["lost_executors"] == self.lost
-        assert info["busy"] == sum(len(self.held(e)) for e in self.known())
+        assert info["busy"] == sum(len(e.holding) for e in self.known())
         assert ("executor_table" in info) == detail
 
     # ------------------------------------------------------------ setup
@@ -253,8 +278,9 @@ class CoreMachine(RuleBasedStateMachine):
     def first_batches(self, data):
         """Each client starts with some valid work, so executors have something to hold."""
         self.clean = False
+        valid = st.tuples(st.sampled_from([1, 2]), st.integers(0, 2), st.just(0.0))
         for client in self.clients:
-            self.submit_batch(client, data.draw(st.lists(st.just((1, 0, 0.0)), max_size=6)))
+            self.submit_batch(client, data.draw(st.lists(valid, max_size=6)))
 
     def send_register(self, ex: MExec, slots: int, holding: list, version=p.PROTOCOL_VERSION) -> None:
         msg = p.Register(version, ex.eid, f"host-{ex.eid}", ["10.0.0.1", "fe80::1"], 4, 1 << 30,
@@ -266,7 +292,9 @@ class CoreMachine(RuleBasedStateMachine):
             kept = {tid for tid, _ in holding}
             for t in self.held(ex):
                 if t.tid not in kept:
-                    self.release(ex, t)
+                    self.requeue(ex, t)
+        else:
+            self.registry.append(ex.peer)
         ex.known, ex.draining, ex.credit, ex.slots, ex.last_seen = True, False, 0, slots, self.now
 
     # ------------------------------------------------------------ client rules
@@ -290,6 +318,8 @@ class CoreMachine(RuleBasedStateMachine):
                 t.expect = Expect(FAILED, "", 0, "retries")
             self.tasks[(client, seq)] = t
             self.by_body[spec.body] = t
+            if t.valid:
+                self.queue.append(t)
             batch.append(spec)
         self.next_batch += 1
         self.expected_accepts.append((client, self.next_batch, len(batch)))
@@ -301,7 +331,10 @@ class CoreMachine(RuleBasedStateMachine):
         self.clean = False
         client = data.draw(st.sampled_from(self.clients))
         mine = [seq for (c, seq) in self.tasks if c == client]
-        seqs = set(data.draw(st.lists(st.sampled_from(mine), max_size=4))) if mine else set()
+        busy = [seq for seq in mine if self.tasks[(client, seq)].holder is not None]
+        seqs = set(data.draw(st.lists(st.sampled_from(mine), max_size=3))) if mine else set()
+        if busy:  # held tasks are the interesting ones: started or not decides what happens
+            seqs |= set(data.draw(st.lists(st.sampled_from(busy), max_size=3)))
         if data.draw(st.booleans()):
             seqs.add(UNKNOWN_SEQ)
         cancels: dict[bytes, list[int]] = {}
@@ -311,6 +344,7 @@ class CoreMachine(RuleBasedStateMachine):
                 continue
             if t.holder is None:
                 t.expect = Expect(CANCELLED, "", t.attempt, "cancelled")
+                self.queue.remove(t)
             elif not t.started:
                 cancels.setdefault(t.holder, []).append(t.tid)
         for tids in cancels.values():
@@ -333,7 +367,7 @@ class CoreMachine(RuleBasedStateMachine):
     def register(self, data, slots, bad_version, credit):
         """(Re-)register, saying which of its tasks it still holds, then ask for work."""
         self.clean = False
-        ex = data.draw(st.sampled_from(self.execs))
+        ex = self.pick_exec(data)
         held = [(t.tid, t.attempt) for t in self.held(ex)]
         holding = data.draw(st.lists(st.sampled_from(held), unique=True)) if held else []
         current = {tid for tid, _ in held}
@@ -385,10 +419,10 @@ class CoreMachine(RuleBasedStateMachine):
         peer, msg = data.draw(st.sampled_from(sent))
         ex = self.exec_by_peer(peer)
         for a in msg.tasks:  # never arrived: no attempt made, no retry spent
-            t = self.by_tid[a.tid]
-            if t.holder == peer and t.attempt == a.attempt:
-                t.attempt -= 1
-                t.holder, t.started = None, False
+            t = ex.holding.pop(a.tid)
+            t.attempt -= 1
+            t.holder, t.started = None, False
+            self.queue.insert(0, t)
         self.lose(ex)
         self.core.executor_unreachable(peer, msg)
         self.pump()
@@ -404,7 +438,9 @@ class CoreMachine(RuleBasedStateMachine):
         fresh = [t for t in self.held(ex) if not t.started]
         chosen = data.draw(st.lists(st.sampled_from(fresh), unique_by=lambda t: t.tid, min_size=1))
         started = [(t.tid, t.attempt) for t in chosen]
-        started.append((chosen[0].tid, chosen[0].attempt + 5))  # a wrong attempt: ignored
+        others = [t for t in fresh if t not in chosen]
+        if others:  # the wrong attempt of a task it holds but does not start: ignored
+            started.insert(data.draw(st.integers(0, len(started))), (others[0].tid, others[0].attempt + 5))
         for t in chosen:
             t.started = True
         self.touch(ex)
@@ -430,8 +466,7 @@ class CoreMachine(RuleBasedStateMachine):
                                WALL0 + self.now - 1.0, WALL0 + self.now)
             results.append(rec)
             t.expect = Expect(state, ex.eid, t.attempt, reason, rec)
-            ex.old.add((t.tid, t.attempt))  # a repeat of this result would be stale
-            t.holder = None
+            self.let_go(ex, t)
         credit = max(0, len(results) + extra)  # mostly the slots the results freed
         self.touch(ex)
         if not ex.draining:
@@ -474,7 +509,7 @@ class CoreMachine(RuleBasedStateMachine):
     def drain(self, data):
         """Take no more work, handing back tasks never started (plus one wrong attempt, ignored)."""
         self.clean = False
-        ex = data.draw(st.sampled_from(self.execs))
+        ex = self.pick_exec(data)
         fresh = [t for t in self.held(ex) if not t.started]
         returned = data.draw(st.lists(st.sampled_from(fresh), unique_by=lambda t: t.tid)) if fresh else []
         pairs = [(t.tid, t.attempt) for t in returned]
@@ -485,7 +520,7 @@ class CoreMachine(RuleBasedStateMachine):
         if ex.known:
             ex.draining, ex.credit = True, 0
             for t in returned:
-                self.release(ex, t)
+                self.requeue(ex, t)
         self.core.on_executor(ex.peer, p.Drain(pairs), self.now)
         self.pump(expect)
 
@@ -493,15 +528,15 @@ class CoreMachine(RuleBasedStateMachine):
     def bye(self, data):
         """The executor leaves; whatever it still held goes back without costing a retry."""
         self.clean = False
-        ex = data.draw(st.sampled_from(self.execs))
+        ex = self.pick_exec(data)
         if ex.known:
             for t in self.held(ex):
-                self.release(ex, t)
-            ex.known, ex.draining, ex.credit = False, False, 0
+                self.requeue(ex, t)
+            self.forget(ex)
         self.core.on_executor(ex.peer, p.Bye(), self.now)
         self.pump()
 
-    @rule(dt=st.sampled_from([0.0, 0.5, 0.5, 1.0, 1.0, 2.5, 10.5]))
+    @rule(dt=st.sampled_from([0.0, 0.5, 0.5, 1.0, 1.0, 2.5, 10.0, 10.5]))  # 10.0: exactly the timeout
     def tick(self, dt):
         """Time passes; executors silent for longer than the timeout are lost."""
         self.clean = False
@@ -536,8 +571,7 @@ class CoreMachine(RuleBasedStateMachine):
                     rec = p.ExecResult(t.tid, t.attempt, DONE, b"", "", WALL0, WALL0 + self.now)
                     results.append(rec)
                     t.expect = Expect(DONE, ex.eid, t.attempt, "", rec)
-                    ex.old.add((t.tid, t.attempt))
-                    t.holder = None
+                    self.let_go(ex, t)
                 credit = 0 if ex.draining else ex.slots
                 ex.credit += credit
                 ex.last_seen = self.now
@@ -553,6 +587,8 @@ class CoreMachine(RuleBasedStateMachine):
     @invariant()
     def model_matches_core(self):
         core = self.core
+        queued = [(t.client.peer, t.seq) for t in core.queue if t.state == PENDING]
+        assert queued == [(t.client, t.spec.seq) for t in self.queue], "queue order differs"
         places: dict[tuple[bytes, int], list] = collections.defaultdict(list)
         for t in core.queue:
             if t.state == PENDING:
@@ -602,9 +638,10 @@ class CoreMachine(RuleBasedStateMachine):
 
     def check_executors(self) -> None:
         core = self.core
-        assert set(core.executors) == {e.peer for e in self.known()}
+        assert list(core.executors) == self.registry
         for ex in self.known():
             entry = core.executors[ex.peer]
+            assert list(entry.tasks) == list(ex.holding)
             assert entry.credit == ex.credit, (ex.peer, entry.credit, ex.credit)
             assert (entry.state is ExecutorState.DRAINING) == ex.draining
             assert entry.last_seen == ex.last_seen
@@ -618,5 +655,5 @@ class CoreMachine(RuleBasedStateMachine):
             self.complete()
 
 
-CoreMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
+CoreMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
 TestCoreMachine = CoreMachine.TestCase
