@@ -38,6 +38,7 @@ BACKLOG_WORK_S = 0.01  # work held locally beyond the slots
 MAX_CHUNK = 64
 MAX_BACKLOG = 1024
 MAX_REPORT = 4096  # results per Report message
+PIPELINE_BELOW_S = 0.5  # mean task time under which slots get their next chunk early
 COMMAND_GRACE_S = 5.0  # a command's own slot enforces its wall time; this is the backstop
 
 
@@ -379,10 +380,14 @@ class Executor:
 
     def _feed_slots(self, now: float) -> None:
         queue = self.queue
+        # Short tasks: hand a slot its next chunk while it runs its last task, so it never
+        # waits for this loop between tasks.  Long ones: a slot takes work only when free,
+        # so work is not tied to a busy slot while another frees up.
+        pipeline = self.mean_s is not None and self.mean_s < PIPELINE_BELOW_S
         for slot in self.slots:
             if not queue:
                 return
-            if slot.chunk:
+            if slot.chunk and not (pipeline and len(slot.chunk) == 1):
                 continue
             size = self._chunk_size()
             chunk = [queue.popleft()]
@@ -395,8 +400,9 @@ class Executor:
                 queue.extendleft(reversed(chunk))
                 self._restart(slot, "its pipe broke")
                 continue
-            slot.chunk = {a.tid: a for a in chunk}
-            slot.sent_at = now
+            if not slot.chunk:
+                slot.sent_at = now
+            slot.chunk.update((a.tid, a) for a in chunk)
             self.started += [(a.tid, a.attempt) for a in chunk]
 
     def _on_slot(self, slot: Slot, now: float) -> None:

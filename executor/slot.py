@@ -1,8 +1,9 @@
 """A slot: one child process of an executor that runs tasks one after another.
 
 It reads chunks of assignments from one pipe and writes result frames to another.  Results
-of a chunk are sent together when the chunk ends, or as soon as the oldest unsent one is
-FLUSH_S old, so tiny tasks cost one pipe write per chunk rather than per task.
+of a chunk are sent together when the chunk ends, after any task that took FLUSH_S or more,
+or as soon as the oldest unsent one is FLUSH_S old, so tiny tasks cost one pipe write per
+chunk rather than per task and long ones are reported the moment they end.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def serve(rfd: int, wfd: int) -> None:
             if not unsent:
                 oldest = time.monotonic()
             unsent.append([tid, attempt, state, output, reason, started, finished])
-            if i == len(chunk) - 1 or time.monotonic() - oldest >= FLUSH_S:
+            # A long task's result goes at once; short ones share a write.
+            if i == len(chunk) - 1 or finished - started >= FLUSH_S or time.monotonic() - oldest >= FLUSH_S:
                 pipes.write_frame(wfd, unsent)
                 unsent = []
 

@@ -198,6 +198,28 @@ def executor(dispatcher: str, slots: int | None, idle_timeout: float, prefetch: 
     sys.exit(ex.run())
 
 
+# ---------------------------------------------------------------- benchmarks
+
+
+@main.command()
+@click.option("--quick", is_flag=True, show_envvar=True,
+              help="Small sizes: a smoke test in under two minutes, not figures to quote.")
+@click.option("--out", "out_dir", default="bench-results", show_default=True, show_envvar=True,
+              type=click.Path(file_okay=False), help="Folder for results.json, summary.txt and plots.")
+@click.option("--only", multiple=True, show_envvar=True,
+              type=click.Choice(["throughput", "sleep", "latency", "dispatch", "memory", "scale", "peers"]),
+              help="Run only these workloads (repeatable).")
+def bench(quick: bool, out_dir: str, only: tuple[str, ...]) -> None:
+    """Measure throughput, efficiency, latency, the dispatcher's ceiling, memory and scale.
+
+    Peers (ProcessPoolExecutor, and Parsl and Dask when installed: pip install
+    'falconet[peers]') run the same workloads in the same run; plots need 'falconet[bench]'.
+    """
+    from falconet.benchmarks import harness
+
+    harness.main(quick, out_dir, only)
+
+
 # ---------------------------------------------------------------- queries
 
 

@@ -1,0 +1,1 @@
+"""falconet's benchmark harness (``falconet bench``): throughput, latency, memory, scale, peers."""

@@ -1,0 +1,362 @@
+"""`falconet bench`: every workload of the harness, a table, JSON and plots.
+
+Each figure is the median of several repetitions, kept with its min and max.  Start-up
+(clusters, pools, peers) is excluded from throughput and reported apart.  Targets are
+ratios measured in the same run, never absolute timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import falconet
+
+
+def noop(x):
+    return x
+
+
+def nap(ms):
+    time.sleep(ms / 1000)
+    return ms
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run: --quick is a smoke test, the full run the published figures."""
+
+    repeat: int
+    fn_tasks: int
+    cmd_tasks: int
+    sleep_ms: tuple[float, ...]
+    sleep_slots: tuple[int, ...]
+    sleep_work_s: float  # ideal duration of each sleep run
+    latency_tasks: int
+    dispatch_tasks: int
+    dispatch_executors: tuple[int, ...]
+    memory_tasks: int
+    scale_executors: tuple[int, ...]
+    scale_tasks: int
+    peer_fn_tasks: int
+    peer_cmd_tasks: int
+
+
+QUICK = Plan(3, 3000, 300, (10.0,), (2,), 1.0, 200, 50_000, (1, 10), 100_000, (1000,), 20_000, 1000, 200)
+FULL = Plan(3, 20_000, 2000, (1.0, 10.0, 100.0), (1, 2, 4), 2.0, 2000, 500_000, (1, 10, 100),
+            1_000_000, (1000, 10_000), 200_000, 5000, 1000)
+
+
+def stats(values: list[float]) -> dict:
+    """median, min, max and the raw values."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def repeat(n: int, fn: Callable[[], float]) -> dict:
+    return stats([fn() for _ in range(n)])
+
+
+def rate(count: int, run: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    run()
+    return count / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- falconet through the API
+
+
+def falconet_throughput(plan: Plan, slots: int = 2) -> dict:
+    """noop-fn and true-cmd through falconet.local(slots)."""
+    t0 = time.perf_counter()
+    with falconet.local(slots=slots) as client:
+        client.submit(noop, 0).result()
+        startup = time.perf_counter() - t0
+        list(client.map(noop, range(2000)))  # warm: slots loaded, prefetch sized
+        fn = repeat(plan.repeat, lambda: rate(plan.fn_tasks, lambda: list(client.map(noop, range(plan.fn_tasks)))))
+        cmds = ["/bin/true"] * plan.cmd_tasks
+        cmd = repeat(plan.repeat, lambda: rate(plan.cmd_tasks, lambda: [f.result() for f in client.submit_commands(cmds)]))
+    return {"startup_s": startup, "noop-fn": fn, "true-cmd": cmd}
+
+
+def sleep_efficiency(plan: Plan) -> list[dict]:
+    """Efficiency = ideal time / actual time for tasks of D ms on W slots (Falkon's plot)."""
+    rows = []
+    for slots in plan.sleep_slots:
+        with falconet.local(slots=slots) as client:
+            list(client.map(nap, [1] * (4 * slots)))
+            for ms in plan.sleep_ms:
+                n = max(4 * slots, int(plan.sleep_work_s * slots * 1000 / ms))
+                ideal = n * ms / 1000 / slots
+
+                def one(n=n, ms=ms, ideal=ideal) -> float:
+                    t0 = time.perf_counter()
+                    list(client.map(nap, [ms] * n))
+                    return ideal / (time.perf_counter() - t0)
+
+                rows.append({"slots": slots, "ms": ms, "tasks": n, "efficiency": repeat(plan.repeat, one)})
+    return rows
+
+
+def latency(plan: Plan) -> dict:
+    """One task at a time: submit to result, in milliseconds."""
+    with falconet.local(slots=1) as client:
+        for i in range(50):
+            client.submit(noop, i).result()
+        times = []
+        for i in range(plan.latency_tasks):
+            t0 = time.perf_counter()
+            client.submit(noop, i).result()
+            times.append((time.perf_counter() - t0) * 1000)
+    times.sort()
+    return {"p50_ms": times[len(times) // 2], "p99_ms": times[int(len(times) * 0.99)],
+            "max_ms": times[-1], "tasks": len(times)}
+
+
+# ---------------------------------------------------------------- peers
+
+
+def peers(plan: Plan, slots: int = 2) -> dict:
+    """The same workloads on whichever peer systems are installed."""
+    from falconet.benchmarks import peers as peer_mod
+
+    found = peer_mod.available()
+    out: dict[str, Any] = {}
+    for name in peer_mod.SYSTEMS:
+        if name not in found:
+            continue
+        runner = peer_mod.open_system(name, slots)
+        try:
+            n_sleep = max(4 * slots, int(plan.sleep_work_s * slots * 1000 / 10))
+            ideal = n_sleep * 0.01 / slots
+            out[name] = {
+                "version": found[name], "startup_s": runner.startup_s,
+                "noop-fn": repeat(plan.repeat, lambda: plan.peer_fn_tasks / runner.run("noop-fn", plan.peer_fn_tasks)),
+                "true-cmd": repeat(plan.repeat, lambda: plan.peer_cmd_tasks / runner.run("true-cmd", plan.peer_cmd_tasks)),
+                "sleep-10ms-efficiency": repeat(plan.repeat, lambda: ideal / runner.run("sleep", n_sleep, 10.0)),
+            }
+        finally:
+            runner.close()
+    return out
+
+
+# ---------------------------------------------------------------- the run
+
+
+def machine() -> dict:
+    versions = {}
+    for dist in ("falconet", "pyzmq", "msgpack", "cloudpickle", "parsl", "dask", "distributed"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"node": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+WORKLOADS = ("throughput", "sleep", "latency", "dispatch", "memory", "scale", "peers")
+
+
+def run(quick: bool = False, only: tuple[str, ...] = (), log: Callable[[str], None] = print) -> dict:
+    """Run the chosen workloads (all by default) and return every figure."""
+    plan = QUICK if quick else FULL
+    chosen = only or WORKLOADS
+    result: dict[str, Any] = {"machine": machine(), "quick": quick, "plan": plan.__dict__}
+    steps: dict[str, Callable[[], Any]] = {
+        "throughput": lambda: falconet_throughput(plan),
+        "sleep": lambda: sleep_efficiency(plan),
+        "latency": lambda: latency(plan),
+        "dispatch": lambda: _dispatch(plan, _dispatch_module()),
+        "memory": lambda: _dispatch_module().memory(plan.memory_tasks),
+        "scale": lambda: [_dispatch_module().scale(n, plan.scale_tasks) for n in plan.scale_executors],
+        "peers": lambda: peers(plan),
+    }
+    for name in chosen:
+        t0 = time.perf_counter()
+        log(f"running {name} ...")
+        result[name] = steps[name]()
+        result.setdefault("took_s", {})[name] = time.perf_counter() - t0
+    return result
+
+
+def _dispatch_module() -> Any:
+    from falconet.benchmarks import dispatch
+
+    return dispatch
+
+
+def _dispatch(plan: Plan, dispatch: Any) -> dict:
+    rows = []
+    for n in plan.dispatch_executors:
+        rows.append({"executors": n, "tasks_per_s": repeat(
+            plan.repeat, lambda n=n: dispatch.dispatch(plan.dispatch_tasks, n)["tasks_per_s"])})
+    bare = repeat(plan.repeat, lambda: dispatch.bare_zmq(plan.dispatch_tasks, 10)["records_per_s"])
+    return {"rows": rows, "bare_zmq_10": bare}
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
+    """(target, required, measured, met) for every target the run can judge."""
+    out: list[tuple[str, str, str, bool | None]] = []
+
+    def med(x: dict) -> float:
+        return x["median"]
+
+    thr, prs = r.get("throughput"), r.get("peers", {})
+    if thr:
+        fn, cmd = med(thr["noop-fn"]), med(thr["true-cmd"])
+        for peer, need in (("processpool", 1.5), ("dask", 20), ("parsl-htex", 20)):
+            if peer in prs:
+                ratio = fn / med(prs[peer]["noop-fn"])
+                out.append((f"noop-fn vs {peer}", f">= {need}x", f"{ratio:.1f}x", ratio >= need))
+        if "processpool" in prs:
+            ratio = cmd / med(prs["processpool"]["true-cmd"])
+            out.append(("true-cmd vs processpool", ">= 0.9x", f"{ratio:.2f}x", ratio >= 0.9))
+    for row in r.get("sleep", []):
+        if row["slots"] == 2 and row["ms"] == 10.0:
+            e = med(row["efficiency"])
+            out.append(("sleep 10 ms W=2 efficiency", ">= 0.97", f"{e:.3f}", e >= 0.97))
+    d = r.get("dispatch")
+    if d:
+        ten = [x for x in d["rows"] if x["executors"] == 10]
+        if ten:
+            ratio = med(ten[0]["tasks_per_s"]) / med(d["bare_zmq_10"])
+            out.append(("dispatch(10) / bare ZeroMQ(10)", ">= 0.25", f"{ratio:.2f}", ratio >= 0.25))
+    lat = r.get("latency")
+    if lat:
+        out.append(("latency p50", "<= 1 ms", f"{lat['p50_ms']:.2f} ms", lat["p50_ms"] <= 1))
+        out.append(("latency p99", "<= 5 ms", f"{lat['p99_ms']:.2f} ms", lat["p99_ms"] <= 5))
+    mem = r.get("memory")
+    if mem:
+        out.append(("memory per queued task", "<= 300 B", f"{mem['bytes_per_task']:.0f} B",
+                    mem["bytes_per_task"] <= 300))
+    sc = r.get("scale")
+    if sc and d:
+        ten = [x for x in d["rows"] if x["executors"] == 10]
+        big = [x for x in sc if x["executors"] == 10_000]
+        if ten and big:
+            ratio = big[0]["tasks_per_s"] / med(ten[0]["tasks_per_s"])
+            out.append(("dispatch with 10,000 executors / with 10", ">= 0.5", f"{ratio:.2f}", ratio >= 0.5))
+    return out
+
+
+def table(r: dict) -> str:
+    """The human-readable summary of a run."""
+    lines = [f"# falconet bench on {r['machine']['node']} ({r['machine']['cpus']} CPUs, "
+             f"python {r['machine']['python']}), {'quick' if r['quick'] else 'full'} run, "
+             f"medians of {r['plan']['repeat']} (min-max)"]
+
+    def fmt(x: dict, unit: str = "/s", digits: int = 0) -> str:
+        return f"{x['median']:,.{digits}f}{unit} ({x['min']:,.{digits}f}-{x['max']:,.{digits}f})"
+
+    if "throughput" in r:
+        t = r["throughput"]
+        lines.append(f"falconet.local(2): noop-fn {fmt(t['noop-fn'])}, true-cmd {fmt(t['true-cmd'])}, "
+                     f"start-up {t['startup_s']:.2f}s")
+    for name, p in r.get("peers", {}).items():
+        lines.append(f"{name} {p['version']}: noop-fn {fmt(p['noop-fn'])}, true-cmd {fmt(p['true-cmd'])}, "
+                     f"sleep 10 ms efficiency {fmt(p['sleep-10ms-efficiency'], '', 3)}, "
+                     f"start-up {p['startup_s']:.2f}s")
+    for row in r.get("sleep", []):
+        lines.append(f"sleep {row['ms']:g} ms, W={row['slots']}, {row['tasks']} tasks: efficiency "
+                     f"{fmt(row['efficiency'], '', 3)}")
+    if "latency" in r:
+        lat = r["latency"]
+        lines.append(f"latency: p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms")
+    if "dispatch" in r:
+        for row in r["dispatch"]["rows"]:
+            lines.append(f"dispatch, {row['executors']} null executors: {fmt(row['tasks_per_s'])}")
+        lines.append(f"bare ZeroMQ loop, 10 peers: {fmt(r['dispatch']['bare_zmq_10'])}")
+    if "memory" in r:
+        lines.append(f"memory: {r['memory']['bytes_per_task']:.0f} bytes per queued task")
+    for row in r.get("scale", []):
+        lines.append(f"scale, {row['executors']:,} executors: registered in {row['registered_s']:.1f}s, "
+                     f"{row['tasks_per_s']:,.0f} tasks/s, heartbeat cost {row['idle_cpu_per_s']:.3f} CPU-s/s")
+    lines.append("")
+    lines.append("target | required | measured | met")
+    for name, need, got, met in targets(r):
+        lines.append(f"{name} | {need} | {got} | {'yes' if met else 'NO'}")
+    return "\n".join(lines)
+
+
+def plots(r: dict, out_dir: str) -> list[str]:
+    """PNG plots, when matplotlib is installed (the [bench] extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    if r.get("sleep"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for slots in sorted({row["slots"] for row in r["sleep"]}):
+            rows = [row for row in r["sleep"] if row["slots"] == slots]
+            ax.plot([row["ms"] for row in rows], [row["efficiency"]["median"] for row in rows],
+                    marker="o", label=f"W={slots}")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("task length (ms)")
+        ax.set_ylabel("efficiency (ideal / actual)")
+        ax.set_title("falconet: efficiency versus task length")
+        ax.legend()
+        made.append(_save(fig, out_dir, "efficiency.png"))
+    if r.get("throughput"):
+        systems = {"falconet": r["throughput"]} | r.get("peers", {})
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+        for ax, workload in zip(axes, ("noop-fn", "true-cmd")):
+            names = list(systems)
+            ax.bar(names, [systems[n][workload]["median"] for n in names],
+                   color=["tab:red"] + ["tab:gray"] * (len(names) - 1))
+            ax.set_title(f"{workload}, W=2 (tasks/s, median)")
+            ax.set_yscale("log")
+            ax.tick_params(axis="x", rotation=20)
+        fig.tight_layout()
+        made.append(_save(fig, out_dir, "throughput.png"))
+    if r.get("dispatch"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        rows = r["dispatch"]["rows"]
+        ax.plot([x["executors"] for x in rows], [x["tasks_per_s"]["median"] for x in rows], marker="o",
+                label="dispatcher")
+        for row in r.get("scale", []):
+            ax.plot([row["executors"]], [row["tasks_per_s"]], marker="s", color="tab:orange")
+        ax.axhline(r["dispatch"]["bare_zmq_10"]["median"], ls="--", color="gray", label="bare ZeroMQ loop")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("executors")
+        ax.set_ylabel("tasks/s")
+        ax.set_title("dispatcher ceiling (null executors)")
+        ax.legend()
+        made.append(_save(fig, out_dir, "dispatch.png"))
+    return made
+
+
+def _save(fig: Any, out_dir: str, name: str) -> str:
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(quick: bool, out_dir: str, only: tuple[str, ...] = ()) -> dict:
+    """Run, print the table, write results.json and the plots into out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    r = run(quick, only)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(r, f, indent=2)
+    text = table(r)
+    with open(os.path.join(out_dir, "summary.txt"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    for path in plots(r, out_dir):
+        print(f"wrote {path}")
+    return r
