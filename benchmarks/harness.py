@@ -133,17 +133,21 @@ def peers(plan: Plan, slots: int = 2) -> dict:
             continue
         runner = peer_mod.open_system(name, slots)
         try:
-            n_sleep = max(4 * slots, int(plan.sleep_work_s * slots * 1000 / 10))
-            ideal = n_sleep * 0.01 / slots
-            out[name] = {
-                "version": found[name], "startup_s": runner.startup_s,
-                "noop-fn": repeat(plan.repeat, lambda: plan.peer_fn_tasks / runner.run("noop-fn", plan.peer_fn_tasks)),
-                "true-cmd": repeat(plan.repeat, lambda: plan.peer_cmd_tasks / runner.run("true-cmd", plan.peer_cmd_tasks)),
-                "sleep-10ms-efficiency": repeat(plan.repeat, lambda: ideal / runner.run("sleep", n_sleep, 10.0)),
-            }
+            out[name] = {"version": found[name], **_peer_figures(runner, plan, slots)}
         finally:
             runner.close()
     return out
+
+
+def _peer_figures(runner: Any, plan: Plan, slots: int) -> dict:
+    n_sleep = max(4 * slots, int(plan.sleep_work_s * slots * 1000 / 10))
+    ideal = n_sleep * 0.01 / slots
+    return {
+        "startup_s": runner.startup_s,
+        "noop-fn": repeat(plan.repeat, lambda: plan.peer_fn_tasks / runner.run("noop-fn", plan.peer_fn_tasks)),
+        "true-cmd": repeat(plan.repeat, lambda: plan.peer_cmd_tasks / runner.run("true-cmd", plan.peer_cmd_tasks)),
+        "sleep-10ms-efficiency": repeat(plan.repeat, lambda: ideal / runner.run("sleep", n_sleep, 10.0)),
+    }
 
 
 # ---------------------------------------------------------------- the run
