@@ -29,6 +29,7 @@ _DONE, _FAILED, _CANCELLED = int(TaskState.DONE), int(TaskState.FAILED), int(Tas
 _FINAL = frozenset({_DONE, _FAILED, _CANCELLED})
 _KINDS = frozenset(int(k) for k in p.TaskKind)
 _STATE_NAMES = {int(s): s.name.lower() for s in TaskState}
+_NO_LIMIT = 0.0
 
 
 @dataclass(frozen=True)
@@ -52,14 +53,14 @@ class Task:
         "state", "attempt", "losses", "executor", "submitted",
     )  # fmt: skip
 
-    def __init__(self, tid, client, spec: p.TaskSpec, submitted: float):
-        self.tid = tid
+    def __init__(self, client, spec: p.TaskSpec, submitted: float):
+        self.tid = None  # given at first dispatch: a queued task needs none (memory)
         self.client = client
         self.seq = spec.seq
         self.kind = spec.kind
         self.body = spec.body
         self.retries = spec.retries
-        self.walltime_s = spec.walltime_s
+        self.walltime_s = spec.walltime_s or _NO_LIMIT  # one shared float for the usual case
         self.state = _PENDING
         self.attempt = 0  # number of times dispatched; results must name the current one
         self.losses = 0  # attempts ended by a lost executor or dead slot
@@ -191,8 +192,7 @@ class Core:
         wall = self.wall()
         queue, counts, ccounts = self.queue, self.counts, client.counts
         for spec in msg.tasks:
-            task = Task(self._next_tid, client, spec, wall)
-            self._next_tid += 1
+            task = Task(client, spec, wall)
             counts[_PENDING] += 1
             ccounts[_PENDING] += 1
             reason = _invalid(spec)
@@ -394,6 +394,9 @@ class Core:
             cc[_DISPATCHED] += 1
             t.attempt += 1
             t.executor = ex
+            if t.tid is None:
+                t.tid = self._next_tid
+                self._next_tid += 1
             tasks[t.tid] = t
             append(p.Assignment(t.tid, t.attempt, t.kind, t.body, t.walltime_s))
         ex.credit -= len(batch)
