@@ -30,6 +30,8 @@ _FINAL = frozenset({_DONE, _FAILED, _CANCELLED})
 _KINDS = frozenset(int(k) for k in p.TaskKind)
 _STATE_NAMES = {int(s): s.name.lower() for s in TaskState}
 _NO_LIMIT = 0.0
+_LEGAL = states.LEGAL
+_new = tuple.__new__  # builds a NamedTuple without its Python-level __new__
 
 
 @dataclass(frozen=True)
@@ -141,12 +143,20 @@ class Core:
 
     def _finish(self, task: Task, state: int, output: bytes, reason: str, executor: str,
                 started: float, finished: float) -> None:
-        self._move(task, state)
+        # _move inlined: this runs once per task
+        old = task.state
+        if (old, state) not in _LEGAL:
+            states.check(old, state)  # raises, naming both states
+        task.state = state
+        counts = self.counts
+        counts[old] -= 1
+        counts[state] += 1
         client = task.client
-        client.results.append(
-            p.TaskResult(task.seq, state, output, reason, executor, task.attempt,
-                         task.submitted, started, finished)
-        )
+        c = client.counts
+        c[old] -= 1
+        c[state] += 1
+        client.results.append(_new(p.TaskResult, (
+            task.seq, state, output, reason, executor, task.attempt, task.submitted, started, finished)))
         self._results_pending[client.peer] = client
 
     # ------------------------------------------------------------ clients
@@ -191,15 +201,13 @@ class Core:
             return
         wall = self.wall()
         queue, counts, ccounts = self.queue, self.counts, client.counts
+        counts[_PENDING] += len(msg.tasks)
+        ccounts[_PENDING] += len(msg.tasks)
         for spec in msg.tasks:
-            task = Task(client, spec, wall)
-            counts[_PENDING] += 1
-            ccounts[_PENDING] += 1
-            reason = _invalid(spec)
-            if reason:
-                self._finish(task, _FAILED, b"", reason, "", 0.0, wall)
+            if spec.kind in _KINDS and spec.retries >= 0 and spec.walltime_s >= 0:  # NaN fails
+                queue.append(Task(client, spec, wall))
             else:
-                queue.append(task)
+                self._finish(Task(client, spec, wall), _FAILED, b"", _invalid(spec), "", 0.0, wall)
         self.submitted_total += len(msg.tasks)
         self.to_clients.append((client.peer, p.Accepted(msg.batch, len(msg.tasks))))
 
@@ -379,16 +387,14 @@ class Core:
                 self.to_executors.append((ex.peer, p.Tasks(batch)))
 
     def _take(self, ex: ExecutorEntry, n: int, wall: float) -> list[p.Assignment]:
-        queue, tasks, counts = self.queue, ex.tasks, self.counts
-        batch = []
+        queue, tasks, Assignment = self.queue, ex.tasks, p.Assignment
+        batch: list[p.Assignment] = []
         append = batch.append
         while len(batch) < n and queue:
             t = queue.popleft()
             if t.state != _PENDING:
                 continue  # cancelled while queued
             t.state = _DISPATCHED  # PENDING -> DISPATCHED is in the table; inlined for speed
-            counts[_PENDING] -= 1
-            counts[_DISPATCHED] += 1
             cc = t.client.counts
             cc[_PENDING] -= 1
             cc[_DISPATCHED] += 1
@@ -398,7 +404,9 @@ class Core:
                 t.tid = self._next_tid
                 self._next_tid += 1
             tasks[t.tid] = t
-            append(p.Assignment(t.tid, t.attempt, t.kind, t.body, t.walltime_s))
+            append(_new(Assignment, (t.tid, t.attempt, t.kind, t.body, t.walltime_s)))
+        self.counts[_PENDING] -= len(batch)
+        self.counts[_DISPATCHED] += len(batch)
         ex.credit -= len(batch)
         return batch
 

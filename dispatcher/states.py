@@ -22,6 +22,8 @@ TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
 
 # Plain ints make the hot-path check a set lookup on ints rather than on enum members.
 _ALLOWED = {int(s): frozenset(int(t) for t in ts) for s, ts in TRANSITIONS.items()}
+#: (old, new) pairs of the table, for callers that check inline on their hot path
+LEGAL = frozenset((old, new) for old, news in _ALLOWED.items() for new in news)
 
 
 class IllegalTransition(RuntimeError):

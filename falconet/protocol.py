@@ -251,10 +251,26 @@ def _pair(v: Any) -> tuple[int, int]:
     return (v[0], v[1])
 
 
-_task_spec = _record(TaskSpec, (_int, _int, _bytes, _int, _float))
-_assignment = _record(Assignment, (_int, _int, _int, _bytes, _float))
-_exec_result = _record(ExecResult, (_int, _int, _int, _bytes, _str, _float, _float))
-_task_result = _record(
+def _records(cls: type, checks: tuple) -> Callable[[Any], list]:
+    """An array of records: one pass of exact type checks, the precise checker on a miss."""
+    one = _record(cls, checks)
+    exact = tuple(_EXACT[c] for c in checks)
+    new = tuple.__new__
+
+    def check(v: Any) -> list:
+        if type(v) is not list:
+            raise ProtocolError(f"expected an array, got {type(v).__name__}")
+        if all([type(r) is list and tuple(map(type, r)) == exact for r in v]):
+            return [new(cls, r) for r in v]
+        return [one(r) for r in v]
+
+    return check
+
+
+_task_specs = _records(TaskSpec, (_int, _int, _bytes, _int, _float))
+_assignments = _records(Assignment, (_int, _int, _int, _bytes, _float))
+_exec_results = _records(ExecResult, (_int, _int, _int, _bytes, _str, _float, _float))
+_task_results = _records(
     TaskResult, (_int, _int, _bytes, _str, _str, _int, _float, _float, _float)
 )
 
@@ -288,7 +304,7 @@ class Hello:
     name: str
 
 
-@_message(MsgType.SUBMIT, _int, _list_of(_task_spec))
+@_message(MsgType.SUBMIT, _int, _task_specs)
 class Submit:
     """A batch of tasks; acknowledged by Accepted(batch)."""
 
@@ -328,7 +344,7 @@ class Accepted:
     count: int
 
 
-@_message(MsgType.RESULTS, _list_of(_task_result))
+@_message(MsgType.RESULTS, _task_results)
 class Results:
     """Final outcomes of some of the client's tasks."""
 
@@ -380,7 +396,7 @@ class Register:
     holding: list
 
 
-@_message(MsgType.REPORT, _int, _list_of(_pair), _list_of(_exec_result))
+@_message(MsgType.REPORT, _int, _list_of(_pair), _exec_results)
 class Report:
     """Executor progress: more credit, tasks started, attempts finished."""
 
@@ -415,7 +431,7 @@ class Registered:
     max_message_bytes: int  #: the dispatcher disconnects an executor that sends more
 
 
-@_message(MsgType.TASKS, _list_of(_assignment))
+@_message(MsgType.TASKS, _assignments)
 class Tasks:
     """Work for an executor, never more than its outstanding credit."""
 
