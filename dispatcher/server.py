@@ -23,7 +23,10 @@ from falconet.errors import FalconetError, ProtocolError
 
 log = logging.getLogger("falconet.dispatcher")
 
-_RECV_PER_TURN = 20_000  # bound a turn so one busy port cannot starve the other
+_RECV_PER_TURN = 20_000
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)  # a plain int: pyzmq's enum arithmetic shows up in profiles
+LISTEN_BACKLOG = 4096  # 10,000 executors connecting at once overflow libzmq's default of 100  # bound a turn so one busy port cannot starve the other
 
 
 class BindRefused(FalconetError):
@@ -92,6 +95,7 @@ class Server:
         sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)  # ZeroMQ drops a peer that sends more
         sock.setsockopt(zmq.SNDHWM, 0)  # credit bounds executor traffic; results must not drop
         sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
             sock.setsockopt(zmq.IPV6, 1)
@@ -132,7 +136,7 @@ class Server:
         recv = sock.recv_multipart
         for _ in range(_RECV_PER_TURN):
             try:
-                frames = recv(zmq.NOBLOCK, copy=True)
+                frames = recv(_NOBLOCK)
             except zmq.Again:
                 return
             if len(frames) != 2:
@@ -169,7 +173,8 @@ class Server:
     @staticmethod
     def _send(sock: zmq.Socket, peer: bytes, msg: Any) -> bool:
         try:
-            sock.send_multipart([peer, p.encode(msg)], zmq.NOBLOCK)
+            sock.send(peer, _SNDMORE_NOBLOCK)
+            sock.send(p.encode(msg), _NOBLOCK)
             return True
         except zmq.ZMQError as exc:
             if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN):
