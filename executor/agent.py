@@ -38,7 +38,7 @@ BACKLOG_WORK_S = 0.01  # work held locally beyond the slots
 MAX_CHUNK = 64
 MAX_BACKLOG = 1024
 MAX_REPORT = 4096  # results per Report message
-PIPELINE_BELOW_S = 0.5  # mean task time under which slots get their next chunk early
+PIPELINE_BELOW_S = 0.05  # mean task time under which slots get their next chunk early
 COMMAND_GRACE_S = 5.0  # a command's own slot enforces its wall time; this is the backstop
 
 
