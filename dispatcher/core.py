@@ -80,7 +80,8 @@ class ExecutorState(enum.Enum):
 class ExecutorEntry:
     """A registered executor as the dispatcher knows it."""
 
-    __slots__ = ("peer", "info", "state", "credit", "tasks", "last_seen", "last_sent", "registered", "completed")
+    __slots__ = ("peer", "info", "state", "credit", "tasks", "last_seen", "last_sent", "registered",
+                 "completed", "idle_since")
 
     def __init__(self, peer: bytes, info: p.Register, now: float, wall: float):
         self.peer = peer
@@ -92,6 +93,7 @@ class ExecutorEntry:
         self.last_sent = now
         self.registered = wall
         self.completed = 0
+        self.idle_since = now  #: when it last ran out of tasks (for the provisioner's idle release)
 
 
 class ClientEntry:
@@ -128,6 +130,9 @@ class Core:
         self._results_pending: dict[bytes, ClientEntry] = {}
         self.to_clients: list[tuple[bytes, Any]] = []
         self.to_executors: list[tuple[bytes, Any]] = []
+        self.endpoints: dict[str, str] = {}  #: bound addresses, set by the server, shown in status
+        self.fleet: dict | None = None  #: the provisioner's last FleetReport
+        self.fleet_at = 0.0
 
     # ------------------------------------------------------------ state changes
 
@@ -176,6 +181,10 @@ class Core:
             self._cancel(client, set(msg.seqs))
         elif type(msg) is p.StatusRequest:
             self.to_clients.append((peer, p.StatusReply(msg.req_id, self.status(now, msg.detail, client))))
+        elif type(msg) is p.Release:
+            self._release(set(msg.executor_ids), msg.reason)
+        elif type(msg) is p.FleetReport:
+            self.fleet, self.fleet_at = msg.info, self.wall()
         else:
             self.to_clients.append((peer, p.Refused(f"{type(msg).__name__} is not a client message")))
 
@@ -221,6 +230,16 @@ class Core:
                     if t.client is client and t.state == _DISPATCHED and t.seq in seqs]
             if tids:
                 self._send_executor(ex, p.CancelTasks(tids))
+
+    def _release(self, ids: set[str], reason: str) -> None:
+        for ex in self.executors.values():
+            if ex.info.executor_id in ids:
+                if ex.state is ExecutorState.ACTIVE:
+                    log.info("executor %s released: %s", ex.info.executor_id, reason)
+                ex.state = ExecutorState.DRAINING  # no new work from now on
+                ex.credit = 0
+                self.ready.pop(ex.peer, None)
+                self._send_executor(ex, p.Leave(reason))
 
     # ------------------------------------------------------------ executors
 
@@ -289,6 +308,8 @@ class Core:
                 accepted += 1
             ex.completed += accepted
             self._note_done(now, accepted)
+            if not tasks:
+                ex.idle_since = now
         if msg.credit > 0 and ex.state is ExecutorState.ACTIVE:
             ex.credit += msg.credit
             self.ready[ex.peer] = ex
@@ -471,12 +492,15 @@ class Core:
             "lost_executors": self.lost_total,
             "stale_results": self.stale_results,
             "clients": len(self.clients),
+            "endpoints": self.endpoints,
         }
         if client is not None:
             info["client"] = {_STATE_NAMES[s]: n for s, n in enumerate(client.counts)}
         if detail:
             info["executor_table"] = [_executor_row(ex, now) for ex in self.executors.values()]
             info["recent_lost"] = list(self.recent_lost)
+            if self.fleet is not None:
+                info["fleet"] = {**self.fleet, "reported_s": self.wall() - self.fleet_at}
         return info
 
 
@@ -488,6 +512,7 @@ def _executor_row(ex: ExecutorEntry, now: float) -> dict:
         "cpus": i.cpus, "memory": i.memory, "platform": i.platform, "slots": i.slots,
         "state": ex.state.value, "busy": running, "assigned": len(ex.tasks),
         "completed": ex.completed, "last_seen_s": now - ex.last_seen,
+        "idle_s": 0.0 if ex.tasks else now - ex.idle_since,
         "registered": ex.registered, "facts": i.facts,
     }
 

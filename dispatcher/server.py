@@ -84,6 +84,7 @@ class Server:
         self.executor_sock = self._router(host, executor_port, config.max_message_bytes)
         self.client_address = self.client_sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.executor_address = self.executor_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.core.endpoints = {"client": self.client_address, "executor": self.executor_address}
         self._stop = False
         self._bad = _RateLimitedLog()
 

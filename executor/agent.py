@@ -228,6 +228,9 @@ class Executor:
             log.info("dispatcher asks to register again: %s", msg.reason)
             self._abandon_work("the dispatcher no longer counts this executor's tasks as ours")
             self.registered, self.next_register = False, now
+        elif kind is p.Leave:
+            if self.phase is Phase.ACTIVE:
+                self._begin_drain(f"released by the dispatcher: {msg.reason}")
         elif kind is p.Refused:
             log.error("the dispatcher refused this executor: %s", msg.reason)
             self.exit_code, self.phase = 1, Phase.DONE

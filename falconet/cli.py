@@ -41,6 +41,12 @@ def _watch_parent(pid: int | None, on_gone: Callable[[], None]) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _strategies() -> list:
+    from falconet.provisioner.policy import Strategy
+
+    return list(Strategy)
+
+
 log_level = click.option("--log-level", default="info", show_envvar=True,
                          type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
                          help="How much to log on stderr.")
@@ -167,35 +173,170 @@ def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interv
 
 
 @main.command()
-@click.option("--dispatcher", required=True, show_envvar=True, metavar="tcp://HOST:PORT",
-              help="The dispatcher's executor address (the 'executor:' line it printed).")
+@click.option("--dispatcher", default=None, show_envvar=True, metavar="tcp://HOST:PORT",
+              help="The dispatcher's executor address (the 'executor:' line it printed); "
+                   "required unless --from-instance-metadata.")
 @click.option("--slots", type=click.IntRange(min=1), default=None, show_envvar=True,
               help="Tasks run at once [default: the CPUs this process may use].")
-@click.option("--idle-timeout", type=click.FloatRange(min=0), default=0, show_envvar=True,
-              help="Leave after this many seconds without work (0: never).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=None, show_envvar=True,
+              help="Leave after this many seconds without work (0: never) [default: 0].")
 @click.option("--prefetch", type=click.IntRange(min=0), default=None, show_envvar=True,
               help="Tasks to hold beyond the free slots [default: sized to ~10 ms of work].")
 @click.option("--id", "executor_id", default="", show_envvar=True,
-              help="Executor id [default: hostname and a random suffix].")
+              help="Executor id [default: the instance id on a cloud instance, else hostname "
+                   "and a random suffix].")
+@click.option("--from-instance-metadata", "from_metadata", is_flag=True, show_envvar=True,
+              help="Read the dispatcher address and settings from the instance's user-data "
+                   "(IMDSv2), as the executor baked into an image does at boot.")
+@click.option("--metadata-url", default="http://169.254.169.254", show_envvar=True,
+              help="Instance metadata service to read with --from-instance-metadata.")
+@click.option("--metadata-timeout", type=click.FloatRange(min=0.1), default=60.0, show_envvar=True,
+              help="Seconds to keep trying the metadata service before giving up.")
 @log_level
 @parent_pid
-def executor(dispatcher: str, slots: int | None, idle_timeout: float, prefetch: int | None,
-             executor_id: str, log_level: str, parent_pid: int | None) -> None:
+def executor(dispatcher: str | None, slots: int | None, idle_timeout: float | None,
+             prefetch: int | None, executor_id: str, from_metadata: bool, metadata_url: str,
+             metadata_timeout: float, log_level: str, parent_pid: int | None) -> None:
     """Run an executor: connect out to a dispatcher and run the tasks it hands over.
 
     SIGTERM drains it: running tasks finish, queued ones go back, then it leaves.
+    Options given on the command line win over the user-data's.
     """
     from falconet.executor import agent, host
 
     _logging(log_level)
+    facts: dict = {}
+    if from_metadata:
+        from falconet.executor import metadata
+        from falconet.userdata import UserDataError, parse
+
+        try:
+            inst = metadata.read_instance(metadata_url, timeout_s=metadata_timeout)
+            ud = parse(inst.user_data, f"user-data of instance {inst.instance_id}")
+        except (metadata.MetadataError, UserDataError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(78)  # EX_CONFIG: systemd's RestartPreventExitStatus stops a crash loop
+        dispatcher = dispatcher or ud.dispatcher
+        slots = slots or ud.slots or None
+        idle_timeout = ud.idle_timeout_s if idle_timeout is None else idle_timeout
+        prefetch = prefetch if prefetch is not None else (ud.prefetch if ud.prefetch >= 0 else None)
+        executor_id = executor_id or inst.instance_id
+        facts = {"instance_id": inst.instance_id, "instance_type": inst.instance_type,
+                 "availability_zone": inst.availability_zone, "cluster": ud.cluster,
+                 "launch_token": ud.launch_token, "tags": ud.tags}
+    if not dispatcher:
+        raise click.UsageError("give --dispatcher tcp://HOST:PORT, or --from-instance-metadata")
     config = agent.ExecutorConfig(dispatcher=dispatcher, slots=slots or host.cpus(),
-                                  idle_timeout_s=idle_timeout, prefetch=prefetch,
-                                  executor_id=executor_id)
+                                  idle_timeout_s=idle_timeout or 0.0, prefetch=prefetch,
+                                  executor_id=executor_id, facts=facts)
     ex = agent.Executor(config)
     signal.signal(signal.SIGTERM, ex.request_drain)
     signal.signal(signal.SIGINT, ex.request_drain)
     _watch_parent(parent_pid, ex.request_drain)
     sys.exit(ex.run())
+
+
+def _config_file(ctx: click.Context, _param: click.Parameter, path: str | None) -> str | None:
+    """--config FILE: the [provisioner] table of a TOML file becomes the options' defaults."""
+    if path:
+        from falconet.config import command_defaults
+
+        try:
+            ctx.default_map = {**(ctx.default_map or {}), **command_defaults(path, ctx.info_name or "")}
+        except FalconetError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return path
+
+
+@main.command()
+@click.option("--config", type=click.Path(dir_okay=False, exists=True), callback=_config_file,
+              is_eager=True, expose_value=False, show_envvar=True,
+              help="TOML file whose [provisioner] table gives defaults for these options.")
+@click.option("--dispatcher", required=True, show_envvar=True, metavar="tcp://HOST:PORT",
+              help="The dispatcher's client address.")
+@click.option("--backend", type=click.Choice(["local", "ec2"]), default="local", show_envvar=True,
+              help="Where executors run: processes on this machine, or EC2 instances.")
+@click.option("--min-executors", type=click.IntRange(min=0), default=0, show_envvar=True,
+              help="Executors kept even with no work.")
+@click.option("--max-executors", type=click.IntRange(min=1), default=16, show_envvar=True,
+              help="Executors never exceeded.")
+@click.option("--policy", type=click.Choice([s.value for s in _strategies()]), default="additive",
+              show_envvar=True,
+              help="Executors added per round while work waits: 1; 1,2,3...; 1,2,4...; or all needed.")
+@click.option("--tasks-per-slot", type=click.FloatRange(min=1), default=1.0, show_envvar=True,
+              help="Waiting tasks that justify one more slot.")
+@click.option("--idle-release", type=click.FloatRange(min=0), default=60.0, show_envvar=True,
+              help="Seconds an executor may sit idle before it is released.")
+@click.option("--max-lifetime", type=click.FloatRange(min=0), default=0.0, show_envvar=True,
+              help="Lease: seconds after which any executor is drained and stopped (0: none).")
+@click.option("--budget", type=click.FloatRange(min=0), default=0.0, show_envvar=True, metavar="USD",
+              help="Stop growing when the fleet's estimated spend would pass this (0: no cap).")
+@click.option("--prices", type=click.Path(dir_okay=False, exists=True), default=None, show_envvar=True,
+              help="TOML or JSON table of instance type = USD per hour, over the built-in estimates.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=5.0, show_envvar=True,
+              help="Seconds between scaling rounds.")
+@click.option("--boot-timeout", type=click.FloatRange(min=1), default=None, show_envvar=True,
+              help="Seconds a new executor has to register before its machine is stopped "
+                   "[default: 300 on ec2, 60 local].")
+@click.option("--release-grace", type=click.FloatRange(min=0), default=600.0, show_envvar=True,
+              help="Seconds a released executor may take to drain before its machine is stopped.")
+@click.option("--stop-grace", type=click.FloatRange(min=0), default=30.0, show_envvar=True,
+              help="On stop, seconds for executors to drain before their machines are stopped.")
+@click.option("--keep", is_flag=True, show_envvar=True, help="On stop, leave the fleet running.")
+@click.option("--slots", type=click.IntRange(min=1), default=None, show_envvar=True,
+              help="Slots per executor [default: its CPUs].")
+@click.option("--executor-address", default=None, show_envvar=True, metavar="tcp://HOST:PORT",
+              help="Where executors reach the dispatcher [default: its executor port as it reports it].")
+@click.option("--executor-idle-timeout", type=click.FloatRange(min=0), default=None, show_envvar=True,
+              help="Executors leave by themselves after this long idle, a safety net should the "
+                   "provisioner die [default: 3600 on ec2, 0 local].")
+@click.option("--cluster", default="falconet", show_envvar=True,
+              help="Fleet name: the tag on every instance; one provisioner per name.")
+@click.option("--region", default=None, show_envvar=True, help="AWS region [default: the profile's].")
+@click.option("--profile", default=None, show_envvar=True, help="AWS profile [default: the standard chain].")
+@click.option("--ec2-endpoint-url", default=None, show_envvar=True,
+              help="EC2 API endpoint of an EC2-compatible cloud (Eucalyptus, OpenStack) or a test server.")
+@click.option("--ami", default="name:falconet-executor-*", show_envvar=True,
+              help="ami-ID, name:PATTERN or tag:KEY=VALUE (the newest matching image is used).")
+@click.option("--ami-owner", default="self", show_envvar=True, help="Owner of the images --ami searches.")
+@click.option("--instance-types", default="c5.large", show_envvar=True,
+              help="Comma-separated types to choose from; the cheapest that fits the work is used.")
+@click.option("--subnet", default=None, show_envvar=True, help="Subnet id for the instances.")
+@click.option("--security-group", multiple=True, show_envvar=True, help="Security group id (repeatable).")
+@click.option("--key-name", default=None, show_envvar=True, help="EC2 key pair for SSH (not needed to join).")
+@click.option("--iam-profile", default=None, show_envvar=True, help="Instance profile name or ARN.")
+@click.option("--spot", is_flag=True, show_envvar=True, help="Request spot instances.")
+@click.option("--tag", "tags", multiple=True, show_envvar=True, metavar="KEY=VALUE",
+              help="Extra tag on every instance and volume (repeatable).")
+@click.option("--shutdown-when-idle/--no-shutdown-when-idle", default=True, show_envvar=True,
+              help="An EC2 executor that leaves for idleness powers its machine off (terminated).")
+@click.option("--clean-orphans", is_flag=True, show_envvar=True,
+              help="On start, stop the cluster's instances found by tag instead of adopting them.")
+@log_level
+@parent_pid
+def provisioner(**opts: Any) -> None:
+    """Grow and shrink the executor fleet of a dispatcher by its queue depth.
+
+    Runs until SIGTERM or Ctrl-C, then drains and stops the fleet (unless --keep).
+    """
+    from falconet.provisioner import launcher
+
+    _logging(opts.pop("log_level"))
+    parent = opts.pop("parent_pid")
+    try:
+        prov = launcher.build(**opts)
+    except FalconetError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    signal.signal(signal.SIGTERM, prov.stop)
+    signal.signal(signal.SIGINT, prov.stop)
+    _watch_parent(parent, prov.stop)
+    click.echo(f"provisioner: cluster {prov.settings.cluster}, backend {prov.backend.name}")
+    sys.stdout.flush()
+    try:
+        prov.run()
+    finally:
+        prov.client.close()
 
 
 # ---------------------------------------------------------------- benchmarks

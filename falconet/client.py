@@ -190,6 +190,19 @@ class Client:
             with self._lock:
                 self._status_waiters.pop(req, None)
 
+    def release_executors(self, executor_ids: Iterable[str], reason: str) -> None:
+        """Ask these executors to finish what they run and leave (the provisioner's scale-in)."""
+        self._send_control(p.Release(list(executor_ids), reason))
+
+    def report_fleet(self, info: dict) -> None:
+        """Hand the dispatcher the provisioner's view of the fleet, for `falconet status`."""
+        self._send_control(p.FleetReport(info))
+
+    def _send_control(self, msg: Any) -> None:
+        with self._lock:
+            self._control.append(msg)
+        self._wake()
+
     def executor(self) -> FalconetExecutor:
         """A concurrent.futures.Executor over this client."""
         return FalconetExecutor(self)

@@ -66,6 +66,8 @@ class MsgType(enum.IntEnum):
     SUBMIT = 2
     CANCEL = 3
     STATUS_REQUEST = 4
+    RELEASE = 5
+    FLEET_REPORT = 6
     # dispatcher -> client
     WELCOME = 10
     ACCEPTED = 11
@@ -82,6 +84,7 @@ class MsgType(enum.IntEnum):
     TASKS = 31
     CANCEL_TASKS = 32
     REREGISTER = 33
+    LEAVE = 34
     # both ways on the executor port
     HEARTBEAT = 40
 
@@ -327,6 +330,22 @@ class StatusRequest:
     detail: bool
 
 
+@_message(MsgType.RELEASE, _list_of(_str), _str)
+class Release:
+    """Ask these executors (by id) to finish what they run and leave: the provisioner's
+    way to shrink the fleet without killing work.  Unknown ids are ignored."""
+
+    executor_ids: list
+    reason: str
+
+
+@_message(MsgType.FLEET_REPORT, _dict)
+class FleetReport:
+    """The provisioner's view of the fleet, kept by the dispatcher for `falconet status`."""
+
+    info: dict
+
+
 @_message(MsgType.WELCOME, _int, _str, _dict)
 class Welcome:
     """The dispatcher accepts a client; limits holds the batch and size limits."""
@@ -452,12 +471,19 @@ class Reregister:
     reason: str
 
 
+@_message(MsgType.LEAVE, _str)
+class Leave:
+    """Finish the running tasks, hand back the rest, and leave (as on SIGTERM)."""
+
+    reason: str
+
+
 @_message(MsgType.HEARTBEAT)
 class Heartbeat:
     """A sign of life, sent when nothing else was sent for an interval."""
 
 
-CLIENT_TO_DISPATCHER = frozenset({Hello, Submit, Cancel, StatusRequest})
+CLIENT_TO_DISPATCHER = frozenset({Hello, Submit, Cancel, StatusRequest, Release, FleetReport})
 EXECUTOR_TO_DISPATCHER = frozenset({Register, Report, Drain, Bye, Heartbeat})
 
 # ---------------------------------------------------------------- codec

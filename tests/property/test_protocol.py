@@ -56,6 +56,8 @@ def _field_strategies(floats: st.SearchStrategy, min_size: int) -> dict[type, tu
         p.Submit: (INTS, lists(specs)),
         p.Cancel: (lists(INTS),),
         p.StatusRequest: (INTS, st.booleans()),
+        p.Release: (lists(TEXT), TEXT),
+        p.FleetReport: (maps,),
         p.Welcome: (INTS, TEXT, maps),
         p.Accepted: (INTS, INTS),
         p.Results: (lists(task_results),),
@@ -71,6 +73,7 @@ def _field_strategies(floats: st.SearchStrategy, min_size: int) -> dict[type, tu
         p.Tasks: (lists(assignments),),
         p.CancelTasks: (lists(INTS),),
         p.Reregister: (TEXT,),
+        p.Leave: (TEXT,),
         p.Heartbeat: (),
     }
 

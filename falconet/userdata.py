@@ -1,0 +1,112 @@
+"""The user-data document that tells an executor on a cloud instance how to join.
+
+The provisioner writes it into every instance it launches; the executor baked into the image
+(``falconet executor --from-instance-metadata``) reads it back through the instance
+metadata service.  It is one JSON object, documented in docs/provisioner.md::
+
+    {"falconet": 1, "dispatcher": "tcp://10.0.1.5:5556", "cluster": "demo",
+     "launch_token": "demo-3f2a9c-0007", "slots": 0, "idle_timeout_s": 600,
+     "tags": {"site": "cloud"}, "shutdown_when_idle": false}
+
+Only ``falconet`` (the format version) and ``dispatcher`` are required.  Unknown keys are
+refused, so a typo fails loudly at boot instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from falconet.errors import FalconetError
+
+FORMAT_VERSION = 1
+MAX_BYTES = 16 * 1024  #: EC2 accepts 16 KiB of user-data
+
+
+class UserDataError(FalconetError):
+    """The user-data is missing, malformed, or names a field wrongly."""
+
+
+@dataclass(frozen=True)
+class UserData:
+    """What an executor needs to join a fleet."""
+
+    dispatcher: str  #: the dispatcher's executor address, tcp://HOST:PORT
+    cluster: str = ""  #: the provisioner's cluster name (also an instance tag)
+    launch_token: str = ""  #: the launch that started this instance
+    slots: int = 0  #: 0: one per CPU
+    idle_timeout_s: float = 0.0  #: leave after this long without work; 0: never
+    prefetch: int = -1  #: -1: the executor's default
+    tags: dict = field(default_factory=dict)  #: str -> str, reported in the registration
+    shutdown_when_idle: bool = False  #: power the machine off after leaving for idleness
+
+    def to_json(self) -> str:
+        doc = {"falconet": FORMAT_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "dispatcher" or value != _DEFAULTS[f.name]:
+                doc[f.name] = value
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+        if len(text.encode()) > MAX_BYTES:
+            raise UserDataError(f"user-data is {len(text.encode())} bytes, more than EC2's {MAX_BYTES}")
+        return text
+
+
+_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+             for f in dataclasses.fields(UserData)}
+_TYPES: dict[str, tuple[type, ...]] = {
+    "dispatcher": (str,), "cluster": (str,), "launch_token": (str,), "slots": (int,),
+    "idle_timeout_s": (int, float), "prefetch": (int,), "tags": (dict,), "shutdown_when_idle": (bool,),
+}
+
+
+def parse(raw: bytes | str, where: str = "user-data") -> UserData:
+    """Read a user-data document; raise UserDataError naming the field that is wrong."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserDataError(f"{where} is not UTF-8 text; expected a falconet JSON document") from None
+    if not raw.strip():
+        raise UserDataError(f"{where} is empty; launch the instance with falconet user-data "
+                            "(see docs/provisioner.md)")
+    try:
+        doc: Any = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UserDataError(f"{where} is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(doc, dict):
+        raise UserDataError(f"{where} must be a JSON object, not {type(doc).__name__}")
+    version = doc.pop("falconet", None)
+    if version is None:
+        raise UserDataError(f"{where} has no 'falconet' field (the format version, {FORMAT_VERSION})")
+    if type(version) is not int or version != FORMAT_VERSION:  # true == 1 and 1.0 == 1 in Python
+        raise UserDataError(f"{where}: field 'falconet' is {version!r}; this executor reads "
+                            f"format {FORMAT_VERSION}")
+    unknown = sorted(set(doc) - set(_TYPES))
+    if unknown:
+        raise UserDataError(f"{where}: unknown field {unknown[0]!r}; known fields: "
+                            + ", ".join(["falconet", *_TYPES]))
+    if "dispatcher" not in doc:
+        raise UserDataError(f"{where} has no 'dispatcher' field (tcp://HOST:PORT of the executor port)")
+    for name, value in doc.items():
+        types = _TYPES[name]
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            want = " or ".join(t.__name__ for t in types)
+            raise UserDataError(f"{where}: field {name!r} must be {want}, not {type(value).__name__}")
+    host, _, port = doc["dispatcher"].removeprefix("tcp://").rpartition(":")
+    if not doc["dispatcher"].startswith("tcp://") or not host or not port.isdigit():
+        raise UserDataError(f"{where}: field 'dispatcher' must look like tcp://HOST:PORT, "
+                            f"not {doc['dispatcher']!r}")
+    if doc.get("slots", 0) < 0:
+        raise UserDataError(f"{where}: field 'slots' must be 0 (one per CPU) or more")
+    if not math.isfinite(doc.get("idle_timeout_s", 0)) or doc.get("idle_timeout_s", 0) < 0:
+        raise UserDataError(f"{where}: field 'idle_timeout_s' must be 0 (never) or more seconds")
+    if doc.get("prefetch", -1) < -1:
+        raise UserDataError(f"{where}: field 'prefetch' must be -1 (the executor's default) or more")
+    tags = doc.get("tags", {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+        raise UserDataError(f"{where}: field 'tags' must map strings to strings")
+    return UserData(**doc)

@@ -1,0 +1,1 @@
+"""Grows and shrinks the executor fleet by queue depth: a pure policy and backends."""

@@ -1,0 +1,83 @@
+"""Build a running Provisioner from the command line's options."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from falconet.client import Client
+from falconet.errors import FalconetError
+from falconet.provisioner import prices
+from falconet.provisioner.policy import Params, Strategy
+from falconet.provisioner.service import Provisioner, Settings
+
+log = logging.getLogger("falconet.provisioner")
+
+
+def build(**o: Any) -> Provisioner:
+    """Connect to the dispatcher, set up the backend, adopt what the cluster already runs."""
+    client = Client(o["dispatcher"], name=f"provisioner-{o['cluster']}", connect_timeout_s=10)
+    try:
+        status = client.status(timeout_s=10)
+        executor_address = o["executor_address"] or status.get("endpoints", {}).get("executor", "")
+        if not executor_address:
+            raise FalconetError("the dispatcher did not report its executor address; "
+                                "pass --executor-address tcp://HOST:PORT")
+        ec2 = o["backend"] == "ec2"
+        idle_timeout = o["executor_idle_timeout"]
+        if idle_timeout is None:
+            idle_timeout = 3600.0 if ec2 else 0.0
+        if ec2:
+            backend = _ec2_backend(o, executor_address, idle_timeout)
+        else:
+            from falconet.provisioner.local import LocalBackend
+
+            extra = ("--idle-timeout", str(idle_timeout)) if idle_timeout else ()
+            backend = LocalBackend(executor_address, o["slots"], executor_args=extra)
+        params = Params(
+            types=backend.types(), strategy=Strategy(o["policy"]), min_executors=o["min_executors"],
+            max_executors=o["max_executors"], tasks_per_slot=o["tasks_per_slot"],
+            idle_release_s=o["idle_release"], max_lifetime_s=o["max_lifetime"], budget_usd=o["budget"])
+        if params.min_executors > params.max_executors:
+            raise FalconetError("--min-executors is larger than --max-executors")
+        settings = Settings(
+            params=params, cluster=o["cluster"], interval_s=o["interval"],
+            boot_timeout_s=o["boot_timeout"] or (300.0 if ec2 else 60.0),
+            release_grace_s=o["release_grace"], keep=o["keep"], stop_grace_s=o["stop_grace"])
+        prov = Provisioner(settings, backend, client)
+        prov.adopt(clean_orphans=o["clean_orphans"])
+        return prov
+    except BaseException:
+        client.close()
+        raise
+
+
+def _ec2_backend(o: dict, executor_address: str, idle_timeout: float) -> Any:
+    from falconet.provisioner.ec2 import Ec2Backend, Ec2Settings
+    from falconet.userdata import UserData
+
+    host = executor_address.removeprefix("tcp://").rsplit(":", 1)[0]
+    if host in ("127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0", "*"):
+        log.warning("instances are told to reach the dispatcher at %s, which is only right when they "
+                    "share this machine's network (tests); pass --executor-address with its private "
+                    "address", executor_address)
+    types = tuple(t.strip() for t in o["instance_types"].split(",") if t.strip())
+    if not types:
+        raise FalconetError("--instance-types is empty; name at least one, e.g. c5.large")
+    tags = {}
+    for pair in o["tags"]:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise FalconetError(f"--tag takes KEY=VALUE, not {pair!r}")
+        tags[key] = value
+    settings = Ec2Settings(
+        cluster=o["cluster"], ami=o["ami"], instance_types=types, ami_owner=o["ami_owner"],
+        region=o["region"], profile=o["profile"], endpoint_url=o["ec2_endpoint_url"],
+        subnet_id=o["subnet"], security_group_ids=tuple(o["security_group"]), key_name=o["key_name"],
+        iam_profile=o["iam_profile"], spot=o["spot"], slots=o["slots"] or 0, tags=tags,
+        prices=prices.load(o["prices"]))
+    user_data = UserData(dispatcher=executor_address, cluster=o["cluster"], slots=o["slots"] or 0,
+                         idle_timeout_s=idle_timeout, shutdown_when_idle=o["shutdown_when_idle"])
+    backend = Ec2Backend(settings, user_data)
+    backend.prepare()
+    return backend

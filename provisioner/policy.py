@@ -1,0 +1,265 @@
+"""The scaling policy: a pure function from a snapshot of demand and fleet to a decision.
+
+:func:`decide` reads no clock and calls no cloud; the provisioner's loop builds the
+:class:`Snapshot`, applies the :class:`Decision` and carries ``Decision.streak`` into the next
+snapshot.  That keeps every rule here testable as a table or a property.
+
+Rules, in order (docs/provisioner.md says the same for users):
+
+1. **Lease.** A node older than ``max_lifetime_s`` is released (drained, so its running
+   tasks finish), busy or not: no instance outlives its lease.
+2. **Demand.** Waiting tasks are grouped by shape (cpus, memory, arch).  A shape no
+   instance type can hold is reported unschedulable and launches nothing.  Each shape wants
+   ``ceil(waiting / tasks_per_slot)`` tasks' worth of cpus; free cpus on nodes that fit the
+   shape (registered or still booting) are used first, and what is left is the deficit.
+3. **Growth.** The deficit is met with the cheapest type that fits the shape, at most
+   ``step`` nodes this round: 1 (one-at-a-time), round+1 (additive), 2**round (exponential),
+   or all (all-at-once), where round counts consecutive rounds that launched (Falkon's
+   dynamic resource provisioning).  Growth stops at ``max_executors``, at the spending
+   ``budget_usd`` (each new node is charged its minimum billing period up front), and while
+   launches back off after a failure.  ``min_executors`` is kept even with no work.
+4. **Shrink.** Only a registered node with no task for ``idle_release_s`` is released, and
+   only when no waiting task fits it and ``min_executors`` would still be kept; the longest
+   idle go first.  Busy and booting nodes are never released for scale-in.
+
+Growth needs unmet demand and shrink needs a node that no waiting task can use, so a
+decision never undoes the previous one on a steady queue: the policy does not flap.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+class Strategy(str, enum.Enum):
+    """How many nodes one round may launch (Falkon's allocation policies)."""
+
+    ONE_AT_A_TIME = "one-at-a-time"
+    ADDITIVE = "additive"
+    EXPONENTIAL = "exponential"
+    ALL_AT_ONCE = "all-at-once"
+
+    def step(self, round_: int) -> float:
+        """Nodes allowed in the round after `round_` consecutive launching rounds."""
+        if self is Strategy.ONE_AT_A_TIME:
+            return 1
+        if self is Strategy.ADDITIVE:
+            return round_ + 1
+        if self is Strategy.EXPONENTIAL:
+            return 2 ** min(round_, 30)
+        return math.inf
+
+
+@dataclass(frozen=True, order=True)
+class Shape:
+    """What one task needs: cpus, memory in MB (0: any), arch ('' : any)."""
+
+    cpus: int = 1
+    memory_mb: int = 0
+    arch: str = ""
+
+    def __str__(self) -> str:
+        parts = [f"{self.cpus} cpu"]
+        if self.memory_mb:
+            parts.append(f"{self.memory_mb} MB")
+        if self.arch:
+            parts.append(self.arch)
+        return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class InstanceType:
+    """A kind of node the backend can start, with what it has and costs."""
+
+    name: str
+    vcpus: int
+    memory_mb: int
+    arch: str
+    price_per_hour: float = 0.0
+    slots: int = 0  #: task slots of its executor; 0: one per vCPU
+
+    @property
+    def capacity(self) -> int:
+        return self.slots or self.vcpus
+
+    def fits(self, shape: Shape) -> bool:
+        return (shape.cpus <= self.capacity and shape.memory_mb <= self.memory_mb
+                and (not shape.arch or shape.arch == self.arch))
+
+
+class NodeState(str, enum.Enum):
+    """A node as the provisioner sees it."""
+
+    BOOTING = "booting"  #: launched, no executor registered yet
+    IDLE = "idle"  #: registered, no task
+    BUSY = "busy"  #: registered, running or holding tasks
+    RELEASING = "releasing"  #: asked to leave; stopped once it has
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of the fleet: an instance (EC2) or an executor process (local)."""
+
+    id: str
+    itype: InstanceType
+    state: NodeState
+    busy: int = 0  #: tasks it holds (each takes one cpu until tasks carry their own)
+    idle_s: float = 0.0  #: seconds without a task, for registered nodes
+    age_s: float = 0.0  #: seconds since launch
+
+    @property
+    def free(self) -> int:
+        return max(0, self.itype.capacity - self.busy)
+
+
+@dataclass(frozen=True)
+class Params:
+    """The user's bounds on the fleet; times in seconds."""
+
+    types: tuple[InstanceType, ...]
+    strategy: Strategy = Strategy.ADDITIVE
+    min_executors: int = 0
+    max_executors: int = 16
+    tasks_per_slot: float = 1.0
+    idle_release_s: float = 60.0
+    max_lifetime_s: float = 0.0  #: 0: no lease
+    budget_usd: float = 0.0  #: 0: no cap
+    min_charge_s: float = 60.0  #: a started instance is billed at least this long
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the policy looks at, taken at one moment."""
+
+    waiting: Mapping[Shape, int]  #: queued tasks by shape
+    nodes: tuple[Node, ...] = ()
+    spent_usd: float = 0.0  #: estimated spend of the fleet so far
+    streak: int = 0  #: consecutive rounds that launched (Decision.streak of the last round)
+    backoff_s: float = 0.0  #: seconds left before launches may be tried again
+    backoff_reason: str = ""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Start `count` nodes of `itype` for tasks of `shape`."""
+
+    itype: InstanceType
+    count: int
+    shape: Shape
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do this round, and why (one line per action or refusal)."""
+
+    launch: tuple[Launch, ...] = ()
+    release: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+    unschedulable: tuple[str, ...] = ()  #: why some waiting tasks can never run
+    streak: int = 0
+
+    @property
+    def launched(self) -> int:
+        return sum(x.count for x in self.launch)
+
+
+def decide(snap: Snapshot, params: Params) -> Decision:
+    """The decision for one round; see the module docstring for the rules."""
+    reasons: list[str] = []
+    release: list[str] = []
+    live = [n for n in snap.nodes if n.state is not NodeState.RELEASING]
+
+    # 1. lease
+    if params.max_lifetime_s > 0:
+        for n in live:
+            if n.age_s >= params.max_lifetime_s:
+                release.append(n.id)
+                reasons.append(f"release {n.id}: lease of {params.max_lifetime_s:g}s is over "
+                               f"(age {n.age_s:.0f}s); it drains first")
+        live = [n for n in live if n.id not in release]
+
+    # 2. demand, largest shapes first so they get the big free blocks
+    free = {n.id: n.free for n in live}
+    deficits: list[tuple[InstanceType, int, Shape, str]] = []
+    unschedulable: list[str] = []
+    for shape in sorted((s for s, w in snap.waiting.items() if w > 0), reverse=True):
+        waiting = snap.waiting[shape]
+        fitting = [t for t in params.types if t.fits(shape)]
+        if not fitting:
+            unschedulable.append(f"{waiting} tasks need {shape}, which none of the instance types "
+                                 f"({', '.join(t.name for t in params.types)}) has")
+            continue
+        want = math.ceil(waiting / params.tasks_per_slot)  # tasks worth a slot of their own
+        for n in live:
+            if want <= 0:
+                break
+            if n.itype.fits(shape):
+                take = min(want, free[n.id] // shape.cpus)
+                free[n.id] -= take * shape.cpus
+                want -= take
+        if want > 0:
+            cheapest = min(fitting, key=lambda t: (t.price_per_hour, t.vcpus, t.name))
+            per_node = cheapest.capacity // shape.cpus
+            deficits.append((cheapest, math.ceil(want / per_node), shape, f"{waiting} tasks need {shape}"))
+
+    # 3. growth
+    launches: list[Launch] = []
+    room = params.max_executors - len(live)
+    spend = snap.spent_usd
+    wanted = sum(d[1] for d in deficits)
+    short = params.min_executors - len(live) - wanted
+    if short > 0:
+        cheapest = min(params.types, key=lambda t: (t.price_per_hour, t.vcpus, t.name))
+        deficits.append((cheapest, short, Shape(), f"--min-executors is {params.min_executors}"))
+        wanted += short
+    step = params.strategy.step(snap.streak)
+    allowed = min(step, room)
+    if wanted and snap.backoff_s > 0:
+        reasons.append(f"hold: {wanted} nodes wanted, launches back off for {snap.backoff_s:.0f}s "
+                       f"more after: {snap.backoff_reason}")
+        allowed = 0
+    elif wanted and room <= 0:
+        reasons.append(f"hold: {wanted} nodes wanted, the fleet is at --max-executors "
+                       f"{params.max_executors}")
+    for itype, count, shape, why in deficits:
+        n = int(min(count, allowed))
+        if params.budget_usd > 0 and itype.price_per_hour > 0:
+            each = itype.price_per_hour * params.min_charge_s / 3600
+            affordable = max(0, math.floor((params.budget_usd - spend) / each + 1e-9))
+            if affordable < n:
+                reasons.append(f"hold: {n - affordable} {itype.name} would pass the budget of "
+                               f"${params.budget_usd:.2f} (spent ${spend:.2f})")
+                n = affordable
+            spend += n * each
+        if n <= 0:
+            continue
+        allowed -= n
+        launches.append(Launch(itype, n, shape))
+        reasons.append(f"launch {n} {itype.name}: {why}; {count} wanted, "
+                       f"{params.strategy.value} allows {_fmt(step)} this round")
+
+    # 4. shrink: idle past the limit, useless to every waiting task, above the minimum
+    if not launches:
+        keep = params.min_executors
+        waiting_shapes = [s for s, w in snap.waiting.items() if w > 0]
+        idle = sorted((n for n in live if n.state is NodeState.IDLE
+                       and n.idle_s >= params.idle_release_s), key=lambda n: -n.idle_s)
+        count = len(live)
+        for n in idle:
+            if count <= keep:
+                break
+            if any(n.itype.fits(s) for s in waiting_shapes):
+                continue
+            release.append(n.id)
+            count -= 1
+            reasons.append(f"release {n.id}: idle {n.idle_s:.0f}s (limit {params.idle_release_s:g}s)")
+
+    streak = snap.streak + 1 if launches else 0
+    return Decision(tuple(launches), tuple(release), tuple(reasons), tuple(unschedulable), streak)
+
+
+def _fmt(x: float) -> str:
+    return "all" if x == math.inf else str(int(x))
