@@ -132,6 +132,7 @@ class Executor:
         self.queue: collections.deque[p.Assignment] = collections.deque()
         self.phase = Phase.ACTIVE
         self.exit_code = 0
+        self.left_idle = False  #: it left because it had no work for idle_timeout_s
         self.registered = False
         self.session = ""  # the dispatcher_id of the dispatcher we registered with
         self.asked = 0
@@ -363,6 +364,7 @@ class Executor:
                 self._send(p.Bye(), now)
             self.phase = Phase.DONE
         elif self.config.idle_timeout_s and now - self.last_busy > self.config.idle_timeout_s:
+            self.left_idle = True
             self._begin_drain(f"idle for {self.config.idle_timeout_s:g}s")
 
     def _begin_drain(self, why: str) -> None:

@@ -6,6 +6,7 @@
 """
 
 from falconet.client import Client, FalconetExecutor, TaskFuture
+from falconet.elastic import ElasticCluster, provision
 from falconet.errors import (
     DispatcherUnavailable,
     FalconetError,
@@ -19,6 +20,7 @@ from falconet.tasks import CommandResult
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client", "CommandResult", "DispatcherUnavailable", "FalconetError", "FalconetExecutor",
-    "LocalCluster", "ProtocolError", "RefusedError", "TaskError", "TaskFuture", "local",
+    "Client", "CommandResult", "DispatcherUnavailable", "ElasticCluster", "FalconetError",
+    "FalconetExecutor", "LocalCluster", "ProtocolError", "RefusedError", "TaskError", "TaskFuture",
+    "local", "provision",
 ]

@@ -70,6 +70,12 @@ def main() -> None:
                    "[default: the number of CPUs, when --dispatcher is not given].")
 @click.option("--dispatcher", default=None, show_envvar=True, metavar="tcp://HOST:PORT",
               help="Run on an existing dispatcher (its client address).")
+@click.option("--provision", type=click.Choice(["local", "ec2"]), default=None, show_envvar=True,
+              help="Start an embedded dispatcher and a provisioner that grows executors with the "
+                   "queue and stops them at the end; its options come from --provision-config and "
+                   "FALCONET_PROVISIONER_* variables (see falconet provisioner --help).")
+@click.option("--provision-config", type=click.Path(dir_okay=False, exists=True), default=None,
+              show_envvar=True, help="TOML file with a [provisioner] table, for --provision.")
 @click.option("--results", type=click.File("w"), default=None, show_envvar=True,
               help="Write one JSON object per finished task to this file (JSON Lines).")
 @click.option("--retries", type=click.IntRange(min=0), default=3, show_envvar=True,
@@ -77,8 +83,8 @@ def main() -> None:
 @click.option("--walltime", type=click.FloatRange(min=0), default=0, show_envvar=True,
               help="Seconds a command may run before it is killed and failed (0: no limit).")
 @click.option("--quiet", "-q", is_flag=True, show_envvar=True, help="No progress bar.")
-def run(taskfile: str, local_slots: int | None, dispatcher: str | None, results: Any,
-        retries: int, walltime: float, quiet: bool) -> None:
+def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provision: str | None,
+        provision_config: str | None, results: Any, retries: int, walltime: float, quiet: bool) -> None:
     """Run every line of TASKFILE as a shell command ('-' reads standard input).
 
     Blank lines and lines starting with # are skipped.  Exits 0 when every task
@@ -89,8 +95,8 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, results:
     from falconet.client import Client
     from falconet.local import local as local_cluster
 
-    if local_slots and dispatcher:
-        raise click.UsageError("give either --local N or --dispatcher ADDR, not both")
+    if sum(map(bool, (local_slots, dispatcher, provision))) > 1:
+        raise click.UsageError("give one of --local N, --dispatcher ADDR and --provision BACKEND")
     try:
         lines = tf.parse(sys.stdin.read(), "<stdin>") if taskfile == "-" else tf.read(taskfile)
     except TaskFileError as exc:
@@ -112,6 +118,12 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, results:
                 raise
             finally:
                 client.close()
+        elif provision:
+            from falconet.elastic import provision as elastic
+
+            with elastic(provision, config=provision_config, client_name="falconet-run") as client:
+                runfile.run_tasks(client, lines, tally, results=results, progress=progress,
+                                  retries=retries, walltime_s=walltime)
         else:
             with local_cluster(slots=local_slots or os.cpu_count(), name="falconet-run") as client:
                 runfile.run_tasks(client, lines, tally, results=results, progress=progress,
@@ -192,11 +204,15 @@ def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interv
               help="Instance metadata service to read with --from-instance-metadata.")
 @click.option("--metadata-timeout", type=click.FloatRange(min=0.1), default=60.0, show_envvar=True,
               help="Seconds to keep trying the metadata service before giving up.")
+@click.option("--shutdown-command", default="", show_envvar=True,
+              help="Run after leaving for idleness when the user-data sets shutdown_when_idle, "
+                   "e.g. 'systemctl poweroff' (the image's boot unit sets it; empty: do nothing).")
 @log_level
 @parent_pid
 def executor(dispatcher: str | None, slots: int | None, idle_timeout: float | None,
              prefetch: int | None, executor_id: str, from_metadata: bool, metadata_url: str,
-             metadata_timeout: float, log_level: str, parent_pid: int | None) -> None:
+             metadata_timeout: float, shutdown_command: str, log_level: str,
+             parent_pid: int | None) -> None:
     """Run an executor: connect out to a dispatcher and run the tasks it hands over.
 
     SIGTERM drains it: running tasks finish, queued ones go back, then it leaves.
@@ -206,6 +222,7 @@ def executor(dispatcher: str | None, slots: int | None, idle_timeout: float | No
 
     _logging(log_level)
     facts: dict = {}
+    shutdown_when_idle = False
     if from_metadata:
         from falconet.executor import metadata
         from falconet.userdata import UserDataError, parse
@@ -221,6 +238,7 @@ def executor(dispatcher: str | None, slots: int | None, idle_timeout: float | No
         idle_timeout = ud.idle_timeout_s if idle_timeout is None else idle_timeout
         prefetch = prefetch if prefetch is not None else (ud.prefetch if ud.prefetch >= 0 else None)
         executor_id = executor_id or inst.instance_id
+        shutdown_when_idle = ud.shutdown_when_idle
         facts = {"instance_id": inst.instance_id, "instance_type": inst.instance_type,
                  "availability_zone": inst.availability_zone, "cluster": ud.cluster,
                  "launch_token": ud.launch_token, "tags": ud.tags}
@@ -233,7 +251,17 @@ def executor(dispatcher: str | None, slots: int | None, idle_timeout: float | No
     signal.signal(signal.SIGTERM, ex.request_drain)
     signal.signal(signal.SIGINT, ex.request_drain)
     _watch_parent(parent_pid, ex.request_drain)
-    sys.exit(ex.run())
+    code = ex.run()
+    if code == 0 and ex.left_idle and shutdown_when_idle:
+        log = logging.getLogger("falconet.executor")
+        if shutdown_command:
+            import subprocess
+
+            log.info("left for idleness; shutting down: %s", shutdown_command)
+            subprocess.run(shutdown_command, shell=True, check=False)  # a forgotten fleet stops costing
+        else:
+            log.warning("user-data asks to shut down when idle, but no --shutdown-command is set")
+    sys.exit(code)
 
 
 def _config_file(ctx: click.Context, _param: click.Parameter, path: str | None) -> str | None:
@@ -400,6 +428,36 @@ def status(dispatcher: str, as_json: bool) -> None:
     if info.get("executor_table"):
         click.echo("")
         _executor_table(info["executor_table"])
+    if info.get("fleet"):
+        click.echo("")
+        _fleet(info["fleet"])
+
+
+def _fleet(f: dict) -> None:
+    """The provisioner's picture: counts, nodes, spend, and its last decisions with reasons."""
+    c = f["counts"]
+    budget = f"  budget ${f['budget_usd']:.2f}" if f.get("budget_usd") else ""
+    click.echo(f"fleet {f['cluster']} ({f['backend']}, {f['policy']}, {f['min_executors']}-"
+               f"{f['max_executors']} executors)  reported {f['reported_s']:.0f}s ago")
+    click.echo(f"requested {c['requested']}  booting {c['booting']}  registered {f['registered']} "
+               f"(idle {c['idle']}, busy {c['busy']})  releasing {c['releasing']}  "
+               f"spent ~${f['spent_usd']:.2f}{budget}")
+    if f.get("launch_failures") or f.get("last_error"):
+        backoff = f"; next launch in {f['backoff_s']:.0f}s" if f.get("backoff_s") else ""
+        click.echo(f"launch failures {f['launch_failures']}{backoff}  last error: {f['last_error']}")
+    for why in f.get("unschedulable", []):
+        click.echo(f"unschedulable: {why}")
+    if f.get("nodes"):
+        table = [("NODE", "TYPE", "STATE", "AGE", "ADDRESS")] + [
+            (n["id"], n["type"], n["state"], f"{n['age_s']:.0f}s", n["address"] or "-") for n in f["nodes"]]
+        widths = [max(len(row[i]) for row in table) for i in range(5)]
+        for row in table:
+            click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for d in f.get("decisions", [])[-5:]:
+        when = time.strftime("%H:%M:%S", time.localtime(d["at"]))
+        again = f" (x{d['repeats']})" if d.get("repeats") else ""
+        for line in d["reasons"]:
+            click.echo(f"{when}{again}  {line}")
 
 
 @main.command()

@@ -40,3 +40,11 @@ class DispatcherUnavailable(FalconetError):
 
 class RefusedError(FalconetError):
     """The dispatcher refused this peer (version, role or limits)."""
+
+
+class MetadataError(FalconetError):
+    """The instance metadata service is unreachable, disabled, or lacks what we need."""
+
+
+class UserDataError(FalconetError):
+    """The user-data is missing, malformed, or names a field wrongly."""

@@ -26,13 +26,15 @@ class LocalCluster:
 
     def __init__(self, slots: int | None = None, executors: int = 1, *,
                  heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float = 10.0,
-                 log_dir: str | None = None, start_timeout_s: float = 30.0):
+                 log_dir: str | None = None, start_timeout_s: float = 30.0,
+                 host: str = "127.0.0.1", insecure: bool = False):
         self.slots = slots or os.cpu_count() or 1
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="falconet-local-")
         self.dispatcher: subprocess.Popen | None = None
         self.executors: list[subprocess.Popen] = []
         try:
-            self._start_dispatcher(heartbeat_interval_s, heartbeat_timeout_s, start_timeout_s)
+            extra = ["--host", host] + (["--insecure"] if insecure else [])
+            self._start_dispatcher(heartbeat_interval_s, heartbeat_timeout_s, start_timeout_s, extra)
             for i in range(executors):
                 self.add_executor(name=f"executor-{i}")
         except BaseException:
@@ -40,30 +42,15 @@ class LocalCluster:
             raise
 
     def _spawn(self, name: str, args: list[str], stdout: int | None = None) -> subprocess.Popen:
-        log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")  # noqa: SIM115 - handed to the child
-        cmd = [sys.executable, "-m", "falconet", *args, "--parent-pid", str(os.getpid())]
-        try:
-            # Its own session: a Ctrl-C meant for this program must not kill the children
-            # before they can drain; stop() ends them in order.
-            return subprocess.Popen(cmd, stdout=stdout or log, stderr=log, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
-        finally:
-            log.close()
+        return spawn(self.log_dir, name, args, stdout)
 
-    def _start_dispatcher(self, interval_s: float, timeout_s: float, start_timeout_s: float) -> None:
+    def _start_dispatcher(self, interval_s: float, timeout_s: float, start_timeout_s: float,
+                          extra: list[str]) -> None:
         self.dispatcher = self._spawn("dispatcher", [
-            "dispatcher", "--host", "127.0.0.1", "--client-port", "0", "--executor-port", "0",
-            "--heartbeat-interval", str(interval_s), "--heartbeat-timeout", str(timeout_s),
+            "dispatcher", "--client-port", "0", "--executor-port", "0",
+            "--heartbeat-interval", str(interval_s), "--heartbeat-timeout", str(timeout_s), *extra,
         ], stdout=subprocess.PIPE)
-        found: dict[str, str] = {}
-        deadline = time.monotonic() + start_timeout_s
-        while len(found) < 2:
-            line = self.dispatcher.stdout.readline().decode()  # type: ignore[union-attr]
-            if not line or time.monotonic() > deadline:
-                raise FalconetError(f"the local dispatcher did not start; see {self.log_dir}/dispatcher.log")
-            key, _, value = line.strip().partition(": ")
-            if key in ("client", "executor"):
-                found[key] = value
+        found = read_lines(self.dispatcher, ("client", "executor"), "dispatcher", self.log_dir, start_timeout_s)
         self.client_address, self.executor_address = found["client"], found["executor"]
 
     def add_executor(self, slots: int | None = None, name: str | None = None,
@@ -93,6 +80,45 @@ class LocalCluster:
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self.stop(timeout_s=2.0 if exc_type else 10.0)  # on an error or Ctrl-C, do not linger
+
+
+def spawn(log_dir: str, name: str, args: list[str], stdout: int | None = None) -> subprocess.Popen:
+    """Start `falconet ARGS` as a child that leaves when this process is gone; log in log_dir."""
+    log = open(os.path.join(log_dir, f"{name}.log"), "ab")  # noqa: SIM115 - handed to the child
+    cmd = [sys.executable, "-m", "falconet", *args, "--parent-pid", str(os.getpid())]
+    try:
+        # Its own session: a Ctrl-C meant for this program must not kill the children
+        # before they can drain; stop() ends them in order.
+        return subprocess.Popen(cmd, stdout=stdout or log, stderr=log, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    finally:
+        log.close()
+
+
+def read_lines(proc: subprocess.Popen, keys: tuple[str, ...], name: str, log_dir: str,
+               timeout_s: float) -> dict[str, str]:
+    """Read the 'key: value' lines a child prints once it is up."""
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(found) < len(keys):
+        line = proc.stdout.readline().decode()  # type: ignore[union-attr]
+        if not line or time.monotonic() > deadline:
+            raise FalconetError(f"the {name} did not start: {_last_error(log_dir, name)}")
+        key, _, value = line.strip().partition(": ")
+        if key in keys:
+            found[key] = value
+    return found
+
+
+def _last_error(log_dir: str, name: str) -> str:
+    """The child's last 'error:' line, or where its log is."""
+    path = os.path.join(log_dir, f"{name}.log")
+    try:
+        with open(path, errors="replace") as fh:
+            errors = [ln.strip() for ln in fh if ln.startswith("error:")]
+    except OSError:
+        errors = []
+    return errors[-1].removeprefix("error: ") if errors else f"see {path}"
 
 
 def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:

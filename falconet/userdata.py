@@ -20,14 +20,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from falconet.errors import FalconetError
+from falconet.errors import UserDataError
 
 FORMAT_VERSION = 1
 MAX_BYTES = 16 * 1024  #: EC2 accepts 16 KiB of user-data
-
-
-class UserDataError(FalconetError):
-    """The user-data is missing, malformed, or names a field wrongly."""
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def test_usage_errors_exit_2(tmp_path):
     tasks = tmp_path / "t.txt"
     tasks.write_text("true\n")
     both = falconet("run", str(tasks), "--local", "1", "--dispatcher", "tcp://127.0.0.1:1")
-    assert both.returncode == 2 and "not both" in both.stderr
+    assert both.returncode == 2 and "give one of" in both.stderr
 
 
 def test_every_command_has_help():
