@@ -217,21 +217,18 @@ def decide(snap: Snapshot, params: Params) -> Decision:
         wanted += short
     step = params.strategy.step(snap.streak)
     allowed = min(step, room)
-    if wanted and snap.backoff_s > 0:
-        reasons.append(f"hold: {wanted} nodes wanted, launches back off for {snap.backoff_s:.0f}s "
-                       f"more after: {snap.backoff_reason}")
+    if wanted and snap.backoff_s > 0:  # holds read the same each round, so status keeps one
+        reasons.append(f"hold: launches back off after a failure: {snap.backoff_reason}")
         allowed = 0
     elif wanted and room <= 0:
-        reasons.append(f"hold: {wanted} nodes wanted, the fleet is at --max-executors "
-                       f"{params.max_executors}")
+        reasons.append(f"hold: more nodes wanted, the fleet is at --max-executors {params.max_executors}")
     for itype, count, shape, why in deficits:
         n = int(min(count, allowed))
         if params.budget_usd > 0 and itype.price_per_hour > 0:
             each = itype.price_per_hour * params.min_charge_s / 3600
-            affordable = max(0, math.floor((params.budget_usd - spend) / each + 1e-9))
-            if affordable < n:
-                reasons.append(f"hold: {n - affordable} {itype.name} would pass the budget of "
-                               f"${params.budget_usd:.2f} (spent ${spend:.2f})")
+            if spend + n * each > params.budget_usd + 1e-9:  # then the quotient is below n: finite
+                affordable = min(n, max(0, math.floor((params.budget_usd - spend) / each)))
+                reasons.append(f"hold: more {itype.name} would pass the budget of ${params.budget_usd:.2f}")
                 n = affordable
             spend += n * each
         if n <= 0:

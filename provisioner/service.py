@@ -133,7 +133,7 @@ class Provisioner:
                 live = {r["id"] for r in self.client.status(detail=True, timeout_s=5)["executor_table"]}
                 if not live & set(ids):
                     break
-                self._stop.wait(min(1.0, self.settings.interval_s))
+                time.sleep(min(1.0, self.settings.interval_s))  # not _stop.wait: it is set, so it would spin
         except FalconetError as exc:
             log.warning("could not drain the fleet (%s); stopping it now", exc)
         log.info("stopping %d machines", len(ids))
@@ -160,11 +160,11 @@ class Provisioner:
         decision = policy.decide(snap, self.settings.params)
         self.streak = decision.streak
         reasons = list(decision.reasons)
-        if decision.release:
-            self.client.release_executors(decision.release, "; ".join(
-                r for r in decision.reasons if r.startswith("release")) or "released")
-            for mid in decision.release:
-                self.releasing.setdefault(mid, now)
+        for mid in decision.release:
+            why = next((r.split(": ", 1)[1] for r in decision.reasons if r.startswith(f"release {mid}:")),
+                       "released by the provisioner")
+            self.client.release_executors([mid], why)
+            self.releasing.setdefault(mid, now)
         for launch in decision.launch:
             reasons += self._launch(launch, now)
         if reasons or decision.unschedulable:
