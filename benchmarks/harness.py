@@ -47,11 +47,12 @@ class Plan:
     scale_tasks: int
     peer_fn_tasks: int
     peer_cmd_tasks: int
+    prov_executors: int  # scale-out from 0 on the simulated EC2, per policy
 
 
-QUICK = Plan(3, 3000, 300, (10.0,), (2,), 1.0, 200, 50_000, (1, 10), 100_000, (1000,), 20_000, 1000, 200)
+QUICK = Plan(3, 3000, 300, (10.0,), (2,), 1.0, 200, 50_000, (1, 10), 100_000, (1000,), 20_000, 1000, 200, 4)
 FULL = Plan(3, 20_000, 2000, (1.0, 10.0, 100.0), (1, 2, 4), 2.0, 2000, 500_000, (1, 10, 100),
-            1_000_000, (1000, 10_000), 200_000, 5000, 1000)
+            1_000_000, (1000, 10_000), 200_000, 5000, 1000, 32)
 
 
 def stats(values: list[float]) -> dict:
@@ -165,7 +166,7 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
-WORKLOADS = ("throughput", "sleep", "latency", "dispatch", "memory", "scale", "peers")
+WORKLOADS = ("throughput", "sleep", "latency", "dispatch", "memory", "scale", "peers", "provisioning")
 
 
 def run(quick: bool = False, only: tuple[str, ...] = (), log: Callable[[str], None] = print) -> dict:
@@ -181,6 +182,7 @@ def run(quick: bool = False, only: tuple[str, ...] = (), log: Callable[[str], No
         "memory": lambda: _dispatch_module().memory(plan.memory_tasks),
         "scale": lambda: [_dispatch_module().scale(n, plan.scale_tasks) for n in plan.scale_executors],
         "peers": lambda: peers(plan),
+        "provisioning": lambda: _provisioning(plan),
     }
     for name in chosen:
         t0 = time.perf_counter()
@@ -194,6 +196,12 @@ def _dispatch_module() -> Any:
     from falconet.benchmarks import dispatch
 
     return dispatch
+
+
+def _provisioning(plan: Plan) -> list[dict]:
+    from falconet.benchmarks import provisioning
+
+    return provisioning.run(plan.prov_executors)
 
 
 def _dispatch(plan: Plan, dispatch: Any) -> dict:
@@ -286,6 +294,11 @@ def table(r: dict) -> str:
     for row in r.get("scale", []):
         lines.append(f"scale, {row['executors']:,} executors: registered in {row['registered_s']:.1f}s, "
                      f"{row['tasks_per_s']:,.0f} tasks/s, heartbeat cost {row['idle_cpu_per_s']:.3f} CPU-s/s")
+    for row in r.get("provisioning", []):
+        calls = ", ".join(f"{k} {v}" for k, v in sorted(row["api_calls"].items()))
+        lines.append(f"scale-out 0 -> {row['executors']} on simulated EC2, {row['policy']}: first executor "
+                     f"{row['first_registered_s']:.1f}s, all {row['all_registered_s']:.1f}s, "
+                     f"{row['total_api_calls']} EC2 API calls ({calls})")
     lines.append("")
     lines.append("target | required | measured | met")
     for name, need, got, met in targets(r):

@@ -376,10 +376,12 @@ def provisioner(**opts: Any) -> None:
 @click.option("--out", "out_dir", default="bench-results", show_default=True, show_envvar=True,
               type=click.Path(file_okay=False), help="Folder for results.json, summary.txt and plots.")
 @click.option("--only", multiple=True, show_envvar=True,
-              type=click.Choice(["throughput", "sleep", "latency", "dispatch", "memory", "scale", "peers"]),
+              type=click.Choice(["throughput", "sleep", "latency", "dispatch", "memory", "scale", "peers",
+                                 "provisioning"]),
               help="Run only these workloads (repeatable).")
 def bench(quick: bool, out_dir: str, only: tuple[str, ...]) -> None:
-    """Measure throughput, efficiency, latency, the dispatcher's ceiling, memory and scale.
+    """Measure throughput, efficiency, latency, the dispatcher's ceiling, memory, scale, and
+    scale-out from an empty fleet under each provisioning policy (on a simulated EC2).
 
     Peers (ProcessPoolExecutor, and Parsl and Dask when installed: pip install
     'falconet[peers]') run the same workloads in the same run; plots need 'falconet[bench]'.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from falconet.errors import FalconetError
 from falconet.provisioner.policy import InstanceType
 
 
@@ -20,8 +21,12 @@ class Machine:
     address: str = ""  #: private address, when known
 
 
-class LaunchError(Exception):
-    """A launch failed; the message says why in one line (capacity, limits, bad image...)."""
+class LaunchError(FalconetError):
+    """A cloud call failed; the message says why in one line (capacity, limits, bad image...).
+
+    A FalconetError, so a failed describe or terminate is reported and the next round
+    tries again, and a failure at start is one 'error:' line, not a traceback.
+    """
 
 
 class Backend(Protocol):

@@ -225,9 +225,10 @@ def decide(snap: Snapshot, params: Params) -> Decision:
     for itype, count, shape, why in deficits:
         n = int(min(count, allowed))
         if params.budget_usd > 0 and itype.price_per_hour > 0:
-            each = itype.price_per_hour * params.min_charge_s / 3600
-            if spend + n * each > params.budget_usd + 1e-9:  # then the quotient is below n: finite
-                affordable = min(n, max(0, math.floor((params.budget_usd - spend) / each)))
+            each = itype.price_per_hour * params.min_charge_s / 3600  # charged up front
+            left = params.budget_usd - spend
+            if n * each > left + 1e-9:  # some do not fit; then left / each < n, so it is finite
+                affordable = 0 if left <= 0 or each <= 0 else min(n, math.floor(left / each + 1e-9))
                 reasons.append(f"hold: more {itype.name} would pass the budget of ${params.budget_usd:.2f}")
                 n = affordable
             spend += n * each

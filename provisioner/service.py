@@ -75,6 +75,7 @@ class Provisioner:
         self.decisions: collections.deque[dict] = collections.deque(maxlen=20)
         self.first_registered_at: float | None = None
         self.rounds = 0
+        self.last_info: dict = {}
         self._stop = threading.Event()
         self._prices = {t.name: t.price_per_hour for t in backend.types()}
         self._types = {t.name: t for t in backend.types()}
@@ -259,6 +260,13 @@ class Provisioner:
         self.last_error = why
         log.error("round failed: %s", why)
         self._note(self.wall(), [f"round failed: {why}"])
+        if self.last_info:  # status shows the failure, not a silently stale picture
+            info = {**self.last_info, "last_error": why, "rounds": self.rounds,
+                    "decisions": list(self.decisions)[-10:]}
+            try:
+                self.client.report_fleet(info)
+            except FalconetError:
+                pass
 
     # ------------------------------------------------------------ spend
 
@@ -315,6 +323,7 @@ class Provisioner:
             "last_error": self.last_error, "api_calls": self.backend.api_calls(),
             "rounds": self.rounds,
         }
+        self.last_info = info
         try:
             self.client.report_fleet(info)
         except FalconetError as exc:

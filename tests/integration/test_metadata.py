@@ -14,8 +14,8 @@ import urllib.request
 
 import pytest
 from cluster_helpers import wait_until
-from falconet.benchmarks.imds import TOKEN_HEADER, TTL_HEADER, ImdsServer
 
+from falconet.benchmarks.imds import TOKEN_HEADER, TTL_HEADER, ImdsServer
 from falconet.executor.metadata import Instance, MetadataError, read_instance
 from falconet.userdata import UserData
 

@@ -1,0 +1,90 @@
+"""Scale-out from an empty fleet on a simulated EC2: time to the first and the last executor,
+and the EC2 API calls each policy makes on the way (``falconet bench --only provisioning``).
+
+The cloud is moto's EC2 API on loopback and :class:`~falconet.benchmarks.ec2sim.Hypervisor`,
+which boots an executor process for each running instance; the provisioner and the
+dispatcher are the real programs.  Times include booting a Python executor per instance on
+this machine, so they say more about the policies' shapes than about EC2's boot time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any
+
+from falconet.benchmarks.ec2sim import Hypervisor, MotoEc2
+from falconet.client import Client
+from falconet.local import LocalCluster
+from falconet.provisioner.policy import Strategy
+
+TASK_S = 600  #: tasks outlast the slowest scale-out; they are cancelled and killed at the end
+
+
+def scale_out(moto: MotoEc2, policy: str, executors: int, interval_s: float = 0.5,
+              timeout_s: float = 300.0) -> dict[str, Any]:
+    """One scale-out from 0 to `executors` one-slot executors under `policy`."""
+    cluster = f"bench-{policy}-{uuid.uuid4().hex[:6]}"
+    log_dir = tempfile.mkdtemp(prefix=f"falconet-{cluster}-")
+    with LocalCluster(executors=0, log_dir=log_dir) as local, \
+            Hypervisor(moto, cluster, log_dir) as _hv:
+        log = open(os.path.join(log_dir, "provisioner.log"), "ab")  # noqa: SIM115 - the child's
+        prov = subprocess.Popen(
+            [sys.executable, "-m", "falconet", "provisioner", "--dispatcher", local.client_address,
+             "--backend", "ec2", "--ec2-endpoint-url", moto.url, "--region", "us-east-1",
+             "--ami", moto.image_id, "--instance-types", "c5.large", "--cluster", cluster,
+             "--slots", "1", "--max-executors", str(executors), "--policy", policy,
+             "--interval", str(interval_s), "--idle-release", "600", "--stop-grace", "5"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=moto.env(), start_new_session=True)
+        log.close()
+        client = Client(local.client_address, name="bench-provisioning")
+        try:
+            fleet = _wait(client, lambda f: f.get("rounds", 0) >= 1, timeout_s)
+            t0 = time.monotonic()
+            # two per executor: one running, one held as its prefetch, so the queue wants
+            # more executors until every one of them is there
+            client.submit_commands([f"sleep {TASK_S}"] * (executors * 2))
+            first = _wait(client, lambda f: f.get("registered", 0) >= 1, timeout_s)
+            t_first = time.monotonic() - t0
+            fleet = _wait(client, lambda f: f.get("registered", 0) >= executors, timeout_s)
+            t_all = time.monotonic() - t0
+            calls = fleet["api_calls"]
+            launches = [r for d in fleet["decisions"] for r in d["reasons"] if r.startswith("launch ")]
+            return {"policy": policy, "executors": executors, "first_registered_s": t_first,
+                    "all_registered_s": t_all, "api_calls": calls, "total_api_calls": sum(calls.values()),
+                    "run_instances": calls.get("RunInstances", 0), "rounds": fleet["rounds"],
+                    "launches": launches, "first_round": first["rounds"]}
+        finally:
+            client.close(cancel=True)
+            prov.send_signal(signal.SIGTERM)
+            try:
+                prov.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(prov.pid, signal.SIGKILL)
+                prov.wait()
+            left = moto.instances(cluster, states=("pending", "running"))
+            if left:  # never leak, even from a benchmark
+                moto.ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in left])
+
+
+def _wait(client: Client, done: Any, timeout_s: float) -> dict:
+    """Poll the fleet report until done(fleet); the benchmark's own clock is the dispatcher's."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        fleet = client.status(detail=True).get("fleet") or {}
+        if done(fleet):
+            return fleet
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fleet did not get there in {timeout_s:g}s: {fleet.get('counts')}")
+        time.sleep(0.05)
+
+
+def run(executors: int, policies: tuple[str, ...] = tuple(s.value for s in Strategy)) -> list[dict]:
+    """One scale-out per policy, on one simulated cloud."""
+    with MotoEc2() as moto:
+        return [scale_out(moto, p, executors) for p in policies]
