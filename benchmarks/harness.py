@@ -201,7 +201,7 @@ def _dispatch_module() -> Any:
 def _provisioning(plan: Plan) -> list[dict]:
     from falconet.benchmarks import provisioning
 
-    return provisioning.run(plan.prov_executors)
+    return provisioning.run(plan.prov_executors, plan.repeat)
 
 
 def _dispatch(plan: Plan, dispatch: Any) -> dict:
@@ -296,8 +296,11 @@ def table(r: dict) -> str:
                      f"{row['tasks_per_s']:,.0f} tasks/s, heartbeat cost {row['idle_cpu_per_s']:.3f} CPU-s/s")
     for row in r.get("provisioning", []):
         calls = ", ".join(f"{k} {v}" for k, v in sorted(row["api_calls"].items()))
+        firsts = sorted(x["first_registered_s"] for x in row["runs"])
         lines.append(f"scale-out 0 -> {row['executors']} on simulated EC2, {row['policy']}: first executor "
-                     f"{row['first_registered_s']:.1f}s, all {row['all_registered_s']:.1f}s, "
+                     f"{firsts[len(firsts) // 2]:.1f}s, all {row['all_registered_s']:.1f}s "
+                     f"({min(x['all_registered_s'] for x in row['runs']):.1f}-"
+                     f"{max(x['all_registered_s'] for x in row['runs']):.1f}), "
                      f"{row['total_api_calls']} EC2 API calls ({calls})")
     lines.append("")
     lines.append("target | required | measured | met")

@@ -47,6 +47,11 @@ def test_fleet_grows_with_the_queue_and_shrinks_when_idle(cluster):
         assert any(r.startswith("launch 3 local") for r in reasons), reasons
         assert any(r.startswith("release ") and "idle" in r for r in reasons), reasons
         assert client.status()["lost_executors"] == 0  # released by drain, not killed
+    shown = subprocess.run([sys.executable, "-m", "falconet", "status", "--dispatcher", cluster.client_address],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "fleet falconet (local, all-at-once, 0-3 executors)" in shown.stdout
+    assert "release local-" in shown.stdout  # the last decisions, with their reasons
     prov.send_signal(signal.SIGTERM)
     assert prov.wait(30) == 0
 
