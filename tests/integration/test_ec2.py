@@ -307,3 +307,48 @@ def test_an_image_that_matches_nothing_is_one_error_line(run):
 def test_missing_credentials_are_one_error_line(run):
     errors = run.fails(env=run.moto.env(credentials=False))
     assert len(errors) == 1 and "credentials" in errors[0], errors
+
+
+def test_launch_options_reach_ec2(moto: MotoEc2, monkeypatch):
+    """Subnet, security group, key pair, spot, extra tags, the image by tag, the cheapest fitting
+    type, and the user-data: what the backend asks for is what EC2 records."""
+    from falconet.provisioner.ec2 import Ec2Backend, Ec2Settings
+    from falconet.provisioner.policy import Shape
+    from falconet.userdata import UserData, parse
+
+    for key, value in moto.env().items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    ec2 = moto.ec2
+    ec2.create_tags(Resources=[moto.image_id], Tags=[{"Key": "role", "Value": "falconet-test"}])
+    vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.9.1.0/24")["Subnet"]["SubnetId"]
+    group = ec2.create_security_group(GroupName=f"g-{uuid.uuid4().hex[:6]}", Description="t",
+                                      VpcId=vpc)["GroupId"]
+    key = f"k-{uuid.uuid4().hex[:6]}"
+    ec2.create_key_pair(KeyName=key)
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    backend = Ec2Backend(Ec2Settings(
+        cluster=name, ami="tag:role=falconet-test", instance_types=("c5.2xlarge", "c5.large"),
+        region=REGION, endpoint_url=moto.url, subnet_id=subnet, security_group_ids=(group,),
+        key_name=key, spot=True, tags={"team": "genomics"}), UserData(dispatcher="tcp://10.9.1.5:5556"))
+    backend.prepare()
+    assert backend.image_id == moto.image_id
+    cheapest = min((t for t in backend.types() if t.fits(Shape(cpus=2))), key=lambda t: t.price_per_hour)
+    assert cheapest.name == "c5.large" and cheapest.vcpus == 2
+    try:
+        started = backend.start(cheapest, 2, f"{name}-tok")
+        assert len(started) == 2
+        for inst in moto.instances(name):
+            tags = {t["Key"]: t["Value"] for t in inst["Tags"]}
+            assert tags[CLUSTER_TAG] == name and tags[TOKEN_TAG] == f"{name}-tok" and tags["team"] == "genomics"
+            assert inst["SubnetId"] == subnet and inst["KeyName"] == key
+            assert [g["GroupId"] for g in inst["SecurityGroups"]] == [group]
+            assert inst["InstanceLifecycle"] == "spot" and inst["InstanceType"] == "c5.large"
+            ud = parse(moto.user_data(inst["InstanceId"]))
+            assert (ud.dispatcher, ud.cluster, ud.launch_token) == ("tcp://10.9.1.5:5556", name, f"{name}-tok")
+        assert {m.id for m in backend.list()} == {m.id for m in started}
+        assert backend.api_calls()["RunInstances"] == 1
+    finally:
+        backend.stop([i["InstanceId"] for i in moto.instances(name)])
+    assert moto.instances(name) == []
