@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from falconet.client import Client
-from falconet.local import LocalCluster, _signal_all, _wait_all, read_lines, spawn
+from falconet.local import LocalCluster, _signal_all, _wait_all, read_lines, session, spawn
 
 
 class ElasticCluster:
@@ -83,12 +83,6 @@ def command_line(options: dict[str, Any]) -> list[str]:
 def provision(backend: str = "local", *, dispatcher: str | None = None, client_name: str = "",
               **options: Any) -> Iterator[Client]:
     """A Client on a fleet that grows with its queue and shrinks when idle; stopped on exit."""
-    with ElasticCluster(backend, dispatcher=dispatcher, **options) as cluster:
-        client = Client(cluster.client_address, name=client_name)
-        try:
-            yield client
-        except BaseException:
-            client.close(cancel=True)
-            raise
-        finally:
-            client.close()
+    with ElasticCluster(backend, dispatcher=dispatcher, **options) as cluster, \
+            session(cluster.client_address, name=client_name) as client:
+        yield client

@@ -141,12 +141,18 @@ def _wait_all(procs: list[subprocess.Popen], timeout_s: float) -> None:
 @contextlib.contextmanager
 def local(slots: int | None = None, executors: int = 1, **client_options: Any) -> Iterator[Client]:
     """An embedded dispatcher with local executors, and a Client connected to it."""
-    with LocalCluster(slots, executors) as cluster:
-        client = Client(cluster.client_address, **client_options)
-        try:
-            yield client
-        except BaseException:
-            client.close(cancel=True)
-            raise
-        finally:
-            client.close()
+    with LocalCluster(slots, executors) as cluster, session(cluster.client_address, **client_options) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def session(address: str, **client_options: Any) -> Iterator[Client]:
+    """A Client that cancels its unfinished tasks when the block is left by an exception."""
+    client = Client(address, **client_options)
+    try:
+        yield client
+    except BaseException:
+        client.close(cancel=True)
+        raise
+    finally:
+        client.close()
