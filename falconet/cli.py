@@ -336,6 +336,9 @@ def _config_file(ctx: click.Context, _param: click.Parameter, path: str | None) 
 @click.option("--spot", is_flag=True, show_envvar=True, help="Request spot instances.")
 @click.option("--tag", "tags", multiple=True, show_envvar=True, metavar="KEY=VALUE",
               help="Extra tag on every instance and volume (repeatable).")
+@click.option("--cloud-init", type=click.Path(dir_okay=False, exists=True), default=None, show_envvar=True,
+              help="For stock images without the executor baked in: a cloud-config (such as "
+                   "ami/cloud-init.yaml) sent with the falconet user-data as one multipart document.")
 @click.option("--shutdown-when-idle/--no-shutdown-when-idle", default=True, show_envvar=True,
               help="An EC2 executor that leaves for idleness powers its machine off (terminated).")
 @click.option("--clean-orphans", is_flag=True, show_envvar=True,

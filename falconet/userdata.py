@@ -10,19 +10,29 @@ metadata service.  It is one JSON object, documented in docs/provisioner.md::
 
 Only ``falconet`` (the format version) and ``dispatcher`` are required.  Unknown keys are
 refused, so a typo fails loudly at boot instead of being silently ignored.
+
+On a stock image without the executor baked in, the user-data is a MIME multipart
+document (:func:`with_cloud_config`): a cloud-config part that installs falconet and starts
+its unit (``ami/cloud-init.yaml``), and a part of type ``text/x-falconet`` holding the JSON
+object above.  cloud-init ignores the second part; the executor reads only it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import email
+import email.policy
 import json
 import math
 from dataclasses import dataclass, field
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from typing import Any
 
 from falconet.errors import UserDataError
 
 FORMAT_VERSION = 1
+CONTENT_TYPE = "text/x-falconet"  #: the falconet part of a multipart user-data
 MAX_BYTES = 16 * 1024  #: EC2 accepts 16 KiB of user-data
 
 
@@ -69,6 +79,7 @@ def parse(raw: bytes | str, where: str = "user-data") -> UserData:
     if not raw.strip():
         raise UserDataError(f"{where} is empty; launch the instance with falconet user-data "
                             "(see docs/provisioner.md)")
+    raw = _falconet_part(raw, where)
     try:
         doc: Any = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -106,3 +117,33 @@ def parse(raw: bytes | str, where: str = "user-data") -> UserData:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
         raise UserDataError(f"{where}: field 'tags' must map strings to strings")
     return UserData(**doc)
+
+
+def with_cloud_config(doc: str, cloud_config: str) -> str:
+    """A multipart user-data: cloud-init's part for a stock image, then the falconet JSON."""
+    if not cloud_config.startswith("#cloud-config"):
+        raise UserDataError("the cloud-init template must start with '#cloud-config'")
+    mime = MIMEMultipart()
+    mime.attach(MIMEText(cloud_config, "cloud-config"))
+    mime.attach(MIMEText(doc, CONTENT_TYPE.split("/", 1)[1]))
+    text = mime.as_string()
+    if len(text.encode()) > MAX_BYTES:
+        raise UserDataError(f"user-data with the cloud-init template is {len(text.encode())} bytes, "
+                            f"more than EC2's {MAX_BYTES}; shorten the template")
+    return text
+
+
+def _falconet_part(raw: str, where: str) -> str:
+    """The JSON text: all of raw, or the text/x-falconet part of a multipart document."""
+    head = raw.lstrip()[:200].lower()
+    if head.startswith("#cloud-config"):
+        raise UserDataError(f"{where} is a cloud-config document with no falconet part; give the "
+                            f"provisioner the template with --cloud-init FILE, which adds one")
+    if not (head.startswith("content-type:") or head.startswith("mime-version:")):
+        return raw
+    msg = email.message_from_string(raw, policy=email.policy.default)
+    for part in msg.walk():
+        if part.get_content_type() == CONTENT_TYPE:
+            return part.get_content()
+    raise UserDataError(f"{where} is a multipart document without a {CONTENT_TYPE} part "
+                        "(see docs/provisioner.md)")

@@ -19,7 +19,7 @@ from falconet.errors import FalconetError
 from falconet.provisioner import prices
 from falconet.provisioner.backend import LaunchError, Machine
 from falconet.provisioner.policy import InstanceType
-from falconet.userdata import UserData
+from falconet.userdata import UserData, with_cloud_config
 
 log = logging.getLogger("falconet.provisioner.ec2")
 
@@ -47,6 +47,7 @@ class Ec2Settings:
     slots: int = 0  #: executor slots per instance; 0: one per vCPU
     tags: dict = field(default_factory=dict)  #: extra tags for instances and volumes
     prices: dict = field(default_factory=dict)
+    cloud_init: str = ""  #: a cloud-config for stock images; user-data becomes multipart
 
 
 class Ec2Backend:
@@ -173,11 +174,14 @@ class Ec2Backend:
         tags = [{"Key": CLUSTER_TAG, "Value": s.cluster}, {"Key": TOKEN_TAG, "Value": token},
                 {"Key": "Name", "Value": f"falconet-{s.cluster}"},
                 *({"Key": k, "Value": v} for k, v in s.tags.items())]
-        ud = UserData(**{**self.user_data.__dict__, "launch_token": token, "cluster": s.cluster})
+        ud = UserData(**{**self.user_data.__dict__, "launch_token": token, "cluster": s.cluster}).to_json()
+        if s.cloud_init:
+            ud = with_cloud_config(ud, s.cloud_init)
         kwargs: dict[str, Any] = {
             "ImageId": self.image_id, "InstanceType": itype.name, "MinCount": count, "MaxCount": count,  # all or none: no half launch to reason about
-            "ClientToken": token, "UserData": ud.to_json(),
+            "ClientToken": token, "UserData": ud,
             "InstanceInitiatedShutdownBehavior": "terminate",  # a powered-off executor costs nothing
+            "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},  # IMDSv2 only
             "TagSpecifications": [{"ResourceType": "instance", "Tags": tags},
                                   {"ResourceType": "volume", "Tags": tags}],
         }

@@ -75,9 +75,22 @@ def _ec2_backend(o: dict, executor_address: str, idle_timeout: float) -> Any:
         region=o["region"], profile=o["profile"], endpoint_url=o["ec2_endpoint_url"],
         subnet_id=o["subnet"], security_group_ids=tuple(o["security_group"]), key_name=o["key_name"],
         iam_profile=o["iam_profile"], spot=o["spot"], slots=o["slots"] or 0, tags=tags,
-        prices=prices.load(o["prices"]))
+        prices=prices.load(o["prices"]), cloud_init=_cloud_init(o["cloud_init"]))
     user_data = UserData(dispatcher=executor_address, cluster=o["cluster"], slots=o["slots"] or 0,
                          idle_timeout_s=idle_timeout, shutdown_when_idle=o["shutdown_when_idle"])
     backend = Ec2Backend(settings, user_data)
     backend.prepare()
     return backend
+
+
+def _cloud_init(path: str | None) -> str:
+    if not path:
+        return ""
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise FalconetError(f"cannot read --cloud-init {path}: {exc.strerror}") from None
+    if not text.startswith("#cloud-config"):
+        raise FalconetError(f"--cloud-init {path} must be a cloud-config file starting with '#cloud-config'")
+    return text

@@ -91,3 +91,38 @@ def test_each_error_names_what_is_wrong_in_one_line(raw, named):
 def test_an_unknown_field_lists_the_known_ones():
     with pytest.raises(UserDataError, match="known fields: falconet, dispatcher, cluster"):
         parse(doc(dispatchr="tcp://x:1"))
+
+
+CLOUD_CONFIG = "#cloud-config\npackages: [python3-venv]\n"
+
+
+def test_multipart_user_data_carries_the_falconet_part():
+    from falconet.userdata import with_cloud_config
+
+    ud = UserData(dispatcher="tcp://10.0.1.5:5556", cluster="stock", slots=3)
+    text = with_cloud_config(ud.to_json(), CLOUD_CONFIG)
+    assert "text/cloud-config" in text and "text/x-falconet" in text
+    assert parse(text) == ud
+    assert parse(text.encode()) == ud
+
+
+def test_cloud_config_alone_or_a_multipart_without_our_part_is_refused():
+    from email.mime.multipart import MIMEMultipart
+    from email.mime.text import MIMEText
+
+    with pytest.raises(UserDataError, match="cloud-config document with no falconet part.*--cloud-init"):
+        parse(CLOUD_CONFIG)
+    mime = MIMEMultipart()
+    mime.attach(MIMEText(CLOUD_CONFIG, "cloud-config"))
+    with pytest.raises(UserDataError, match="without a text/x-falconet part"):
+        parse(mime.as_string())
+
+
+def test_cloud_init_template_must_be_cloud_config_and_fit_in_16_kib():
+    from falconet.userdata import with_cloud_config
+
+    doc = UserData(dispatcher="tcp://10.0.1.5:5556").to_json()
+    with pytest.raises(UserDataError, match="must start with '#cloud-config'"):
+        with_cloud_config(doc, "packages: []\n")
+    with pytest.raises(UserDataError, match="more than EC2's"):
+        with_cloud_config(doc, CLOUD_CONFIG + "#" * 20_000 + "\n")
