@@ -30,6 +30,33 @@ def wait_until(predicate: Callable[[], object], timeout_s: float = 30.0, what: s
         time.sleep(0.02)
 
 
+def stop_processes(procs) -> None:
+    """SIGKILL each process's group, reap it and close its stdout pipe."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def read_logs(log_dir: Path) -> str:
+    """The tail of every *.log in log_dir, each under its name."""
+    return "\n".join(f"----- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
+                     for p in sorted(log_dir.glob("*.log")))
+
+
+def read_addresses(dispatcher: subprocess.Popen) -> tuple[str, str]:
+    """The (client, executor) addresses a dispatcher prints on its first two lines."""
+    lines = [dispatcher.stdout.readline().decode().strip() for _ in range(2)]
+    found = dict(line.split(": ", 1) for line in lines if ": " in line)
+    assert set(found) == {"client", "executor"}, f"dispatcher printed {lines!r}"
+    return found["client"], found["executor"]
+
+
 class Cluster:
     """A dispatcher process and executor processes, each in its own process group."""
 
@@ -53,10 +80,7 @@ class Cluster:
             "--heartbeat-interval", str(HEARTBEAT_INTERVAL_S),
             "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S), "--log-level", "debug", *extra,
         ], stdout=subprocess.PIPE)
-        lines = [self.dispatcher.stdout.readline().decode().strip() for _ in range(2)]
-        found = dict(line.split(": ", 1) for line in lines if ": " in line)
-        assert set(found) == {"client", "executor"}, f"dispatcher printed {lines!r}"
-        self.client_address, self.executor_address = found["client"], found["executor"]
+        self.client_address, self.executor_address = read_addresses(self.dispatcher)
 
     def start_executor(self, name: str, slots: int = 2, *extra: str) -> subprocess.Popen:
         return self._spawn(name, ["executor", "--dispatcher", self.executor_address,
@@ -72,16 +96,7 @@ class Cluster:
         os.kill(self.procs[name].pid, sig)
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            proc.wait()
-            if proc.stdout:
-                proc.stdout.close()
+        stop_processes(self.procs.values())
 
     def logs(self) -> str:
-        return "\n".join(f"----- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
-                         for p in sorted(self.log_dir.glob("*.log")))
+        return read_logs(self.log_dir)
