@@ -20,6 +20,7 @@ from typing import Any
 
 from falconet import protocol as p
 from falconet.dispatcher import states
+from falconet.dispatcher.journal import Kind
 from falconet.protocol import TaskState
 
 log = logging.getLogger("falconet.dispatcher")
@@ -45,6 +46,8 @@ class Config:
     max_results_batch: int = 4096  #: results in one Results message
     rate_window_s: float = 10.0  #: window of the tasks/s figure
     max_message_bytes: int = 256 << 20  #: ZeroMQ disconnects a peer that sends a larger one
+    max_task_bytes: int = 64 << 20  #: a task body larger than this fails at submission
+    max_output_bytes: int = 64 << 20  #: a result output larger than this fails the task
 
 
 class Task:
@@ -97,15 +100,30 @@ class ExecutorEntry:
 
 
 class ClientEntry:
-    """A client session: its identity, name and per-state task counts."""
+    """A client session: its identity, name, per-state task counts and undelivered results."""
 
-    __slots__ = ("peer", "name", "counts", "results")
+    __slots__ = ("peer", "name", "counts", "results", "unacked", "welcomed", "batch_high", "batch_extra")
 
-    def __init__(self, peer: bytes, name: str):
+    def __init__(self, peer: bytes, name: str, *, welcomed: bool = True):
         self.peer = peer
         self.name = name
         self.counts = [0] * len(TaskState)
-        self.results: list[p.TaskResult] = []
+        self.results: list[p.TaskResult] = []  #: finished this turn, not yet sent
+        self.unacked: dict[int, p.TaskResult] = {}  #: sent, kept until the client's Ack
+        self.welcomed = welcomed  #: False for a client known only from the journal: it must say Hello
+        self.batch_high = 0  #: every batch number up to this one was accepted
+        self.batch_extra: set[int] = set()  #: accepted batch numbers above batch_high
+
+    def first_time(self, batch: int) -> bool:
+        """Note batch as accepted; False if it was already (a re-sent Submit)."""
+        if batch <= self.batch_high or batch in self.batch_extra:
+            return False
+        self.batch_extra.add(batch)
+        extra = self.batch_extra
+        while self.batch_high + 1 in extra:
+            self.batch_high += 1
+            extra.remove(self.batch_high)
+        return True
 
 
 class Core:
@@ -133,6 +151,9 @@ class Core:
         self.endpoints: dict[str, str] = {}  #: bound addresses, set by the server, shown in status
         self.fleet: dict | None = None  #: the provisioner's last FleetReport
         self.fleet_at = 0.0
+        #: (Kind, fields) records for the journal; None when the dispatcher keeps no journal
+        self.journal: list[tuple[int, tuple]] | None = None
+        self.durability: dict[str, Any] = {"mode": "in-memory"}  #: shown in status; the server fills it
 
     # ------------------------------------------------------------ state changes
 
@@ -172,11 +193,13 @@ class Core:
             self._hello(peer, msg)
             return
         client = self.clients.get(peer)
-        if client is None:
+        if client is None or not client.welcomed:
             self.to_clients.append((peer, p.Refused(f"{p.HELLO_FIRST}: this dispatcher does not know this client")))
             return
         if type(msg) is p.Submit:
             self._submit(client, msg)
+        elif type(msg) is p.Ack:
+            self._ack(client, msg.seqs)
         elif type(msg) is p.Cancel:
             self._cancel(client, set(msg.seqs))
         elif type(msg) is p.StatusRequest:
@@ -196,11 +219,17 @@ class Core:
         client = self.clients.get(peer)
         if client is None:
             client = self.clients[peer] = ClientEntry(peer, msg.name)
+        client.welcomed = True
         limits = {"max_submit_batch": self.config.max_submit_batch,
-                  "max_message_bytes": self.config.max_message_bytes}
+                  "max_message_bytes": self.config.max_message_bytes,
+                  "max_task_bytes": self.config.max_task_bytes,
+                  "journal": self.journal is not None}
         self.to_clients.append((peer, p.Welcome(p.PROTOCOL_VERSION, self.dispatcher_id, limits)))
-        if client.results:  # undelivered results of an earlier connection
-            self._results_pending[peer] = client
+        # Results sent before and never acknowledged: the connection (or the dispatcher) died.
+        resend = list(client.unacked.values())
+        step = self.config.max_results_batch
+        for i in range(0, len(resend), step):
+            self.to_clients.append((peer, p.Results(resend[i:i + step])))
 
     def _submit(self, client: ClientEntry, msg: p.Submit) -> None:
         if len(msg.tasks) > self.config.max_submit_batch:
@@ -208,17 +237,33 @@ class Core:
                 f"batch {msg.batch} has {len(msg.tasks)} tasks, more than the limit of "
                 f"{self.config.max_submit_batch}; submit in smaller batches")))
             return
+        if not client.first_time(msg.batch):  # re-sent after a restart: it is in the journal
+            self.to_clients.append((client.peer, p.Accepted(msg.batch, len(msg.tasks))))
+            return
         wall = self.wall()
-        queue, counts, ccounts = self.queue, self.counts, client.counts
-        counts[_PENDING] += len(msg.tasks)
-        ccounts[_PENDING] += len(msg.tasks)
-        for spec in msg.tasks:
-            if spec.kind in _KINDS and spec.retries >= 0 and spec.walltime_s >= 0:  # NaN fails
-                queue.append(Task(client, spec, wall))
-            else:
-                self._finish(Task(client, spec, wall), _FAILED, b"", _invalid(spec), "", 0.0, wall)
-        self.submitted_total += len(msg.tasks)
+        if self.journal is not None:
+            self.journal.append((Kind.SUBMIT, (client.peer, client.name, msg.batch, wall, msg.tasks)))
+        self._queue(client, msg.tasks, wall)
         self.to_clients.append((client.peer, p.Accepted(msg.batch, len(msg.tasks))))
+
+    def _queue(self, client: ClientEntry, specs: list[p.TaskSpec], wall: float) -> None:
+        queue, counts, ccounts = self.queue, self.counts, client.counts
+        counts[_PENDING] += len(specs)
+        ccounts[_PENDING] += len(specs)
+        max_body = self.config.max_task_bytes
+        for spec in specs:
+            if spec.kind in _KINDS and spec.retries >= 0 and spec.walltime_s >= 0 and len(spec.body) <= max_body:
+                queue.append(Task(client, spec, wall))  # (NaN fails the walltime test)
+            else:
+                self._finish(Task(client, spec, wall), _FAILED, b"", _invalid(spec, max_body), "", 0.0, wall)
+        self.submitted_total += len(specs)
+
+    def _ack(self, client: ClientEntry, seqs: list[int]) -> None:
+        unacked = client.unacked
+        for seq in seqs:
+            unacked.pop(seq, None)
+        if self.journal is not None:
+            self.journal.append((Kind.ACK, (client.peer, seqs)))
 
     def _cancel(self, client: ClientEntry, seqs: set[int]) -> None:
         wall = self.wall()
@@ -295,16 +340,21 @@ class Core:
         if msg.results:
             eid = ex.info.executor_id
             accepted = 0
+            max_out = self.config.max_output_bytes
             for r in msg.results:
                 t = tasks.get(r.tid)
                 if t is None or t.attempt != r.attempt:
                     self.stale_results += 1
                     continue
                 del tasks[r.tid]
-                state, reason = r.state, r.reason
+                state, reason, output = r.state, r.reason, r.output
                 if state not in _FINAL:
                     state, reason = _FAILED, f"executor reported invalid state {state}"
-                self._finish(t, state, r.output, reason, eid, r.started, r.finished)
+                if len(output) > max_out:
+                    state, output = _FAILED, b""
+                    reason = (f"its output of {len(r.output)} bytes is more than the dispatcher's "
+                              f"limit of {max_out} (--max-output-bytes); lower the task's output cap")
+                self._finish(t, state, output, reason, eid, r.started, r.finished)
                 accepted += 1
             ex.completed += accepted
             self._note_done(now, accepted)
@@ -341,6 +391,8 @@ class Core:
             return
         if loss:
             task.losses += 1
+            if self.journal is not None:
+                self.journal.append((Kind.LOSSES, (task.client.peer, [(task.seq, task.losses)])))
             if task.losses > task.retries:
                 self._finish(task, _FAILED, b"", f"{why}; retry limit of {task.retries} reached after "
                              f"{task.attempt} attempts", "", 0.0, self.wall())
@@ -447,8 +499,12 @@ class Core:
     def take_outgoing(self) -> tuple[list[tuple[bytes, Any]], list[tuple[bytes, Any]]]:
         """Return and clear the messages to send: (to clients, to executors)."""
         step = self.config.max_results_batch
+        journal = self.journal
         for peer, client in self._results_pending.items():
             results, client.results = client.results, []
+            client.unacked.update([(r[0], r) for r in results])
+            if journal is not None:
+                journal.append((Kind.RESULTS, (peer, results)))
             for i in range(0, len(results), step):
                 self.to_clients.append((peer, p.Results(results[i:i + step])))
         self._results_pending.clear()
@@ -457,10 +513,111 @@ class Core:
         return out
 
     def undelivered(self, peer: bytes, msg: Any) -> None:
-        """The loop could not route msg to this client: keep its results for a reconnect."""
+        """The loop could not route msg to this client: its results stay unacknowledged,
+        and go out again when the client says Hello."""
+
+    def take_journal(self) -> list[tuple[int, tuple]]:
+        """Return and clear the records to journal before this turn's messages go out."""
+        records = self.journal or []
+        if self.journal is not None:
+            self.journal = []
+        return records
+
+    # ------------------------------------------------------------ durability
+
+    def restore(self, records: Any) -> int:
+        """Rebuild the queue and the unacknowledged results from journal records.
+
+        Every accepted task without a result is queued again (tasks that were running when
+        the last dispatcher died run again: at-least-once).  Returns the tasks queued.
+        """
+        live: dict[tuple[bytes, int], Task] = {}
+        apply = {Kind.SUBMIT: self._restore_submit, Kind.TASKS: self._restore_tasks,
+                 Kind.RESULTS: self._restore_results, Kind.ACK: self._restore_ack,
+                 Kind.LOSSES: self._restore_losses, Kind.CLIENT: self._restore_client}
+        for kind, fields in records:
+            if kind in apply:
+                apply[kind](fields, live)
+            else:
+                log.warning("journal: skipped a record of unknown kind %s", kind)
+        for client in self.clients.values():
+            for r in client.unacked.values():
+                self.counts[r.state] += 1
+                client.counts[r.state] += 1
+        max_body = self.config.max_task_bytes
+        for t in live.values():
+            self.counts[_PENDING] += 1
+            t.client.counts[_PENDING] += 1
+            reason = _invalid(p.TaskSpec(t.seq, t.kind, t.body, t.retries, t.walltime_s), max_body)
+            if reason:  # limits may be lower than the last dispatcher's
+                self._finish(t, _FAILED, b"", reason, "", 0.0, self.wall())
+            else:
+                self.queue.append(t)
+        self.submitted_total += len(live)
+        return len(live)
+
+    def _restore_submit(self, f: list, live: dict) -> None:
+        client = self._known_client(f[0], f[1])
+        client.first_time(f[2])
+        for spec in f[4]:
+            live[(client.peer, spec[0])] = Task(client, p.TaskSpec._make(spec), f[3])
+
+    def _restore_tasks(self, f: list, live: dict) -> None:
+        client = self._known_client(f[0], "")
+        for seq, kind, body, retries, walltime_s, submitted, losses in f[1]:
+            t = live[(client.peer, seq)] = Task(client, p.TaskSpec(seq, kind, body, retries, walltime_s), submitted)
+            t.losses = losses
+
+    def _restore_results(self, f: list, live: dict) -> None:
+        client = self._known_client(f[0], "")
+        for r in f[1]:
+            live.pop((client.peer, r[0]), None)
+            client.unacked[r[0]] = p.TaskResult._make(r)
+
+    def _restore_ack(self, f: list, live: dict) -> None:
+        unacked = self._known_client(f[0], "").unacked
+        for seq in f[1]:
+            unacked.pop(seq, None)
+
+    def _restore_losses(self, f: list, live: dict) -> None:
+        for seq, losses in f[1]:
+            t = live.get((f[0], seq))
+            if t is not None:
+                t.losses = losses
+
+    def _restore_client(self, f: list, live: dict) -> None:
+        client = self._known_client(f[0], f[1])
+        client.batch_high = max(client.batch_high, f[2])
+        client.batch_extra.update(b for b in f[3] if b > client.batch_high)
+
+    def _known_client(self, peer: bytes, name: str) -> ClientEntry:
         client = self.clients.get(peer)
-        if client is not None and type(msg) is p.Results:
-            client.results[:0] = msg.results
+        if client is None:
+            client = self.clients[peer] = ClientEntry(peer, name, welcomed=False)
+        elif name:
+            client.name = name
+        return client
+
+    def snapshot(self) -> Any:
+        """The live state as journal records: what compaction keeps."""
+        by_client: dict[ClientEntry, list[Task]] = collections.defaultdict(list)
+        for ex in self.executors.values():  # dispatched before anything still queued
+            for t in ex.tasks.values():
+                if t.state not in _FINAL:
+                    by_client[t.client].append(t)
+        for t in self.queue:
+            if t.state == _PENDING:
+                by_client[t.client].append(t)
+        step = self.config.max_results_batch
+        for client in self.clients.values():
+            yield Kind.CLIENT, (client.peer, client.name, client.batch_high, sorted(client.batch_extra))
+            tasks = by_client.get(client, [])
+            for i in range(0, len(tasks), step):
+                yield Kind.TASKS, (client.peer, [(t.seq, t.kind, t.body, t.retries, t.walltime_s, t.submitted,
+                                                  t.losses) for t in tasks[i:i + step]])
+            results = [*client.unacked.values(), *client.results]
+            for i in range(0, len(results), step):
+                yield Kind.RESULTS, (client.peer, results[i:i + step])
 
     # ------------------------------------------------------------ statistics
 
@@ -481,7 +638,9 @@ class Core:
             "dispatcher_id": self.dispatcher_id,
             "version": p.PROTOCOL_VERSION,
             "uptime_s": self.wall() - self.started_wall,
-            "durability": "in-memory",
+            "durability": self.durability["mode"],
+            "journal": {k: v for k, v in self.durability.items() if k != "mode"},
+            "unacknowledged_results": sum(len(c.unacked) for c in self.clients.values()),
             "queued": self.counts[_PENDING],
             "tasks": {_STATE_NAMES[s]: n for s, n in enumerate(self.counts)},
             "submitted_total": self.submitted_total,
@@ -517,8 +676,11 @@ def _executor_row(ex: ExecutorEntry, now: float) -> dict:
     }
 
 
-def _invalid(spec: p.TaskSpec) -> str:
+def _invalid(spec: p.TaskSpec, max_body: int) -> str:
     """Why a task spec cannot be queued, or an empty string."""
+    if len(spec.body) > max_body:
+        return (f"the task is {len(spec.body)} bytes, more than the dispatcher's limit of {max_body} "
+                "(--max-task-bytes); pass large data through files or object storage")
     if spec.kind not in _KINDS:
         return (f"unknown task kind {spec.kind}: this dispatcher runs "
                 + ", ".join(f"{k.name.lower()} ({int(k)})" for k in p.TaskKind))

@@ -19,6 +19,7 @@ import zmq
 
 from falconet import protocol as p
 from falconet.dispatcher.core import Config, Core
+from falconet.dispatcher.journal import Journal
 from falconet.errors import FalconetError, ProtocolError
 
 log = logging.getLogger("falconet.dispatcher")
@@ -66,7 +67,8 @@ class Server:
     """Binds the client and executor ports and runs the event loop."""
 
     def __init__(self, host: str = "127.0.0.1", client_port: int = 0, executor_port: int = 0,
-                 config: Config = Config(), *, insecure: bool = False):
+                 config: Config = Config(), *, insecure: bool = False, state_dir: str | None = None,
+                 compact_bytes: int = 64 << 20):
         if not is_loopback(host) and not insecure:
             raise BindRefused(
                 f"refusing to listen on {host} without authentication: CURVE keys are not "
@@ -76,6 +78,10 @@ class Server:
                         "reach these ports can submit and run commands", host)
         self.insecure = insecure and not is_loopback(host)
         self.core = Core(config)
+        self.journal: Journal | None = None
+        self.compact_bytes = compact_bytes
+        if state_dir:
+            self._open_journal(state_dir)
         # The queue holds millions of small tracked objects; CPython's default of a young
         # collection every 700 allocations makes the collector a large share of each turn.
         gc.set_threshold(100_000, 50, 1000)
@@ -102,6 +108,47 @@ class Server:
             sock.setsockopt(zmq.IPV6, 1)
         sock.bind(f"tcp://{host}:{port or '*'}")
         return sock
+
+    def _open_journal(self, state_dir: str) -> None:
+        """Replay the state directory's journal into the core; from now on, journal."""
+        t0 = time.monotonic()
+        self.journal = journal = Journal(state_dir)
+        queued = self.core.restore(journal.replay())
+        core = self.core
+        results = sum(len(c.unacked) for c in core.clients.values())
+        log.info("journal %s: %d tasks queued again and %d results kept for %d clients, in %.2fs",
+                 journal.path, queued, results, len(core.clients), time.monotonic() - t0)
+        core.journal = []
+        if journal.size >= self.compact_bytes:
+            self._compact()
+        self._durability()
+        self._compact_at = max(self.compact_bytes, 2 * journal.size)
+
+    def _commit(self) -> None:
+        """Journal this turn's records (one write, one fdatasync), compacting when it has grown."""
+        journal = self.journal
+        for kind, fields in self.core.take_journal():
+            journal.append(kind, *fields)
+        if not journal.pending():
+            return
+        journal.commit()
+        self._durability()
+        if journal.size >= self._compact_at:
+            self._compact()
+            # At least double again before the next compaction: the cost stays linear.
+            self._compact_at = max(self.compact_bytes, 2 * journal.size)
+
+    def _compact(self) -> None:
+        t0 = time.monotonic()
+        journal, before = self.journal, self.journal.size
+        journal.rewrite(self.core.snapshot())
+        log.info("journal compacted from %d to %d bytes in %.2fs", before, journal.size, time.monotonic() - t0)
+        self._durability()
+
+    def _durability(self) -> None:
+        j = self.journal
+        self.core.durability = {"mode": "journal", "state_dir": str(j.dir), "journal_bytes": j.size,
+                                "commits": j.commits, "recovered": j.recovered_from}
 
     def stop(self, *_: Any) -> None:
         """Ask the loop to end after its current turn (safe from a signal handler)."""
@@ -162,6 +209,8 @@ class Server:
         # it ends because an unreachable executor is removed.
         while True:
             to_clients, to_executors = self.core.take_outgoing()
+            if self.journal is not None:  # nothing goes out before it is on disk
+                self._commit()
             if not to_clients and not to_executors:
                 return
             for peer, msg in to_clients:
@@ -187,4 +236,6 @@ class Server:
         self.client_sock.close(0)
         self.executor_sock.close(0)
         self.ctx.term()
+        if self.journal is not None:
+            self.journal.close()
 

@@ -154,13 +154,25 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
               help="Seconds of silence after which an executor is declared lost.")
 @click.option("--max-message-bytes", type=click.IntRange(min=65536), default=256 << 20, show_envvar=True,
               help="Largest message taken from a peer; a peer that sends more is disconnected.")
+@click.option("--max-task-bytes", type=click.IntRange(min=1), default=64 << 20, show_envvar=True,
+              help="Largest task body accepted; a larger task fails with the reason.")
+@click.option("--max-output-bytes", type=click.IntRange(min=0), default=64 << 20, show_envvar=True,
+              help="Largest task output accepted; a larger one fails its task with the reason.")
+@click.option("--max-submit-batch", type=click.IntRange(min=1), default=100_000, show_envvar=True,
+              help="Most tasks in one submission; clients split their batches to fit.")
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None, show_envvar=True,
+              help="Keep a journal here: accepted tasks and results survive a crash or restart "
+                   "[default: in memory only].")
+@click.option("--compact-mb", type=click.IntRange(min=1), default=64, show_envvar=True,
+              help="Compact the journal once it reaches this size (and doubles since the last time).")
 @click.option("--insecure", is_flag=True, show_envvar=True,
               help="Allow listening beyond loopback without authentication (loudly logged).")
 @log_level
 @parent_pid
 def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interval: float,
-               heartbeat_timeout: float, max_message_bytes: int, insecure: bool, log_level: str,
-               parent_pid: int | None) -> None:
+               heartbeat_timeout: float, max_message_bytes: int, max_task_bytes: int,
+               max_output_bytes: int, max_submit_batch: int, state_dir: str | None, compact_mb: int,
+               insecure: bool, log_level: str, parent_pid: int | None) -> None:
     """Run a dispatcher; prints 'client: ADDR' and 'executor: ADDR', then serves."""
     from falconet.dispatcher import server
     from falconet.dispatcher.core import Config
@@ -169,10 +181,12 @@ def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interv
     if heartbeat_timeout <= heartbeat_interval:
         raise click.UsageError("--heartbeat-timeout must be longer than --heartbeat-interval")
     config = Config(heartbeat_interval_s=heartbeat_interval, heartbeat_timeout_s=heartbeat_timeout,
-                    max_message_bytes=max_message_bytes)
+                    max_message_bytes=max_message_bytes, max_task_bytes=max_task_bytes,
+                    max_output_bytes=max_output_bytes, max_submit_batch=max_submit_batch)
     try:
-        srv = server.Server(host, client_port, executor_port, config, insecure=insecure)
-    except (server.BindRefused, OSError) as exc:
+        srv = server.Server(host, client_port, executor_port, config, insecure=insecure,
+                            state_dir=state_dir, compact_bytes=compact_mb << 20)
+    except (FalconetError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     signal.signal(signal.SIGTERM, srv.stop)
@@ -424,7 +438,7 @@ def status(dispatcher: str, as_json: bool) -> None:
         return
     tasks = info["tasks"]
     click.echo(f"dispatcher {info['dispatcher_id']}  up {info['uptime_s']:.0f}s  "
-               f"state: {info['durability']}")
+               f"state: {_durability(info)}  transport: {info.get('security', {}).get('mode', 'plain')}")
     click.echo(f"queued {info['queued']}  dispatched {tasks['dispatched']}  running {tasks['running']}  "
                f"done {tasks['done']}  failed {tasks['failed']}  cancelled {tasks['cancelled']}")
     click.echo(f"{info['tasks_per_s']:.1f} tasks/s (last 10s)  submitted {info['submitted_total']}  "
@@ -436,6 +450,15 @@ def status(dispatcher: str, as_json: bool) -> None:
     if info.get("fleet"):
         click.echo("")
         _fleet(info["fleet"])
+
+
+def _durability(info: dict) -> str:
+    """'in memory (lost on a restart)' or 'journal in DIR (N MB)'."""
+    if info["durability"] != "journal":
+        return "in memory (tasks are lost if the dispatcher stops; --state-dir keeps a journal)"
+    j = info["journal"]
+    text = f"journal in {j['state_dir']} ({j['journal_bytes'] / 1e6:.1f} MB)"
+    return text + (f"; recovered a torn tail at start: {j['recovered']}" if j.get("recovered") else "")
 
 
 def _fleet(f: dict) -> None:

@@ -76,7 +76,9 @@ class Client:
         self._control: list[Any] = []  # StatusRequest messages to send
         self._cancels: list[int] = []
         self._futures: dict[int, TaskFuture] = {}
+        self._unaccepted: dict[int, list[p.TaskSpec]] = {}  # batch -> specs, until Accepted
         self._status_waiters: dict[int, cf.Future] = {}
+        self._status_asked: dict[int, p.StatusRequest] = {}  # to ask again after a restart
         self._wake_r, self._wake_w = os.pipe()
         self._awake = False
         self._closed = False
@@ -179,7 +181,8 @@ class Client:
         fut: cf.Future = cf.Future()
         with self._lock:
             self._status_waiters[req] = fut
-            self._control.append(p.StatusRequest(req, detail))
+            self._status_asked[req] = p.StatusRequest(req, detail)
+            self._control.append(self._status_asked[req])
         self._wake()
         try:
             return fut.result(timeout=timeout_s)
@@ -189,6 +192,7 @@ class Client:
         finally:
             with self._lock:
                 self._status_waiters.pop(req, None)
+                self._status_asked.pop(req, None)
 
     def release_executors(self, executor_ids: Iterable[str], reason: str) -> None:
         """Ask these executors to finish what they run and leave (the provisioner's scale-in)."""
@@ -247,7 +251,9 @@ class Client:
         for part in self._batches(outbox):
             for spec, fut in part:
                 self._futures[spec.seq] = fut
-            sock.send(p.encode(p.Submit(next(self._batch), [s for s, _ in part])))
+            batch = next(self._batch)
+            self._unaccepted[batch] = specs = [s for s, _ in part]
+            sock.send(p.encode(p.Submit(batch, specs)))
         if cancels:  # after the submits, so a cancel never overtakes its task
             control.append(p.Cancel(cancels))
         for msg in control:
@@ -280,46 +286,75 @@ class Client:
             yield part
 
     def _receive(self, sock: zmq.Socket) -> None:
-        while True:
-            try:
-                frame = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = p.decode(frame)
-            except ProtocolError as exc:
-                log.warning("dropped a malformed message from the dispatcher: %s", exc)
-                continue
-            kind = type(msg)
-            if kind is p.Results:
-                for r in msg.results:
-                    self._resolve(r)
-            elif kind is p.StatusReply:
-                with self._lock:
-                    waiter = self._status_waiters.get(msg.req_id)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(msg.info)
-            elif kind is p.Welcome:
-                self._welcomed(msg)
-            elif kind is p.Refused:
-                if msg.reason.startswith(p.HELLO_FIRST):  # a restarted dispatcher
-                    sock.send(p.encode(p.Hello(p.PROTOCOL_VERSION, self.id, self.name)))
-                elif not self._welcome.done():
-                    self._welcome.set_exception(RefusedError(msg.reason))
-                else:
-                    log.error("the dispatcher refused a request: %s", msg.reason)
-            # Accepted needs no action until submissions are replayed (durable dispatcher)
+        acks: list[int] = []
+        try:
+            while True:
+                try:
+                    frame = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                try:
+                    msg = p.decode(frame)
+                except ProtocolError as exc:
+                    log.warning("dropped a malformed message from the dispatcher: %s", exc)
+                    continue
+                self._handle(sock, msg, acks)
+        finally:
+            if acks:  # one Ack per burst; the dispatcher keeps each result until then
+                sock.send(p.encode(p.Ack(acks)))
 
-    def _welcomed(self, msg: p.Welcome) -> None:
+    def _handle(self, sock: zmq.Socket, msg: Any, acks: list[int]) -> None:
+        kind = type(msg)
+        if kind is p.Results:
+            for r in msg.results:
+                self._resolve(r)  # a duplicate (re-sent after a restart) resolves nothing
+                acks.append(r.seq)
+        elif kind is p.Accepted:
+            self._unaccepted.pop(msg.batch, None)
+        elif kind is p.StatusReply:
+            with self._lock:
+                waiter = self._status_waiters.get(msg.req_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(msg.info)
+        elif kind is p.Welcome:
+            self._welcomed(sock, msg)
+        elif kind is p.Refused:
+            if msg.reason.startswith(p.HELLO_FIRST):  # a restarted dispatcher
+                sock.send(p.encode(p.Hello(p.PROTOCOL_VERSION, self.id, self.name)))
+            elif not self._welcome.done():
+                self._welcome.set_exception(RefusedError(msg.reason))
+            else:
+                log.error("the dispatcher refused a request: %s", msg.reason)
+
+    def _welcomed(self, sock: zmq.Socket, msg: p.Welcome) -> None:
         if not self._welcome.done():
             self.dispatcher_id = msg.dispatcher_id
             self._welcome.set_result(msg)
         elif msg.dispatcher_id != self.dispatcher_id:
-            log.error("the dispatcher at %s restarted; tasks it had not finished are lost", self.address)
             self.dispatcher_id = msg.dispatcher_id
+            with self._lock:  # refused with HELLO_FIRST by the new dispatcher: ask again
+                asked = list(self._status_asked.values())
+            for req in asked:
+                sock.send(p.encode(req))
+            if msg.limits.get("journal"):
+                self._resubmit(sock)
+                return
+            log.error("the dispatcher at %s restarted; tasks it had not finished are lost", self.address)
             self._fail_all(DispatcherUnavailable(
                 f"the dispatcher at {self.address} restarted without a journal and lost this "
                 "task; submit it again"))
+
+    def _resubmit(self, sock: zmq.Socket) -> None:
+        """A journaling dispatcher restarted: send again what it may not have accepted.
+
+        Batches keep their numbers, so one the journal already holds is not queued twice;
+        the results of the rest are re-sent by the dispatcher after our Hello.
+        """
+        n = sum(len(specs) for specs in self._unaccepted.values())
+        log.warning("the dispatcher at %s restarted from its journal; sending %d unacknowledged "
+                    "tasks again", self.address, n)
+        for batch, specs in sorted(self._unaccepted.items()):
+            sock.send(p.encode(p.Submit(batch, specs)))
 
     def _check_liveness(self, sock: zmq.Socket, now: float) -> None:
         """Ping a silent dispatcher while tasks are out; fail them if it stays silent."""
@@ -367,6 +402,7 @@ class Client:
             if not fut.done():
                 fut.set_exception(exc)
         self._futures.clear()
+        self._unaccepted.clear()
 
     # ------------------------------------------------------------ closing
 

@@ -9,6 +9,10 @@ class ProtocolError(FalconetError):
     """A frame or message that does not follow falconet.protocol."""
 
 
+class JournalError(FalconetError):
+    """The state directory's journal cannot be used (locked, foreign, or another format)."""
+
+
 class TaskError(FalconetError):
     """A task could not run to an outcome (executor lost, wall time, bad body)."""
 
@@ -48,3 +52,7 @@ class MetadataError(FalconetError):
 
 class UserDataError(FalconetError):
     """The user-data is missing, malformed, or names a field wrongly."""
+
+
+class KeyFileError(FalconetError):
+    """A key file is missing, malformed, or readable by others."""

@@ -19,6 +19,9 @@ Client::
 
     Hello -> Welcome | Refused          (version checked here; required before the rest)
     Submit(batch, tasks) -> Accepted(batch) ... Results(...) as tasks finish
+    Ack(seqs)                           the client has these results; the dispatcher keeps
+                                        each result until acknowledged and sends every
+                                        unacknowledged one again after a Hello
     Cancel(seqs)       -> Results with state CANCELLED for tasks not yet started
     StatusRequest(req) -> StatusReply(req, info)
 
@@ -38,6 +41,11 @@ A message from an executor the dispatcher does not know (declared lost, or a res
 dispatcher) is answered by ``Reregister``; its results are accepted only if the task's
 current attempt is the one it reports, so every task has exactly one result.
 
+A client re-sends a Submit whose Accepted it did not see (the dispatcher restarted) with
+the same batch number; the dispatcher accepts each batch number of a client once.  A
+client that a restarted dispatcher knows from its journal must say Hello again before
+anything else (it is answered ``Refused(HELLO_FIRST...)`` until it does).
+
 Malformed input of any kind raises :class:`ProtocolError` from :func:`decode`.
 """
 
@@ -52,7 +60,7 @@ import msgpack
 
 from falconet.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Ack, results kept until acknowledged
 
 #: Refused.reason prefix for a client the dispatcher does not know: it should say Hello.
 HELLO_FIRST = "say Hello first"
@@ -68,6 +76,7 @@ class MsgType(enum.IntEnum):
     STATUS_REQUEST = 4
     RELEASE = 5
     FLEET_REPORT = 6
+    ACK = 7
     # dispatcher -> client
     WELCOME = 10
     ACCEPTED = 11
@@ -322,6 +331,13 @@ class Cancel:
     seqs: list
 
 
+@_message(MsgType.ACK, _list_of(_int))
+class Ack:
+    """The client received the results of these seqs; the dispatcher may forget them."""
+
+    seqs: list
+
+
 @_message(MsgType.STATUS_REQUEST, _int, _bool)
 class StatusRequest:
     """Ask for the dispatcher's statistics; detail adds the executor table."""
@@ -483,7 +499,7 @@ class Heartbeat:
     """A sign of life, sent when nothing else was sent for an interval."""
 
 
-CLIENT_TO_DISPATCHER = frozenset({Hello, Submit, Cancel, StatusRequest, Release, FleetReport})
+CLIENT_TO_DISPATCHER = frozenset({Hello, Submit, Cancel, Ack, StatusRequest, Release, FleetReport})
 EXECUTOR_TO_DISPATCHER = frozenset({Register, Report, Drain, Bye, Heartbeat})
 
 # ---------------------------------------------------------------- codec

@@ -10,7 +10,7 @@ import time
 import msgpack
 import pytest
 import zmq
-from cluster_helpers import HEARTBEAT_TIMEOUT_S, wait_until
+from cluster_helpers import HEARTBEAT_TIMEOUT_S, free_port, wait_until
 
 import falconet
 from falconet import protocol as p
@@ -152,14 +152,8 @@ def test_executor_leaves_when_idle(cluster):
         assert client.status()["lost_executors"] == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_executor_re_registers_after_a_dispatcher_restart(cluster):
-    cport, eport = _free_port(), _free_port()
+    cport, eport = free_port(), free_port()
     cluster.start_dispatcher(cport, eport)
     cluster.start_executor("steady", 1)
     with cluster.client() as client:
@@ -192,7 +186,7 @@ def test_wall_time_limits(cluster):
 
 
 def test_clients_learn_of_a_dead_or_restarted_dispatcher(cluster):
-    cport, eport = _free_port(), _free_port()
+    cport, eport = free_port(), free_port()
     cluster.start_dispatcher(cport, eport)
     cluster.start_executor("ex", 3)  # one slot stays busy with an orphaned sleep after the restart
     patient = cluster.client()
@@ -238,7 +232,7 @@ def test_a_frozen_executor_is_replaced_and_its_late_results_are_ignored(cluster)
 
 def test_a_restarted_dispatcher_never_gets_its_predecessors_results(cluster):
     """Task ids restart with the dispatcher: old work must not answer for new tasks."""
-    cport, eport = _free_port(), _free_port()
+    cport, eport = free_port(), free_port()
     cluster.start_dispatcher(cport, eport)
     cluster.start_executor("ex", 2)
     old_client = cluster.client()

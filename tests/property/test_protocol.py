@@ -55,6 +55,7 @@ def _field_strategies(floats: st.SearchStrategy, min_size: int) -> dict[type, tu
         p.Hello: (INTS, TEXT, TEXT),
         p.Submit: (INTS, lists(specs)),
         p.Cancel: (lists(INTS),),
+        p.Ack: (lists(INTS),),
         p.StatusRequest: (INTS, st.booleans()),
         p.Release: (lists(TEXT), TEXT),
         p.FleetReport: (maps,),

@@ -1,0 +1,220 @@
+"""The dispatcher's append-only journal: what it accepted and what it finished, on disk.
+
+File format (``STATE_DIR/journal``)::
+
+    header:  MAGIC (16 bytes) | format version (u32, little-endian)
+    record:  payload length (u32) | CRC-32 of the payload (u32) | payload
+
+A payload is one msgpack array ``[kind, field, ...]`` of a :class:`Kind`.  Records are
+buffered during a turn of the event loop and written with one ``write`` and one
+``fdatasync`` (:meth:`Journal.commit`) before anything of that turn is sent, so a peer is
+never told of something the journal could lose.  A crash mid-write leaves a torn tail: on
+open, :meth:`Journal.replay` stops at the first record whose length or checksum does not
+hold, logs it, and truncates the file there.
+
+Compaction (:meth:`Journal.rewrite`) writes the live state as a new file beside the old
+one, syncs it, and renames it into place, so a crash at any point leaves one whole journal.
+A ``lock`` file held with ``flock`` keeps a second dispatcher out of the same directory.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from falconet.errors import JournalError
+
+log = logging.getLogger("falconet.dispatcher")
+
+MAGIC = b"falconet-journal"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<16sI")
+_RECORD = struct.Struct("<II")
+MAX_RECORD_BYTES = 1 << 31  # a larger length can only be garbage
+
+
+class Kind(enum.IntEnum):
+    """What a journal record holds; the fields follow in this order."""
+
+    #: client_id, name, batch, submitted (wall s), [TaskSpec...]: a batch accepted
+    SUBMIT = 1
+    #: client_id, [TaskResult...]: final outcomes, kept until the client acknowledges them
+    RESULTS = 2
+    #: client_id, [seq...]: the client has these results; they can be forgotten
+    ACK = 3
+    #: client_id, [[seq, losses]...]: attempts ended by a lost executor, for the retry limit
+    LOSSES = 4
+    #: client_id, name, batches high-water mark, [batch...] above it (compaction only)
+    CLIENT = 5
+    #: client_id, [[seq, kind, body, retries, walltime_s, submitted, losses]...] (compaction only)
+    TASKS = 6
+
+
+class Journal:
+    """One state directory's journal, opened for replay and then for appending."""
+
+    def __init__(self, state_dir: Path | str):
+        self.dir = Path(state_dir)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JournalError(f"cannot use state directory {self.dir}: {exc.strerror}") from None
+        self.path = self.dir / "journal"
+        self._lock_fd = self._lock()
+        self._fd = -1
+        self._buffer: list[bytes] = []
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+        self.size = 0  #: bytes in the file
+        self.commits = 0  #: fsyncs since start
+        self.recovered_from = ""  #: the log line of a torn tail recovered at open, if any
+
+    def _lock(self) -> int:
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise JournalError(f"another dispatcher (pid {holder}) uses state directory {self.dir}; "
+                               "stop it, or give this one its own --state-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
+
+    # ------------------------------------------------------------ reading
+
+    def replay(self) -> Iterator[tuple[int, list]]:
+        """Yield every whole record as (kind, fields), then open the file for appending."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            self._open_new()
+            return
+        with open(self.path, "rb") as f:
+            data = f.read()
+        end = self._check_header(data)
+        good = end
+        while end < len(data):
+            record = self._read_record(data, end)
+            if record is None:
+                break
+            payload_end, fields = record
+            good = end = payload_end
+            yield fields[0], fields[1:]
+        if good < len(data):
+            self.recovered_from = (
+                f"journal {self.path}: the record at byte {good} is incomplete or corrupt (a crash "
+                f"mid-write); recovered everything before it and dropped the last {len(data) - good} bytes")
+            log.warning("%s", self.recovered_from)
+            os.truncate(self.path, good)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.size = good
+
+    def _check_header(self, data: bytes) -> int:
+        if len(data) < _HEADER.size or not data.startswith(MAGIC):
+            raise JournalError(f"{self.path} is not a falconet journal; move it away or give another "
+                               "--state-dir")
+        _, version = _HEADER.unpack_from(data)
+        if version != FORMAT_VERSION:
+            raise JournalError(
+                f"{self.path} was written in journal format {version}; this falconet reads format "
+                f"{FORMAT_VERSION}. Finish its tasks with the falconet that wrote it, or give a new --state-dir")
+        return _HEADER.size
+
+    @staticmethod
+    def _read_record(data: bytes, at: int) -> tuple[int, list] | None:
+        """The record at byte `at` as (its end, [kind, fields...]), or None if it is not whole."""
+        if at + _RECORD.size > len(data):
+            return None
+        length, crc = _RECORD.unpack_from(data, at)
+        start = at + _RECORD.size
+        if length > MAX_RECORD_BYTES or start + length > len(data):
+            return None
+        payload = data[start:start + length]
+        if zlib.crc32(payload) != crc:
+            return None
+        try:
+            fields = msgpack.unpackb(payload, use_list=True)
+        except Exception:  # a checksum collision on garbage: treat as the torn tail
+            return None
+        if type(fields) is not list or not fields or type(fields[0]) is not int:
+            return None
+        return start + length, fields
+
+    # ------------------------------------------------------------ writing
+
+    def append(self, kind: int, *fields: Any) -> None:
+        """Buffer one record; it reaches the disk at the next commit()."""
+        payload = self._pack([int(kind), *fields])
+        self._buffer.append(_RECORD.pack(len(payload), zlib.crc32(payload)))
+        self._buffer.append(payload)
+
+    def pending(self) -> bool:
+        """True when records wait for commit()."""
+        return bool(self._buffer)
+
+    def commit(self) -> int:
+        """Write the buffered records in one write and sync them; returns the bytes written."""
+        if not self._buffer:
+            return 0
+        data = b"".join(self._buffer)
+        self._buffer.clear()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+        os.fdatasync(self._fd)
+        self.size += len(data)
+        self.commits += 1
+        return len(data)
+
+    def rewrite(self, records: Iterable[tuple[int, tuple]]) -> None:
+        """Replace the journal by these records (the live state), atomically."""
+        self.commit()
+        tmp = self.path.with_name("journal.new")
+        with open(tmp, "wb") as f:
+            f.write(_HEADER.pack(MAGIC, FORMAT_VERSION))
+            for kind, fields in records:
+                payload = self._pack([int(kind), *fields])
+                f.write(_RECORD.pack(len(payload), zlib.crc32(payload)))
+                f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        os.replace(tmp, self.path)
+        self._sync_dir()
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.size = size
+
+    def _open_new(self) -> None:
+        with open(self.path, "wb") as f:
+            f.write(_HEADER.pack(MAGIC, FORMAT_VERSION))
+            f.flush()
+            os.fsync(f.fileno())
+        self._sync_dir()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.size = _HEADER.size
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Write what is buffered, then release the file and the directory lock."""
+        if self._fd >= 0:
+            self.commit()
+            os.close(self._fd)
+            self._fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
