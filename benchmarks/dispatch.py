@@ -41,13 +41,13 @@ import msgpack
 import psutil
 import zmq
 
-# Message tags and record layouts of falconet.protocol (PROTOCOL_VERSION 1), spelled out so
+# Message tags and record layouts of falconet.protocol (PROTOCOL_VERSION 2), spelled out so
 # the helper loops run without falconet code: the bytes on the wire are the same.
-_HELLO, _SUBMIT, _STATUS_REQUEST = 1, 2, 4
+_HELLO, _SUBMIT, _STATUS_REQUEST, _ACK = 1, 2, 4, 7
 _WELCOME, _ACCEPTED, _RESULTS, _STATUS_REPLY, _REFUSED = 10, 11, 12, 13, 14
 _REGISTER, _REPORT = 20, 21
 _REGISTERED, _TASKS, _REREGISTER, _HEARTBEAT = 30, 31, 33, 40
-_VERSION = 1
+_VERSION = 2
 _COMMAND, _DONE = 1, 3
 
 _BODY = bytes(40)  # bare_zmq: an Assignment body of about the size of a small command's
@@ -71,9 +71,9 @@ def _check_protocol() -> None:
     from falconet import protocol as p
 
     m = p.MsgType
-    ours = (_HELLO, _SUBMIT, _STATUS_REQUEST, _WELCOME, _ACCEPTED, _RESULTS, _STATUS_REPLY, _REFUSED, _REGISTER,
+    ours = (_HELLO, _SUBMIT, _STATUS_REQUEST, _ACK, _WELCOME, _ACCEPTED, _RESULTS, _STATUS_REPLY, _REFUSED, _REGISTER,
             _REPORT, _REGISTERED, _TASKS, _REREGISTER, _HEARTBEAT, _VERSION, _COMMAND, _DONE)
-    theirs = (m.HELLO, m.SUBMIT, m.STATUS_REQUEST, m.WELCOME, m.ACCEPTED, m.RESULTS, m.STATUS_REPLY, m.REFUSED, m.REGISTER,
+    theirs = (m.HELLO, m.SUBMIT, m.STATUS_REQUEST, m.ACK, m.WELCOME, m.ACCEPTED, m.RESULTS, m.STATUS_REPLY, m.REFUSED, m.REGISTER,
               m.REPORT, m.REGISTERED, m.TASKS, m.REREGISTER, m.HEARTBEAT, p.PROTOCOL_VERSION,
               p.TaskKind.COMMAND, p.TaskState.DONE)
     if ours != theirs or len(p.Register._names) != 11 or len(p.ExecResult._fields) != 7:
@@ -460,8 +460,10 @@ class _Client:
                                f"({self.results} results, {self.accepted} accepted)")
         frame = self.sock.recv()
         kind = frame[1]  # [type, ...]: a fixarray header, then the type as a positive fixint
-        if kind == _RESULTS:
-            self.results += _array_len(frame, 2)
+        if kind == _RESULTS:  # acknowledged, as every client does, so the dispatcher forgets them
+            results = msgpack.unpackb(frame)[1]
+            self.results += len(results)
+            self.sock.send(msgpack.packb([_ACK, [r[0] for r in results]]))
         elif kind == _ACCEPTED:
             self.accepted += msgpack.unpackb(frame)[2]
         elif kind == _REFUSED:
@@ -600,19 +602,25 @@ def bare_zmq(n_records: int, executors: int, batch: int = 256, procs: int = 2) -
         router.close()
 
 
-def dispatch(n_tasks: int, executors: int, credit: int = 64, procs: int = 2) -> dict:
+def dispatch(n_tasks: int, executors: int, credit: int = 64, procs: int = 2, journal: bool = False) -> dict:
     """Throughput of the real dispatcher: a bulk client, `executors` null executors.
 
     The client submits n_tasks `/bin/true` commands in Submit messages of 10,000 and counts
-    Results; the null executors (credit `credit` each, in `procs` <= 2 processes) answer
-    every Tasks at once with DONE results and the credit it consumed.  Timed from the first
-    Submit to the last Result; dispatcher CPU (psutil) over the same span.
+    (and acknowledges) Results; the null executors (credit `credit` each, in `procs` <= 2
+    processes) answer every Tasks at once with DONE results and the credit it consumed.
+    Timed from the first Submit to the last Result; dispatcher CPU (psutil) over the same
+    span.  With `journal`, the dispatcher keeps its journal in a fresh temporary directory
+    (on the same disk as the system's temporary files): every turn is written and fdatasynced.
     """
-    with _Cluster(executors, credit, min(procs, 2)) as c:
-        c.client.wait_executors(executors, 60.0)
-        time.sleep(0.2)  # let the opening credit reports land
-        run = _run_tasks(c.client, c.disp, n_tasks, f"dispatch-{executors}")
-    return {**run, "tasks_per_message": n_tasks / max(1, _stats(c.stats).get("messages", 0))}
+    with tempfile.TemporaryDirectory(prefix="falconet-bench-journal-") as state:
+        options = ("--state-dir", state) if journal else ()
+        with _Cluster(executors, credit, min(procs, 2), *options) as c:
+            c.client.wait_executors(executors, 60.0)
+            time.sleep(0.2)  # let the opening credit reports land
+            run = _run_tasks(c.client, c.disp, n_tasks, f"dispatch-{executors}{'-journal' * journal}")
+            journal_bytes = c.client.status().get("journal", {}).get("journal_bytes", 0)
+    return {**run, "tasks_per_message": n_tasks / max(1, _stats(c.stats).get("messages", 0)),
+            "journal_bytes": journal_bytes}
 
 
 class _Cluster:

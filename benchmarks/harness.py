@@ -211,7 +211,13 @@ def _dispatch(plan: Plan, dispatch: Any) -> dict:
             plan.repeat, lambda n=n: dispatch.dispatch(plan.dispatch_tasks, n)["tasks_per_s"])})
     # the same records in the same batches: null executors grant a credit of 64
     bare = repeat(plan.repeat, lambda: dispatch.bare_zmq(plan.dispatch_tasks, 10, batch=64)["records_per_s"])
-    return {"rows": rows, "bare_zmq_10": bare}
+    # the cost of durability: the same run with the journal on, alternating so drift hits both
+    memory, journal = [], []
+    for _ in range(plan.repeat):
+        memory.append(dispatch.dispatch(plan.dispatch_tasks, 10)["tasks_per_s"])
+        journal.append(dispatch.dispatch(plan.dispatch_tasks, 10, journal=True)["tasks_per_s"])
+    return {"rows": rows, "bare_zmq_10": bare,
+            "journal_10": {"in_memory": stats(memory), "journal": stats(journal)}}
 
 
 # ---------------------------------------------------------------- reporting
@@ -244,6 +250,10 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
         if ten:
             ratio = med(ten[0]["tasks_per_s"]) / med(d["bare_zmq_10"])
             out.append(("dispatch(10) / bare ZeroMQ(10)", ">= 0.25", f"{ratio:.2f}", ratio >= 0.25))
+        if "journal_10" in d:
+            j = d["journal_10"]
+            ratio = med(j["journal"]) / med(j["in_memory"])
+            out.append(("dispatch(10) with journal / in memory", ">= 0.5", f"{ratio:.2f}", ratio >= 0.5))
     lat = r.get("latency")
     if lat:
         out.append(("latency p50", "<= 1 ms", f"{lat['p50_ms']:.2f} ms", lat["p50_ms"] <= 1))
@@ -289,6 +299,10 @@ def table(r: dict) -> str:
         for row in r["dispatch"]["rows"]:
             lines.append(f"dispatch, {row['executors']} null executors: {fmt(row['tasks_per_s'])}")
         lines.append(f"bare ZeroMQ loop, 10 peers: {fmt(r['dispatch']['bare_zmq_10'])}")
+        if "journal_10" in r["dispatch"]:
+            j = r["dispatch"]["journal_10"]
+            lines.append(f"dispatch, 10 null executors, journal on: {fmt(j['journal'])} "
+                         f"(in memory, same runs: {fmt(j['in_memory'])})")
     if "memory" in r:
         lines.append(f"memory: {r['memory']['bytes_per_task']:.0f} bytes per queued task")
     for row in r.get("scale", []):

@@ -111,12 +111,12 @@ class ClientEntry:
         self.results: list[p.TaskResult] = []  #: finished this turn, not yet sent
         self.unacked: dict[int, p.TaskResult] = {}  #: sent, kept until the client's Ack
         self.welcomed = welcomed  #: False for a client known only from the journal: it must say Hello
-        self.batch_high = 0  #: every batch number up to this one was accepted
+        self.batch_high = 0  #: every batch number from 1 up to this one was accepted
         self.batch_extra: set[int] = set()  #: accepted batch numbers above batch_high
 
     def first_time(self, batch: int) -> bool:
         """Note batch as accepted; False if it was already (a re-sent Submit)."""
-        if batch <= self.batch_high or batch in self.batch_extra:
+        if 0 < batch <= self.batch_high or batch in self.batch_extra:
             return False
         self.batch_extra.add(batch)
         extra = self.batch_extra

@@ -265,3 +265,13 @@ def test_replay_and_compaction_keep_exactly_the_live_state(events):
     assert sorted(live(after)[0]) == sorted(todo)
     assert live(after)[1] == kept
     assert live(restored(list(farm.core.snapshot()))) == live(after)
+
+
+@given(st.lists(st.integers(-5, 40), max_size=60))
+def test_each_batch_number_is_accepted_once_in_any_order(batches):
+    from falconet.dispatcher.core import ClientEntry
+
+    client = ClientEntry(b"c", "n")
+    firsts = [b for b in batches if client.first_time(b)]
+    assert sorted(firsts) == sorted(set(batches))
+    assert all(not client.first_time(b) for b in batches)
