@@ -154,6 +154,7 @@ class Core:
         #: (Kind, fields) records for the journal; None when the dispatcher keeps no journal
         self.journal: list[tuple[int, tuple]] | None = None
         self.durability: dict[str, Any] = {"mode": "in-memory"}  #: shown in status; the server fills it
+        self.reporters: dict[str, Callable[[], Any]] = {}  #: more status entries, e.g. the server's security
 
     # ------------------------------------------------------------ state changes
 
@@ -653,6 +654,8 @@ class Core:
             "clients": len(self.clients),
             "endpoints": self.endpoints,
         }
+        for name, report in self.reporters.items():
+            info[name] = report()
         if client is not None:
             info["client"] = {_STATE_NAMES[s]: n for s, n in enumerate(client.counts)}
         if detail:

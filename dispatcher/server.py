@@ -17,6 +17,7 @@ from typing import Any
 
 import zmq
 
+from falconet import keys
 from falconet import protocol as p
 from falconet.dispatcher.core import Config, Core
 from falconet.dispatcher.journal import Journal
@@ -68,16 +69,19 @@ class Server:
 
     def __init__(self, host: str = "127.0.0.1", client_port: int = 0, executor_port: int = 0,
                  config: Config = Config(), *, insecure: bool = False, state_dir: str | None = None,
-                 compact_bytes: int = 64 << 20):
-        if not is_loopback(host) and not insecure:
+                 compact_bytes: int = 64 << 20, keys_dir: str | None = None):
+        if not is_loopback(host) and not insecure and not keys_dir:
             raise BindRefused(
-                f"refusing to listen on {host} without authentication: CURVE keys are not "
-                "configured; bind 127.0.0.1, or pass --insecure if the network is trusted")
-        if insecure and not is_loopback(host):
+                f"refusing to listen on {host} without authentication: make keys with 'falconet keys "
+                "init DIR' and pass --keys DIR, bind 127.0.0.1, or pass --insecure if the network is trusted")
+        if insecure and not keys_dir and not is_loopback(host):
             log.warning("INSECURE: listening on %s without authentication; anyone who can "
                         "reach these ports can submit and run commands", host)
-        self.insecure = insecure and not is_loopback(host)
+        self.insecure = insecure and not keys_dir and not is_loopback(host)
+        # Read before anything binds: a bad key file must stop the start, not half of it.
+        self.server_pair = keys.load_secret(f"{keys_dir}/{keys.DISPATCHER}{keys.SECRET_SUFFIX}") if keys_dir else None
         self.core = Core(config)
+        self.core.reporters["security"] = self._security
         self.journal: Journal | None = None
         self.compact_bytes = compact_bytes
         if state_dir:
@@ -86,16 +90,21 @@ class Server:
         # collection every 700 allocations makes the collector a large share of each turn.
         gc.set_threshold(100_000, 50, 1000)
         self.ctx = zmq.Context()
-        self.client_sock = self._router(host, client_port, config.max_message_bytes)
-        self.executor_sock = self._router(host, executor_port, config.max_message_bytes)
+        self.zap: keys.ZapHandler | None = None
+        if keys_dir:  # the handler must be bound before the CURVE sockets
+            self.zap = keys.ZapHandler(self.ctx, {r: keys.authorized_dir(keys_dir, r) for r in keys.ROLES})
+        self.client_sock = self._router(host, client_port, config.max_message_bytes, "client")
+        self.executor_sock = self._router(host, executor_port, config.max_message_bytes, "executor")
         self.client_address = self.client_sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.executor_address = self.executor_sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.core.endpoints = {"client": self.client_address, "executor": self.executor_address}
         self._stop = False
         self._bad = _RateLimitedLog()
 
-    def _router(self, host: str, port: int, max_bytes: int) -> zmq.Socket:
+    def _router(self, host: str, port: int, max_bytes: int, role: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
+        if self.server_pair is not None:
+            keys.server_socket(sock, self.server_pair, role)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise: we learn a peer left
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer takes over its identity
@@ -150,6 +159,11 @@ class Server:
         self.core.durability = {"mode": "journal", "state_dir": str(j.dir), "journal_bytes": j.size,
                                 "commits": j.commits, "recovered": j.recovered_from}
 
+    def _security(self) -> dict:
+        if self.zap is not None:
+            return {"mode": "curve", **self.zap.status()}
+        return {"mode": "insecure" if self.insecure else "loopback only, no keys"}
+
     def stop(self, *_: Any) -> None:
         """Ask the loop to end after its current turn (safe from a signal handler)."""
         self._stop = True
@@ -161,12 +175,17 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.client_sock, zmq.POLLIN)
         poller.register(self.executor_sock, zmq.POLLIN)
+        zap = self.zap.socket if self.zap is not None else None
+        if zap is not None:
+            poller.register(zap, zmq.POLLIN)
         next_tick = time.monotonic()
         try:
             while not self._stop:
                 wait_ms = max(0.0, next_tick - time.monotonic()) * 1000
                 ready = dict(poller.poll(wait_ms))
                 now = time.monotonic()
+                if zap is not None and zap in ready:
+                    self.zap.handle()
                 if self.client_sock in ready:
                     self._receive(self.client_sock, core.on_client, now, "client")
                 if self.executor_sock in ready:
@@ -235,6 +254,8 @@ class Server:
         """Close both sockets and the context without waiting for unsent messages."""
         self.client_sock.close(0)
         self.executor_sock.close(0)
+        if self.zap is not None:
+            self.zap.close()
         self.ctx.term()
         if self.journal is not None:
             self.journal.close()

@@ -53,6 +53,7 @@ class ExecutorConfig:
     executor_id: str = ""  #: default: hostname and a random suffix
     facts: dict = field(default_factory=dict)  #: extra facts for the registration
     poll_s: float = 0.1
+    credentials: Any = None  #: falconet.keys.Credentials for a dispatcher with --keys
 
 
 class Phase(enum.Enum):
@@ -127,6 +128,8 @@ class Executor:
         self.sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing while disconnected: we keep our own
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        if config.credentials is not None:
+            config.credentials.apply(self.sock)
         self.sock.connect(config.dispatcher)
         self.slots = [Slot(i) for i in range(config.slots)]
         self.queue: collections.deque[p.Assignment] = collections.deque()

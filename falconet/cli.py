@@ -60,6 +60,26 @@ def main() -> None:
     """falconet: run many short tasks fast on a fleet of executors."""
 
 
+def _to_env(var: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """An option's value becomes the environment variable every Client reads."""
+    def callback(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        if value:
+            os.environ[var] = str(value)
+        return value
+    return callback
+
+
+def client_keys(f: Callable) -> Callable:
+    """--dispatcher-key and --key: CURVE keys for a dispatcher started with --keys."""
+    f = click.option("--key", envvar="FALCONET_KEY", show_envvar=True, expose_value=False,
+                     callback=_to_env("FALCONET_KEY"), metavar="FILE",
+                     help="This client's secret key file (client.key_secret from 'falconet keys init').")(f)
+    return click.option("--dispatcher-key", envvar="FALCONET_DISPATCHER_KEY", show_envvar=True,
+                        expose_value=False, callback=_to_env("FALCONET_DISPATCHER_KEY"), metavar="FILE|KEY",
+                        help="The dispatcher's public key: its dispatcher.key file or the key text.")(f)
+
+
+
 # ---------------------------------------------------------------- run
 
 
@@ -83,6 +103,7 @@ def main() -> None:
 @click.option("--walltime", type=click.FloatRange(min=0), default=0, show_envvar=True,
               help="Seconds a command may run before it is killed and failed (0: no limit).")
 @click.option("--quiet", "-q", is_flag=True, show_envvar=True, help="No progress bar.")
+@client_keys
 def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provision: str | None,
         provision_config: str | None, results: Any, retries: int, walltime: float, quiet: bool) -> None:
     """Run every line of TASKFILE as a shell command ('-' reads standard input).
@@ -165,6 +186,9 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
                    "[default: in memory only].")
 @click.option("--compact-mb", type=click.IntRange(min=1), default=64, show_envvar=True,
               help="Compact the journal once it reaches this size (and doubles since the last time).")
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False, exists=True), default=None,
+              show_envvar=True, metavar="DIR",
+              help="CURVE on both ports: DIR from 'falconet keys init' (dispatcher.key_secret, authorized/).")
 @click.option("--insecure", is_flag=True, show_envvar=True,
               help="Allow listening beyond loopback without authentication (loudly logged).")
 @log_level
@@ -172,7 +196,7 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
 def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interval: float,
                heartbeat_timeout: float, max_message_bytes: int, max_task_bytes: int,
                max_output_bytes: int, max_submit_batch: int, state_dir: str | None, compact_mb: int,
-               insecure: bool, log_level: str, parent_pid: int | None) -> None:
+               keys_dir: str | None, insecure: bool, log_level: str, parent_pid: int | None) -> None:
     """Run a dispatcher; prints 'client: ADDR' and 'executor: ADDR', then serves."""
     from falconet.dispatcher import server
     from falconet.dispatcher.core import Config
@@ -185,7 +209,7 @@ def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interv
                     max_output_bytes=max_output_bytes, max_submit_batch=max_submit_batch)
     try:
         srv = server.Server(host, client_port, executor_port, config, insecure=insecure,
-                            state_dir=state_dir, compact_bytes=compact_mb << 20)
+                            state_dir=state_dir, compact_bytes=compact_mb << 20, keys_dir=keys_dir)
     except (FalconetError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -218,6 +242,12 @@ def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interv
               help="Instance metadata service to read with --from-instance-metadata.")
 @click.option("--metadata-timeout", type=click.FloatRange(min=0.1), default=60.0, show_envvar=True,
               help="Seconds to keep trying the metadata service before giving up.")
+@click.option("--dispatcher-key", default=None, show_envvar=True, metavar="FILE|KEY",
+              help="The dispatcher's public key, for a dispatcher started with --keys "
+                   "[default: $FALCONET_DISPATCHER_KEY, or the user-data's].")
+@click.option("--key", default=None, show_envvar=True, metavar="FILE",
+              help="This executor's secret key file (executor.key_secret) [default: $FALCONET_KEY, "
+                   "or the user-data's].")
 @click.option("--shutdown-command", default="", show_envvar=True,
               help="Run after leaving for idleness when the user-data sets shutdown_when_idle, "
                    "e.g. 'systemctl poweroff' (the image's boot unit sets it; empty: do nothing).")
@@ -225,8 +255,8 @@ def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interv
 @parent_pid
 def executor(dispatcher: str | None, slots: int | None, idle_timeout: float | None,
              prefetch: int | None, executor_id: str, from_metadata: bool, metadata_url: str,
-             metadata_timeout: float, shutdown_command: str, log_level: str,
-             parent_pid: int | None) -> None:
+             metadata_timeout: float, dispatcher_key: str | None, key: str | None, shutdown_command: str,
+             log_level: str, parent_pid: int | None) -> None:
     """Run an executor: connect out to a dispatcher and run the tasks it hands over.
 
     SIGTERM drains it: running tasks finish, queued ones go back, then it leaves.
@@ -237,6 +267,7 @@ def executor(dispatcher: str | None, slots: int | None, idle_timeout: float | No
     _logging(log_level)
     facts: dict = {}
     shutdown_when_idle = False
+    secret_text = ""
     if from_metadata:
         from falconet.executor import metadata
         from falconet.userdata import UserDataError, parse
@@ -253,14 +284,23 @@ def executor(dispatcher: str | None, slots: int | None, idle_timeout: float | No
         prefetch = prefetch if prefetch is not None else (ud.prefetch if ud.prefetch >= 0 else None)
         executor_id = executor_id or inst.instance_id
         shutdown_when_idle = ud.shutdown_when_idle
+        dispatcher_key = dispatcher_key or ud.dispatcher_key or None
+        secret_text = "" if key else ud.executor_secret_key
         facts = {"instance_id": inst.instance_id, "instance_type": inst.instance_type,
                  "availability_zone": inst.availability_zone, "cluster": ud.cluster,
                  "launch_token": ud.launch_token, "tags": ud.tags}
     if not dispatcher:
         raise click.UsageError("give --dispatcher tcp://HOST:PORT, or --from-instance-metadata")
+    from falconet import keys
+
+    try:
+        creds = keys.credentials(dispatcher_key, key, secret_text=secret_text)
+    except FalconetError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(78)  # a configuration error: restarting cannot fix it
     config = agent.ExecutorConfig(dispatcher=dispatcher, slots=slots or host.cpus(),
                                   idle_timeout_s=idle_timeout or 0.0, prefetch=prefetch,
-                                  executor_id=executor_id, facts=facts)
+                                  executor_id=executor_id, facts=facts, credentials=creds)
     ex = agent.Executor(config)
     signal.signal(signal.SIGTERM, ex.request_drain)
     signal.signal(signal.SIGINT, ex.request_drain)
@@ -357,6 +397,10 @@ def _config_file(ctx: click.Context, _param: click.Parameter, path: str | None) 
               help="An EC2 executor that leaves for idleness powers its machine off (terminated).")
 @click.option("--clean-orphans", is_flag=True, show_envvar=True,
               help="On start, stop the cluster's instances found by tag instead of adopting them.")
+@click.option("--executor-key", default=None, show_envvar=True, metavar="FILE",
+              help="Secret key file the executors connect with (executor.key_secret), for a dispatcher "
+                   "with --keys; EC2 instances get it in their user-data.")
+@client_keys
 @log_level
 @parent_pid
 def provisioner(**opts: Any) -> None:
@@ -408,6 +452,52 @@ def bench(quick: bool, out_dir: str, only: tuple[str, ...]) -> None:
     harness.main(quick, out_dir, only)
 
 
+# ---------------------------------------------------------------- keys
+
+
+@main.group()
+def keys() -> None:
+    """CURVE keys: the dispatcher's pair and the client and executor keys it lets in."""
+
+
+@keys.command("init")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace key files that already exist.")
+def keys_init(directory: str, force: bool) -> None:
+    """Make DIRECTORY with the dispatcher's, a client's and an executor's key pairs.
+
+    Start the dispatcher with --keys DIRECTORY; give clients --dispatcher-key
+    DIRECTORY/dispatcher.key --key DIRECTORY/client.key_secret, and executors the same
+    with executor.key_secret.  Secret files are mode 0600: copy them with care.
+    """
+    from falconet import keys as k
+
+    try:
+        made = k.init(directory, force=force)
+    except FalconetError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    for name, path in made.items():
+        click.echo(f"{name}: {path}")
+
+
+@keys.command("add")
+@click.argument("directory", type=click.Path(file_okay=False, exists=True))
+@click.argument("role", type=click.Choice(["client", "executor"]))
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Replace the pair if it exists.")
+def keys_add(directory: str, role: str, name: str, force: bool) -> None:
+    """Make one more key pair NAME for ROLE and authorize it (no dispatcher restart needed)."""
+    from falconet import keys as k
+
+    try:
+        public, secret = k.add_key(directory, role, name, force=force)
+    except (FalconetError, ValueError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"public: {public}\nsecret: {secret}")
+
+
 # ---------------------------------------------------------------- queries
 
 
@@ -429,6 +519,7 @@ as_json = click.option("--json", "as_json", is_flag=True, help="Print the raw st
 
 @main.command()
 @client_address
+@client_keys
 @as_json
 def status(dispatcher: str, as_json: bool) -> None:
     """Queue depth, tasks by state, tasks/s and the executors of a dispatcher."""
@@ -490,6 +581,7 @@ def _fleet(f: dict) -> None:
 
 @main.command()
 @client_address
+@client_keys
 @as_json
 def executors(dispatcher: str, as_json: bool) -> None:
     """The executors registered with a dispatcher."""

@@ -21,8 +21,8 @@ from typing import Any
 
 import zmq
 
+from falconet import keys, tasks
 from falconet import protocol as p
-from falconet import tasks
 from falconet.errors import DispatcherUnavailable, ProtocolError, RefusedError, TaskError
 
 log = logging.getLogger("falconet.client")
@@ -57,12 +57,16 @@ class Client:
 
     def __init__(self, address: str | None = None, *, name: str = "",
                  connect_timeout_s: float = 10.0, retries: int = DEFAULT_RETRIES,
-                 walltime_s: float = 0.0, dispatcher_timeout_s: float = 60.0):
+                 walltime_s: float = 0.0, dispatcher_timeout_s: float = 60.0,
+                 dispatcher_key: str | None = None, key: str | None = None):
+        """dispatcher_key and key: the dispatcher's public key and this client's secret key file,
+        for a dispatcher started with --keys (default: $FALCONET_DISPATCHER_KEY, $FALCONET_KEY)."""
         address = address or os.environ.get("FALCONET_DISPATCHER")
         if not address:
             raise ValueError("no dispatcher address: pass one (tcp://host:port, the dispatcher's "
                              "client address) or set FALCONET_DISPATCHER")
         self.address = address
+        self._credentials = keys.credentials(dispatcher_key, key)  # KeyFileError before any thread
         self.id = uuid.uuid4().hex
         self.name = name or f"pid-{os.getpid()}"
         self.retries, self.walltime_s = retries, walltime_s
@@ -92,9 +96,11 @@ class Client:
             welcome = self._welcome.result(timeout=connect_timeout_s)
         except cf.TimeoutError:
             self.close()
+            hint = (" If it uses keys, check that --dispatcher-key is its dispatcher.key and that this "
+                    "client's key is in its authorized/clients folder." if self._credentials else "")
             raise DispatcherUnavailable(
                 f"no dispatcher answered at {address} within {connect_timeout_s:g}s; is it running, "
-                "and is this its client address (the 'client:' line it printed)?") from None
+                f"and is this its client address (the 'client:' line it printed)?{hint}") from None
         except Exception:
             self.close()
             raise
@@ -219,6 +225,8 @@ class Client:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        if self._credentials is not None:
+            self._credentials.apply(sock)
         sock.connect(self.address)
         sock.send(p.encode(p.Hello(p.PROTOCOL_VERSION, self.id, self.name)))
         poller = zmq.Poller()

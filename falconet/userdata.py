@@ -48,6 +48,8 @@ class UserData:
     prefetch: int = -1  #: -1: the executor's default
     tags: dict = field(default_factory=dict)  #: str -> str, reported in the registration
     shutdown_when_idle: bool = False  #: power the machine off after leaving for idleness
+    dispatcher_key: str = ""  #: the dispatcher's CURVE public key (z85), for a dispatcher with --keys
+    executor_secret_key: str = ""  #: this executor's CURVE secret key (z85); its public key must be authorized
 
     def to_json(self) -> str:
         doc = {"falconet": FORMAT_VERSION}
@@ -66,6 +68,7 @@ _DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasse
 _TYPES: dict[str, tuple[type, ...]] = {
     "dispatcher": (str,), "cluster": (str,), "launch_token": (str,), "slots": (int,),
     "idle_timeout_s": (int, float), "prefetch": (int,), "tags": (dict,), "shutdown_when_idle": (bool,),
+    "dispatcher_key": (str,), "executor_secret_key": (str,),
 }
 
 
@@ -113,6 +116,10 @@ def parse(raw: bytes | str, where: str = "user-data") -> UserData:
         raise UserDataError(f"{where}: field 'idle_timeout_s' must be 0 (never) or more seconds")
     if doc.get("prefetch", -1) < -1:
         raise UserDataError(f"{where}: field 'prefetch' must be -1 (the executor's default) or more")
+    if bool(doc.get("dispatcher_key")) != bool(doc.get("executor_secret_key")):
+        given, missing = (("dispatcher_key", "executor_secret_key") if doc.get("dispatcher_key")
+                          else ("executor_secret_key", "dispatcher_key"))
+        raise UserDataError(f"{where}: field {given!r} is set but {missing!r} is not; CURVE needs both")
     tags = doc.get("tags", {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
         raise UserDataError(f"{where}: field 'tags' must map strings to strings")

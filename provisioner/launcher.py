@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
+from falconet import keys
 from falconet.client import Client
 from falconet.errors import FalconetError
 from falconet.provisioner import prices
@@ -33,6 +35,9 @@ def build(**o: Any) -> Provisioner:
             from falconet.provisioner.local import LocalBackend
 
             extra = ("--idle-timeout", str(idle_timeout)) if idle_timeout else ()
+            if o.get("executor_key"):
+                _executor_keys(o)  # fail now, not in every executor
+                extra += ("--dispatcher-key", os.environ[keys.ENV_DISPATCHER_KEY], "--key", o["executor_key"])
             backend = LocalBackend(executor_address, o["slots"], executor_args=extra)
         params = Params(
             types=backend.types(), strategy=Strategy(o["policy"]), min_executors=o["min_executors"],
@@ -76,11 +81,22 @@ def _ec2_backend(o: dict, executor_address: str, idle_timeout: float) -> Any:
         subnet_id=o["subnet"], security_group_ids=tuple(o["security_group"]), key_name=o["key_name"],
         iam_profile=o["iam_profile"], spot=o["spot"], slots=o["slots"] or 0, tags=tags,
         prices=prices.load(o["prices"]), cloud_init=_cloud_init(o["cloud_init"]))
+    dispatcher_key, secret = _executor_keys(o) if o.get("executor_key") else ("", "")
     user_data = UserData(dispatcher=executor_address, cluster=o["cluster"], slots=o["slots"] or 0,
-                         idle_timeout_s=idle_timeout, shutdown_when_idle=o["shutdown_when_idle"])
+                         idle_timeout_s=idle_timeout, shutdown_when_idle=o["shutdown_when_idle"],
+                         dispatcher_key=dispatcher_key, executor_secret_key=secret)
     backend = Ec2Backend(settings, user_data)
     backend.prepare()
     return backend
+
+
+def _executor_keys(o: dict) -> tuple[str, str]:
+    """(dispatcher public key, executor secret key) as z85 text, from --dispatcher-key and --executor-key."""
+    if not os.environ.get(keys.ENV_DISPATCHER_KEY):
+        raise FalconetError("--executor-key needs --dispatcher-key too: executors must know the dispatcher's key")
+    public = keys.load_public(os.environ[keys.ENV_DISPATCHER_KEY])
+    _, secret = keys.load_secret(o["executor_key"])
+    return public.decode(), secret.decode()
 
 
 def _cloud_init(path: str | None) -> str:

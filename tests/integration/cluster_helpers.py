@@ -38,6 +38,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def dealer(ctx, address: str, curve=None):
+    """A raw DEALER on address (a CURVE client when curve=(server_public, (public, secret)))."""
+    import zmq
+
+    from falconet import keys
+
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        keys.client_socket(sock, *curve)
+    sock.connect(address)
+    return sock
+
+
 def stop_processes(procs) -> None:
     """SIGKILL each process's group, reap it and close its stdout pipe."""
     for proc in procs:
