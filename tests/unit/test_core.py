@@ -546,3 +546,29 @@ def test_status_keys_and_executor_table(h):
     assert row["facts"] == {"instance_id": "i-0abc"}
     assert info["recent_lost"] == []
     p.decode(p.encode(reply))  # the whole map crosses the wire
+
+
+# ------------------------------------------------------------ size limits
+
+
+def test_a_task_over_the_size_limit_fails_alone_with_the_reason():
+    h = Harness(max_task_bytes=100)
+    h.hello()
+    to_clients, _ = h.submit(p.TaskSpec(1, 1, b"x" * 101, 0, 0.0), p.TaskSpec(2, 1, b"x" * 100, 0, 0.0))
+    [(_, r)] = results(to_clients)
+    assert r.seq == 1 and r.state == FAILED and "101 bytes" in r.reason and "--max-task-bytes" in r.reason
+    assert (b"c1", p.Accepted(1, 2)) in to_clients
+    assert h.task_state(2) == PENDING
+
+
+def test_an_output_over_the_limit_fails_that_task_only():
+    h = Harness(max_output_bytes=10)
+    h.hello()
+    h.register(b"e1")
+    h.submit(spec(1), spec(2))
+    h.report(b"e1", credit=2)
+    [a1, a2] = assignments(h.dispatch()[1])[b"e1"]
+    to_clients, _ = h.report(b"e1", results=[done(a1, output=b"y" * 11), done(a2, output=b"y" * 10)])
+    got = {r.seq: r for _, r in results(to_clients)}
+    assert got[1].state == FAILED and "--max-output-bytes" in got[1].reason and got[1].output == b""
+    assert got[2].state == DONE and got[2].output == b"y" * 10
