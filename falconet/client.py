@@ -371,7 +371,10 @@ class Client:
             return
         silent = now - self._heard
         if silent >= PING_S and now - self._pinged >= PING_S:
-            sock.send(p.encode(p.StatusRequest(0, False)))
+            # Hello, not a bare ping: the Welcome proves life, and the dispatcher sends again
+            # any result it sent that we never acknowledged, such as one ZeroMQ dropped with
+            # a broken connection (it reconnects without telling either side).
+            sock.send(p.encode(p.Hello(p.PROTOCOL_VERSION, self.id, self.name)))
             self._pinged = now
         if silent > self.dispatcher_timeout_s:
             n = len(self._futures)

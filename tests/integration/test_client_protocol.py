@@ -1,0 +1,123 @@
+"""The client's side of the protocol against a scripted dispatcher on a loopback ROUTER socket.
+
+The script plays what is hard to cause with the real dispatcher: a Results message lost with
+a broken connection, a restart from a journal, copies of results.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import zmq
+
+import falconet
+from falconet import protocol as p
+from falconet import tasks
+
+
+class Script:
+    """A ROUTER socket that answers as a dispatcher would, message by message."""
+
+    def __init__(self):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("tcp://127.0.0.1:0")
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def recv(self, timeout_s: float = 10.0):
+        assert self.sock.poll(timeout_s * 1000), "the client sent nothing"
+        peer, frame = self.sock.recv_multipart()
+        return peer, p.decode(frame)
+
+    def expect(self, kind, timeout_s: float = 10.0):
+        """The next message of this kind, skipping Acks and pings of other kinds."""
+        while True:
+            peer, msg = self.recv(timeout_s)
+            if type(msg) is kind:
+                return peer, msg
+
+    def send(self, peer, msg):
+        self.sock.send_multipart([peer, p.encode(msg)])
+
+    def close(self):
+        self.sock.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def script():
+    s = Script()
+    yield s
+    s.close()
+
+
+def command_result(seq: int, out: bytes) -> p.TaskResult:
+    return p.TaskResult(seq, int(p.TaskState.DONE), tasks.encode_command_output(0, out, b"", False), "", "ex", 1,
+                        0.0, 0.0, 0.0)
+
+
+def connect(script: Script, journal: bool) -> tuple[falconet.Client, bytes]:
+    """A Client connected to the script, welcomed by dispatcher "d1"."""
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault("client", falconet.Client(script.address)))
+    t.start()
+    peer, _ = script.expect(p.Hello)
+    script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d1", {"journal": journal}))
+    t.join()
+    return box["client"], peer
+
+
+def test_a_silent_dispatcher_is_greeted_again_and_a_lost_result_comes_back_once(script):
+    client, peer = connect(script, journal=True)
+    try:
+        fut = client.submit_command("echo one")
+        _, submit = script.expect(p.Submit)
+        script.send(peer, p.Accepted(submit.batch, 1))
+        # The Results message is "lost": nothing is sent.  After two silent seconds the
+        # client says Hello again, and the dispatcher sends what was never acknowledged.
+        _, again = script.expect(p.Hello, timeout_s=10)
+        assert again.client_id == client.id
+        script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d1", {"journal": True}))
+        script.send(peer, p.Results([command_result(1, b"one\n")]))
+        script.send(peer, p.Results([command_result(1, b"copy\n")]))  # a copy: ignored
+        assert fut.result(timeout=10).stdout == "one\n"
+        _, ack = script.expect(p.Ack)
+        assert set(ack.seqs) == {1}  # copies are acknowledged too, so the dispatcher forgets them
+    finally:
+        client.close()
+
+
+def test_after_a_journaled_restart_unaccepted_batches_are_sent_again_with_their_numbers(script):
+    client, peer = connect(script, journal=True)
+    try:
+        first = client.submit_command("echo a")
+        _, s1 = script.expect(p.Submit)
+        script.send(peer, p.Accepted(s1.batch, 1))
+        second = client.submit_command("echo b")
+        _, s2 = script.expect(p.Submit)  # never accepted: the dispatcher died
+        script.send(peer, p.Refused(f"{p.HELLO_FIRST}: this dispatcher does not know this client"))
+        script.expect(p.Hello)
+        script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d2", {"journal": True}))
+        _, resent = script.expect(p.Submit)
+        assert resent == s2  # same batch number, same tasks; the accepted one is not re-sent
+        script.send(peer, p.Accepted(resent.batch, 1))
+        script.send(peer, p.Results([command_result(1, b"a\n"), command_result(2, b"b\n")]))
+        assert first.result(timeout=10).stdout == "a\n" and second.result(timeout=10).stdout == "b\n"
+    finally:
+        client.close()
+
+
+def test_after_a_restart_without_a_journal_the_unfinished_futures_fail(script):
+    client, peer = connect(script, journal=False)
+    try:
+        fut = client.submit_command("echo a")
+        script.expect(p.Submit)
+        script.send(peer, p.Refused(f"{p.HELLO_FIRST}: this dispatcher does not know this client"))
+        script.expect(p.Hello)
+        script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d2", {"journal": False}))
+        with pytest.raises(falconet.DispatcherUnavailable, match="without a journal"):
+            fut.result(timeout=10)
+    finally:
+        client.close()
