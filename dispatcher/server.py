@@ -100,6 +100,7 @@ class Server:
         self.core.endpoints = {"client": self.client_address, "executor": self.executor_address}
         self._stop = False
         self._bad = _RateLimitedLog()
+        self._owners: dict[str, dict[bytes, str]] = {}  #: per port: routing id -> CURVE key
 
     def _router(self, host: str, port: int, max_bytes: int, role: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -107,7 +108,13 @@ class Server:
             keys.server_socket(sock, self.server_pair, role)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise: we learn a peer left
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer takes over its identity
+        if self.server_pair is None:
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer takes over its identity
+        else:
+            # With keys, no connection may take over another's routing id; ZMTP heartbeats
+            # retire a dead connection, so its peer's reconnection is let in soon after.
+            sock.setsockopt(zmq.HEARTBEAT_IVL, max(100, int(self.core.config.heartbeat_interval_s * 1000)))
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(300, int(self.core.config.heartbeat_timeout_s * 1000)))
         sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)  # ZeroMQ drops a peer that sends more
         sock.setsockopt(zmq.SNDHWM, 0)  # credit bounds executor traffic; results must not drop
         sock.setsockopt(zmq.RCVHWM, 0)
@@ -200,28 +207,56 @@ class Server:
 
     def _receive(self, sock: zmq.Socket, handle: Callable[[bytes, Any, float], None],
                  now: float, port: str) -> None:
+        if self.zap is not None:
+            self._receive_keyed(sock, handle, now, port)
+            return
         recv = sock.recv_multipart
         for _ in range(_RECV_PER_TURN):
             try:
                 frames = recv(_NOBLOCK)
             except zmq.Again:
                 return
-            if len(frames) != 2:
-                self._bad.warn("dropped a %d-frame message on the %s port: falconet messages "
-                               "are one frame", len(frames) - 1, port)
-                continue
-            peer, frame = frames
+            self._handle(frames, handle, now, port)
+
+    def _receive_keyed(self, sock: zmq.Socket, handle: Callable[[bytes, Any, float], None],
+                       now: float, port: str) -> None:
+        """As _receive, and each routing id stays with the CURVE key that first used it.
+
+        Routing ids are visible (falconet executors lists them) and ROUTER_HANDOVER lets a
+        new connection take one over, so without this check any holder of an executor key
+        could speak as another executor and hand in forged results for its tasks.
+        """
+        owners = self._owners.setdefault(port, {})
+        for _ in range(_RECV_PER_TURN):
             try:
-                msg = p.decode(frame)
-            except ProtocolError as exc:
-                self._bad.warn("dropped a malformed message on the %s port from %r: %s",
-                               port, peer[:16], exc)
+                parts = sock.recv_multipart(_NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            peer, key = parts[0].bytes, parts[-1].get("User-Id")
+            if owners.setdefault(peer, key) != key:
+                self._bad.warn("dropped a message on the %s port: routing id %r belongs to another "
+                               "key (%s...), not %s...", port, peer[:16], owners[peer][:8], key[:8])
                 continue
-            try:
-                handle(peer, msg, now)
-            except Exception:  # the loop boundary: one bad message must not stop the service
-                log.exception("error while handling %s from %r on the %s port",
-                              type(msg).__name__, peer[:16], port)
+            self._handle([f.bytes for f in parts], handle, now, port)
+
+    def _handle(self, frames: list[bytes], handle: Callable[[bytes, Any, float], None],
+                now: float, port: str) -> None:
+        if len(frames) != 2:
+            self._bad.warn("dropped a %d-frame message on the %s port: falconet messages "
+                           "are one frame", len(frames) - 1, port)
+            return
+        peer, frame = frames
+        try:
+            msg = p.decode(frame)
+        except ProtocolError as exc:
+            self._bad.warn("dropped a malformed message on the %s port from %r: %s",
+                           port, peer[:16], exc)
+            return
+        try:
+            handle(peer, msg, now)
+        except Exception:  # the loop boundary: one bad message must not stop the service
+            log.exception("error while handling %s from %r on the %s port",
+                          type(msg).__name__, peer[:16], port)
 
     def _send_all(self) -> None:
         # An unreachable executor can produce more output (failed tasks), hence the loop;

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import falconet
-from falconet import keys
+from falconet import keys, tasks
 from falconet import protocol as p
 from falconet.benchmarks.imds import ImdsServer
 from falconet.errors import KeyFileError
@@ -172,3 +172,31 @@ def test_fuzz_from_peers_without_the_right_keys_never_reaches_the_dispatcher(clu
         ctx.term()
     log = (cluster.log_dir / "dispatcher.log").read_text()
     assert "malformed" not in log and "frame message" not in log, "a stranger's frame reached the loop"
+
+
+def test_another_executor_key_cannot_take_over_an_executors_routing_id(cluster, keydir):
+    cluster.start_dispatcher(extra=("--keys", str(keydir)))
+    keys.add_key(keydir, "executor", "evil")
+    cluster.start_executor("ex", 1, *executor_keys(keydir))
+    ctx = zmq.Context()
+    evil = ctx.socket(zmq.DEALER)
+    evil.setsockopt(zmq.LINGER, 0)
+    evil.setsockopt(zmq.ROUTING_ID, b"ex")  # executor ids are public: falconet executors lists them
+    try:
+        with cluster.client(**as_client(keydir)) as client:
+            wait_until(lambda: cluster.registered(client) == {"ex"}, what="the real executor")
+            fut = client.submit_command("sleep 1; echo real")
+            wait_until(lambda: client.status()["tasks"]["running"] == 1, what="the task running")
+            keys.client_socket(evil, keys.load_public(keydir / "dispatcher.key"),
+                               keys.load_secret(keydir / "evil.key_secret"))
+            evil.connect(cluster.executor_address)
+            forged = p.ExecResult(1, 1, int(p.TaskState.DONE),
+                                  tasks.encode_command_output(0, b"forged\n", b"", False),
+                                  "", 0.0, 0.0)
+            for _ in range(20):
+                evil.send(p.encode(p.Report(0, [], [forged])))
+            assert fut.result(timeout=30).stdout == "real\n"
+            assert client.status()["lost_executors"] == 0  # the real one was never pushed off
+    finally:
+        evil.close(0)
+        ctx.term()
