@@ -154,6 +154,7 @@ class Core:
         #: (Kind, fields) records for the journal; None when the dispatcher keeps no journal
         self.journal: list[tuple[int, tuple]] | None = None
         self.durability: dict[str, Any] = {"mode": "in-memory"}  #: shown in status; the server fills it
+        self.journal_id = ""  #: the state directory's identity, told to clients (the server sets it)
         self.reporters: dict[str, Callable[[], Any]] = {}  #: more status entries, e.g. the server's security
 
     # ------------------------------------------------------------ state changes
@@ -224,7 +225,7 @@ class Core:
         limits = {"max_submit_batch": self.config.max_submit_batch,
                   "max_message_bytes": self.config.max_message_bytes,
                   "max_task_bytes": self.config.max_task_bytes,
-                  "journal": self.journal is not None}
+                  "journal": self.journal is not None, "journal_id": self.journal_id}
         self.to_clients.append((peer, p.Welcome(p.PROTOCOL_VERSION, self.dispatcher_id, limits)))
         # Results sent before and never acknowledged: the connection (or the dispatcher) died.
         resend = list(client.unacked.values())

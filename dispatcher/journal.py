@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import struct
+import uuid
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -70,6 +71,7 @@ class Journal:
             raise JournalError(f"cannot use state directory {self.dir}: {exc.strerror}") from None
         self.path = self.dir / "journal"
         self._lock_fd = self._lock()
+        self.id = self._identity()  #: stays with the directory: clients tell one journal from another
         self._fd = -1
         self._buffer: list[bytes] = []
         self._pack = msgpack.Packer(use_bin_type=True).pack
@@ -89,6 +91,14 @@ class Journal:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         return fd
+
+    def _identity(self) -> str:
+        path = self.dir / "journal-id"
+        if not path.exists():
+            tmp = path.with_name("journal-id.new")
+            tmp.write_text(uuid.uuid4().hex + "\n")
+            os.replace(tmp, path)
+        return path.read_text().strip()
 
     # ------------------------------------------------------------ reading
 

@@ -135,6 +135,7 @@ class Server:
         log.info("journal %s: %d tasks queued again and %d results kept for %d clients, in %.2fs",
                  journal.path, queued, results, len(core.clients), time.monotonic() - t0)
         core.journal = []
+        core.journal_id = journal.id
         if journal.size >= self.compact_bytes:
             self._compact()
         self._durability()

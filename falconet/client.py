@@ -29,6 +29,7 @@ log = logging.getLogger("falconet.client")
 
 DEFAULT_RETRIES = 3
 PING_S = 2.0  # ask the dispatcher for a sign of life after this much silence
+HELLO_AGAIN_S = 10.0  # a Hello with no Welcome yet is sent again only after this long
 _DONE, _FAILED, _CANCELLED = int(p.TaskState.DONE), int(p.TaskState.FAILED), int(p.TaskState.CANCELLED)
 
 
@@ -81,6 +82,8 @@ class Client:
         self._cancels: list[int] = []
         self._futures: dict[int, TaskFuture] = {}
         self._unaccepted: dict[int, list[p.TaskSpec]] = {}  # batch -> specs, until Accepted
+        self._hello_at = 0.0  # when we last said Hello with no Welcome since
+        self._journal_id = ""  # the dispatcher's journal: a restart with another one lost our tasks
         self._status_waiters: dict[int, cf.Future] = {}
         self._status_asked: dict[int, p.StatusRequest] = {}  # to ask again after a restart
         self._wake_r, self._wake_w = os.pipe()
@@ -328,39 +331,49 @@ class Client:
             self._welcomed(sock, msg)
         elif kind is p.Refused:
             if msg.reason.startswith(p.HELLO_FIRST):  # a restarted dispatcher
-                sock.send(p.encode(p.Hello(p.PROTOCOL_VERSION, self.id, self.name)))
+                self._hello(sock, time.monotonic())
             elif not self._welcome.done():
                 self._welcome.set_exception(RefusedError(msg.reason))
             else:
                 log.error("the dispatcher refused a request: %s", msg.reason)
 
+    def _hello(self, sock: zmq.Socket, now: float) -> None:
+        """Say Hello, once per answer: every Hello makes the dispatcher re-send our results."""
+        if self._hello_at and now - self._hello_at < HELLO_AGAIN_S:
+            return
+        sock.send(p.encode(p.Hello(p.PROTOCOL_VERSION, self.id, self.name)))
+        self._hello_at = now
+
     def _welcomed(self, sock: zmq.Socket, msg: p.Welcome) -> None:
+        self._hello_at = 0.0
+        self.max_batch = int(msg.limits.get("max_submit_batch", self.max_batch))
+        self.max_message_bytes = int(msg.limits.get("max_message_bytes", self.max_message_bytes))
         if not self._welcome.done():
-            self.dispatcher_id = msg.dispatcher_id
+            self.dispatcher_id, self._journal_id = msg.dispatcher_id, msg.limits.get("journal_id", "")
             self._welcome.set_result(msg)
-        elif msg.dispatcher_id != self.dispatcher_id:
+            return
+        if msg.dispatcher_id != self.dispatcher_id:
             self.dispatcher_id = msg.dispatcher_id
             with self._lock:  # refused with HELLO_FIRST by the new dispatcher: ask again
                 asked = list(self._status_asked.values())
             for req in asked:
                 sock.send(p.encode(req))
-            if msg.limits.get("journal"):
-                self._resubmit(sock)
+            journal_id = msg.limits.get("journal_id", "")
+            if not journal_id or journal_id != self._journal_id:
+                how = "without a journal" if not journal_id else "with another journal (--state-dir)"
+                log.error("the dispatcher at %s restarted %s; tasks it had not finished are lost", self.address, how)
+                self._journal_id = journal_id
+                self._fail_all(DispatcherUnavailable(
+                    f"the dispatcher at {self.address} restarted {how} and lost this task; submit it again"))
                 return
-            log.error("the dispatcher at %s restarted; tasks it had not finished are lost", self.address)
-            self._fail_all(DispatcherUnavailable(
-                f"the dispatcher at {self.address} restarted without a journal and lost this "
-                "task; submit it again"))
+            log.warning("the dispatcher at %s restarted from its journal; sending %d unaccepted "
+                        "tasks again", self.address, sum(map(len, self._unaccepted.values())))
+        self._resubmit(sock)
 
     def _resubmit(self, sock: zmq.Socket) -> None:
-        """A journaling dispatcher restarted: send again what it may not have accepted.
-
-        Batches keep their numbers, so one the journal already holds is not queued twice;
-        the results of the rest are re-sent by the dispatcher after our Hello.
-        """
-        n = sum(len(specs) for specs in self._unaccepted.values())
-        log.warning("the dispatcher at %s restarted from its journal; sending %d unacknowledged "
-                    "tasks again", self.address, n)
+        """Send again every batch not yet accepted, after any Welcome: a restart or a broken
+        connection may have lost it.  Batches keep their numbers, so one the dispatcher
+        already holds is not queued twice."""
         for batch, specs in sorted(self._unaccepted.items()):
             sock.send(p.encode(p.Submit(batch, specs)))
 
@@ -374,7 +387,7 @@ class Client:
             # Hello, not a bare ping: the Welcome proves life, and the dispatcher sends again
             # any result it sent that we never acknowledged, such as one ZeroMQ dropped with
             # a broken connection (it reconnects without telling either side).
-            sock.send(p.encode(p.Hello(p.PROTOCOL_VERSION, self.id, self.name)))
+            self._hello(sock, now)
             self._pinged = now
         if silent > self.dispatcher_timeout_s:
             n = len(self._futures)

@@ -64,7 +64,7 @@ def connect(script: Script, journal: bool) -> tuple[falconet.Client, bytes]:
     t = threading.Thread(target=lambda: box.setdefault("client", falconet.Client(script.address)))
     t.start()
     peer, _ = script.expect(p.Hello)
-    script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d1", {"journal": journal}))
+    script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d1", {"journal": journal, "journal_id": "j1" if journal else ""}))
     t.join()
     return box["client"], peer
 
@@ -79,7 +79,7 @@ def test_a_silent_dispatcher_is_greeted_again_and_a_lost_result_comes_back_once(
         # client says Hello again, and the dispatcher sends what was never acknowledged.
         _, again = script.expect(p.Hello, timeout_s=10)
         assert again.client_id == client.id
-        script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d1", {"journal": True}))
+        script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d1", {"journal": True, "journal_id": "j1"}))
         script.send(peer, p.Results([command_result(1, b"one\n")]))
         script.send(peer, p.Results([command_result(1, b"copy\n")]))  # a copy: ignored
         assert fut.result(timeout=10).stdout == "one\n"
@@ -99,7 +99,7 @@ def test_after_a_journaled_restart_unaccepted_batches_are_sent_again_with_their_
         _, s2 = script.expect(p.Submit)  # never accepted: the dispatcher died
         script.send(peer, p.Refused(f"{p.HELLO_FIRST}: this dispatcher does not know this client"))
         script.expect(p.Hello)
-        script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d2", {"journal": True}))
+        script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d2", {"journal": True, "journal_id": "j1"}))
         _, resent = script.expect(p.Submit)
         assert resent == s2  # same batch number, same tasks; the accepted one is not re-sent
         script.send(peer, p.Accepted(resent.batch, 1))
@@ -116,8 +116,39 @@ def test_after_a_restart_without_a_journal_the_unfinished_futures_fail(script):
         script.expect(p.Submit)
         script.send(peer, p.Refused(f"{p.HELLO_FIRST}: this dispatcher does not know this client"))
         script.expect(p.Hello)
-        script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d2", {"journal": False}))
+        script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d2", {"journal": False, "journal_id": ""}))
         with pytest.raises(falconet.DispatcherUnavailable, match="without a journal"):
+            fut.result(timeout=10)
+    finally:
+        client.close()
+
+
+def test_a_submit_lost_with_a_broken_connection_is_sent_again_after_the_next_welcome(script):
+    client, peer = connect(script, journal=False)
+    try:
+        fut = client.submit_command("echo lost")
+        _, lost = script.expect(p.Submit)  # "lost": no Accepted
+        _, hello = script.expect(p.Hello)  # the liveness probe, after two silent seconds
+        script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d1", {"journal": False, "journal_id": ""}))
+        _, again = script.expect(p.Submit)
+        assert again == lost
+        script.send(peer, p.Accepted(again.batch, 1))
+        script.send(peer, p.Results([command_result(1, b"lost\n")]))
+        assert fut.result(timeout=10).stdout == "lost\n"
+    finally:
+        client.close()
+
+
+def test_a_restart_with_another_journal_fails_the_unfinished_futures(script):
+    client, peer = connect(script, journal=True)
+    try:
+        fut = client.submit_command("echo a")
+        _, s1 = script.expect(p.Submit)
+        script.send(peer, p.Accepted(s1.batch, 1))
+        script.send(peer, p.Refused(f"{p.HELLO_FIRST}: this dispatcher does not know this client"))
+        script.expect(p.Hello)
+        script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d2", {"journal": True, "journal_id": "another"}))
+        with pytest.raises(falconet.DispatcherUnavailable, match="another journal"):
             fut.result(timeout=10)
     finally:
         client.close()
