@@ -229,9 +229,8 @@ class Core:
         self.to_clients.append((peer, p.Welcome(p.PROTOCOL_VERSION, self.dispatcher_id, limits)))
         # Results sent before and never acknowledged: the connection (or the dispatcher) died.
         resend = list(client.unacked.values())
-        step = self.config.max_results_batch
-        for i in range(0, len(resend), step):
-            self.to_clients.append((peer, p.Results(resend[i:i + step])))
+        for part in self._chunks(resend, 2):
+            self.to_clients.append((peer, p.Results(part)))
 
     def _submit(self, client: ClientEntry, msg: p.Submit) -> None:
         if len(msg.tasks) > self.config.max_submit_batch:
@@ -500,19 +499,31 @@ class Core:
 
     def take_outgoing(self) -> tuple[list[tuple[bytes, Any]], list[tuple[bytes, Any]]]:
         """Return and clear the messages to send: (to clients, to executors)."""
-        step = self.config.max_results_batch
         journal = self.journal
         for peer, client in self._results_pending.items():
             results, client.results = client.results, []
             client.unacked.update([(r[0], r) for r in results])
-            if journal is not None:
-                journal.append((Kind.RESULTS, (peer, results)))
-            for i in range(0, len(results), step):
-                self.to_clients.append((peer, p.Results(results[i:i + step])))
+            for part in self._chunks(results, 2):
+                if journal is not None:
+                    journal.append((Kind.RESULTS, (peer, part)))
+                self.to_clients.append((peer, p.Results(part)))
         self._results_pending.clear()
         out = self.to_clients, self.to_executors
         self.to_clients, self.to_executors = [], []
         return out
+
+    def _chunks(self, records: list, field: int) -> Any:
+        """records in runs of at most max_results_batch and about max_message_bytes / 2 of
+        their bytes field: each run is one message and one journal record, both bounded."""
+        step, budget = self.config.max_results_batch, self.config.max_message_bytes // 2
+        start, size = 0, 0
+        for i, r in enumerate(records):
+            size += len(r[field]) + 64
+            if i > start and (i - start >= step or size > budget):
+                yield records[start:i]
+                start, size = i, len(r[field]) + 64
+        if start < len(records):
+            yield records[start:]
 
     def undelivered(self, peer: bytes, msg: Any) -> None:
         """The loop could not route msg to this client: its results stay unacknowledged,
@@ -610,16 +621,14 @@ class Core:
         for t in self.queue:
             if t.state == _PENDING:
                 by_client[t.client].append(t)
-        step = self.config.max_results_batch
         for client in self.clients.values():
             yield Kind.CLIENT, (client.peer, client.name, client.batch_high, sorted(client.batch_extra))
-            tasks = by_client.get(client, [])
-            for i in range(0, len(tasks), step):
-                yield Kind.TASKS, (client.peer, [(t.seq, t.kind, t.body, t.retries, t.walltime_s, t.submitted,
-                                                  t.losses) for t in tasks[i:i + step]])
-            results = [*client.unacked.values(), *client.results]
-            for i in range(0, len(results), step):
-                yield Kind.RESULTS, (client.peer, results[i:i + step])
+            records = [(t.seq, t.kind, t.body, t.retries, t.walltime_s, t.submitted, t.losses)
+                       for t in by_client.get(client, [])]
+            for part in self._chunks(records, 2):
+                yield Kind.TASKS, (client.peer, part)
+            for part in self._chunks([*client.unacked.values(), *client.results], 2):
+                yield Kind.RESULTS, (client.peer, part)
 
     # ------------------------------------------------------------ statistics
 

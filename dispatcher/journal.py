@@ -114,6 +114,7 @@ class Journal:
         while end < len(data):
             record = self._read_record(data, end)
             if record is None:
+                self._refuse_if_more_follows(data, end)
                 break
             payload_end, fields = record
             good = end = payload_end
@@ -137,6 +138,18 @@ class Journal:
                 f"{self.path} was written in journal format {version}; this falconet reads format "
                 f"{FORMAT_VERSION}. Finish its tasks with the falconet that wrote it, or give a new --state-dir")
         return _HEADER.size
+
+    def _refuse_if_more_follows(self, data: bytes, at: int) -> None:
+        """A bad record followed by a whole one is damage, not a torn tail: keep the file."""
+        if at + _RECORD.size > len(data):
+            return
+        length, _ = _RECORD.unpack_from(data, at)
+        after = at + _RECORD.size + length
+        if after < len(data) and self._read_record(data, after) is not None:
+            raise JournalError(
+                f"{self.path} is damaged at byte {at}, with whole records after it (not a crash "
+                f"mid-write). Copy it away for inspection; to start from what precedes the damage, "
+                f"run: truncate -s {at} {self.path}")
 
     @staticmethod
     def _read_record(data: bytes, at: int) -> tuple[int, list] | None:
@@ -163,6 +176,8 @@ class Journal:
     def append(self, kind: int, *fields: Any) -> None:
         """Buffer one record; it reaches the disk at the next commit()."""
         payload = self._pack([int(kind), *fields])
+        if len(payload) > MAX_RECORD_BYTES:  # the core splits batches well below this
+            raise JournalError(f"a journal record of {len(payload)} bytes is over the {MAX_RECORD_BYTES} limit")
         self._buffer.append(_RECORD.pack(len(payload), zlib.crc32(payload)))
         self._buffer.append(payload)
 

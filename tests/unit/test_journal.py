@@ -275,3 +275,23 @@ def test_each_batch_number_is_accepted_once_in_any_order(batches):
     firsts = [b for b in batches if client.first_time(b)]
     assert sorted(firsts) == sorted(set(batches))
     assert all(not client.first_time(b) for b in batches)
+
+
+def test_damage_followed_by_whole_records_is_refused_and_the_file_kept(tmp_path):
+    write(tmp_path, [(j.Kind.ACK, [b"c", [1]]), (j.Kind.ACK, [b"c", [2]]), (j.Kind.ACK, [b"c", [3]])])
+    raw = bytearray((tmp_path / "journal").read_bytes())
+    second = j._HEADER.size + (len(raw) - j._HEADER.size) // 3
+    raw[second + j._RECORD.size + 2] ^= 0xFF  # inside the second record's payload
+    (tmp_path / "journal").write_bytes(bytes(raw))
+    with pytest.raises(JournalError, match=f"damaged at byte {second}.*truncate -s {second}"):
+        list(j.Journal(tmp_path).replay())
+    assert (tmp_path / "journal").read_bytes() == bytes(raw)
+
+
+def test_results_are_journaled_and_sent_in_runs_bounded_by_bytes():
+    core = Core(Config(max_message_bytes=1 << 20), wall=lambda: WALL0)
+    core.journal = []
+    big = [p.TaskResult(i, 3, b"z" * (200 << 10), "", "e", 1, 0.0, 0.0, 0.0) for i in range(10)]
+    parts = list(core._chunks(big, 2))
+    assert [len(x) for x in parts] == [2, 2, 2, 2, 2]  # about 512 KiB each
+    assert [r for part in parts for r in part] == big
