@@ -153,7 +153,6 @@ class Core:
         self.fleet_at = 0.0
         #: (Kind, fields) records for the journal; None when the dispatcher keeps no journal
         self.journal: list[tuple[int, tuple]] | None = None
-        self.durability: dict[str, Any] = {"mode": "in-memory"}  #: shown in status; the server fills it
         self.journal_id = ""  #: the state directory's identity, told to clients (the server sets it)
         self.reporters: dict[str, Callable[[], Any]] = {}  #: more status entries, e.g. the server's security
 
@@ -516,6 +515,9 @@ class Core:
         """records in runs of at most max_results_batch and about max_message_bytes / 2 of
         their bytes field: each run is one message and one journal record, both bounded."""
         step, budget = self.config.max_results_batch, self.config.max_message_bytes // 2
+        if len(records) <= step and sum([len(r[field]) for r in records]) + 64 * len(records) <= budget:
+            yield records  # the usual case: one run, no per-record loop in Python
+            return
         start, size = 0, 0
         for i, r in enumerate(records):
             size += len(r[field]) + 64
@@ -524,10 +526,6 @@ class Core:
                 start, size = i, len(r[field]) + 64
         if start < len(records):
             yield records[start:]
-
-    def undelivered(self, peer: bytes, msg: Any) -> None:
-        """The loop could not route msg to this client: its results stay unacknowledged,
-        and go out again when the client says Hello."""
 
     def take_journal(self) -> list[tuple[int, tuple]]:
         """Return and clear the records to journal before this turn's messages go out."""
@@ -649,8 +647,8 @@ class Core:
             "dispatcher_id": self.dispatcher_id,
             "version": p.PROTOCOL_VERSION,
             "uptime_s": self.wall() - self.started_wall,
-            "durability": self.durability["mode"],
-            "journal": {k: v for k, v in self.durability.items() if k != "mode"},
+            "durability": "in-memory" if self.journal is None else "journal",
+            "journal": {},  # the server's reporter fills it when there is one
             "unacknowledged_results": sum(len(c.unacked) for c in self.clients.values()),
             "queued": self.counts[_PENDING],
             "tasks": {_STATE_NAMES[s]: n for s, n in enumerate(self.counts)},

@@ -136,9 +136,9 @@ class Server:
                  journal.path, queued, results, len(core.clients), time.monotonic() - t0)
         core.journal = []
         core.journal_id = journal.id
+        core.reporters["journal"] = self._journal_status
         if journal.size >= self.compact_bytes:
             self._compact()
-        self._durability()
         self._compact_at = max(self.compact_bytes, 2 * journal.size)
 
     def _commit(self) -> None:
@@ -149,7 +149,6 @@ class Server:
         if not journal.pending():
             return
         journal.commit()
-        self._durability()
         if journal.size >= self._compact_at:
             self._compact()
             # At least double again before the next compaction: the cost stays linear.
@@ -160,12 +159,11 @@ class Server:
         journal, before = self.journal, self.journal.size
         journal.rewrite(self.core.snapshot())
         log.info("journal compacted from %d to %d bytes in %.2fs", before, journal.size, time.monotonic() - t0)
-        self._durability()
 
-    def _durability(self) -> None:
+    def _journal_status(self) -> dict:
         j = self.journal
-        self.core.durability = {"mode": "journal", "state_dir": str(j.dir), "journal_bytes": j.size,
-                                "commits": j.commits, "recovered": j.recovered_from}
+        return {"state_dir": str(j.dir), "journal_bytes": j.size, "commits": j.commits,
+                "recovered": j.recovered_from}
 
     def _security(self) -> dict:
         if self.zap is not None:
@@ -268,9 +266,8 @@ class Server:
                 self._commit()
             if not to_clients and not to_executors:
                 return
-            for peer, msg in to_clients:
-                if not self._send(self.client_sock, peer, msg):
-                    self.core.undelivered(peer, msg)
+            for peer, msg in to_clients:  # an unroutable client's results stay unacknowledged
+                self._send(self.client_sock, peer, msg)  # and go out again after its next Hello
             for peer, msg in to_executors:
                 if not self._send(self.executor_sock, peer, msg):
                     self.core.executor_unreachable(peer, msg)

@@ -41,6 +41,16 @@ class Script:
     def send(self, peer, msg):
         self.sock.send_multipart([peer, p.encode(msg)])
 
+    def welcome(self, peer, dispatcher_id: str, journal_id: str):
+        self.send(peer, p.Welcome(p.PROTOCOL_VERSION, dispatcher_id,
+                                  {"journal": bool(journal_id), "journal_id": journal_id}))
+
+    def restart(self, peer, dispatcher_id: str, journal_id: str):
+        """Play a restarted dispatcher: refuse the client until it says Hello, then welcome it."""
+        self.send(peer, p.Refused(f"{p.HELLO_FIRST}: this dispatcher does not know this client"))
+        self.expect(p.Hello)
+        self.welcome(peer, dispatcher_id, journal_id)
+
     def close(self):
         self.sock.close(0)
         self.ctx.term()
@@ -64,7 +74,7 @@ def connect(script: Script, journal: bool) -> tuple[falconet.Client, bytes]:
     t = threading.Thread(target=lambda: box.setdefault("client", falconet.Client(script.address)))
     t.start()
     peer, _ = script.expect(p.Hello)
-    script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d1", {"journal": journal, "journal_id": "j1" if journal else ""}))
+    script.welcome(peer, "d1", "j1" if journal else "")
     t.join()
     return box["client"], peer
 
@@ -79,7 +89,7 @@ def test_a_silent_dispatcher_is_greeted_again_and_a_lost_result_comes_back_once(
         # client says Hello again, and the dispatcher sends what was never acknowledged.
         _, again = script.expect(p.Hello, timeout_s=10)
         assert again.client_id == client.id
-        script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d1", {"journal": True, "journal_id": "j1"}))
+        script.welcome(peer, "d1", "j1")
         script.send(peer, p.Results([command_result(1, b"one\n")]))
         script.send(peer, p.Results([command_result(1, b"copy\n")]))  # a copy: ignored
         assert fut.result(timeout=10).stdout == "one\n"
@@ -97,9 +107,7 @@ def test_after_a_journaled_restart_unaccepted_batches_are_sent_again_with_their_
         script.send(peer, p.Accepted(s1.batch, 1))
         second = client.submit_command("echo b")
         _, s2 = script.expect(p.Submit)  # never accepted: the dispatcher died
-        script.send(peer, p.Refused(f"{p.HELLO_FIRST}: this dispatcher does not know this client"))
-        script.expect(p.Hello)
-        script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d2", {"journal": True, "journal_id": "j1"}))
+        script.restart(peer, "d2", "j1")
         _, resent = script.expect(p.Submit)
         assert resent == s2  # same batch number, same tasks; the accepted one is not re-sent
         script.send(peer, p.Accepted(resent.batch, 1))
@@ -114,9 +122,7 @@ def test_after_a_restart_without_a_journal_the_unfinished_futures_fail(script):
     try:
         fut = client.submit_command("echo a")
         script.expect(p.Submit)
-        script.send(peer, p.Refused(f"{p.HELLO_FIRST}: this dispatcher does not know this client"))
-        script.expect(p.Hello)
-        script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d2", {"journal": False, "journal_id": ""}))
+        script.restart(peer, "d2", "")
         with pytest.raises(falconet.DispatcherUnavailable, match="without a journal"):
             fut.result(timeout=10)
     finally:
@@ -129,7 +135,7 @@ def test_a_submit_lost_with_a_broken_connection_is_sent_again_after_the_next_wel
         fut = client.submit_command("echo lost")
         _, lost = script.expect(p.Submit)  # "lost": no Accepted
         _, hello = script.expect(p.Hello)  # the liveness probe, after two silent seconds
-        script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d1", {"journal": False, "journal_id": ""}))
+        script.welcome(peer, "d1", "")
         _, again = script.expect(p.Submit)
         assert again == lost
         script.send(peer, p.Accepted(again.batch, 1))
@@ -145,9 +151,7 @@ def test_a_restart_with_another_journal_fails_the_unfinished_futures(script):
         fut = client.submit_command("echo a")
         _, s1 = script.expect(p.Submit)
         script.send(peer, p.Accepted(s1.batch, 1))
-        script.send(peer, p.Refused(f"{p.HELLO_FIRST}: this dispatcher does not know this client"))
-        script.expect(p.Hello)
-        script.send(peer, p.Welcome(p.PROTOCOL_VERSION, "d2", {"journal": True, "journal_id": "another"}))
+        script.restart(peer, "d2", "another")
         with pytest.raises(falconet.DispatcherUnavailable, match="another journal"):
             fut.result(timeout=10)
     finally:
