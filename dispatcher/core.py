@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from falconet import needs as nd
 from falconet import protocol as p
 from falconet.dispatcher import states
 from falconet.dispatcher.journal import Kind
@@ -48,17 +49,21 @@ class Config:
     max_message_bytes: int = 256 << 20  #: ZeroMQ disconnects a peer that sends a larger one
     max_task_bytes: int = 64 << 20  #: a task body larger than this fails at submission
     max_output_bytes: int = 64 << 20  #: a result output larger than this fails the task
+    #: a task with needs that could not be placed for this long reserves an executor: it gets
+    #: no other work until the task fits, so large tasks never starve behind small ones
+    reserve_after_s: float = 1.0
+    fail_unschedulable_s: float = 0.0  #: fail tasks unschedulable for this long; 0: keep them queued
 
 
 class Task:
     """One accepted task; small on purpose (a queued task is its body plus these slots)."""
 
     __slots__ = (
-        "tid", "client", "seq", "kind", "body", "retries", "walltime_s",
+        "tid", "client", "seq", "kind", "body", "retries", "walltime_s", "needs", "files",
         "state", "attempt", "losses", "executor", "submitted",
     )  # fmt: skip
 
-    def __init__(self, client, spec: p.TaskSpec, submitted: float):
+    def __init__(self, client, spec: p.TaskSpec, submitted: float, needs: nd.Needs | None = None):
         self.tid = None  # given at first dispatch: a queued task needs none (memory)
         self.client = client
         self.seq = spec.seq
@@ -66,6 +71,8 @@ class Task:
         self.body = spec.body
         self.retries = spec.retries
         self.walltime_s = spec.walltime_s or _NO_LIMIT  # one shared float for the usual case
+        self.needs = needs  # None for a plain task: one cpu, any executor (the fast path)
+        self.files = spec.files
         self.state = _PENDING
         self.attempt = 0  # number of times dispatched; results must name the current one
         self.losses = 0  # attempts ended by a lost executor or dead slot
@@ -83,12 +90,16 @@ class ExecutorState(enum.Enum):
 class ExecutorEntry:
     """A registered executor as the dispatcher knows it."""
 
-    __slots__ = ("peer", "info", "state", "credit", "tasks", "last_seen", "last_sent", "registered",
-                 "completed", "idle_since")
+    __slots__ = ("peer", "info", "caps", "state", "credit", "tasks", "last_seen", "last_sent", "registered",
+                 "completed", "idle_since", "cpus_used", "memory_used", "stats")
 
     def __init__(self, peer: bytes, info: p.Register, now: float, wall: float):
         self.peer = peer
         self.info = info
+        self.caps = caps_of(info)
+        self.cpus_used = 0  #: cpus of the tasks it holds (a plain task counts one)
+        self.memory_used = 0  #: MB asked by the tasks it holds
+        self.stats: dict = {}  #: the executor's last reported statistics (input cache)
         self.state = ExecutorState.ACTIVE
         self.credit = 0
         self.tasks: dict[int, Task] = {}
@@ -97,6 +108,46 @@ class ExecutorEntry:
         self.registered = wall
         self.completed = 0
         self.idle_since = now  #: when it last ran out of tasks (for the provisioner's idle release)
+
+
+def caps_of(info: p.Register) -> nd.Caps:
+    """An executor's capabilities from its registration; odd facts count as none."""
+    facts = info.facts
+    tags = facts.get("tags")
+    tags = [t for t in tags if type(t) is str] if type(tags) is list else []
+    site = "cloud" if facts.get("instance_id") else "local"
+    tagset = nd.executor_tags(tags, site)
+    arch = facts.get("arch")
+    try:
+        arch = nd.normalise_arch(arch) if type(arch) is str else ""
+    except ValueError:
+        arch = str(arch)
+    return nd.Caps(info.cpus, info.memory >> 20, arch, tagset, nd.site_of(tagset))
+
+
+class NeedsClass:
+    """The queued tasks that share one set of needs, in submission order."""
+
+    __slots__ = ("needs", "queue", "pending", "eligible", "gen", "blocked_since", "reserved",
+                 "unschedulable", "unschedulable_since")
+
+    def __init__(self, needs: nd.Needs):
+        self.needs = needs
+        self.queue: collections.deque[Task] = collections.deque()
+        self.pending = 0  #: tasks of the queue still PENDING
+        self.eligible: list[ExecutorEntry] = []  #: executors that satisfy the needs (by capacity)
+        self.gen = -1  #: the registry generation eligible was computed for
+        self.blocked_since: float | None = None  #: when a dispatch turn last placed none of it
+        self.reserved: bytes | None = None  #: the executor held for its head task
+        self.unschedulable = ""  #: why no connected or launchable executor can run it
+        self.unschedulable_since = 0.0
+
+    def head(self) -> Task | None:
+        """The oldest pending task, dropping cancelled ones from the front."""
+        q = self.queue
+        while q and q[0].state != _PENDING:
+            q.popleft()
+        return q[0] if q else None
 
 
 class ClientEntry:
@@ -134,7 +185,10 @@ class Core:
         self.wall = wall
         self.dispatcher_id = uuid.uuid4().hex[:12]
         self.started_wall = wall()
-        self.queue: collections.deque[Task] = collections.deque()
+        self.queue: collections.deque[Task] = collections.deque()  #: plain tasks
+        self.classes: dict[nd.Needs, NeedsClass] = {}  #: tasks with needs, by needs
+        self._gen = 0  #: bumped when an executor joins, leaves or changes: eligibility is recomputed
+        self._reserved: set[bytes] = set()  #: executors held for a large task this turn
         self.executors: dict[bytes, ExecutorEntry] = {}
         self.ready: dict[bytes, ExecutorEntry] = {}  # executors with credit > 0, in turn order
         self.clients: dict[bytes, ClientEntry] = {}
@@ -154,6 +208,7 @@ class Core:
         #: (Kind, fields) records for the journal; None when the dispatcher keeps no journal
         self.journal: list[tuple[int, tuple]] | None = None
         self.journal_id = ""  #: the state directory's identity, told to clients (the server sets it)
+        self.cache_totals = {"hits": 0, "misses": 0, "bytes_fetched": 0}  #: executors' input caches, summed
         self.reporters: dict[str, Callable[[], Any]] = {}  #: more status entries, e.g. the server's security
 
     # ------------------------------------------------------------ state changes
@@ -169,7 +224,7 @@ class Core:
         c[new] += 1
 
     def _finish(self, task: Task, state: int, output: bytes, reason: str, executor: str,
-                started: float, finished: float) -> None:
+                started: float, finished: float, files: bytes = b"") -> None:
         # _move inlined: this runs once per task
         old = task.state
         if (old, state) not in _LEGAL:
@@ -183,7 +238,7 @@ class Core:
         c[old] -= 1
         c[state] += 1
         client.results.append(_new(p.TaskResult, (
-            task.seq, state, output, reason, executor, task.attempt, task.submitted, started, finished)))
+            task.seq, state, output, reason, executor, task.attempt, task.submitted, started, finished, files)))
         self._results_pending[client.peer] = client
 
     # ------------------------------------------------------------ clients
@@ -253,10 +308,29 @@ class Core:
         max_body = self.config.max_task_bytes
         for spec in specs:
             if spec.kind in _KINDS and spec.retries >= 0 and spec.walltime_s >= 0 and len(spec.body) <= max_body:
-                queue.append(Task(client, spec, wall))  # (NaN fails the walltime test)
+                if not spec.needs:
+                    queue.append(Task(client, spec, wall))  # (NaN fails the walltime test)
+                    continue
+                try:
+                    needs = nd.decode(spec.needs)
+                except p.ProtocolError as exc:
+                    self._finish(Task(client, spec, wall), _FAILED, b"", str(exc), "", 0.0, wall)
+                    continue
+                self._enqueue_needy(Task(client, spec, wall, None if needs.plain else needs))
             else:
                 self._finish(Task(client, spec, wall), _FAILED, b"", _invalid(spec, max_body), "", 0.0, wall)
         self.submitted_total += len(specs)
+
+    def _enqueue_needy(self, task: Task, front: bool = False) -> None:
+        """Queue a pending task in its needs class (a plain one in the plain queue)."""
+        if task.needs is None:
+            (self.queue.appendleft if front else self.queue.append)(task)
+            return
+        cls = self.classes.get(task.needs)
+        if cls is None:
+            cls = self.classes[task.needs] = NeedsClass(task.needs)
+        (cls.queue.appendleft if front else cls.queue.append)(task)
+        cls.pending += 1
 
     def _ack(self, client: ClientEntry, seqs: list[int]) -> None:
         unacked = client.unacked
@@ -270,6 +344,11 @@ class Core:
         for task in self.queue:  # cancelled tasks stay in the deque and are skipped later
             if task.client is client and task.state == _PENDING and task.seq in seqs:
                 self._finish(task, _CANCELLED, b"", "cancelled before it started", "", 0.0, wall)
+        for cls in self.classes.values():
+            for task in cls.queue:
+                if task.client is client and task.state == _PENDING and task.seq in seqs:
+                    self._finish(task, _CANCELLED, b"", "cancelled before it started", "", 0.0, wall)
+                    cls.pending -= 1
         for ex in self.executors.values():
             tids = [t.tid for t in ex.tasks.values()
                     if t.client is client and t.state == _DISPATCHED and t.seq in seqs]
@@ -284,6 +363,7 @@ class Core:
                 ex.state = ExecutorState.DRAINING  # no new work from now on
                 ex.credit = 0
                 self.ready.pop(ex.peer, None)
+                self._gen += 1
                 self._send_executor(ex, p.Leave(reason))
 
     # ------------------------------------------------------------ executors
@@ -321,13 +401,16 @@ class Core:
         if ex is not None:  # a reconnect: keep what it still holds, requeue the rest
             held = {tid for tid, _ in msg.holding}
             for tid in [tid for tid in ex.tasks if tid not in held]:
-                self._requeue(ex.tasks.pop(tid), loss=False)
+                self._requeue(self._unhold(ex, tid), loss=False)
             ex.info, ex.state, ex.credit, ex.last_seen = msg, ExecutorState.ACTIVE, 0, now
+            ex.caps = caps_of(msg)
             self.ready.pop(peer, None)
         else:
             ex = self.executors[peer] = ExecutorEntry(peer, msg, now, self.wall())
-            log.info("executor %s registered: host %s, %d slots, addresses %s",
-                     msg.executor_id, msg.hostname, msg.slots, ",".join(msg.addresses))
+            log.info("executor %s registered: host %s, %d slots, %d cpus, addresses %s, tags %s",
+                     msg.executor_id, msg.hostname, msg.slots, msg.cpus, ",".join(msg.addresses),
+                     ",".join(sorted(ex.caps.tags)))
+        self._gen += 1
         self._send_executor(ex, p.Registered(self.dispatcher_id, self.config.heartbeat_interval_s,
                                              self.config.heartbeat_timeout_s, self.config.max_message_bytes))
 
@@ -337,9 +420,11 @@ class Core:
             t = tasks.get(tid)
             if t is not None and t.attempt == attempt and t.state == _DISPATCHED:
                 self._move(t, _RUNNING)
+        if msg.stats:
+            self._note_stats(ex, msg.stats)
         if msg.results:
             eid = ex.info.executor_id
-            accepted = 0
+            accepted = plain = 0
             max_out = self.config.max_output_bytes
             for r in msg.results:
                 t = tasks.get(r.tid)
@@ -347,6 +432,11 @@ class Core:
                     self.stale_results += 1
                     continue
                 del tasks[r.tid]
+                if t.needs is None:
+                    plain += 1
+                else:
+                    ex.cpus_used -= t.needs.cpus
+                    ex.memory_used -= t.needs.memory_mb
                 state, reason, output = r.state, r.reason, r.output
                 if state not in _FINAL:
                     state, reason = _FAILED, f"executor reported invalid state {state}"
@@ -354,8 +444,9 @@ class Core:
                     state, output = _FAILED, b""
                     reason = (f"its output of {len(r.output)} bytes is more than the dispatcher's "
                               f"limit of {max_out} (--max-output-bytes); lower the task's output cap")
-                self._finish(t, state, output, reason, eid, r.started, r.finished)
+                self._finish(t, state, output, reason, eid, r.started, r.finished, r.files)
                 accepted += 1
+            ex.cpus_used -= plain
             ex.completed += accepted
             self._note_done(now, accepted)
             if not tasks:
@@ -363,6 +454,17 @@ class Core:
         if msg.credit > 0 and ex.state is ExecutorState.ACTIVE:
             ex.credit += msg.credit
             self.ready[ex.peer] = ex
+
+    def _note_stats(self, ex: ExecutorEntry, stats: dict) -> None:
+        """Keep an executor's statistics and add its new input-cache counts to the totals."""
+        old, new = ex.stats.get("cache"), stats.get("cache")
+        old = old if type(old) is dict else {}
+        if type(new) is dict:
+            for k in self.cache_totals:
+                a, b = new.get(k, 0), old.get(k, 0)
+                if type(a) is int and type(b) is int and a > b:
+                    self.cache_totals[k] += a - b
+        ex.stats = stats
 
     def _note_done(self, now: float, n: int) -> None:
         """Count completions per second for the tasks/s figure; memory stays bounded."""
@@ -380,10 +482,21 @@ class Core:
         ex.state = ExecutorState.DRAINING
         ex.credit = 0
         self.ready.pop(ex.peer, None)
+        self._gen += 1
         for tid, attempt in msg.returned:
             t = ex.tasks.get(tid)
             if t is not None and t.attempt == attempt:
-                self._requeue(ex.tasks.pop(tid), loss=False)
+                self._requeue(self._unhold(ex, tid), loss=False)
+
+    def _unhold(self, ex: ExecutorEntry, tid: int) -> Task:
+        """Take a task off an executor, giving back the cpus and memory it held there."""
+        t = ex.tasks.pop(tid)
+        if t.needs is None:
+            ex.cpus_used -= 1
+        else:
+            ex.cpus_used -= t.needs.cpus
+            ex.memory_used -= t.needs.memory_mb
+        return t
 
     def _requeue(self, task: Task, *, loss: bool, why: str = "") -> None:
         task.executor = None
@@ -398,11 +511,12 @@ class Core:
                              f"{task.attempt} attempts", "", 0.0, self.wall())
                 return
         self._move(task, _PENDING)
-        self.queue.appendleft(task)  # it waited longest: run it next
+        self._enqueue_needy(task, front=True)  # it waited longest: run it next
 
     def _remove(self, ex: ExecutorEntry, *, lost: bool, how: str = "") -> None:
         del self.executors[ex.peer]
         self.ready.pop(ex.peer, None)
+        self._gen += 1
         info = ex.info
         why = f"executor {info.executor_id} on {info.hostname} lost"
         for t in ex.tasks.values():
@@ -424,8 +538,8 @@ class Core:
             return
         if type(msg) is p.Tasks:  # never arrived, so no attempt was made
             for a in msg.tasks:
-                t = ex.tasks.pop(a.tid, None)
-                if t is not None:
+                if a.tid in ex.tasks:
+                    t = self._unhold(ex, a.tid)
                     t.attempt -= 1
                     self._requeue(t, loss=False)
         self._remove(ex, lost=True, how="its connection is gone")
@@ -447,18 +561,86 @@ class Core:
             elif now - ex.last_sent >= interval:
                 ex.last_sent = now
                 self._send_executor(ex, p.Heartbeat())
+        if self.classes:
+            self._check_schedulable(now)
+
+    def _check_schedulable(self, now: float) -> None:
+        """Mark classes no connected or launchable executor can run; fail them past the limit."""
+        launchable = self._launchable()
+        for cls in list(self.classes.values()):
+            self._eligible(cls)
+            why = "" if cls.eligible else self._why_unschedulable(cls.needs, launchable)
+            if not why:
+                cls.unschedulable = ""
+                continue
+            if not cls.unschedulable:
+                cls.unschedulable_since = now
+                log.warning("%d tasks needing %s are unschedulable: %s", cls.pending, cls.needs, why)
+            cls.unschedulable = why
+            limit = self.config.fail_unschedulable_s
+            if limit > 0 and now - cls.unschedulable_since >= limit:
+                self._fail_class(cls, f"unschedulable for {limit:g}s (--fail-unschedulable): {why}")
+
+    def _launchable(self) -> list[tuple[str, nd.Caps]] | None:
+        """What the provisioner says it can launch, or None when no provisioner reports."""
+        if not self.fleet or type(self.fleet.get("can_launch")) is not list:
+            return None
+        out = []
+        for t in self.fleet["can_launch"]:
+            try:
+                tags = frozenset(str(x) for x in t.get("tags", []))
+                out.append((str(t.get("type", "?")), nd.Caps(int(t["cpus"]), int(t["memory_mb"]), str(t.get("arch", "")),
+                                                              tags, str(t.get("site", nd.site_of(tags))))))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue  # a malformed entry launches nothing
+        return out
+
+    def _why_unschedulable(self, need: nd.Needs, launchable: list | None) -> str:
+        """Empty if some connected executor or launchable type could run it, else why not."""
+        if not self.executors and launchable is None:
+            return ""  # nothing connected and no provisioner: executors may yet be started by hand
+        reasons: dict[str, int] = {}
+        for ex in self.executors.values():
+            why = ex.caps.why_not(need)
+            if not why:
+                return ""
+            reasons[why] = reasons.get(why, 0) + 1
+        for _name, caps in launchable or ():
+            why = caps.why_not(need)
+            if not why:
+                return ""
+            reasons[why] = reasons.get(why, 0) + 1
+        where = f"{len(self.executors)} executors connected"
+        if launchable is not None:
+            where += f", {len(launchable)} instance types launchable"
+        shown = "; ".join(f"{n}x {why}" for why, n in sorted(reasons.items(), key=lambda x: -x[1])[:3])
+        return f"needs {need}: no executor can run it ({where}: {shown or 'none'})"
+
+    def _fail_class(self, cls: NeedsClass, reason: str) -> None:
+        wall = self.wall()
+        for t in cls.queue:
+            if t.state == _PENDING:
+                self._finish(t, _FAILED, b"", reason, "", 0.0, wall)
+        cls.queue.clear()
+        cls.pending = 0
+        del self.classes[cls.needs]
 
     def dispatch(self, now: float) -> None:
-        """Hand queued tasks to executors with credit, sharing fairly when work is short."""
+        """Hand queued tasks to executors with credit: tasks with needs first, to executors
+        that satisfy them and have their cpus free; then plain tasks, shared fairly."""
+        if self.classes and self.ready:
+            self._dispatch_needy(now)
         queue, ready = self.queue, self.ready
         if not queue or not ready:
             return
-        total = sum(ex.credit for ex in ready.values())
+        reserved = self._reserved
+        candidates = [ex for ex in ready.values() if ex.peer not in reserved] if reserved else list(ready.values())
+        total = sum(ex.credit for ex in candidates)
         queued = len(queue)  # shares are of the work there was when this turn began
         short = queued < total
         limit = self.config.max_dispatch_batch
         wall = self.wall()
-        for ex in list(ready.values()):
+        for ex in candidates:
             if not queue:
                 break
             n = ex.credit
@@ -490,11 +672,114 @@ class Core:
                 t.tid = self._next_tid
                 self._next_tid += 1
             tasks[t.tid] = t
-            append(_new(Assignment, (t.tid, t.attempt, t.kind, t.body, t.walltime_s)))
+            append(_new(Assignment, (t.tid, t.attempt, t.kind, t.body, t.walltime_s, 1, t.files)))
         self.counts[_PENDING] -= len(batch)
         self.counts[_DISPATCHED] += len(batch)
         ex.credit -= len(batch)
+        ex.cpus_used += len(batch)
         return batch
+
+    # ------------------------------------------------------------ tasks with needs
+
+    def _dispatch_needy(self, now: float) -> None:
+        """Place tasks with needs, oldest class first, best fit by free cpus.
+
+        Anti-starvation: a class whose head could not be placed for reserve_after_s reserves
+        one executor that can hold it (the one with the most free cpus, kept from turn to
+        turn).  A reserved executor gets no other work, so as its tasks end its cpus free up
+        and the head is placed there: a large task waits for its cpus, never for ever.
+        """
+        wall = self.wall()
+        reserved: dict[bytes, NeedsClass] = {}
+        live = []
+        for needs, cls in list(self.classes.items()):
+            head = cls.head()
+            if head is None:
+                del self.classes[needs]
+            else:
+                live.append((head.submitted, cls))
+        live.sort(key=lambda x: x[0])
+        for _, cls in live:
+            self._eligible(cls)
+            if self._place(cls, reserved, wall, now):
+                cls.blocked_since = None
+                cls.reserved = None
+            elif cls.blocked_since is None:
+                cls.blocked_since = now
+            if cls.pending and cls.blocked_since is not None and now - cls.blocked_since >= self.config.reserve_after_s:
+                self._reserve(cls, reserved)
+        self._reserved = set(reserved)
+
+    def _eligible(self, cls: NeedsClass) -> None:
+        """Refresh the executors that satisfy the class, once per change of the registry."""
+        if cls.gen != self._gen:
+            cls.eligible = [ex for ex in self.executors.values() if ex.caps.satisfies(cls.needs)]
+            cls.gen = self._gen
+
+    def _place(self, cls: NeedsClass, reserved: dict[bytes, NeedsClass], wall: float, now: float) -> int:
+        """Give executors as many of the class's tasks as their credit and free cpus allow."""
+        need = cls.needs
+        fits = [ex for ex in cls.eligible
+                if ex.credit > 0 and ex.state is ExecutorState.ACTIVE and reserved.get(ex.peer, cls) is cls
+                and ex.caps.cpus - ex.cpus_used >= need.cpus
+                and ex.caps.memory_mb - ex.memory_used >= need.memory_mb]
+        if not fits:
+            return 0
+        if need.prefer == "local":  # local executors first, the cloud only for what they cannot take
+            fits.sort(key=lambda ex: (ex.caps.site != "local", ex.caps.cpus - ex.cpus_used))
+        else:  # best fit: keep the large free blocks for the large tasks
+            fits.sort(key=lambda ex: ex.caps.cpus - ex.cpus_used)
+        placed = 0
+        limit = self.config.max_dispatch_batch
+        for ex in fits:
+            n = min(ex.credit, (ex.caps.cpus - ex.cpus_used) // need.cpus, cls.pending, limit)
+            if need.memory_mb:
+                n = min(n, (ex.caps.memory_mb - ex.memory_used) // need.memory_mb)
+            batch = self._take_class(cls, ex, n, wall)
+            if batch:
+                placed += len(batch)
+                ex.last_sent = now
+                self.to_executors.append((ex.peer, p.Tasks(batch)))
+            if ex.credit <= 0:
+                self.ready.pop(ex.peer, None)
+            if not cls.pending:
+                break
+        return placed
+
+    def _take_class(self, cls: NeedsClass, ex: ExecutorEntry, n: int, wall: float) -> list[p.Assignment]:
+        need, batch = cls.needs, []
+        queue = cls.queue
+        while len(batch) < n and queue:
+            t = queue.popleft()
+            if t.state != _PENDING:
+                continue
+            self._move(t, _DISPATCHED)
+            t.attempt += 1
+            t.executor = ex
+            if t.tid is None:
+                t.tid = self._next_tid
+                self._next_tid += 1
+            ex.tasks[t.tid] = t
+            batch.append(_new(p.Assignment, (t.tid, t.attempt, t.kind, t.body, t.walltime_s, need.cpus, t.files)))
+        cls.pending -= len(batch)
+        ex.credit -= len(batch)
+        ex.cpus_used += need.cpus * len(batch)
+        ex.memory_used += need.memory_mb * len(batch)
+        return batch
+
+    def _reserve(self, cls: NeedsClass, reserved: dict[bytes, NeedsClass]) -> None:
+        """Hold one executor for the class's head task (see _dispatch_needy)."""
+        usable = [ex for ex in cls.eligible
+                  if ex.state is ExecutorState.ACTIVE and ex.peer not in reserved and ex.peer in self.executors]
+        if not usable:
+            return
+        kept = next((ex for ex in usable if ex.peer == cls.reserved), None)
+        ex = kept or max(usable, key=lambda e: (e.caps.cpus - e.cpus_used, -len(e.tasks)))
+        if kept is None:
+            log.info("executor %s reserved for tasks needing %s: they waited %.1fs for free cpus",
+                     ex.info.executor_id, cls.needs, self.config.reserve_after_s)
+        cls.reserved = ex.peer
+        reserved[ex.peer] = cls
 
     def take_outgoing(self) -> tuple[list[tuple[bytes, Any]], list[tuple[bytes, Any]]]:
         """Return and clear the messages to send: (to clients, to executors)."""
@@ -559,11 +844,11 @@ class Core:
         for t in live.values():
             self.counts[_PENDING] += 1
             t.client.counts[_PENDING] += 1
-            reason = _invalid(p.TaskSpec(t.seq, t.kind, t.body, t.retries, t.walltime_s), max_body)
+            reason = _invalid(p.TaskSpec(t.seq, t.kind, t.body, t.retries, t.walltime_s, b"", t.files), max_body)
             if reason:  # limits may be lower than the last dispatcher's
                 self._finish(t, _FAILED, b"", reason, "", 0.0, self.wall())
             else:
-                self.queue.append(t)
+                self._enqueue_needy(t)
         self.submitted_total += len(live)
         return len(live)
 
@@ -571,12 +856,14 @@ class Core:
         client = self._known_client(f[0], f[1])
         client.first_time(f[2])
         for spec in f[4]:
-            live[(client.peer, spec[0])] = Task(client, p.TaskSpec._make(spec), f[3])
+            spec = p.TaskSpec._make(spec)
+            live[(client.peer, spec.seq)] = Task(client, spec, f[3], _restored_needs(spec.needs))
 
     def _restore_tasks(self, f: list, live: dict) -> None:
         client = self._known_client(f[0], "")
-        for seq, kind, body, retries, walltime_s, submitted, losses in f[1]:
-            t = live[(client.peer, seq)] = Task(client, p.TaskSpec(seq, kind, body, retries, walltime_s), submitted)
+        for seq, kind, body, retries, walltime_s, needs, files, submitted, losses in f[1]:
+            spec = p.TaskSpec(seq, kind, body, retries, walltime_s, needs, files)
+            t = live[(client.peer, seq)] = Task(client, spec, submitted, _restored_needs(needs))
             t.losses = losses
 
     def _restore_results(self, f: list, live: dict) -> None:
@@ -616,12 +903,14 @@ class Core:
             for t in ex.tasks.values():
                 if t.state not in _FINAL:
                     by_client[t.client].append(t)
-        for t in self.queue:
-            if t.state == _PENDING:
-                by_client[t.client].append(t)
+        for queue in [self.queue, *(cls.queue for cls in self.classes.values())]:
+            for t in queue:
+                if t.state == _PENDING:
+                    by_client[t.client].append(t)
         for client in self.clients.values():
             yield Kind.CLIENT, (client.peer, client.name, client.batch_high, sorted(client.batch_extra))
-            records = [(t.seq, t.kind, t.body, t.retries, t.walltime_s, t.submitted, t.losses)
+            records = [(t.seq, t.kind, t.body, t.retries, t.walltime_s,
+                        b"" if t.needs is None else nd.encode(t.needs), t.files, t.submitted, t.losses)
                        for t in by_client.get(client, [])]
             for part in self._chunks(records, 2):
                 yield Kind.TASKS, (client.peer, part)
@@ -664,6 +953,8 @@ class Core:
         }
         for name, report in self.reporters.items():
             info[name] = report()
+        info["waiting"], info["unschedulable"] = self._waiting(now)
+        info["input_cache"] = dict(self.cache_totals)
         if client is not None:
             info["client"] = {_STATE_NAMES[s]: n for s, n in enumerate(client.counts)}
         if detail:
@@ -672,6 +963,36 @@ class Core:
             if self.fleet is not None:
                 info["fleet"] = {**self.fleet, "reported_s": self.wall() - self.fleet_at}
         return info
+
+
+    def _waiting(self, now: float) -> tuple[list[dict], list[dict]]:
+        """Queued tasks by needs (for the provisioner), and the classes no executor can run."""
+        wall = self.wall()
+        waiting, unschedulable = [], []
+        plain = self.counts[_PENDING] - sum(cls.pending for cls in self.classes.values())
+        if plain > 0:
+            head = next((t for t in self.queue if t.state == _PENDING), None)
+            waiting.append({"needs": nd.PLAIN.to_dict(), "count": plain,
+                            "oldest_s": wall - head.submitted if head else 0.0})
+        for cls in self.classes.values():
+            head = cls.head()
+            if head is None:
+                continue
+            entry = {"needs": cls.needs.to_dict(), "count": cls.pending, "oldest_s": wall - head.submitted}
+            waiting.append(entry)
+            if cls.unschedulable:
+                unschedulable.append({**entry, "reason": cls.unschedulable,
+                                      "since_s": now - cls.unschedulable_since})
+        return waiting, unschedulable
+
+
+def _restored_needs(data: bytes) -> nd.Needs | None:
+    """Needs of a journaled task (accepted, so valid when written); None for a plain one."""
+    try:
+        n = nd.decode(data)
+    except p.ProtocolError:
+        return None
+    return None if n.plain else n
 
 
 def _executor_row(ex: ExecutorEntry, now: float) -> dict:
@@ -684,6 +1005,8 @@ def _executor_row(ex: ExecutorEntry, now: float) -> dict:
         "completed": ex.completed, "last_seen_s": now - ex.last_seen,
         "idle_s": 0.0 if ex.tasks else now - ex.idle_since,
         "registered": ex.registered, "facts": i.facts,
+        "arch": ex.caps.arch, "site": ex.caps.site, "tags": sorted(ex.caps.tags),
+        "cpus_used": ex.cpus_used, "memory_used_mb": ex.memory_used, "stats": ex.stats,
     }
 
 

@@ -37,7 +37,7 @@ from falconet.errors import JournalError
 log = logging.getLogger("falconet.dispatcher")
 
 MAGIC = b"falconet-journal"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tasks carry needs and files (protocol 3)
 _HEADER = struct.Struct("<16sI")
 _RECORD = struct.Struct("<II")
 MAX_RECORD_BYTES = 1 << 31  # a larger length can only be garbage
@@ -56,7 +56,7 @@ class Kind(enum.IntEnum):
     LOSSES = 4
     #: client_id, name, batches high-water mark, [batch...] above it (compaction only)
     CLIENT = 5
-    #: client_id, [[seq, kind, body, retries, walltime_s, submitted, losses]...] (compaction only)
+    #: client_id, [[seq, kind, body, retries, walltime_s, needs, files, submitted, losses]...] (compaction only)
     TASKS = 6
 
 

@@ -11,14 +11,18 @@ import errno
 import gc
 import ipaddress
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 import zmq
 
-from falconet import keys
+from falconet import keys, staging
 from falconet import protocol as p
+from falconet.dispatcher.blobs import BlobStore
 from falconet.dispatcher.core import Config, Core
 from falconet.dispatcher.journal import Journal
 from falconet.errors import FalconetError, ProtocolError
@@ -26,6 +30,7 @@ from falconet.errors import FalconetError, ProtocolError
 log = logging.getLogger("falconet.dispatcher")
 
 _RECV_PER_TURN = 20_000
+BLOB_BYTES_PER_TURN = 8 << 20  # blob chunks sent per loop turn, so file transfers never stall tasks
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)  # a plain int: pyzmq's enum arithmetic shows up in profiles
 LISTEN_BACKLOG = 4096  # 10,000 executors connecting at once overflow libzmq's default of 100  # bound a turn so one busy port cannot starve the other
@@ -69,7 +74,8 @@ class Server:
 
     def __init__(self, host: str = "127.0.0.1", client_port: int = 0, executor_port: int = 0,
                  config: Config = Config(), *, insecure: bool = False, state_dir: str | None = None,
-                 compact_bytes: int = 64 << 20, keys_dir: str | None = None):
+                 compact_bytes: int = 64 << 20, keys_dir: str | None = None,
+                 blob_store_bytes: int = 4 << 30):
         if not is_loopback(host) and not insecure and not keys_dir:
             raise BindRefused(
                 f"refusing to listen on {host} without authentication: make keys with 'falconet keys "
@@ -86,6 +92,13 @@ class Server:
         self.compact_bytes = compact_bytes
         if state_dir:
             self._open_journal(state_dir)
+        # Staged files: kept with the journal when there is one, else in a temp dir of this run.
+        self._blob_tmp = None if state_dir else tempfile.mkdtemp(prefix="falconet-blobs-")
+        self.blobs = BlobStore(os.path.join(state_dir, "blobs") if state_dir else self._blob_tmp,
+                               max_bytes=blob_store_bytes, durable=bool(state_dir))
+        self._holders: dict[str, set[bytes]] = {}  #: blob -> clients that still need it (b"": an output)
+        self._transfers: list[list] = []  #: [port socket, peer, digest, offset, total] of blobs being sent
+        self.core.reporters["blobs"] = self.blobs.status
         # The queue holds millions of small tracked objects; CPython's default of a young
         # collection every 700 allocations makes the collector a large share of each turn.
         gc.set_threshold(100_000, 50, 1000)
@@ -187,7 +200,8 @@ class Server:
         next_tick = time.monotonic()
         try:
             while not self._stop:
-                wait_ms = max(0.0, next_tick - time.monotonic()) * 1000
+                # Blob chunks still to send: poll without waiting.
+                wait_ms = 0 if self._transfers else max(0.0, next_tick - time.monotonic()) * 1000
                 ready = dict(poller.poll(wait_ms))
                 now = time.monotonic()
                 if zap is not None and zap in ready:
@@ -201,6 +215,8 @@ class Server:
                     next_tick = now + tick_s
                 core.dispatch(now)
                 self._send_all()
+                if self._transfers:
+                    self._pump_blobs()
         finally:
             self.close()
 
@@ -252,10 +268,73 @@ class Server:
                            port, peer[:16], exc)
             return
         try:
-            handle(peer, msg, now)
+            if type(msg) in p.BLOB_MESSAGES:
+                self._blob(msg, peer, port)
+            else:
+                handle(peer, msg, now)
         except Exception:  # the loop boundary: one bad message must not stop the service
             log.exception("error while handling %s from %r on the %s port",
                           type(msg).__name__, peer[:16], port)
+
+    # ------------------------------------------------------------ blobs (staged files)
+
+    def _blob(self, msg: Any, peer: bytes, port: str) -> None:
+        """PutBlob, GetBlob and DropBlobs from a known client or executor."""
+        core = self.core
+        client = core.clients.get(peer) if port == "client" else None
+        known = (client is not None and client.welcomed) if port == "client" else peer in core.executors
+        sock = self.client_sock if port == "client" else self.executor_sock
+        if not known:
+            why = (f"{p.HELLO_FIRST}: this dispatcher does not know this client" if port == "client"
+                   else "unknown executor (declared lost, or the dispatcher restarted)")
+            self._send(sock, peer, p.Refused(why) if port == "client" else p.Reregister(why))
+            return
+        if type(msg) is p.PutBlob:
+            self._put_blob(msg, peer, port, sock)
+        elif type(msg) is p.GetBlob:
+            try:
+                total = self.blobs.size(msg.digest)
+            except staging.StagingError as exc:
+                self._send(sock, peer, p.BlobData(msg.digest, msg.offset, 0, b"", f"not on the dispatcher: {exc}"))
+                return
+            self._transfers.append([sock, peer, msg.digest, max(0, msg.offset), total])
+        elif port == "client":  # DropBlobs
+            for digest in msg.digests:
+                holders = self._holders.get(digest, set())
+                holders.discard(peer)
+                holders.discard(b"")
+                if not holders:
+                    self._holders.pop(digest, None)
+                    self.blobs.drop([digest])
+
+    def _put_blob(self, msg: p.PutBlob, peer: bytes, port: str, sock: zmq.Socket) -> None:
+        try:
+            done = self.blobs.put(port.encode() + b":" + peer, msg.digest, msg.offset, msg.total, msg.data)
+        except staging.StagingError as exc:
+            self._bad.warn("refused a file from %s %r: %s", port, peer[:16], exc)
+            if port == "client":
+                self._send(sock, peer, p.Refused(f"file {msg.digest[:12]}... refused: {exc}"))
+            return
+        if done is not None:
+            self._holders.setdefault(msg.digest, set()).add(peer if port == "client" else b"")
+
+    def _pump_blobs(self) -> None:
+        """Send the next chunks of the blobs peers asked for, a bounded amount per turn."""
+        budget = BLOB_BYTES_PER_TURN
+        while self._transfers and budget > 0:
+            t = self._transfers[0]
+            sock, peer, digest, offset, total = t
+            try:
+                data = self.blobs.read(digest, offset, staging.CHUNK_BYTES)
+                msg = p.BlobData(digest, offset, total, data, "")
+            except (staging.StagingError, OSError) as exc:
+                msg, data = p.BlobData(digest, offset, total, b"", f"could not be read: {exc}"), b""
+            sent = self._send(sock, peer, msg)
+            t[3] = offset + len(data)
+            budget -= len(data) + 1
+            self._transfers.pop(0)
+            if sent and not msg.error and t[3] < total:
+                self._transfers.append(t)  # round robin between transfers
 
     def _send_all(self) -> None:
         # An unreachable executor can produce more output (failed tasks), hence the loop;
@@ -292,4 +371,6 @@ class Server:
         self.ctx.term()
         if self.journal is not None:
             self.journal.close()
+        if self._blob_tmp:
+            shutil.rmtree(self._blob_tmp, ignore_errors=True)
 

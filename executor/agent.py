@@ -27,8 +27,10 @@ from typing import Any
 import zmq
 
 from falconet import protocol as p
-from falconet.errors import ProtocolError
+from falconet import staging
+from falconet.errors import FalconetError, ProtocolError
 from falconet.executor import host, pipes
+from falconet.executor.staging import InputCache
 
 log = logging.getLogger("falconet.executor")
 
@@ -54,6 +56,11 @@ class ExecutorConfig:
     facts: dict = field(default_factory=dict)  #: extra facts for the registration
     poll_s: float = 0.1
     credentials: Any = None  #: falconet.keys.Credentials for a dispatcher with --keys
+    cpus: int = 0  #: cpus offered to tasks; 0: the CPUs this process may use
+    memory_mb: int = 0  #: memory offered to tasks; 0: the machine's
+    tags: tuple[str, ...] = ()  #: what tasks may ask for (gpu, site=cloud...); site= is added
+    work_dir: str = ""  #: private task directories, the input cache and outputs; "": a temp dir
+    cache_mb: int = 10_240  #: input cache size bound
 
 
 class Phase(enum.Enum):
@@ -67,20 +74,26 @@ class Phase(enum.Enum):
 class Slot:
     """One slot process and the chunk of tasks it was handed, in order."""
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, staging_args: tuple[str, ...] = ()):
         self.index = index
+        self.staging_args = staging_args  #: work root, cache dir, cache bytes, outbox
         self.proc: subprocess.Popen | None = None
         self.rfd = self.wfd = -1
         self.reader = pipes.FrameReader()
         self.chunk: dict[int, p.Assignment] = {}
         self.sent_at = 0.0
 
+    @property
+    def cpus(self) -> int:
+        """cpus held by the task it runs (a chunk of plain tasks runs one at a time)."""
+        return max((a.cpus for a in self.chunk.values()), default=0)
+
     def start(self) -> None:
         to_slot_r, to_slot_w = os.pipe()
         from_slot_r, from_slot_w = os.pipe()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "falconet.executor.slot", str(to_slot_r), str(from_slot_w),
-             str(os.getpid())],
+             str(os.getpid()), *self.staging_args],
             pass_fds=(to_slot_r, from_slot_w), stdin=subprocess.DEVNULL, start_new_session=True,
         )
         os.close(to_slot_r)
@@ -131,7 +144,9 @@ class Executor:
         if config.credentials is not None:
             config.credentials.apply(self.sock)
         self.sock.connect(config.dispatcher)
-        self.slots = [Slot(i) for i in range(config.slots)]
+        self.cpus = config.cpus or host.cpus()
+        self._setup_staging()
+        self.slots = [Slot(i, self.staging_args) for i in range(config.slots)]
         self.queue: collections.deque[p.Assignment] = collections.deque()
         self.phase = Phase.ACTIVE
         self.exit_code = 0
@@ -149,7 +164,27 @@ class Executor:
         self.next_register, self.backoff_s = now, 0.1
         self.drain_requested = self.stop_requested = False
         self._facts = {**host.facts(), **config.facts}
+        self._facts["tags"] = sorted({*config.tags, *self._facts.get("tags", [])})
+        if config.memory_mb:
+            self._facts["memory"] = config.memory_mb << 20
 
+    def _setup_staging(self) -> None:
+        """The work root: task directories, the input cache (shared with the slots), an outbox."""
+        import tempfile
+
+        root = self.config.work_dir or tempfile.mkdtemp(prefix="falconet-executor-")
+        self.work_root = os.path.join(root, "tasks")
+        self.outbox = os.path.join(root, "outbox")
+        for d in (self.work_root, self.outbox):
+            os.makedirs(d, exist_ok=True)
+        cache_bytes = self.config.cache_mb << 20
+        self.cache = InputCache(os.path.join(root, "cache"), cache_bytes)
+        self.staging_args = (self.work_root, self.cache.root, str(cache_bytes), self.outbox)
+        self.staged: dict[int, tuple[p.Assignment, set[str]]] = {}  #: tid -> (task, blobs it waits for)
+        self.fetching: dict[str, Any] = {}  #: digest -> BlobWriter (None until the first chunk)
+        self.prefetched: dict[int, list[str]] = {}  #: tid -> blobs fetched for it (cache misses)
+        self.cache_counts = {"hits": 0, "misses": 0, "bytes_fetched": 0}
+        self.cache_reported: dict = {}
     # ------------------------------------------------------------ lifecycle
 
     def request_drain(self, *_: Any) -> None:
@@ -215,7 +250,13 @@ class Executor:
             if self.phase is Phase.DRAINING:
                 self._send(p.Drain([(a.tid, a.attempt) for a in msg.tasks]), now)
             else:
-                self.queue.extend(msg.tasks)
+                for a in msg.tasks:
+                    if a.files:
+                        self._stage(a, now)
+                    else:
+                        self.queue.append(a)
+        elif kind is p.BlobData:
+            self._on_blob(msg, now)
         elif kind is p.Registered:
             if self.session and msg.dispatcher_id != self.session:
                 self._abandon_work("the dispatcher restarted")
@@ -250,11 +291,17 @@ class Executor:
         results are dropped and the slots still running such work are restarted.
         """
         busy = [s for s in self.slots if s.chunk]
-        n = len(self.queue) + len(self.results) + sum(len(s.chunk) for s in busy)
+        n = len(self.queue) + len(self.results) + sum(len(s.chunk) for s in busy) + len(self.staged)
         if not n:
             return
         log.warning("%s; abandoning the %d tasks held", why, n)
         self.queue.clear()
+        self.staged.clear()
+        self.prefetched.clear()
+        for writer in self.fetching.values():
+            if writer is not None:
+                writer.abort()
+        self.fetching.clear()
         self.results.clear()
         self.started.clear()
         for slot in busy:
@@ -263,17 +310,19 @@ class Executor:
     def _cancel(self, tids: set[int]) -> None:
         now = time.time()
         kept = collections.deque()
-        for a in self.queue:
+        for a in [*self.queue, *(a for a, _ in self.staged.values())]:
             if a.tid in tids:
-                self.results.append(p.ExecResult(a.tid, a.attempt, _CANCELLED, b"", "cancelled before it started", 0.0, now))
-            else:
+                self.staged.pop(a.tid, None)
+                self.results.append(p.ExecResult(a.tid, a.attempt, _CANCELLED, b"", "cancelled before it started",
+                                                 0.0, now, b""))
+            elif a.tid not in self.staged:
                 kept.append(a)
         self.queue = kept
 
     def _register(self, now: float) -> None:
         f = self._facts
         msg = p.Register(
-            p.PROTOCOL_VERSION, self.id, f["hostname"], f["addresses"], f["cpus"], f["memory"],
+            p.PROTOCOL_VERSION, self.id, f["hostname"], f["addresses"], self.cpus, f["memory"],
             f["platform"], len(self.slots), os.getpid(),
             {k: v for k, v in f.items() if k not in ("hostname", "addresses", "cpus", "memory", "platform")},
             self._holding(),
@@ -284,6 +333,7 @@ class Executor:
 
     def _holding(self) -> list[tuple[int, int]]:
         held = [(a.tid, a.attempt) for a in self.queue]
+        held += [(a.tid, a.attempt) for a, _ in self.staged.values()]
         for slot in self.slots:
             held += [(a.tid, a.attempt) for a in slot.chunk.values()]
         held += [(r.tid, r.attempt) for r in self.results]
@@ -300,13 +350,24 @@ class Executor:
     def _flush(self, now: float) -> None:
         if not self.registered:
             return
+        if not self._upload_outputs(now):
+            return
         credit = self._credit_to_ask()
-        while self.started or self.results or credit:
+        stats = self._stats()
+        while self.started or self.results or credit or stats:
             n = self._report_size()
-            if not self._send(p.Report(credit, self.started, self.results[:n]), now):
+            if not self._send(p.Report(credit, self.started, self.results[:n], stats), now):
                 return
             self.asked += credit
-            self.started, self.results, credit = [], self.results[n:], 0
+            if stats:
+                self.cache_reported = stats["cache"]
+            self.started, self.results, credit, stats = [], self.results[n:], 0, {}
+
+    def _stats(self) -> dict:
+        """The input cache's counts, when they changed since the last report."""
+        if self.cache_counts == self.cache_reported:
+            return {}
+        return {"cache": dict(self.cache_counts)}
 
     def _report_size(self) -> int:
         """How many results fit one Report under the dispatcher's message limit.
@@ -331,7 +392,7 @@ class Executor:
     def _credit_to_ask(self) -> int:
         if self.phase is not Phase.ACTIVE:
             return 0
-        held = len(self.queue) + sum(len(s.chunk) for s in self.slots)
+        held = len(self.queue) + len(self.staged) + sum(len(s.chunk) for s in self.slots)
         target = self._target()
         deficit = target - held - self.asked
         if deficit <= 0:
@@ -359,7 +420,7 @@ class Executor:
             self._register(now)
         elif self.registered and now - self.spoke >= self.heartbeat_interval_s:
             self._send(p.Heartbeat(), now)
-        busy = self.queue or self.results or any(s.chunk for s in self.slots)
+        busy = self.queue or self.results or self.staged or any(s.chunk for s in self.slots)
         if busy:
             self.last_busy = now
         elif self.phase is Phase.DRAINING:
@@ -375,7 +436,9 @@ class Executor:
                  self.id, why, sum(len(s.chunk) for s in self.slots), len(self.queue))
         self.phase = Phase.DRAINING
         returned = [(a.tid, a.attempt) for a in self.queue]
+        returned += [(a.tid, a.attempt) for a, _ in self.staged.values()]
         self.queue.clear()
+        self.staged.clear()
         self._send(p.Drain(returned), time.monotonic())
 
     # ------------------------------------------------------------ slot side
@@ -392,18 +455,29 @@ class Executor:
         # waits for this loop between tasks.  Long ones: a slot takes work only when free,
         # so work is not tied to a busy slot while another frees up.
         pipeline = self.mean_s is not None and self.mean_s < PIPELINE_BELOW_S
+        used = sum(s.cpus for s in self.slots)
         for slot in self.slots:
             if not queue:
                 return
-            if slot.chunk and not (pipeline and len(slot.chunk) == 1):
+            head = queue[0]
+            alone = head.cpus > 1 or bool(head.files)  # multi-cpu and staged tasks go alone
+            if slot.chunk and (alone or slot.cpus > 1 or not (pipeline and len(slot.chunk) == 1)):
                 continue
+            if not slot.chunk:
+                # Packing by cpus, first come first served: a task waits for its cpus and
+                # nothing behind it overtakes it, so a large task cannot starve here.
+                room = self.cpus if head.cpus > 1 else max(self.cpus, len(self.slots))
+                if used + head.cpus > room:
+                    return
+                used += head.cpus
             size = self._chunk_size()
             chunk = [queue.popleft()]
-            if chunk[0].walltime_s == 0:  # wall-time tasks go alone, so the clock is exact
-                while len(chunk) < size and queue and queue[0].walltime_s == 0:
+            if chunk[0].walltime_s == 0 and not alone:  # wall-time tasks go alone, so the clock is exact
+                while len(chunk) < size and queue and queue[0].walltime_s == 0 and _plain(queue[0]):
                     chunk.append(queue.popleft())
+            frame = [list(a) for a in chunk] if not alone else [[*chunk[0], self.prefetched.pop(chunk[0].tid, [])]]
             try:
-                pipes.write_frame(slot.wfd, [list(a) for a in chunk])
+                pipes.write_frame(slot.wfd, frame)
             except OSError:
                 queue.extendleft(reversed(chunk))
                 self._restart(slot, "its pipe broke")
@@ -425,7 +499,10 @@ class Executor:
             for frame in slot.reader.feed(data):
                 for r in frame:
                     slot.chunk.pop(r[0], None)
-                    result = p.ExecResult._make(r)
+                    result = p.ExecResult._make(r[:8])
+                    if r[8]:  # the slot's input cache counts for this task (S3 inputs)
+                        for k, v in r[8].items():
+                            self.cache_counts[k] = self.cache_counts.get(k, 0) + v
                     self.results.append(result)
                     took = max(result.finished - result.started, 0.0)
                     self.mean_s = took if self.mean_s is None else 0.9 * self.mean_s + 0.1 * took
@@ -457,7 +534,7 @@ class Executor:
 
     def _fail(self, a: p.Assignment, reason: str) -> None:
         now = time.time()
-        self.results.append(p.ExecResult(a.tid, a.attempt, _FAILED, b"", reason, now, now))
+        self.results.append(p.ExecResult(a.tid, a.attempt, _FAILED, b"", reason, now, now, b""))
 
     def _restart(self, slot: Slot, why: str, kill: bool = False) -> int | None:
         self.poller.unregister(slot.rfd)
@@ -469,3 +546,88 @@ class Executor:
         self.poller.register(slot.rfd, zmq.POLLIN)
         return code
 
+
+    # ------------------------------------------------------------ staging
+
+    def _stage(self, a: p.Assignment, now: float) -> None:
+        """Queue a task with files once its dispatcher-held inputs are in the cache."""
+        try:
+            spec = staging.decode_spec(a.files)
+        except FalconetError as exc:
+            self._fail(a, f"the task's files could not be read: {exc}")
+            return
+        missing = {inp.blob for inp in spec.inputs if inp.blob and not self.cache.has(inp.blob)}
+        if not missing:
+            self.queue.append(a)
+            return
+        self.staged[a.tid] = (a, missing)
+        self.prefetched[a.tid] = sorted(missing)  # the slot counts them as cache misses
+        for digest in missing:
+            if digest not in self.fetching:
+                self.fetching[digest] = None
+                self._send(p.GetBlob(digest, 0), now)
+
+    def _on_blob(self, msg: p.BlobData, now: float) -> None:
+        """A chunk of an input from the dispatcher: into the cache, then release its tasks."""
+        if msg.digest not in self.fetching:
+            return  # abandoned, or already complete
+        try:
+            if msg.error:
+                raise staging.StagingError(msg.error)
+            writer = self.fetching[msg.digest]
+            if writer is None:
+                writer = self.fetching[msg.digest] = self.cache.writer(msg.digest, msg.total)
+            if not writer.write(msg.offset, msg.data):
+                return
+        except FalconetError as exc:
+            writer = self.fetching.pop(msg.digest, None)
+            if writer is not None:
+                writer.abort()
+            self._release_staged(msg.digest, f"input {msg.digest[:12]}... could not be fetched from the dispatcher: {exc}")
+            return
+        del self.fetching[msg.digest]
+        self._release_staged(msg.digest, "")
+
+    def _release_staged(self, digest: str, error: str) -> None:
+        for tid, (a, missing) in list(self.staged.items()):
+            if digest not in missing:
+                continue
+            if error:
+                del self.staged[tid]
+                self._fail(a, error)
+                continue
+            missing.discard(digest)
+            if not missing:
+                del self.staged[tid]
+                self.queue.append(a)
+
+    def _upload_outputs(self, now: float) -> bool:
+        """Send outputs meant for the client to the dispatcher's blob store, before their results.
+
+        False when the dispatcher cannot be reached now: the results wait for the next turn.
+        """
+        for i, r in enumerate(self.results):
+            if not r.files or b"path" not in r.files:
+                continue
+            files = staging.decode_result_files(r.files)
+            if not any("path" in info for _, info in files):
+                continue
+            out = []
+            for name, info in files:
+                if "path" in info:
+                    path = info.pop("path")
+                    digest = info.get("blob") or staging.file_sha256(path)
+                    for offset, data in staging.chunks(path):
+                        if not self._send(p.PutBlob(digest, offset, info["size"], data), now):
+                            info["path"] = path
+                            return False
+                    os.unlink(path)
+                    info["blob"] = digest
+                out.append((name, info))
+            self.results[i] = r._replace(files=staging.encode_result_files(out))
+        return True
+
+
+def _plain(a: p.Assignment) -> bool:
+    """One cpu and no files: may share a chunk with others."""
+    return a.cpus == 1 and not a.files

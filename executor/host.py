@@ -43,4 +43,11 @@ def facts() -> dict:
         "cpus": cpus(),
         "memory": psutil.virtual_memory().total,
         "platform": f"{platform.system()}-{platform.machine()} python-{platform.python_version()}",
+        "arch": arch(),
     }
+
+
+def arch() -> str:
+    """x86_64 or arm64 (the names EC2 uses), or the machine's own name for anything else."""
+    machine = platform.machine()
+    return {"amd64": "x86_64", "aarch64": "arm64"}.get(machine.lower(), machine)

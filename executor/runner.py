@@ -24,13 +24,20 @@ _READ_CHUNK = 1 << 16
 Outcome = tuple[int, bytes, str]  # state, output, reason
 
 
-def run(kind: int, body: bytes, walltime_s: float, functions: FunctionCache) -> Outcome:
-    """Run a task body; never raises for anything the task itself does."""
+def run(kind: int, body: bytes, walltime_s: float, functions: FunctionCache, cwd: str | None = None) -> Outcome:
+    """Run a task body (in cwd, a staged task's work dir); never raises for what the task does."""
     try:
         if kind == TaskKind.COMMAND:
-            return run_command(tasks.decode_command(body), walltime_s)
+            return run_command(tasks.decode_command(body), walltime_s, cwd)
         if kind == TaskKind.PYTHON:
-            return run_python(body, functions)
+            if cwd is None:
+                return run_python(body, functions)
+            home = os.getcwd()
+            os.chdir(cwd)
+            try:
+                return run_python(body, functions)
+            finally:
+                os.chdir(home)
         return FAILED, b"", f"unknown task kind {kind}: this executor runs command (1) and python (2)"
     except ProtocolError as exc:
         return FAILED, b"", f"task body could not be decoded: {exc}"
@@ -60,8 +67,11 @@ def direct_argv(line: str) -> tuple[str, ...] | None:
     return tuple(words)
 
 
-def run_command(spec: tasks.CommandSpec, walltime_s: float) -> Outcome:
-    """Run a command with captured, capped output and an optional wall-time limit."""
+def run_command(spec: tasks.CommandSpec, walltime_s: float, workdir: str | None = None) -> Outcome:
+    """Run a command with captured, capped output and an optional wall-time limit.
+
+    A staged task runs in its work dir; a cwd of its own is taken relative to it.
+    """
     env = None if spec.env is None else {**os.environ, **spec.env}
     cmd: Any = spec.cmd
     shell = isinstance(cmd, str)
@@ -69,7 +79,7 @@ def run_command(spec: tasks.CommandSpec, walltime_s: float) -> Outcome:
         cmd, shell = list(argv), False
     try:
         proc = subprocess.Popen(
-            cmd, shell=shell, env=env, cwd=spec.cwd,
+            cmd, shell=shell, env=env, cwd=os.path.join(workdir, spec.cwd or "") if workdir else spec.cwd,
             stdin=subprocess.PIPE if spec.stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         )

@@ -19,7 +19,7 @@ from falconet.executor import pipes, runner
 FLUSH_S = 0.002
 
 
-def serve(rfd: int, wfd: int) -> None:
+def serve(rfd: int, wfd: int, stage: Stage | None = None) -> None:
     """Run chunks until the executor closes the pipe."""
     functions = runner.FunctionCache()
     while True:
@@ -28,17 +28,40 @@ def serve(rfd: int, wfd: int) -> None:
             return
         unsent: list = []
         oldest = 0.0
-        for i, (tid, attempt, kind, body, walltime_s) in enumerate(chunk):
+        for i, rec in enumerate(chunk):
+            tid, attempt, kind, body, walltime_s, _cpus, files = rec[:7]
             started = time.time()
-            state, output, reason = runner.run(kind, body, walltime_s, functions)
+            if files and stage is not None:
+                state, output, reason, files, counts = stage.run(files, rec[7], kind, body, walltime_s, functions)
+            else:
+                (state, output, reason), counts = runner.run(kind, body, walltime_s, functions), None
             finished = time.time()
             if not unsent:
                 oldest = time.monotonic()
-            unsent.append([tid, attempt, state, output, reason, started, finished])
+            unsent.append([tid, attempt, state, output, reason, started, finished, files, counts])
             # A long task's result goes at once; short ones share a write.
             if i == len(chunk) - 1 or finished - started >= FLUSH_S or time.monotonic() - oldest >= FLUSH_S:
                 pipes.write_frame(wfd, unsent)
                 unsent = []
+
+
+class Stage:
+    """Runs tasks with files in private work dirs, sharing the executor's input cache."""
+
+    def __init__(self, work_root: str, cache_dir: str, cache_bytes: int, outbox: str):
+        from falconet.executor.staging import InputCache
+
+        self.work_root, self.outbox = work_root, outbox
+        self.cache = InputCache(cache_dir, cache_bytes)
+
+    def run(self, files: bytes, prefetched: list, kind: int, body: bytes, walltime_s: float,
+            functions: runner.FunctionCache) -> tuple:
+        """(state, output, reason, result files, cache counts) of one staged task."""
+        from falconet.executor.staging import run_staged
+
+        return run_staged(files, work_root=self.work_root, cache=self.cache, outbox=self.outbox,
+                          prefetched=prefetched,
+                          run=lambda cwd: runner.run(kind, body, walltime_s, functions, cwd=cwd))
 
 
 def _die_with_parent(parent: int) -> None:
@@ -62,7 +85,8 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminate)  # takes the running command's process group along
     _die_with_parent(int(sys.argv[3]))
-    serve(int(sys.argv[1]), int(sys.argv[2]))
+    stage = Stage(sys.argv[4], sys.argv[5], int(sys.argv[6]), sys.argv[7]) if len(sys.argv) > 7 else None
+    serve(int(sys.argv[1]), int(sys.argv[2]), stage)
 
 
 if __name__ == "__main__":

@@ -191,12 +191,21 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
               help="CURVE on both ports: DIR from 'falconet keys init' (dispatcher.key_secret, authorized/).")
 @click.option("--insecure", is_flag=True, show_envvar=True,
               help="Allow listening beyond loopback without authentication (loudly logged).")
+@click.option("--fail-unschedulable", type=click.FloatRange(min=0), default=0.0, show_envvar=True, metavar="S",
+              help="Fail tasks that no connected or launchable executor can run after S seconds "
+                   "(0: keep them queued, shown as unschedulable in status).")
+@click.option("--reserve-after", type=click.FloatRange(min=0), default=1.0, show_envvar=True, metavar="S",
+              help="A task with requirements that found no free cpus for S seconds reserves an "
+                   "executor: it gets no other work until the task fits (no starvation).")
+@click.option("--max-blob-store-mb", type=click.IntRange(min=1), default=4096, show_envvar=True,
+              help="Room for staged files routed through the dispatcher (inputs and outputs).")
 @log_level
 @parent_pid
 def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interval: float,
                heartbeat_timeout: float, max_message_bytes: int, max_task_bytes: int,
                max_output_bytes: int, max_submit_batch: int, state_dir: str | None, compact_mb: int,
-               keys_dir: str | None, insecure: bool, log_level: str, parent_pid: int | None) -> None:
+               keys_dir: str | None, insecure: bool, fail_unschedulable: float, reserve_after: float,
+               max_blob_store_mb: int, log_level: str, parent_pid: int | None) -> None:
     """Run a dispatcher; prints 'client: ADDR' and 'executor: ADDR', then serves."""
     from falconet.dispatcher import server
     from falconet.dispatcher.core import Config
@@ -206,10 +215,12 @@ def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interv
         raise click.UsageError("--heartbeat-timeout must be longer than --heartbeat-interval")
     config = Config(heartbeat_interval_s=heartbeat_interval, heartbeat_timeout_s=heartbeat_timeout,
                     max_message_bytes=max_message_bytes, max_task_bytes=max_task_bytes,
-                    max_output_bytes=max_output_bytes, max_submit_batch=max_submit_batch)
+                    max_output_bytes=max_output_bytes, max_submit_batch=max_submit_batch,
+                    fail_unschedulable_s=fail_unschedulable, reserve_after_s=reserve_after)
     try:
         srv = server.Server(host, client_port, executor_port, config, insecure=insecure,
-                            state_dir=state_dir, compact_bytes=compact_mb << 20, keys_dir=keys_dir)
+                            state_dir=state_dir, compact_bytes=compact_mb << 20, keys_dir=keys_dir,
+                            blob_store_bytes=max_blob_store_mb << 20)
     except (FalconetError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -251,21 +262,37 @@ def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interv
 @click.option("--shutdown-command", default="", show_envvar=True,
               help="Run after leaving for idleness when the user-data sets shutdown_when_idle, "
                    "e.g. 'systemctl poweroff' (the image's boot unit sets it; empty: do nothing).")
+@click.option("--cpus", type=click.IntRange(min=1), default=None, show_envvar=True,
+              help="CPUs offered to tasks; tasks asking for more never come here "
+                   "[default: the CPUs this process may use].")
+@click.option("--memory", type=click.IntRange(min=1), default=None, show_envvar=True, metavar="MB",
+              help="Memory offered to tasks, in MB [default: the machine's].")
+@click.option("--tag", "tags", multiple=True, show_envvar=True, metavar="TAG",
+              help="A tag tasks may ask for, e.g. gpu or site=cloud (repeatable; added to the user-data's). "
+                   "site=local or site=cloud is added when not given (cloud on an EC2 instance).")
+@click.option("--work-dir", default="", show_envvar=True, metavar="DIR",
+              help="Where tasks with files get private work dirs, and where the input cache lives "
+                   "[default: a new temp dir].")
+@click.option("--cache-mb", type=click.IntRange(min=1), default=10_240, show_envvar=True,
+              help="Size bound of the input-file cache.")
 @log_level
 @parent_pid
 def executor(dispatcher: str | None, slots: int | None, idle_timeout: float | None,
              prefetch: int | None, executor_id: str, from_metadata: bool, metadata_url: str,
              metadata_timeout: float, dispatcher_key: str | None, key: str | None, shutdown_command: str,
+             cpus: int | None, memory: int | None, tags: tuple[str, ...], work_dir: str, cache_mb: int,
              log_level: str, parent_pid: int | None) -> None:
     """Run an executor: connect out to a dispatcher and run the tasks it hands over.
 
     SIGTERM drains it: running tasks finish, queued ones go back, then it leaves.
     Options given on the command line win over the user-data's.
     """
+    from falconet import needs
     from falconet.executor import agent, host
 
     _logging(log_level)
     facts: dict = {}
+    tags = tuple(tags)
     shutdown_when_idle = False
     secret_text = ""
     if from_metadata:
@@ -288,7 +315,8 @@ def executor(dispatcher: str | None, slots: int | None, idle_timeout: float | No
         secret_text = "" if key else ud.executor_secret_key
         facts = {"instance_id": inst.instance_id, "instance_type": inst.instance_type,
                  "availability_zone": inst.availability_zone, "cluster": ud.cluster,
-                 "launch_token": ud.launch_token, "tags": ud.tags}
+                 "launch_token": ud.launch_token}
+        tags += tuple(needs.tags_from_map(ud.tags))
     if not dispatcher:
         raise click.UsageError("give --dispatcher tcp://HOST:PORT, or --from-instance-metadata")
     from falconet import keys
@@ -298,9 +326,15 @@ def executor(dispatcher: str | None, slots: int | None, idle_timeout: float | No
     except FalconetError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(78)  # a configuration error: restarting cannot fix it
-    config = agent.ExecutorConfig(dispatcher=dispatcher, slots=slots or host.cpus(),
+    bad = [t for t in tags if not t or any(c.isspace() for c in t)]
+    if bad:
+        raise click.BadParameter(f"a tag is a word without spaces, such as gpu or site=cloud, not {bad[0]!r}",
+                                 param_hint="--tag")
+    config = agent.ExecutorConfig(dispatcher=dispatcher, slots=slots or cpus or host.cpus(),
                                   idle_timeout_s=idle_timeout or 0.0, prefetch=prefetch,
-                                  executor_id=executor_id, facts=facts, credentials=creds)
+                                  executor_id=executor_id, facts=facts, credentials=creds,
+                                  cpus=cpus or 0, memory_mb=memory or 0, tags=tags,
+                                  work_dir=work_dir, cache_mb=cache_mb)
     ex = agent.Executor(config)
     signal.signal(signal.SIGTERM, ex.request_drain)
     signal.signal(signal.SIGINT, ex.request_drain)
@@ -390,6 +424,9 @@ def _config_file(ctx: click.Context, _param: click.Parameter, path: str | None) 
 @click.option("--spot", is_flag=True, show_envvar=True, help="Request spot instances.")
 @click.option("--tag", "tags", multiple=True, show_envvar=True, metavar="KEY=VALUE",
               help="Extra tag on every instance and volume (repeatable).")
+@click.option("--executor-tag", "executor_tag", multiple=True, show_envvar=True, metavar="TAG",
+              help="Tag the launched executors report, for tasks that need it, such as gpu or "
+                   "zone=a (repeatable; site=cloud or site=local is implied by the backend).")
 @click.option("--cloud-init", type=click.Path(dir_okay=False, exists=True), default=None, show_envvar=True,
               help="For stock images without the executor baked in: a cloud-config (such as "
                    "ami/cloud-init.yaml) sent with the falconet user-data as one multipart document.")

@@ -12,6 +12,7 @@ import concurrent.futures as cf
 import itertools
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -21,9 +22,10 @@ from typing import Any
 
 import zmq
 
-from falconet import keys, tasks
+from falconet import keys, staging, tasks
+from falconet import needs as nd
 from falconet import protocol as p
-from falconet.errors import DispatcherUnavailable, ProtocolError, RefusedError, TaskError
+from falconet.errors import DispatcherUnavailable, FalconetError, ProtocolError, RefusedError, TaskError
 
 log = logging.getLogger("falconet.client")
 
@@ -42,6 +44,8 @@ class TaskFuture(cf.Future):
         self.kind = kind
         self.label = label  #: the command line, or the function's name
         self.info: p.TaskResult | None = None
+        self.outputs: dict[str, str] = {}  #: staged output name -> where it was delivered
+        self.blobs: tuple[str, ...] = ()  #: inputs uploaded to the dispatcher for this task
         self._client = client
 
     def cancel(self) -> bool:
@@ -80,7 +84,12 @@ class Client:
         self._outbox: list[tuple[p.TaskSpec, TaskFuture]] = []
         self._control: list[Any] = []  # StatusRequest messages to send
         self._cancels: list[int] = []
+        self._uploads: list[tuple[str, str]] = []  # (sha256, path) of inputs to send before the tasks
+        self._blob_refs: dict[str, int] = {}  # uploaded input -> unfinished tasks that need it
+        self._downloads: dict[str, list] = {}  # output blob -> [writer, [(future, result, dests)]]
+        self._drops: list[str] = []  # blobs the dispatcher may forget
         self._futures: dict[int, TaskFuture] = {}
+        self._held: dict[int, list] = {}  # seq -> [result, outputs still to fetch, error]
         self._unaccepted: dict[int, list[p.TaskSpec]] = {}  # batch -> specs, until Accepted
         self._hello_at = 0.0  # when we last said Hello with no Welcome since
         self._journal_id = ""  # the dispatcher's journal: a restart with another one lost our tasks
@@ -117,31 +126,43 @@ class Client:
         return self.submit_python(fn, args, kwargs)
 
     def submit_python(self, fn: Callable[..., Any], args: Sequence = (), kwargs: dict | None = None,
-                      *, retries: int | None = None, walltime_s: float | None = None) -> TaskFuture:
-        """submit() with per-task retries and wall-time limit (seconds, 0 = none)."""
+                      *, retries: int | None = None, walltime_s: float | None = None,
+                      **placement: Any) -> TaskFuture:
+        """submit() with per-task retries, wall-time limit (seconds, 0 = none), requirements
+        (cpus, memory, arch, tags, where, prefer) and files (inputs, outputs)."""
+        extra = self._placement(placement)
         body = tasks.encode_python(tasks.pickle_function(fn), tasks.pickle_arguments(tuple(args), kwargs or {}))
-        return self._enqueue([(p.TaskKind.PYTHON, body, _name(fn))], retries, walltime_s)[0]
+        return self._enqueue([(p.TaskKind.PYTHON, body, _name(fn))], retries, walltime_s, *extra)[0]
 
     def submit_command(self, cmd: str | Sequence[str], *, env: dict[str, str] | None = None,
                        cwd: str | None = None, stdin: bytes | str | None = None,
                        retries: int | None = None, walltime_s: float | None = None,
-                       output_cap: int = tasks.DEFAULT_OUTPUT_CAP) -> TaskFuture:
-        """Run a shell line (str) or argv (list); the future holds a CommandResult."""
+                       output_cap: int = tasks.DEFAULT_OUTPUT_CAP, **placement: Any) -> TaskFuture:
+        """Run a shell line (str) or argv (list); the future holds a CommandResult.
+
+        placement: cpus, memory (MB), arch, tags, where ("any", "local", "cloud"), prefer
+        ("local"), inputs and outputs (see the README's "Requirements and data staging").
+        """
+        extra = self._placement(placement)
         body = tasks.encode_command(cmd, env=env, cwd=cwd, stdin=stdin, output_cap=output_cap)
         label = cmd if isinstance(cmd, str) else " ".join(cmd)
-        return self._enqueue([(p.TaskKind.COMMAND, body, label)], retries, walltime_s)[0]
+        return self._enqueue([(p.TaskKind.COMMAND, body, label)], retries, walltime_s, *extra)[0]
 
     def submit_commands(self, cmds: Iterable[str | Sequence[str]], **options: Any) -> list[TaskFuture]:
-        """Submit many commands at once (one lock, one wake-up)."""
+        """Submit many commands at once (one lock, one wake-up), all with the same options."""
         cap = options.pop("output_cap", tasks.DEFAULT_OUTPUT_CAP)
         retries, walltime_s = options.pop("retries", None), options.pop("walltime_s", None)
+        extra = self._placement({k: options.pop(k) for k in list(options) if k in _PLACEMENT})
         items = [(p.TaskKind.COMMAND, tasks.encode_command(c, output_cap=cap, **options),
                   c if isinstance(c, str) else " ".join(c)) for c in cmds]
-        return self._enqueue(items, retries, walltime_s)
+        return self._enqueue(items, retries, walltime_s, *extra)
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable, timeout: float | None = None,
-            chunksize: int = 1, retries: int | None = None, walltime_s: float | None = None) -> Iterator[Any]:
-        """Like concurrent.futures.Executor.map: results in order; fn is pickled once."""
+            chunksize: int = 1, retries: int | None = None, walltime_s: float | None = None,
+            **placement: Any) -> Iterator[Any]:
+        """Like concurrent.futures.Executor.map: results in order; fn is pickled once.
+        placement: requirements and files for every call, as for submit_python."""
+        extra = self._placement(placement)
         fn_data = tasks.pickle_function(fn)
         name = _name(fn)
         futures: list[TaskFuture] = []
@@ -149,13 +170,28 @@ class Client:
         for args in zip(*iterables):
             batch.append((p.TaskKind.PYTHON, tasks.encode_python(fn_data, tasks.pickle_arguments(args, {})), name))
             if len(batch) >= 4096:
-                futures += self._enqueue(batch, retries, walltime_s)
+                futures += self._enqueue(batch, retries, walltime_s, *extra)
                 batch = []
-        futures += self._enqueue(batch, retries, walltime_s)
+        futures += self._enqueue(batch, retries, walltime_s, *extra)
         return _results_in_order(futures, timeout)
 
+    @staticmethod
+    def _placement(options: dict) -> tuple[bytes, bytes, dict[str, str]]:
+        """(needs, files, {sha256: local path} to upload) from requirement and file keywords."""
+        unknown = set(options) - _PLACEMENT
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {', '.join(sorted(unknown))}; "
+                            f"task options are {', '.join(sorted(_PLACEMENT))}")
+        inputs, outputs = options.pop("inputs", ()) or (), options.pop("outputs", ()) or ()
+        needs = nd.encode(nd.make(**options)) if options else b""
+        if not inputs and not outputs:
+            return needs, b"", {}
+        spec, blobs = staging.spec_from_user(inputs, outputs)
+        return needs, staging.encode_spec(spec), blobs
+
     def _enqueue(self, items: list[tuple[int, bytes, str]], retries: int | None,
-                 walltime_s: float | None) -> list[TaskFuture]:
+                 walltime_s: float | None, needs: bytes = b"", files: bytes = b"",
+                 blobs: dict[str, str] | None = None) -> list[TaskFuture]:
         if self._closed:
             raise RuntimeError("this client is closed")
         r = self.retries if retries is None else retries
@@ -164,8 +200,15 @@ class Client:
         for kind, body, label in items:
             seq = next(self._seq)
             fut = TaskFuture(self, seq, int(kind), label)
-            made.append((p.TaskSpec(seq, int(kind), body, r, float(w)), fut))
+            if blobs:
+                fut.blobs = tuple(blobs)
+            made.append((p.TaskSpec(seq, int(kind), body, r, float(w), needs, files), fut))
         with self._lock:
+            if blobs:
+                for digest, path in blobs.items():
+                    if self._blob_refs.get(digest, 0) == 0:
+                        self._uploads.append((digest, path))
+                    self._blob_refs[digest] = self._blob_refs.get(digest, 0) + len(made)
             self._outbox += made
         self._wake()
         return [f for _, f in made]
@@ -258,7 +301,10 @@ class Client:
             outbox, self._outbox = self._outbox, []
             control, self._control = self._control, []
             cancels, self._cancels = self._cancels, []
+            uploads, self._uploads = self._uploads, []
             self._awake = False
+        for digest, path in uploads:  # before the tasks that name them: the dispatcher keeps order
+            self._upload(sock, digest, path)
         for part in self._batches(outbox):
             for spec, fut in part:
                 self._futures[spec.seq] = fut
@@ -296,6 +342,15 @@ class Client:
         if part:
             yield part
 
+    def _upload(self, sock: zmq.Socket, digest: str, path: str) -> None:
+        """Send one input file to the dispatcher's blob store, in chunks."""
+        try:
+            total = os.path.getsize(path)
+            for offset, data in staging.chunks(path):
+                sock.send(p.encode(p.PutBlob(digest, offset, total, data)))
+        except OSError as exc:  # its tasks fail on the executor, naming the missing input
+            log.error("could not upload input %s: %s", path, exc)
+
     def _receive(self, sock: zmq.Socket) -> None:
         acks: list[int] = []
         try:
@@ -313,13 +368,19 @@ class Client:
         finally:
             if acks:  # one Ack per burst; the dispatcher keeps each result until then
                 sock.send(p.encode(p.Ack(acks)))
+            with self._lock:
+                drops, self._drops = self._drops, []
+            if drops:
+                sock.send(p.encode(p.DropBlobs(drops)))
 
     def _handle(self, sock: zmq.Socket, msg: Any, acks: list[int]) -> None:
         kind = type(msg)
         if kind is p.Results:
             for r in msg.results:
-                self._resolve(r)  # a duplicate (re-sent after a restart) resolves nothing
+                self._result(sock, r)  # a duplicate (re-sent after a restart) resolves nothing
                 acks.append(r.seq)
+        elif kind is p.BlobData:
+            self._on_blob(msg)
         elif kind is p.Accepted:
             self._unaccepted.pop(msg.batch, None)
         elif kind is p.StatusReply:
@@ -396,10 +457,75 @@ class Client:
                 f"{n} unfinished tasks are given up (dispatcher_timeout_s={self.dispatcher_timeout_s:g})"))
             self._heard = now
 
+    def _result(self, sock: zmq.Socket, r: p.TaskResult) -> None:
+        """Resolve a task's future, once its outputs for this machine are fetched."""
+        fut = self._futures.get(r.seq)
+        if fut is None or fut.done() or r.seq in self._held or not r.files:
+            self._resolve(r)
+            return
+        try:
+            files = staging.decode_result_files(r.files)
+        except FalconetError as exc:
+            self._futures.pop(r.seq, None)
+            fut.set_exception(TaskError(f"the task's output files could not be read: {exc}"))
+            return
+        fut.outputs = {name: info.get("s3") or info.get("client", "") for name, info in files}
+        fetch = [(info["blob"], info["client"]) for _, info in files if "blob" in info]
+        if not fetch:
+            self._resolve(r)
+            return
+        self._held[r.seq] = [r, len(fetch), ""]
+        for digest, dest in fetch:
+            entry = self._downloads.get(digest)
+            if entry is None:
+                entry = self._downloads[digest] = [None, []]
+                sock.send(p.encode(p.GetBlob(digest, 0)))
+            entry[1].append((r.seq, dest))
+
+    def _on_blob(self, msg: p.BlobData) -> None:
+        """A chunk of an output: write it where the task asked; resolve its tasks when whole."""
+        entry = self._downloads.get(msg.digest)
+        if entry is None:
+            return
+        error = msg.error
+        if not error:
+            try:
+                if entry[0] is None:
+                    entry[0] = staging.BlobWriter(entry[1][0][1], msg.digest, msg.total)
+                if not entry[0].write(msg.offset, msg.data):
+                    return
+                for _, dest in entry[1][1:]:  # the same content asked for in several places
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    shutil.copyfile(entry[1][0][1], dest)
+            except (FalconetError, OSError) as exc:
+                error = str(exc)
+                if entry[0] is not None:
+                    entry[0].abort()
+        del self._downloads[msg.digest]
+        with self._lock:
+            self._drops.append(msg.digest)
+        for seq, dest in entry[1]:
+            held = self._held.get(seq)
+            if held is None:
+                continue
+            held[1] -= 1
+            if error and not held[2]:
+                held[2] = f"output for {dest} could not be fetched from the dispatcher: {error}"
+            if held[1] <= 0:
+                del self._held[seq]
+                if held[2]:
+                    fut = self._futures.pop(seq, None)
+                    if fut is not None and not fut.done():
+                        fut.set_exception(TaskError(held[2]))
+                else:
+                    self._resolve(held[0])
+
     def _resolve(self, r: p.TaskResult) -> None:
         fut = self._futures.pop(r.seq, None)
         if fut is None or fut.done():
             return  # cancelled here already, or a duplicate
+        if fut.blobs:
+            self._unref(fut.blobs)
         fut.info = r
         if r.state == _CANCELLED:
             cf.Future.cancel(fut)
@@ -413,13 +539,24 @@ class Client:
                 fut.set_result(tasks.CommandResult(
                     code, out, err, truncated, r.executor, r.attempts,
                     {"submitted": r.submitted, "started": r.started, "finished": r.finished},
-                    r.reason))
+                    r.reason, fut.outputs))
             elif not r.output:
                 raise TaskError(r.reason, executor=r.executor, attempts=r.attempts)
             else:
                 fut.set_result(tasks.decode_python_output(r.output))
         except BaseException as exc:
             fut.set_exception(exc)
+
+    def _unref(self, digests: tuple[str, ...]) -> None:
+        """A task that named these inputs finished: the dispatcher may drop unneeded ones."""
+        with self._lock:
+            for d in digests:
+                n = self._blob_refs.get(d, 0) - 1
+                if n <= 0:
+                    self._blob_refs.pop(d, None)
+                    self._drops.append(d)
+                else:
+                    self._blob_refs[d] = n
 
     def _fail_all(self, exc: BaseException) -> None:
         for fut in list(self._futures.values()):
@@ -500,6 +637,9 @@ def _results_in_order(futures: list[TaskFuture], timeout: float | None) -> Itera
     finally:
         for fut in futures:
             fut.cancel()
+
+
+_PLACEMENT = frozenset({"cpus", "memory", "arch", "tags", "where", "prefer", "inputs", "outputs"})
 
 
 def _name(fn: Callable[..., Any]) -> str:

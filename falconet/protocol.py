@@ -60,7 +60,7 @@ import msgpack
 
 from falconet.errors import ProtocolError
 
-PROTOCOL_VERSION = 2  # 2: Ack, results kept until acknowledged
+PROTOCOL_VERSION = 3  # 2: Ack, results kept until acknowledged; 3: needs, staging, blobs
 
 #: Refused.reason prefix for a client the dispatcher does not know: it should say Hello.
 HELLO_FIRST = "say Hello first"
@@ -96,6 +96,11 @@ class MsgType(enum.IntEnum):
     LEAVE = 34
     # both ways on the executor port
     HEARTBEAT = 40
+    # blobs (staged files), on either port
+    PUT_BLOB = 50
+    GET_BLOB = 51
+    BLOB_DATA = 52
+    DROP_BLOBS = 53
 
 
 class TaskKind(enum.IntEnum):
@@ -130,6 +135,8 @@ class TaskSpec(NamedTuple):
     body: bytes  #: kind-specific encoding, opaque to the dispatcher
     retries: int  #: re-runs allowed after a lost executor or dead slot
     walltime_s: float  #: 0 means no limit
+    needs: bytes = b""  #: requirements (falconet.needs); b"" for a plain task: one cpu, anywhere
+    files: bytes = b""  #: inputs and outputs to stage (falconet.staging); b"" for none
 
 
 class Assignment(NamedTuple):
@@ -140,6 +147,8 @@ class Assignment(NamedTuple):
     kind: int
     body: bytes
     walltime_s: float
+    cpus: int = 1  #: cpus the task holds while it runs (the executor packs its slots by them)
+    files: bytes = b""  #: TaskSpec.files, passed through
 
 
 class ExecResult(NamedTuple):
@@ -152,6 +161,7 @@ class ExecResult(NamedTuple):
     reason: str  #: empty when DONE; otherwise why it failed
     started: float  #: wall clock on the executor's host
     finished: float
+    files: bytes = b""  #: staged outputs (falconet.staging result files); b"" for none
 
 
 class TaskResult(NamedTuple):
@@ -166,6 +176,7 @@ class TaskResult(NamedTuple):
     submitted: float  #: wall clock on the dispatcher's host
     started: float
     finished: float
+    files: bytes = b""  #: staged outputs, as ExecResult.files
 
 
 # ---------------------------------------------------------------- field checkers
@@ -279,11 +290,11 @@ def _records(cls: type, checks: tuple) -> Callable[[Any], list]:
     return check
 
 
-_task_specs = _records(TaskSpec, (_int, _int, _bytes, _int, _float))
-_assignments = _records(Assignment, (_int, _int, _int, _bytes, _float))
-_exec_results = _records(ExecResult, (_int, _int, _int, _bytes, _str, _float, _float))
+_task_specs = _records(TaskSpec, (_int, _int, _bytes, _int, _float, _bytes, _bytes))
+_assignments = _records(Assignment, (_int, _int, _int, _bytes, _float, _int, _bytes))
+_exec_results = _records(ExecResult, (_int, _int, _int, _bytes, _str, _float, _float, _bytes))
 _task_results = _records(
-    TaskResult, (_int, _int, _bytes, _str, _str, _int, _float, _float, _float)
+    TaskResult, (_int, _int, _bytes, _str, _str, _int, _float, _float, _float, _bytes)
 )
 
 # ---------------------------------------------------------------- messages
@@ -431,13 +442,15 @@ class Register:
     holding: list
 
 
-@_message(MsgType.REPORT, _int, _list_of(_pair), _exec_results)
+@_message(MsgType.REPORT, _int, _list_of(_pair), _exec_results, _dict)
 class Report:
-    """Executor progress: more credit, tasks started, attempts finished."""
+    """Executor progress: more credit, tasks started, attempts finished; stats (such as
+    the input cache's hits) only when they changed, else an empty map."""
 
     credit: int
     started: list
     results: list
+    stats: dict = dataclasses.field(default_factory=dict)
 
 
 @_message(MsgType.DRAIN, _list_of(_pair))
@@ -499,8 +512,47 @@ class Heartbeat:
     """A sign of life, sent when nothing else was sent for an interval."""
 
 
-CLIENT_TO_DISPATCHER = frozenset({Hello, Submit, Cancel, Ack, StatusRequest, Release, FleetReport})
-EXECUTOR_TO_DISPATCHER = frozenset({Register, Report, Drain, Bye, Heartbeat})
+@_message(MsgType.PUT_BLOB, _str, _int, _int, _bytes)
+class PutBlob:
+    """One chunk of a file for the dispatcher's blob store, in order from offset 0; the
+    blob is stored once total bytes arrived and their sha256 is digest."""
+
+    digest: str
+    offset: int
+    total: int
+    data: bytes
+
+
+@_message(MsgType.GET_BLOB, _str, _int)
+class GetBlob:
+    """Send this blob from offset on, as BlobData chunks."""
+
+    digest: str
+    offset: int
+
+
+@_message(MsgType.BLOB_DATA, _str, _int, _int, _bytes, _str)
+class BlobData:
+    """One chunk of a blob; error (with no data) when it cannot be sent or was not stored."""
+
+    digest: str
+    offset: int
+    total: int
+    data: bytes
+    error: str
+
+
+@_message(MsgType.DROP_BLOBS, _list_of(_str))
+class DropBlobs:
+    """The client no longer needs these blobs (inputs of finished tasks, fetched outputs)."""
+
+    digests: list
+
+
+BLOB_MESSAGES = frozenset({PutBlob, GetBlob, DropBlobs})
+CLIENT_TO_DISPATCHER = frozenset({Hello, Submit, Cancel, Ack, StatusRequest, Release, FleetReport,
+                                  *BLOB_MESSAGES})
+EXECUTOR_TO_DISPATCHER = frozenset({Register, Report, Drain, Bye, Heartbeat, PutBlob, GetBlob})
 
 # ---------------------------------------------------------------- codec
 

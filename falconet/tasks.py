@@ -112,6 +112,7 @@ class CommandResult:
     attempts: int = 0
     timings: dict = field(default_factory=dict)
     reason: str = ""  #: why it failed, e.g. "exit code 2" or "wall time of 5s exceeded"
+    outputs: dict = field(default_factory=dict)  #: staged output name -> client path or s3:// URL
 
     @property
     def ok(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from falconet import needs
 from falconet.errors import FalconetError
 from falconet.provisioner.policy import InstanceType
 
@@ -48,3 +49,26 @@ class Backend(Protocol):
 
     def api_calls(self) -> dict[str, int]:
         """Calls made to the cloud's API so far, by operation."""
+
+
+def executor_tag_map(words: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """--executor-tag words as the user-data map: gpu -> {"gpu": ""}, k=v -> {"k": "v"}.
+
+    The executor turns the map back into the same words (needs.tags_from_map), so the tags a
+    type is launched with are the tags its executor reports.  Raises FalconetError naming a
+    bad word, or two words with the same key (the map holds one value per key).
+    """
+    out: dict[str, str] = {}
+    for word in words:
+        try:
+            needs.make(tags=[word])  # the same rule as a task's tags
+        except ValueError as exc:
+            raise FalconetError(f"--executor-tag: {exc}") from None
+        key, _, value = word.partition("=")
+        if not key:
+            raise FalconetError(f"--executor-tag {word!r}: a tag is a word (gpu) or KEY=VALUE (site=cloud)")
+        if key in out and out[key] != value:
+            raise FalconetError(f"--executor-tag {word!r}: the key {key!r} is given twice; "
+                                "an executor holds one value per key")
+        out[key] = value
+    return out

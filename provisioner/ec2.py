@@ -48,6 +48,7 @@ class Ec2Settings:
     tags: dict = field(default_factory=dict)  #: extra tags for instances and volumes
     prices: dict = field(default_factory=dict)
     cloud_init: str = ""  #: a cloud-config for stock images; user-data becomes multipart
+    executor_tags: tuple[str, ...] = ()  #: tags its executors report (user-data); site=cloud is implied
 
 
 class Ec2Backend:
@@ -103,9 +104,10 @@ class Ec2Backend:
         """Resolve the image and the instance types once, before the first launch."""
         self.image_id = self._resolve_ami()
         self._types = self._describe_types()
-        log.info("EC2 cluster %s: image %s, types %s", self.settings.cluster, self.image_id,
+        log.info("EC2 cluster %s: image %s, types %s; executor tags %s", self.settings.cluster,
+                 self.image_id,
                  ", ".join(f"{t.name} ({t.vcpus} vCPU, {t.memory_mb} MiB, {t.arch}, ${t.price_per_hour}/h)"
-                           for t in self._types))
+                           for t in self._types), ",".join(sorted(self._types[0].caps.tags)))
 
     def _resolve_ami(self) -> str:
         ami, owner = self.settings.ami, self.settings.ami_owner
@@ -139,7 +141,8 @@ class Ec2Backend:
             arch = "x86_64" if "x86_64" in archs else archs[0]
             vcpus = t["VCpuInfo"]["DefaultVCpus"]
             out.append(InstanceType(name, vcpus, t["MemoryInfo"]["SizeInMiB"], arch,
-                                    prices.price(self.settings.prices, name, vcpus), self.settings.slots))
+                                    prices.price(self.settings.prices, name, vcpus), self.settings.slots,
+                                    frozenset(self.settings.executor_tags), "cloud"))
         return tuple(out)
 
     def types(self) -> tuple[InstanceType, ...]:

@@ -6,10 +6,11 @@ import logging
 import os
 from typing import Any
 
-from falconet import keys
+from falconet import keys, needs
 from falconet.client import Client
 from falconet.errors import FalconetError
 from falconet.provisioner import prices
+from falconet.provisioner.backend import executor_tag_map
 from falconet.provisioner.policy import Params, Strategy
 from falconet.provisioner.service import Provisioner, Settings
 
@@ -26,11 +27,13 @@ def build(**o: Any) -> Provisioner:
             raise FalconetError("the dispatcher did not report its executor address; "
                                 "pass --executor-address tcp://HOST:PORT")
         ec2 = o["backend"] == "ec2"
+        tag_map = executor_tag_map(o.get("executor_tag") or ())
+        executor_tags = tuple(needs.tags_from_map(tag_map))  # as the executors will report them
         idle_timeout = o["executor_idle_timeout"]
         if idle_timeout is None:
             idle_timeout = 3600.0 if ec2 else 0.0
         if ec2:
-            backend = _ec2_backend(o, executor_address, idle_timeout)
+            backend = _ec2_backend(o, executor_address, idle_timeout, tag_map)
         else:
             from falconet.provisioner.local import LocalBackend
 
@@ -38,7 +41,7 @@ def build(**o: Any) -> Provisioner:
             if o.get("executor_key"):
                 _executor_keys(o)  # fail now, not in every executor
                 extra += ("--dispatcher-key", os.environ[keys.ENV_DISPATCHER_KEY], "--key", o["executor_key"])
-            backend = LocalBackend(executor_address, o["slots"], executor_args=extra)
+            backend = LocalBackend(executor_address, o["slots"], executor_args=extra, tags=executor_tags)
         params = Params(
             types=backend.types(), strategy=Strategy(o["policy"]), min_executors=o["min_executors"],
             max_executors=o["max_executors"], tasks_per_slot=o["tasks_per_slot"],
@@ -57,7 +60,7 @@ def build(**o: Any) -> Provisioner:
         raise
 
 
-def _ec2_backend(o: dict, executor_address: str, idle_timeout: float) -> Any:
+def _ec2_backend(o: dict, executor_address: str, idle_timeout: float, tag_map: dict[str, str]) -> Any:
     from falconet.provisioner.ec2 import Ec2Backend, Ec2Settings
     from falconet.userdata import UserData
 
@@ -80,11 +83,12 @@ def _ec2_backend(o: dict, executor_address: str, idle_timeout: float) -> Any:
         region=o["region"], profile=o["profile"], endpoint_url=o["ec2_endpoint_url"],
         subnet_id=o["subnet"], security_group_ids=tuple(o["security_group"]), key_name=o["key_name"],
         iam_profile=o["iam_profile"], spot=o["spot"], slots=o["slots"] or 0, tags=tags,
-        prices=prices.load(o["prices"]), cloud_init=_cloud_init(o["cloud_init"]))
+        prices=prices.load(o["prices"]), cloud_init=_cloud_init(o["cloud_init"]),
+        executor_tags=tuple(needs.tags_from_map(tag_map)))
     dispatcher_key, secret = _executor_keys(o) if o.get("executor_key") else ("", "")
     user_data = UserData(dispatcher=executor_address, cluster=o["cluster"], slots=o["slots"] or 0,
                          idle_timeout_s=idle_timeout, shutdown_when_idle=o["shutdown_when_idle"],
-                         dispatcher_key=dispatcher_key, executor_secret_key=secret)
+                         dispatcher_key=dispatcher_key, executor_secret_key=secret, tags=tag_map)
     backend = Ec2Backend(settings, user_data)
     backend.prepare()
     return backend

@@ -11,6 +11,7 @@ import time
 
 import psutil
 
+from falconet.needs import normalise_arch
 from falconet.provisioner.backend import Machine
 from falconet.provisioner.policy import InstanceType
 
@@ -21,14 +22,14 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, executor_address: str, slots: int | None = None, log_dir: str | None = None,
-                 executor_args: tuple[str, ...] = ()):
+                 executor_args: tuple[str, ...] = (), tags: tuple[str, ...] = ()):
         self.executor_address = executor_address
         self.slots = slots or os.cpu_count() or 1
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="falconet-provisioner-")
-        self.executor_args = executor_args
+        self.executor_args = (*executor_args, *(arg for t in tags for arg in ("--tag", t)))
         self.procs: dict[str, tuple[subprocess.Popen, Machine]] = {}
         self._type = InstanceType("local", vcpus=self.slots, memory_mb=psutil.virtual_memory().total >> 20,
-                                  arch=os.uname().machine.replace("aarch64", "arm64"), price_per_hour=0.0)
+                                  arch=_arch(), price_per_hour=0.0, tags=frozenset(tags), site="local")
         self._calls = {"start": 0, "stop": 0}
 
     def types(self) -> tuple[InstanceType, ...]:
@@ -76,3 +77,12 @@ class LocalBackend:
 
     def api_calls(self) -> dict[str, int]:
         return dict(self._calls)
+
+
+def _arch() -> str:
+    """This machine's arch as tasks name it (x86_64, arm64), or its own name if neither."""
+    machine = os.uname().machine
+    try:
+        return normalise_arch(machine)
+    except ValueError:
+        return machine

@@ -8,10 +8,16 @@ Rules, in order (docs/provisioner.md says the same for users):
 
 1. **Lease.** A node older than ``max_lifetime_s`` is released (drained, so its running
    tasks finish), busy or not: no instance outlives its lease.
-2. **Demand.** Waiting tasks are grouped by shape (cpus, memory, arch).  A shape no
-   instance type can hold is reported unschedulable and launches nothing.  Each shape wants
-   ``ceil(waiting / tasks_per_slot)`` tasks' worth of cpus; free cpus on nodes that fit the
-   shape (registered or still booting) are used first, and what is left is the deficit.
+2. **Demand.** Waiting tasks are grouped by shape: their needs (cpus, memory, arch, tags,
+   where, prefer; :class:`falconet.needs.Needs`).  A type fits a shape when the executor it
+   would run satisfies the needs by the one rule every part shares,
+   :meth:`falconet.needs.Caps.satisfies`; so ``where=local`` never fits a cloud type and
+   ``where=cloud`` never a local one, while ``prefer=local`` fits both (such a task waits
+   only when the local executors are busy, so bursting to the cloud is what it asks for).
+   A shape no instance type fits is reported unschedulable, with the reason, and launches
+   nothing.  Each shape wants ``ceil(waiting / tasks_per_slot)`` tasks' worth of cpus; free
+   cpus on nodes that fit the shape (registered or still booting) are used first, and what
+   is left is the deficit.
 3. **Growth.** The deficit is met with the cheapest type that fits the shape, at most
    ``step`` nodes this round: 1 (one-at-a-time), round+1 (additive), 2**round (exponential),
    or all (all-at-once), where round counts consecutive rounds that launched (Falkon's
@@ -29,9 +35,12 @@ decision never undoes the previous one on a steady queue: the policy does not fl
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from falconet.needs import Caps, Needs, executor_tags, site_of
 
 
 class Strategy(str, enum.Enum):
@@ -53,21 +62,9 @@ class Strategy(str, enum.Enum):
         return math.inf
 
 
-@dataclass(frozen=True, order=True)
-class Shape:
-    """What one task needs: cpus, memory in MB (0: any), arch ('' : any)."""
-
-    cpus: int = 1
-    memory_mb: int = 0
-    arch: str = ""
-
-    def __str__(self) -> str:
-        parts = [f"{self.cpus} cpu"]
-        if self.memory_mb:
-            parts.append(f"{self.memory_mb} MB")
-        if self.arch:
-            parts.append(self.arch)
-        return "/".join(parts)
+#: What one task needs (cpus, memory in MB, arch, tags, where, prefer): the dispatcher's
+#: needs, so the policy and the dispatcher judge a fit by the same rule.  Shape() is a plain task.
+Shape = Needs
 
 
 @dataclass(frozen=True)
@@ -80,14 +77,28 @@ class InstanceType:
     arch: str
     price_per_hour: float = 0.0
     slots: int = 0  #: task slots of its executor; 0: one per vCPU
+    tags: frozenset[str] = frozenset()  #: its executor's tags (--executor-tag), site=... added
+    site: str = "cloud"  #: where its executor runs: "cloud" or "local"
 
     @property
     def capacity(self) -> int:
         return self.slots or self.vcpus
 
+    @functools.cached_property
+    def caps(self) -> Caps:
+        """What its executor will offer, as the dispatcher will see it (cpus: its slots)."""
+        tags = executor_tags(self.tags, self.site)
+        return Caps(self.capacity, self.memory_mb, self.arch, tags, site_of(tags))
+
     def fits(self, shape: Shape) -> bool:
-        return (shape.cpus <= self.capacity and shape.memory_mb <= self.memory_mb
-                and (not shape.arch or shape.arch == self.arch))
+        """True when its executor could ever run a task of this shape."""
+        return self.caps.satisfies(shape)
+
+    def describe(self) -> dict:
+        """The type as the provisioner reports it (`can_launch` in the fleet report)."""
+        caps = self.caps
+        return {"type": self.name, "cpus": caps.cpus, "memory_mb": caps.memory_mb, "arch": caps.arch,
+                "tags": sorted(caps.tags), "site": caps.site}
 
 
 class NodeState(str, enum.Enum):
@@ -106,13 +117,15 @@ class Node:
     id: str
     itype: InstanceType
     state: NodeState
-    busy: int = 0  #: tasks it holds (each takes one cpu until tasks carry their own)
+    busy: int = 0  #: tasks it holds
     idle_s: float = 0.0  #: seconds without a task, for registered nodes
     age_s: float = 0.0  #: seconds since launch
+    cpus_used: int | None = None  #: cpus its tasks hold, as the dispatcher reports; None: one a task
 
     @property
     def free(self) -> int:
-        return max(0, self.itype.capacity - self.busy)
+        used = self.busy if self.cpus_used is None else self.cpus_used
+        return max(0, self.itype.capacity - used)
 
 
 @dataclass(frozen=True)
@@ -189,8 +202,7 @@ def decide(snap: Snapshot, params: Params) -> Decision:
         waiting = snap.waiting[shape]
         fitting = [t for t in params.types if t.fits(shape)]
         if not fitting:
-            unschedulable.append(f"{waiting} tasks need {shape}, which none of the instance types "
-                                 f"({', '.join(t.name for t in params.types)}) has")
+            unschedulable.append(_unschedulable(shape, waiting, params.types))
             continue
         want = math.ceil(waiting / params.tasks_per_slot)  # tasks worth a slot of their own
         for n in live:
@@ -257,6 +269,13 @@ def decide(snap: Snapshot, params: Params) -> Decision:
 
     streak = snap.streak + 1 if launches else 0
     return Decision(tuple(launches), tuple(release), tuple(reasons), tuple(unschedulable), streak)
+
+
+def _unschedulable(shape: Shape, waiting: int, types: tuple[InstanceType, ...]) -> str:
+    """One line: how many tasks need what, and why the first few types cannot run them."""
+    names = ", ".join(t.name for t in types[:6]) + (", ..." if len(types) > 6 else "")
+    why = "; ".join(f"{t.name}: {t.caps.why_not(shape)}" for t in types[:2])
+    return f"{waiting} tasks need {shape}, which none of the instance types ({names}) has ({why})"
 
 
 def _fmt(x: float) -> str:

@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from falconet import needs
 from falconet.client import Client
 from falconet.errors import FalconetError
 from falconet.provisioner import policy
@@ -51,6 +52,27 @@ class Settings:
     backoff_max_s: float = 600.0
     keep: bool = False  #: leave the fleet running on stop
     stop_grace_s: float = 30.0  #: on stop, time for executors to drain before their machines stop
+
+
+def waiting_shapes(status: dict) -> dict[Shape, int]:
+    """Queued tasks by shape from the dispatcher's status; all plain if it sends no `waiting`."""
+    rows = status.get("waiting")
+    if rows is None:  # a dispatcher that predates task needs
+        return {Shape(): status["queued"]} if status["queued"] else {}
+    out: dict[Shape, int] = {}
+    for row in rows:
+        d = row.get("needs", {})
+        try:
+            shape = needs.make(cpus=d.get("cpus", 1), memory=d.get("memory_mb", 0), arch=d.get("arch", ""),
+                               tags=d.get("tags", ()), where=d.get("where", "any"),
+                               prefer=d.get("prefer", ""))
+        except (ValueError, TypeError) as exc:
+            log.warning("ignoring %s waiting tasks with needs the provisioner cannot read (%s): %s",
+                        row.get("count"), exc, d)
+            continue
+        if row.get("count", 0) > 0:
+            out[shape] = out.get(shape, 0) + row["count"]
+    return out
 
 
 class Provisioner:
@@ -155,7 +177,7 @@ class Provisioner:
         machines = self._settle(machines, rows, now)
         nodes = tuple(self._node(m, rows.get(m.id), now) for m in machines)
         snap = policy.Snapshot(
-            waiting={Shape(): status["queued"]} if status["queued"] else {},
+            waiting=waiting_shapes(status),
             nodes=nodes, spent_usd=self.spent(now), streak=self.streak,
             backoff_s=max(0.0, self.backoff_until - time.monotonic()), backoff_reason=self.last_error)
         decision = policy.decide(snap, self.settings.params)
@@ -228,7 +250,8 @@ class Provisioner:
         else:
             state = NodeState.BUSY if row["assigned"] else NodeState.IDLE
         return Node(m.id, itype, state, busy=row["assigned"] if row else 0,
-                    idle_s=row["idle_s"] if row else 0.0, age_s=now - m.launched)
+                    idle_s=row["idle_s"] if row else 0.0, age_s=now - m.launched,
+                    cpus_used=row.get("cpus_used") if row else None)
 
     def _launch(self, launch: policy.Launch, now: float) -> list[str]:
         itype, count = launch.itype, launch.count
@@ -317,6 +340,7 @@ class Provisioner:
                       for n, m in zip(nodes[:MAX_NODES_REPORTED], machines)],
             "decisions": list(self.decisions)[-10:],
             "unschedulable": list(decision.unschedulable) if decision else [],
+            "can_launch": [t.describe() for t in p.types],  # for the dispatcher's unschedulable test
             "spent_usd": round(self.spent(now), 4), "budget_usd": p.budget_usd,
             "launch_failures": self.failures,
             "backoff_s": max(0.0, math.ceil(self.backoff_until - time.monotonic())),

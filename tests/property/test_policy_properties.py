@@ -38,10 +38,16 @@ EPS = 1e-6  # dollars: the policy rounds affordable counts with a 1e-9 slack per
 # ---------------------------------------------------------------- strategies
 
 
+TYPE_TAGS = ("gpu", "zone=a")  #: --executor-tag words a type's executors may carry
+SITES = ("cloud", "local")
+
+
 @st.composite
-def instance_types(draw, min_size: int = 1) -> tuple[InstanceType, ...]:
-    """1-4 types with unique names; a few with executor slots other than one per vCPU."""
+def instance_types(draw, min_size: int = 1, site: str | None = None) -> tuple[InstanceType, ...]:
+    """1-4 types with unique names, all of one backend's site; a few with executor slots other
+    than one per vCPU, some with executor tags."""
     n = draw(st.integers(min_size, 4))
+    site = site or draw(st.sampled_from(SITES))
     return tuple(
         InstanceType(
             name=f"t{i}",
@@ -50,16 +56,28 @@ def instance_types(draw, min_size: int = 1) -> tuple[InstanceType, ...]:
             arch=draw(st.sampled_from(ARCHES)),
             price_per_hour=draw(st.sampled_from([0.0, 0.01, 0.1]) | st.floats(0, 2)),
             slots=draw(st.sampled_from([0, 0, 0, 0, 1, 4])),
+            tags=frozenset(draw(st.sets(st.sampled_from(TYPE_TAGS), max_size=2))),
+            site=site,
         )
         for i in range(n)
     )
 
 
+def _needs(cpus, memory_mb, arch, tags, where_prefer) -> Shape:
+    return Shape(cpus, memory_mb, arch, tuple(sorted(tags)), *where_prefer)
+
+
+# prefer=local goes with where=any only (needs.make refuses the others)
+WHERE_PREFER = st.sampled_from([("any", ""), ("any", ""), ("any", ""), ("local", ""), ("cloud", ""),
+                                ("any", "local")])
+TASK_TAGS = st.sets(st.sampled_from([*TYPE_TAGS, "fpga", "site=cloud", "site=local"]), max_size=2)
 SHAPES = st.builds(
-    Shape,
+    _needs,
     cpus=st.integers(1, 4) | st.integers(1, 16),
     memory_mb=st.sampled_from([0, 0, 1024, 4096, 16384, 65536]),
     arch=st.sampled_from(["", "", *ARCHES]),
+    tags=st.just(set()) | TASK_TAGS,
+    where_prefer=WHERE_PREFER,
 )
 SMALL_SHAPES = st.builds(Shape, cpus=st.integers(1, 2), memory_mb=st.sampled_from([0, 512]),
                          arch=st.sampled_from(["", "", *ARCHES]))
@@ -69,8 +87,11 @@ SMALL_SHAPES = st.builds(Shape, cpus=st.integers(1, 2), memory_mb=st.sampled_fro
 def fitting_shapes(draw, types: tuple[InstanceType, ...]) -> Shape:
     """A shape some type holds."""
     itype = draw(st.sampled_from(types))
+    tags = draw(st.sets(st.sampled_from(sorted(type_tags(itype))), max_size=2))
+    where = draw(st.sampled_from(["any", "any", itype.site]))
+    prefer = draw(st.sampled_from(["", "local"])) if where == "any" else ""
     return Shape(cpus=draw(st.integers(1, capacity(itype))), memory_mb=draw(st.sampled_from([0, 512, itype.memory_mb])),
-                 arch=draw(st.sampled_from(["", itype.arch])))
+                 arch=draw(st.sampled_from(["", itype.arch])), tags=tuple(sorted(tags)), where=where, prefer=prefer)
 
 
 def waiting_for(types: tuple[InstanceType, ...], most: int = 500, min_size: int = 0) -> st.SearchStrategy:
@@ -87,9 +108,12 @@ def fleets(draw, types: tuple[InstanceType, ...], states=tuple(NodeState)) -> tu
         itype = draw(st.sampled_from(types))
         state = draw(st.sampled_from(states))
         busy = draw(st.integers(1, capacity(itype) + 1)) if state is NodeState.BUSY else 0
+        # the dispatcher reports the cpus its tasks hold (a task of several cpus holds more than one)
+        cpus_used = draw(st.none() | st.integers(busy, 2 * busy + 1)) if busy else None
         nodes.append(Node(f"n{i}", itype, state, busy=busy,
                           idle_s=draw(st.sampled_from([0.0, 59.0, 60.0]) | st.floats(0, 1000)),
-                          age_s=draw(st.sampled_from([0.0, 600.0]) | st.floats(0, 5000))))
+                          age_s=draw(st.sampled_from([0.0, 600.0]) | st.floats(0, 5000)),
+                          cpus_used=cpus_used))
     return tuple(nodes)
 
 
@@ -136,14 +160,24 @@ def capacity(itype: InstanceType) -> int:
     return itype.slots if itype.slots else itype.vcpus
 
 
+def type_tags(itype: InstanceType) -> set[str]:
+    """The tags its executors report: their own, and the site of the backend."""
+    return {*itype.tags, f"site={itype.site}"}
+
+
 def fits(itype: InstanceType, shape: Shape) -> bool:
     return (shape.cpus <= capacity(itype) and shape.memory_mb <= itype.memory_mb
-            and shape.arch in ("", itype.arch))
+            and shape.arch in ("", itype.arch) and shape.where in ("any", itype.site)
+            and set(shape.tags) <= type_tags(itype))
+
+
+def used(node: Node) -> int:
+    return node.busy if node.cpus_used is None else node.cpus_used
 
 
 def free_slots(nodes, shape: Shape) -> int:
     """Slots of `shape` the nodes could still take, each on its own."""
-    return sum(max(0, capacity(n.itype) - n.busy) // shape.cpus for n in nodes if fits(n.itype, shape))
+    return sum(max(0, capacity(n.itype) - used(n)) // shape.cpus for n in nodes if fits(n.itype, shape))
 
 
 def step(strategy: Strategy, streak: int) -> float:
@@ -180,7 +214,7 @@ def fits_some_waiting(node: Node, waiting) -> bool:
 def apply(snap: Snapshot, dec: Decision, params: Params) -> Snapshot:
     """The next round's snapshot, as the provisioner's loop would build it (no time passes)."""
     by_id = set(dec.release)
-    nodes = [n if n.id not in by_id else Node(n.id, n.itype, NodeState.RELEASING, n.busy, n.idle_s, n.age_s)
+    nodes = [n if n.id not in by_id else dataclasses.replace(n, state=NodeState.RELEASING)
              for n in snap.nodes]
     for launch in dec.launch:
         nodes += [Node(f"new{len(nodes)}-{i}", launch.itype, NodeState.BOOTING) for i in range(launch.count)]
@@ -351,7 +385,24 @@ def check_reasons(snap, params, dec):
     assert len(dec.reasons) >= len(dec.launch) + len(dec.release), "an action with no reason"
 
 
-CHECKS = (check_fleet_within_max_executors, check_backoff_holds_launches, check_budget,
+def check_launches_stay_on_their_site(snap, params, dec):
+    """A cloud backend never launches for where=local, a local one never for where=cloud; and
+    each launched type satisfies its shape by the dispatcher's own rule (Caps.satisfies)."""
+    for launch in dec.launch:
+        assert launch.shape.where in ("any", launch.itype.site), f"{launch.itype.site} launch for {launch.shape}"
+        assert launch.itype.caps.satisfies(launch.shape), launch
+
+
+def check_unschedulable_launch_nothing(snap, params, dec):
+    """No launch is for a shape no type fits, and each such shape's line says why."""
+    for shape, w in snap.waiting.items():
+        if w > 0 and not any(fits(t, shape) for t in params.types):
+            assert all(x.shape != shape for x in dec.launch), f"launched for unschedulable {shape}"
+            line = next(u for u in dec.unschedulable if u.startswith(f"{w} tasks need {shape},"))
+            assert params.types[0].caps.why_not(shape) in line, line
+
+
+CHECKS = (check_fleet_within_max_executors, check_launches_stay_on_their_site, check_unschedulable_launch_nothing, check_backoff_holds_launches, check_budget,
           check_launches_fit_waiting_shapes, check_no_more_than_needed, check_launches_when_short,
           check_one_shape_launches_exactly,
           check_max_hold_is_explained, check_releases, check_idle_nodes_go,
@@ -396,6 +447,51 @@ def test_budget_is_shared_by_every_shape(types, waiting, budget_usd, spent_usd):
                     min_charge_s=3600.0)
     dec = decide(Snapshot(waiting, spent_usd=spent_usd), params)
     assert launch_cost(dec, params) <= max(0.0, budget_usd - spent_usd) + EPS
+
+
+@settings(max_examples=300, deadline=None)
+@given(instance_types(), st.lists(SHAPES, max_size=8))
+def test_fit_is_the_dispatchers_rule(types, shapes):
+    """InstanceType.fits, Caps.satisfies and this file's own copy of the rule agree."""
+    for itype in types:
+        for shape in shapes:
+            assert itype.fits(shape) == itype.caps.satisfies(shape) == fits(itype, shape), (itype, shape)
+            assert (itype.caps.why_not(shape) == "") == fits(itype, shape)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_every_short_satisfiable_shape_gets_a_launch(data):
+    """Unbounded (all at once, no max, no budget, no backoff), every shape some type fits and
+    the fleet is short of gets a node of its own this round; the others launch nothing."""
+    types = data.draw(instance_types())
+    snap = Snapshot(data.draw(waiting_for(types, most=100)), data.draw(fleets(types)))
+    params = Params(types, strategy=Strategy.ALL_AT_ONCE, max_executors=100_000,
+                    tasks_per_slot=data.draw(st.sampled_from([1.0, 2.5])))
+    dec = decide(snap, params)
+    launched_for = {x.shape for x in dec.launch}
+    fleet = live(snap)
+    for shape, w in snap.waiting.items():
+        if w <= 0 or not any(fits(t, shape) for t in types):
+            assert shape not in launched_for, shape
+        elif free_slots(fleet, shape) < slots_wanted(w, params):
+            assert shape in launched_for, f"{shape} is short and got no launch: {dec}"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_a_backend_never_launches_for_the_other_site(data):
+    """where=local tasks never start a cloud node, where=cloud ones never a local one: they are
+    reported unschedulable, whatever else they ask."""
+    site = data.draw(st.sampled_from(SITES))
+    other = "local" if site == "cloud" else "cloud"
+    types = data.draw(instance_types(site=site))
+    shapes = data.draw(st.lists(fitting_shapes(types), min_size=1, max_size=3))
+    waiting = {dataclasses.replace(s, where=other, prefer=""): data.draw(st.integers(1, 50)) for s in shapes}
+    dec = decide(Snapshot(waiting), Params(types, strategy=Strategy.ALL_AT_ONCE, max_executors=1000))
+    assert dec.launch == ()
+    assert len(dec.unschedulable) == len(waiting)
+    assert all(f"where={other}" in line for line in dec.unschedulable)
 
 
 # ---------------------------------------------------------------- round after round

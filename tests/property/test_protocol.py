@@ -45,11 +45,11 @@ def _field_strategies(floats: st.SearchStrategy, min_size: int) -> dict[type, tu
 
     maps = st.dictionaries(TEXT, _values(floats), max_size=5)
     pairs = st.tuples(INTS, INTS)  # decode gives [tid, attempt] back as a tuple
-    specs = st.builds(p.TaskSpec, INTS, INTS, BYTES, INTS, floats)
-    assignments = st.builds(p.Assignment, INTS, INTS, INTS, BYTES, floats)
-    exec_results = st.builds(p.ExecResult, INTS, INTS, INTS, BYTES, TEXT, floats, floats)
+    specs = st.builds(p.TaskSpec, INTS, INTS, BYTES, INTS, floats, BYTES, BYTES)
+    assignments = st.builds(p.Assignment, INTS, INTS, INTS, BYTES, floats, INTS, BYTES)
+    exec_results = st.builds(p.ExecResult, INTS, INTS, INTS, BYTES, TEXT, floats, floats, BYTES)
     task_results = st.builds(
-        p.TaskResult, INTS, INTS, BYTES, TEXT, TEXT, INTS, floats, floats, floats
+        p.TaskResult, INTS, INTS, BYTES, TEXT, TEXT, INTS, floats, floats, floats, BYTES
     )
     return {
         p.Hello: (INTS, TEXT, TEXT),
@@ -67,7 +67,7 @@ def _field_strategies(floats: st.SearchStrategy, min_size: int) -> dict[type, tu
         p.Register: (
             INTS, TEXT, TEXT, lists(TEXT), INTS, INTS, TEXT, INTS, INTS, maps, lists(pairs)
         ),
-        p.Report: (INTS, lists(pairs), lists(exec_results)),
+        p.Report: (INTS, lists(pairs), lists(exec_results), maps),
         p.Drain: (lists(pairs),),
         p.Bye: (),
         p.Registered: (TEXT, floats, floats, INTS),
@@ -76,6 +76,10 @@ def _field_strategies(floats: st.SearchStrategy, min_size: int) -> dict[type, tu
         p.Reregister: (TEXT,),
         p.Leave: (TEXT,),
         p.Heartbeat: (),
+        p.PutBlob: (TEXT, INTS, INTS, BYTES),
+        p.GetBlob: (TEXT, INTS),
+        p.BlobData: (TEXT, INTS, INTS, BYTES, TEXT),
+        p.DropBlobs: (lists(TEXT),),
     }
 
 
@@ -205,7 +209,7 @@ def test_round_trip_keeps_records_typed():
 def test_float_fields_accept_integers():
     back = p.decode(pack([p.MsgType.REGISTERED, "d1", 5, 30, 1024]))
     assert back == p.Registered("d1", 5.0, 30.0, 1024) and type(back.heartbeat_interval_s) is float
-    back = p.decode(pack([p.MsgType.SUBMIT, 1, [[1, 1, b"", 0, 60]]]))
+    back = p.decode(pack([p.MsgType.SUBMIT, 1, [[1, 1, b"", 0, 60, b"", b""]]]))
     assert type(back.tasks[0].walltime_s) is float
 
 

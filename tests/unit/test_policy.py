@@ -79,7 +79,7 @@ def test_tasks_per_slot_divides_the_demand(tasks_per_slot, slots):
 
 def test_launch_reason_names_count_type_demand_and_step():
     dec = decide(Snapshot({Shape(cpus=4): 3}, streak=1), Params((C2, C4), strategy=ADD))
-    assert dec.reasons == ("launch 2 c4: 3 tasks need 4 cpu; 3 wanted, additive allows 2 this round",)
+    assert dec.reasons == ("launch 2 c4: 3 tasks need cpus=4; 3 wanted, additive allows 2 this round",)
 
 
 # ---------------------------------------------------------------- which type
@@ -111,8 +111,9 @@ def test_unschedulable_shape_is_named_and_launches_nothing():
     shape = Shape(cpus=64, memory_mb=1000, arch="arm64")
     dec = decide(Snapshot({shape: 3, Shape(cpus=99): 0}), Params((C2, G4), strategy=ALL))
     assert dec.launch == ()
-    assert dec.unschedulable == ("3 tasks need 64 cpu/1000 MB/arm64, which none of the instance "
-                                 "types (c2, g4) has",)
+    assert dec.unschedulable == ("3 tasks need cpus=64 memory=1000 arch=arm64, which none of the "
+                                 "instance types (c2, g4) has (c2: needs 64 cpus, has 2; "
+                                 "g4: needs 64 cpus, has 4)",)
 
 
 def test_slots_not_vcpus_bound_what_a_type_holds():
@@ -136,7 +137,7 @@ def test_an_overcommitted_node_has_no_free_slots_not_fewer_than_none():
 def test_unschedulable_shape_does_not_block_the_others():
     dec = decide(Snapshot({Shape(cpus=64): 3, Shape(): 2}), Params((C2,), strategy=ALL))
     assert [(x.itype, x.count, x.shape) for x in dec.launch] == [(C2, 1, Shape())]
-    assert len(dec.unschedulable) == 1 and "64 cpu" in dec.unschedulable[0]
+    assert len(dec.unschedulable) == 1 and "cpus=64" in dec.unschedulable[0]
 
 
 # ---------------------------------------------------------------- shrink
@@ -285,3 +286,185 @@ def test_reasons_are_one_human_line_each():
     assert dec.launched == 2
     for line in lines:
         assert line and "\n" not in line and line == line.strip() and len(line) < 160, line
+
+
+# ---------------------------------------------------------------- requirements and instance types
+#
+# Types as the EC2 backend builds them: vCPUs, MiB and arch from describe_instance_types,
+# prices from provisioner/prices.py (the built-in table, or --prices over it).
+
+EC2_SIZES = {  # name: (vCPUs, MiB, arch), as EC2 describes them
+    "c5.large": (2, 4096, "x86_64"), "c5.2xlarge": (8, 16384, "x86_64"), "c5.4xlarge": (16, 32768, "x86_64"),
+    "r5.large": (2, 16384, "x86_64"), "c6g.large": (2, 4096, "arm64"), "c6g.2xlarge": (8, 16384, "arm64"),
+    "t4g.large": (2, 8192, "arm64"), "c6i.large": (2, 4096, "x86_64"),
+}
+
+
+def ec2_types(*names: str, table: dict | None = None, tags: frozenset = frozenset()) -> tuple[InstanceType, ...]:
+    from falconet.provisioner import prices
+
+    table = prices.ON_DEMAND if table is None else {**prices.ON_DEMAND, **table}
+    return tuple(InstanceType(n, EC2_SIZES[n][0], EC2_SIZES[n][1], EC2_SIZES[n][2],
+                              prices.price(table, n, EC2_SIZES[n][0]), tags=tags) for n in names)
+
+
+def chosen(types, shape: Shape, tasks: int = 1) -> list[tuple[str, int]]:
+    dec = decide(Snapshot({shape: tasks}), Params(types, strategy=ALL))
+    return [(x.itype.name, x.count) for x in dec.launch]
+
+
+C5 = ("c5.large", "c5.2xlarge", "c5.4xlarge")
+
+
+@pytest.mark.parametrize(("shape", "tasks", "expected"), [
+    (Shape(cpus=2), 3, [("c5.large", 3)]),  # a 2-vCPU type for 2-cpu tasks
+    (Shape(cpus=8), 2, [("c5.2xlarge", 2)]),  # an 8-vCPU type for 8-cpu tasks
+    (Shape(cpus=12), 1, [("c5.4xlarge", 1)]),
+    (Shape(cpus=2, memory_mb=8000), 1, [("c5.2xlarge", 1)]),  # c5.large has 4 GiB
+    (Shape(cpus=1, memory_mb=40000), 1, []),  # no C5 has 40 GB
+])
+def test_cheapest_ec2_type_that_satisfies_the_needs(shape, tasks, expected):
+    assert chosen(ec2_types(*C5), shape, tasks) == expected
+
+
+def test_a_price_override_changes_the_choice():
+    assert chosen(ec2_types(*C5), Shape(cpus=2)) == [("c5.large", 1)]
+    cheap_big = ec2_types(*C5, table={"c5.2xlarge": 0.05})  # --prices: c5.2xlarge = 0.05
+    assert chosen(cheap_big, Shape(cpus=2)) == [("c5.2xlarge", 1)]
+    assert chosen(cheap_big, Shape(cpus=2), tasks=8) == [("c5.2xlarge", 2)]  # four 2-cpu tasks a node
+    assert chosen(cheap_big, Shape(cpus=16)) == [("c5.4xlarge", 1)]  # still the only one that fits
+
+
+def test_ties_go_to_the_smaller_type_then_the_name():
+    same = ec2_types("c5.2xlarge", "c5.large", "c6i.large", table={"c5.2xlarge": 0.085})
+    assert [(x.price_per_hour, x.name) for x in same][1:] == [(0.085, "c5.large"), (0.085, "c6i.large")]
+    assert chosen(same, Shape(cpus=1)) == [("c5.large", 1)]  # fewer vCPUs, then c5 < c6i by name
+    assert chosen(tuple(reversed(same)), Shape(cpus=1)) == [("c5.large", 1)]  # order given does not matter
+
+
+@pytest.mark.parametrize(("shape", "expected"), [
+    (Shape(cpus=2, arch="arm64"), [("t4g.large", 1)]),  # $0.0672 against c6g.large's $0.068
+    (Shape(cpus=2, arch="arm64", memory_mb=9000), [("c6g.2xlarge", 1)]),  # the only arm type with 16 GiB
+    (Shape(cpus=4, arch="arm64"), [("c6g.2xlarge", 1)]),
+    (Shape(cpus=2, arch="x86_64"), [("c5.large", 1)]),
+    (Shape(cpus=2), [("t4g.large", 1)]),  # no arch asked: the cheapest of all
+    (Shape(cpus=2, memory_mb=12000), [("r5.large", 1)]),
+    (Shape(cpus=2, memory_mb=12000, arch="arm64"), [("c6g.2xlarge", 1)]),
+])
+def test_arch_and_memory_are_honoured(shape, expected):
+    types = ec2_types("c5.large", "c5.2xlarge", "r5.large", "c6g.large", "c6g.2xlarge", "t4g.large")
+    assert chosen(types, shape) == expected
+
+
+def test_instance_type_caps_agree_with_the_shared_rule():
+    from falconet.needs import Caps
+
+    gpu = InstanceType("g", 4, 8192, "x86_64", 0.5, tags=frozenset({"gpu", "zone=a"}))
+    assert gpu.caps == Caps(4, 8192, "x86_64", frozenset({"gpu", "zone=a", "site=cloud"}), "cloud")
+    local = InstanceType("local", 8, 8192, "x86_64", site="local")
+    assert local.caps.site == "local" and "site=local" in local.caps.tags
+    assert InstanceType("one", 8, 8192, "x86_64", slots=1).caps.cpus == 1  # slots bound it, as they do nodes
+    assert gpu.describe() == {"type": "g", "cpus": 4, "memory_mb": 8192, "arch": "x86_64",
+                              "tags": ["gpu", "site=cloud", "zone=a"], "site": "cloud"}
+
+
+@pytest.mark.parametrize(("shape", "cloud", "local"), [
+    (Shape(where="local"), False, True),
+    (Shape(where="cloud"), True, False),
+    (Shape(prefer="local"), True, True),  # waiting, so the local executors are busy: bursting is allowed
+    (Shape(tags=("site=cloud",)), True, False),
+    (Shape(tags=("gpu",)), True, False),
+    (Shape(tags=("gpu", "site=local")), False, False),
+])
+def test_where_and_tags_choose_the_backend(shape, cloud, local):
+    cloud_t = ec2_types("c5.large", tags=frozenset({"gpu"}))
+    local_t = (InstanceType("local", 2, 4096, "x86_64", site="local"),)
+    for types, fits in ((cloud_t, cloud), (local_t, local)):
+        dec = decide(Snapshot({shape: 2}), Params(types, strategy=ALL))
+        assert bool(dec.launch) == fits, (types[0].site, dec)
+        assert len(dec.unschedulable) == (0 if fits else 1)
+
+
+def test_where_local_on_ec2_launches_nothing_and_says_why():
+    dec = decide(Snapshot({Shape(where="local"): 3, Shape(cpus=2): 1}), Params(ec2_types(*C5), strategy=ALL))
+    assert [(x.itype.name, x.count) for x in dec.launch] == [("c5.large", 1)]
+    assert dec.unschedulable == ("3 tasks need cpus=1 where=local, which none of the instance types "
+                                 "(c5.large, c5.2xlarge, c5.4xlarge) has (c5.large: needs where=local, "
+                                 "is cloud; c5.2xlarge: needs where=local, is cloud)",)
+
+
+def test_a_tag_no_type_has_is_unschedulable_and_a_tag_one_has_picks_it():
+    plain = InstanceType("c2", 2, 4096, "x86_64", 0.05)
+    gpu = InstanceType("g2", 2, 4096, "x86_64", 0.90, tags=frozenset({"gpu"}))
+    dec = decide(Snapshot({Shape(tags=("gpu",)): 1, Shape(tags=("fpga",)): 2}), Params((plain, gpu), strategy=ALL))
+    assert [(x.itype.name, x.count) for x in dec.launch] == [("g2", 1)]
+    assert len(dec.unschedulable) == 1 and "2 tasks need cpus=1 tag=fpga" in dec.unschedulable[0]
+    assert "lacks tag fpga" in dec.unschedulable[0]
+
+
+def test_idle_node_of_a_type_no_waiting_task_fits_goes():
+    # a cloud node is no use to tasks that must run locally, so it is not kept for them
+    nodes = (node("a", itype=ec2_types("c5.large")[0], idle_s=900.0),)
+    dec = decide(Snapshot({Shape(where="local"): 5}, nodes), Params(ec2_types("c5.large")))
+    assert dec.release == ("a",) and dec.launch == ()
+
+
+@pytest.mark.parametrize(("busy", "cpus_used", "launched"), [
+    (1, None, 0),  # one task of one cpu: 3 free of 4, enough for a 2-cpu task
+    (1, 3, 1),  # one task of 3 cpus: 1 free, a 2-cpu task needs a new node
+    (2, 2, 0),
+])
+def test_free_capacity_counts_cpus_used_where_reported(busy, cpus_used, launched):
+    nodes = (node("a", NodeState.BUSY, C4, busy=busy, cpus_used=cpus_used),)
+    assert decide(Snapshot({Shape(cpus=2): 1}, nodes), Params((C4,), strategy=ALL)).launched == launched
+
+
+# ---------------------------------------------------------------- the provisioner's side
+
+
+def test_waiting_shapes_from_status():
+    from falconet.provisioner.service import waiting_shapes
+
+    assert waiting_shapes({"queued": 4}) == {Shape(): 4}  # a dispatcher without `waiting`
+    assert waiting_shapes({"queued": 0}) == {}
+    row = {"cpus": 8, "memory_mb": 1000, "arch": "arm64", "tags": ["site=local", "gpu"], "where": "any",
+           "prefer": ""}
+    plain = {"cpus": 1, "memory_mb": 0, "arch": "", "tags": [], "where": "any", "prefer": ""}
+    status = {"queued": 9, "waiting": [{"needs": row, "count": 3, "oldest_s": 2.0},
+                                       {"needs": plain, "count": 6, "oldest_s": 0.5},
+                                       {"needs": {**plain, "where": "nowhere"}, "count": 1, "oldest_s": 0.1}]}
+    assert waiting_shapes(status) == {
+        Shape(cpus=8, memory_mb=1000, arch="arm64", tags=("gpu", "site=local")): 3, Shape(): 6}
+
+
+@pytest.mark.parametrize(("words", "expected"), [
+    ((), {}), (("gpu",), {"gpu": ""}), (("gpu", "site=cloud"), {"gpu": "", "site": "cloud"}),
+    (("zone=a=b",), {"zone": "a=b"}), (("gpu", "gpu"), {"gpu": ""}),
+])
+def test_executor_tags_become_the_user_data_map_and_back(words, expected):
+    from falconet.needs import tags_from_map
+    from falconet.provisioner.backend import executor_tag_map
+
+    assert executor_tag_map(words) == expected
+    assert sorted(tags_from_map(expected)) == sorted(set(words))
+
+
+@pytest.mark.parametrize(("words", "message"), [
+    (("",), "non-empty word"), (("two words",), "without spaces"), (("=x",), "KEY=VALUE"),
+    (("zone=a", "zone=b"), "given twice"),
+])
+def test_bad_executor_tags_are_refused(words, message):
+    from falconet.errors import FalconetError
+    from falconet.provisioner.backend import executor_tag_map
+
+    with pytest.raises(FalconetError, match=message):
+        executor_tag_map(words)
+
+
+def test_local_backend_passes_tags_to_its_executors_and_its_type():
+    from falconet.provisioner.local import LocalBackend
+
+    backend = LocalBackend("tcp://127.0.0.1:1", slots=2, log_dir="/nonexistent", tags=("gpu", "zone=a"))
+    (itype,) = backend.types()
+    assert itype.site == "local" and itype.caps.tags == {"gpu", "zone=a", "site=local"}
+    assert backend.executor_args == ("--tag", "gpu", "--tag", "zone=a")
