@@ -6,8 +6,9 @@ Functions (each starts and stops every process it needs and returns a dict of nu
 
     bare_zmq(n_records, executors, batch=256)  a plain pyzmq+msgpack ROUTER loop moving the
                                                same records, `batch` a message: the ceiling
-    dispatch(n_tasks, executors, credit=64)    the real dispatcher, a bulk client, null executors
-                                               (credit 64: Tasks of <= 64; compare with batch=64)
+    dispatch(n_tasks, executors, credit=64,    the real dispatcher, a bulk client, null executors
+             needs=b"")                        (credit 64: Tasks of <= 64; compare with batch=64);
+                                               needs: every task's requirements (falconet.needs)
     memory(n_tasks=1_000_000)                  dispatcher RSS per queued task
     scale(executors, n_tasks)                  1,000 or 10,000 registered, heartbeating executors
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import resource
 import select
 import signal
@@ -41,13 +43,20 @@ import msgpack
 import psutil
 import zmq
 
-# Message tags and record layouts of falconet.protocol (PROTOCOL_VERSION 2), spelled out so
-# the helper loops run without falconet code: the bytes on the wire are the same.
+# Message tags and record layouts of falconet.protocol (PROTOCOL_VERSION 3), spelled out so
+# the helper loops run without falconet code: the bytes on the wire are the same.  Records:
+#   TaskSpec   [seq, kind, body, retries, walltime_s, needs, files]                      (7)
+#   Assignment [tid, attempt, kind, body, walltime_s, cpus, files]                      (7)
+#   ExecResult [tid, attempt, state, output, reason, started, finished, files]          (8)
+#   TaskResult [seq, state, output, reason, executor, attempts, submitted, started,
+#               finished, files]                                                        (10)
+# Messages: Register [20, version, executor_id, hostname, addresses, cpus, memory, platform,
+# slots, pid, facts, holding] (11 fields), Report [21, credit, started, results, stats] (4).
 _HELLO, _SUBMIT, _STATUS_REQUEST, _ACK = 1, 2, 4, 7
 _WELCOME, _ACCEPTED, _RESULTS, _STATUS_REPLY, _REFUSED = 10, 11, 12, 13, 14
 _REGISTER, _REPORT = 20, 21
 _REGISTERED, _TASKS, _REREGISTER, _HEARTBEAT = 30, 31, 33, 40
-_VERSION = 2
+_VERSION = 3
 _COMMAND, _DONE = 1, 3
 
 _BODY = bytes(40)  # bare_zmq: an Assignment body of about the size of a small command's
@@ -76,7 +85,9 @@ def _check_protocol() -> None:
     theirs = (m.HELLO, m.SUBMIT, m.STATUS_REQUEST, m.ACK, m.WELCOME, m.ACCEPTED, m.RESULTS, m.STATUS_REPLY, m.REFUSED, m.REGISTER,
               m.REPORT, m.REGISTERED, m.TASKS, m.REREGISTER, m.HEARTBEAT, p.PROTOCOL_VERSION,
               p.TaskKind.COMMAND, p.TaskState.DONE)
-    if ours != theirs or len(p.Register._names) != 11 or len(p.ExecResult._fields) != 7:
+    layouts = (len(p.Register._names), len(p.Report._names), len(p.TaskSpec._fields), len(p.Assignment._fields),
+               len(p.ExecResult._fields), len(p.TaskResult._fields))
+    if ours != theirs or layouts != (11, 4, 7, 7, 8, 10):
         raise RuntimeError("benchmarks/dispatch.py speaks an older falconet protocol: update its constants")
 
 
@@ -106,7 +117,8 @@ def _helper_main(argv: list[str]) -> None:
     elif role == "bare":
         _BarePeers(args[0], args[1], int(args[2]), int(args[3])).run()
     elif role == "null":
-        _NullExecutors(args[0], args[1], int(args[2]), int(args[3]), int(args[4])).run()
+        _NullExecutors(args[0], args[1], int(args[2]), int(args[3]), int(args[4]), int(args[5]),
+                       [t for t in args[6].split(",") if t]).run()
     else:
         raise SystemExit(f"unknown helper role {role!r}")
 
@@ -140,15 +152,15 @@ def _router(n: int, peers: int, batch: int) -> None:
     for peer, frame in first:
         k = min(unpackb(frame)[1], batch, n - sent)
         if k > 0:
-            send([peer, packb([_TASKS, [(t, 1, _COMMAND, _BODY, 0.0) for t in range(sent, sent + k)]])])
+            send([peer, packb([_TASKS, [(t, 1, _COMMAND, _BODY, 0.0, 1, b"") for t in range(sent, sent + k)]])])
             sent += k
     while done < n:
         peer, frame = recv()
-        msg = unpackb(frame)  # [REPORT, credit, started, results]
+        msg = unpackb(frame)  # [REPORT, credit, started, results, stats]
         done += len(msg[3])
         k = min(msg[1], batch, n - sent)
         if k > 0:
-            send([peer, packb([_TASKS, [(t, 1, _COMMAND, _BODY, 0.0) for t in range(sent, sent + k)]])])
+            send([peer, packb([_TASKS, [(t, 1, _COMMAND, _BODY, 0.0, 1, b"") for t in range(sent, sent + k)]])])
             sent += k
     _say("done", time.perf_counter() - t0, done)
     _say("stats", "")
@@ -226,7 +238,7 @@ class _BarePeers(_Dealers):
 
     def __init__(self, address: str, prefix: str, count: int, batch: int):
         super().__init__(address, [f"{prefix}-{i}".encode() for i in range(count)])
-        self.request = msgpack.packb([_REPORT, batch, [], []])
+        self.request = msgpack.packb([_REPORT, batch, [], [], {}])
         self.packb, self.unpackb = msgpack.packb, msgpack.unpackb
 
     def start(self, s: zmq.Socket) -> None:
@@ -235,27 +247,32 @@ class _BarePeers(_Dealers):
     def handle(self, s: zmq.Socket, frame: bytes) -> None:
         tasks = self.unpackb(frame)[1]
         now = time.time()
-        s.send(self.packb([_REPORT, len(tasks), [], [(a[0], a[1], _DONE, _OUTPUT, "", now, now) for a in tasks]]))
+        s.send(self.packb([_REPORT, len(tasks), [], [(a[0], a[1], _DONE, _OUTPUT, "", now, now, b"") for a in tasks],
+                           {}]))
 
 
 class _NullExecutors(_Dealers):
     """Executors that run nothing: every task is DONE at once, credit handed straight back.
 
-    With window > 0 at most that many sockets are connected and not yet registered at a
-    time (a paced start); 0 connects them all at once (a connection storm).
+    Each registers `slots` = credit, `cpus` cpus (credit when 0), 1 GiB of memory, this
+    host's architecture and `tags` in facts["tags"].  With window > 0 at most that many
+    sockets are connected and not yet registered at a time (a paced start); 0 connects them
+    all at once (a connection storm).
     """
 
-    def __init__(self, address: str, prefix: str, count: int, credit: int, window: int = 0):
+    def __init__(self, address: str, prefix: str, count: int, credit: int, window: int = 0, cpus: int = 0,
+                 tags: list[str] | None = None):
         self.ids = [f"{prefix}-{i}" for i in range(count)]
         super().__init__(address, [i.encode() for i in self.ids])
         self.credit, self.window = credit, window
         self.unconnected = self.socks[::-1]
+        facts = {"arch": platform.machine(), "tags": list(tags or [])}
         self.register = {
-            s: msgpack.packb([_REGISTER, _VERSION, eid, "bench-host", ["127.0.0.1"], 1, 1 << 30, "linux",
-                              credit, os.getpid(), {}, []])
+            s: msgpack.packb([_REGISTER, _VERSION, eid, "bench-host", ["127.0.0.1"], cpus or credit, 1 << 30,
+                              "linux", credit, os.getpid(), facts, []])
             for s, eid in zip(self.socks, self.ids)
         }
-        self.first_credit = msgpack.packb([_REPORT, credit, [], []])
+        self.first_credit = msgpack.packb([_REPORT, credit, [], [], {}])
         self.packb, self.unpackb = msgpack.packb, msgpack.unpackb
         self.done = self.messages = self.heartbeats = self.registered = self.reregistered = 0
 
@@ -277,7 +294,7 @@ class _NullExecutors(_Dealers):
             tasks = msg[1]
             now = time.time()
             s.send(self.packb([_REPORT, len(tasks), [],
-                               [(a[0], a[1], _DONE, _OUTPUT, "", now, now) for a in tasks]]))
+                               [(a[0], a[1], _DONE, _OUTPUT, "", now, now, b"") for a in tasks], {}]))
             self.done += len(tasks)
             self.messages += 1
         elif kind == _HEARTBEAT:
@@ -532,20 +549,24 @@ def _array_len(frame: bytes, at: int) -> int:
     raise ValueError(f"not an array header: {h:#x}")
 
 
-def _submit_frames(n: int, per_message: int = 10_000, first_seq: int = 0, first_batch: int = 0) -> list[bytes]:
-    """Submit messages for n `/bin/true` command tasks, encoded ahead of the clock."""
+def _submit_frames(n: int, per_message: int = 10_000, first_seq: int = 0, first_batch: int = 0,
+                   needs: bytes = b"") -> list[bytes]:
+    """Submit messages for n `/bin/true` command tasks with these needs (b"": plain tasks),
+    encoded ahead of the clock."""
     from falconet.tasks import encode_command
 
     body = encode_command("/bin/true")
     end = first_seq + n
-    return [msgpack.packb([_SUBMIT, first_batch + b, [[seq, _COMMAND, body, 0, 0.0]
+    return [msgpack.packb([_SUBMIT, first_batch + b, [[seq, _COMMAND, body, 0, 0.0, needs, b""]
                                                       for seq in range(start, min(end, start + per_message))]])
             for b, start in enumerate(range(first_seq, end, per_message))]
 
 
-def _null_hosts(address: str, executors: int, credit: int, procs: int, window: int = 0) -> _Helpers:
+def _null_hosts(address: str, executors: int, credit: int, procs: int, window: int = 0, cpus: int = 0,
+                tags: tuple[str, ...] = ()) -> _Helpers:
     shares = _split(executors, procs)
-    return _Helpers("null", [[address, f"null{i}", k, credit, window] for i, k in enumerate(shares)])
+    return _Helpers("null", [[address, f"null{i}", k, credit, window, cpus, ",".join(tags)]
+                             for i, k in enumerate(shares)])
 
 
 def _stats(lines: list[str]) -> dict[str, int]:
@@ -558,9 +579,10 @@ def _stats(lines: list[str]) -> dict[str, int]:
     return out
 
 
-def _run_tasks(client: _Client, disp: _Dispatcher, n_tasks: int, phase: str, timeout: float = 120.0) -> dict:
+def _run_tasks(client: _Client, disp: _Dispatcher, n_tasks: int, phase: str, timeout: float = 120.0,
+               needs: bytes = b"") -> dict:
     """Submit n_tasks at once and count results; time and dispatcher CPU in between."""
-    frames = _submit_frames(n_tasks, first_seq=client.next_seq, first_batch=client.next_batch)
+    frames = _submit_frames(n_tasks, first_seq=client.next_seq, first_batch=client.next_batch, needs=needs)
     client.next_seq += n_tasks
     client.next_batch += len(frames)
     base, done0 = client.results, client.status()["tasks"]["done"]
@@ -583,7 +605,7 @@ def bare_zmq(n_records: int, executors: int, batch: int = 256, procs: int = 2) -
     """The ceiling of this design: a plain pyzmq+msgpack ROUTER loop, no falconet code.
 
     A router process and `executors` DEALER peers (in `procs` <= 2 processes) move
-    Assignment-like 5-tuples out and ExecResult-like 7-tuples back, msgpack-framed exactly as
+    Assignment-like 7-tuples out and ExecResult-like 8-tuples back, msgpack-framed exactly as
     falconet's Tasks and Report, `batch` records per message against the peers' credit.
     Timed in the router from the first batch (every peer has asked) to the last result.
     """
@@ -602,7 +624,8 @@ def bare_zmq(n_records: int, executors: int, batch: int = 256, procs: int = 2) -
         router.close()
 
 
-def dispatch(n_tasks: int, executors: int, credit: int = 64, procs: int = 2, journal: bool = False) -> dict:
+def dispatch(n_tasks: int, executors: int, credit: int = 64, procs: int = 2, journal: bool = False,
+             needs: bytes = b"", cpus: int = 0, tags: tuple[str, ...] = ("gpu",)) -> dict:
     """Throughput of the real dispatcher: a bulk client, `executors` null executors.
 
     The client submits n_tasks `/bin/true` commands in Submit messages of 10,000 and counts
@@ -611,13 +634,22 @@ def dispatch(n_tasks: int, executors: int, credit: int = 64, procs: int = 2, jou
     Timed from the first Submit to the last Result; dispatcher CPU (psutil) over the same
     span.  With `journal`, the dispatcher keeps its journal in a fresh temporary directory
     (on the same disk as the system's temporary files): every turn is written and fdatasynced.
+
+    `needs` is every task's TaskSpec.needs (falconet.needs.encode): b"" puts them on the
+    dispatcher's plain fast path, anything else through requirement matching (a needs class,
+    the executors that satisfy it, best fit by free cpus).  Every null executor registers
+    the same whatever the needs: `cpus` cpus (0: as many as its credit), 1 GiB, this host's
+    arch and facts["tags"] = `tags`.  With cpus = credit a task needing one cpu is limited by
+    credit alone (a null executor answers at once, so it never holds more than its credit);
+    a task needing c cpus by free cpus: at most credit / c of them in flight per executor.
     """
     with tempfile.TemporaryDirectory(prefix="falconet-bench-journal-") as state:
         options = ("--state-dir", state) if journal else ()
-        with _Cluster(executors, credit, min(procs, 2), *options) as c:
+        with _Cluster(executors, credit, min(procs, 2), *options, cpus=cpus, tags=tags) as c:
             c.client.wait_executors(executors, 60.0)
             time.sleep(0.2)  # let the opening credit reports land
-            run = _run_tasks(c.client, c.disp, n_tasks, f"dispatch-{executors}{'-journal' * journal}")
+            run = _run_tasks(c.client, c.disp, n_tasks, f"dispatch-{executors}{'-journal' * journal}"
+                             f"{'-needs-' + needs.hex() if needs else ''}", needs=needs)
             journal_bytes = c.client.status().get("journal", {}).get("journal_bytes", 0)
     return {**run, "tasks_per_message": n_tasks / max(1, _stats(c.stats).get("messages", 0)),
             "journal_bytes": journal_bytes}
@@ -627,13 +659,13 @@ class _Cluster:
     """A dispatcher, a bulk client and null executors; stops the dispatcher first."""
 
     def __init__(self, executors: int, credit: int, procs: int, *options: str,
-                 raise_nofile: bool = False, window: int = 0):
+                 raise_nofile: bool = False, window: int = 0, cpus: int = 0, tags: tuple[str, ...] = ()):
         self.disp = _Dispatcher(*options, raise_nofile=raise_nofile)
         self.client = self.hosts = None
         self.stats: list[str] = []
         try:
             self.client = _Client(self.disp.client_address)
-            self.hosts = _null_hosts(self.disp.executor_address, executors, credit, procs, window)
+            self.hosts = _null_hosts(self.disp.executor_address, executors, credit, procs, window, cpus, tags)
             self.hosts.go()
         except BaseException:
             self.close()

@@ -48,11 +48,19 @@ class Plan:
     peer_fn_tasks: int
     peer_cmd_tasks: int
     prov_executors: int  # scale-out from 0 on the simulated EC2, per policy
+    needs_tasks: int = 0  # requirement matching versus plain tasks, 10 null executors
+    needs_repeat: int = 3  # rounds of that comparison (each round runs every variant once)
 
 
-QUICK = Plan(3, 3000, 300, (10.0,), (2,), 1.0, 200, 50_000, (1, 10), 100_000, (1000,), 20_000, 1000, 200, 4)
+QUICK = Plan(3, 3000, 300, (10.0,), (2,), 1.0, 200, 50_000, (1, 10), 100_000, (1000,), 20_000, 1000, 200, 4,
+             20_000, 3)
 FULL = Plan(3, 20_000, 2000, (1.0, 10.0, 100.0), (1, 2, 4), 2.0, 2000, 500_000, (1, 10, 100),
-            1_000_000, (1000, 10_000), 200_000, 5000, 1000, 32)
+            1_000_000, (1000, 10_000), 200_000, 5000, 1000, 32, 500_000, 5)
+
+#: the needs of the matching comparison: every task the same, executors registered with
+#: cpus = credit and tag gpu (see benchmarks/dispatch.py, dispatch())
+NEEDS_VARIANTS = (("plain", {}), ("cpus=1 tag=gpu", {"cpus": 1, "tags": ["gpu"]}),
+                  ("cpus=2 tag=gpu", {"cpus": 2, "tags": ["gpu"]}))
 
 
 def stats(values: list[float]) -> dict:
@@ -217,7 +225,36 @@ def _dispatch(plan: Plan, dispatch: Any) -> dict:
         memory.append(dispatch.dispatch(plan.dispatch_tasks, 10)["tasks_per_s"])
         journal.append(dispatch.dispatch(plan.dispatch_tasks, 10, journal=True)["tasks_per_s"])
     return {"rows": rows, "bare_zmq_10": bare,
-            "journal_10": {"in_memory": stats(memory), "journal": stats(journal)}}
+            "journal_10": {"in_memory": stats(memory), "journal": stats(journal)},
+            "needs_10": needs_matching(plan, dispatch)}
+
+
+def needs_matching(plan: Plan, dispatch: Any, executors: int = 10, credit: int = 64) -> dict:
+    """Requirement matching versus the plain fast path: the same null executors (cpus =
+    credit, tag gpu), every task plain or every task with the same needs; the variants run
+    in turn, round after round, so drift hits them all.  tasks/s from the first Submit to
+    the last Result, dispatcher CPU microseconds per task over the same span; ratios to
+    plain are the ratio of the medians and the median of each round's ratio."""
+    from falconet import needs as nd
+
+    coded = {name: nd.encode(nd.make(**kw)) if kw else b"" for name, kw in NEEDS_VARIANTS}
+    runs: dict[str, list[dict]] = {name: [] for name in coded}
+    for _ in range(plan.needs_repeat):
+        for name, needs in coded.items():
+            runs[name].append(dispatch.dispatch(plan.needs_tasks, executors, credit, needs=needs))
+    out: dict[str, Any] = {"executors": executors, "credit": credit, "tasks": plan.needs_tasks, "variants": {}}
+    plain = runs["plain"]
+    for name, rs in runs.items():
+        rates = [r["tasks_per_s"] for r in rs]
+        out["variants"][name] = {
+            "needs": coded[name].hex(),
+            "tasks_per_s": stats(rates),
+            "cpu_us_per_task": stats([r["dispatcher_cpu_s"] * 1e6 / plan.needs_tasks for r in rs]),
+            "tasks_per_message": stats([r["tasks_per_message"] for r in rs]),
+            "ratio_to_plain": statistics.median(rates) / statistics.median([r["tasks_per_s"] for r in plain]),
+            "round_ratio_to_plain": stats([r["tasks_per_s"] / q["tasks_per_s"] for r, q in zip(rs, plain)]),
+        }
+    return out
 
 
 # ---------------------------------------------------------------- reporting
@@ -303,6 +340,14 @@ def table(r: dict) -> str:
             j = r["dispatch"]["journal_10"]
             lines.append(f"dispatch, 10 null executors, journal on: {fmt(j['journal'])} "
                          f"(in memory, same runs: {fmt(j['in_memory'])})")
+        if "needs_10" in r["dispatch"]:
+            nm = r["dispatch"]["needs_10"]
+            for name, v in nm["variants"].items():
+                vs = "" if name == "plain" else (f", {v['ratio_to_plain']:.2f}x plain (per round "
+                                                 f"{fmt(v['round_ratio_to_plain'], 'x', 2)})")
+                lines.append(f"dispatch, {nm['executors']} null executors (cpus {nm['credit']}, tag gpu), {name} tasks: "
+                             f"{fmt(v['tasks_per_s'])}, {fmt(v['cpu_us_per_task'], ' us', 1)} dispatcher CPU "
+                             f"per task{vs}")
     if "memory" in r:
         lines.append(f"memory: {r['memory']['bytes_per_task']:.0f} bytes per queued task")
     for row in r.get("scale", []):

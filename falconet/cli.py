@@ -83,6 +83,48 @@ def client_keys(f: Callable) -> Callable:
 # ---------------------------------------------------------------- run
 
 
+def requirement_options(note: str) -> Callable[[Callable], Callable]:
+    """--cpus, --memory, --arch, --tag, --where, --prefer and --input, each help ending in note."""
+    options = [
+        click.option("--cpus", type=click.IntRange(min=1), default=1, show_envvar=True, metavar="N",
+                     help="CPUs each task needs; it goes to an executor with that many free." + note),
+        click.option("--memory", type=click.IntRange(min=0), default=0, show_envvar=True, metavar="MB",
+                     help="Memory each task needs, in MB (0: any)." + note),
+        click.option("--arch", type=click.Choice(["x86_64", "arm64", "amd64", "aarch64"], case_sensitive=False),
+                     default=None, show_envvar=True, help="CPU architecture each task needs [default: any]." + note),
+        click.option("--tag", "tags", multiple=True, show_envvar=True, metavar="TAG",
+                     help="A tag the executor must have, such as gpu or site=cloud (repeatable)." + note),
+        click.option("--where", type=click.Choice(["any", "local", "cloud"]), default="any", show_envvar=True,
+                     help="Run only on local executors, only on cloud ones, or on any." + note),
+        click.option("--prefer", type=click.Choice(["local"]), default=None, show_envvar=True,
+                     help="Run on local executors while any has room; burst to the cloud when busy "
+                          "(needs --where any)." + note),
+        click.option("--input", "inputs", multiple=True, show_envvar=True, metavar="PATH|s3://BUCKET/KEY",
+                     help="A file put in each task's work dir under its base name (repeatable; "
+                          "relative paths are from the current directory)." + note),
+    ]
+
+    def decorate(f: Callable) -> Callable:
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
+def _task_options(cpus: int, memory: int, arch: str | None, tags: tuple[str, ...], where: str,
+                  prefer: str | None, inputs: tuple[str, ...], **rest: Any) -> Any:
+    """The requirement options as a falconet.taskfile.Options; a bad value is a usage error."""
+    from falconet import needs
+    from falconet.taskfile import Options
+
+    try:
+        wanted = needs.make(cpus=cpus, memory=memory, arch=arch or "", tags=tags, where=where,
+                            prefer=prefer or "")
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return Options(wanted, tuple(inputs), **rest)
+
+
 @main.command()
 @click.argument("taskfile", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--local", "local_slots", type=click.IntRange(min=1), default=None, show_envvar=True,
@@ -103,13 +145,24 @@ def client_keys(f: Callable) -> Callable:
 @click.option("--walltime", type=click.FloatRange(min=0), default=0, show_envvar=True,
               help="Seconds a command may run before it is killed and failed (0: no limit).")
 @click.option("--quiet", "-q", is_flag=True, show_envvar=True, help="No progress bar.")
+@requirement_options(" Lines under a #falconet directive use the directive's instead.")
 @client_keys
 def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provision: str | None,
-        provision_config: str | None, results: Any, retries: int, walltime: float, quiet: bool) -> None:
+        provision_config: str | None, results: Any, retries: int, walltime: float, quiet: bool,
+        **requirements: Any) -> None:
     """Run every line of TASKFILE as a shell command ('-' reads standard input).
 
-    Blank lines and lines starting with # are skipped.  Exits 0 when every task
-    succeeded, 1 when any failed, 2 on a usage error.
+    \b
+    Blank lines and lines starting with # are skipped, except directives:
+      #falconet cpus=4 memory=8000 tag=gpu input=ref.fa retries=1 walltime=60
+    sets the options of the lines after it, up to the next directive;
+    '#falconet reset' goes back to the command line's.  Keys: cpus, memory (MB),
+    arch, tag (repeatable), tags (comma list), where, prefer, input (repeatable),
+    retries, walltime.  A directive replaces --cpus, --memory, --arch, --tag,
+    --where, --prefer and --input entirely for its lines; --retries and
+    --walltime still apply where it sets none.
+
+    Exits 0 when every task succeeded, 1 when any failed, 2 on a usage error.
     """
     from falconet import runfile
     from falconet import taskfile as tf
@@ -118,8 +171,11 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
 
     if sum(map(bool, (local_slots, dispatcher, provision))) > 1:
         raise click.UsageError("give one of --local N, --dispatcher ADDR and --provision BACKEND")
+    defaults = _task_options(**requirements)
+    source = "<stdin>" if taskfile == "-" else taskfile
     try:
-        lines = tf.parse(sys.stdin.read(), "<stdin>") if taskfile == "-" else tf.read(taskfile)
+        lines = tf.parse(sys.stdin.read(), source) if taskfile == "-" else tf.read(taskfile)
+        runfile.check_inputs(lines, defaults, source)
     except TaskFileError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -128,12 +184,16 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
         sys.exit(0)
     progress = None if quiet else sys.stderr
     tally = runfile.Tally(len(lines))
+
+    def go(client: Client) -> None:
+        runfile.run_tasks(client, lines, tally, results=results, progress=progress,
+                          retries=retries, walltime_s=walltime, defaults=defaults)
+
     try:
         if dispatcher:
             client = Client(dispatcher, name="falconet-run")
             try:
-                runfile.run_tasks(client, lines, tally, results=results, progress=progress,
-                                  retries=retries, walltime_s=walltime)
+                go(client)
             except KeyboardInterrupt:
                 client.close(cancel=True)  # do not leave the rest queued on a shared dispatcher
                 raise
@@ -143,12 +203,10 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
             from falconet.elastic import provision as elastic
 
             with elastic(provision, config=provision_config, client_name="falconet-run") as client:
-                runfile.run_tasks(client, lines, tally, results=results, progress=progress,
-                                  retries=retries, walltime_s=walltime)
+                go(client)
         else:
             with local_cluster(slots=local_slots or os.cpu_count(), name="falconet-run") as client:
-                runfile.run_tasks(client, lines, tally, results=results, progress=progress,
-                                  retries=retries, walltime_s=walltime)
+                go(client)
     except FalconetError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -157,6 +215,67 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
         sys.exit(130)
     click.echo(runfile.summary(tally), err=True)
     sys.exit(1 if tally.failed else 0)
+
+
+@main.command(context_settings={"allow_interspersed_args": False})
+@click.argument("command", nargs=-1, required=True)
+@click.option("--dispatcher", required=True, show_envvar=True, metavar="tcp://HOST:PORT",
+              help="The dispatcher's client address (the 'client:' line it printed).")
+@requirement_options("")
+@click.option("--output", "outputs", multiple=True, show_envvar=True, metavar="NAME[=DEST]",
+              help="A file the command leaves in its work dir, delivered to ./NAME, or to DEST: a "
+                   "path or an s3://BUCKET/KEY URL (repeatable).")
+@click.option("--retries", type=click.IntRange(min=0), default=3, show_envvar=True,
+              help="Re-runs allowed when an executor is lost while running the task.")
+@click.option("--walltime", type=click.FloatRange(min=0), default=0, show_envvar=True,
+              help="Seconds the command may run before it is killed and failed (0: no limit).")
+@click.option("--json", "as_json", is_flag=True, show_envvar=True,
+              help="Print the result record (state, exit code, output, executor...) as JSON instead.")
+@client_keys
+def submit(command: tuple[str, ...], dispatcher: str, outputs: tuple[str, ...], retries: int,
+           walltime: float, as_json: bool, **requirements: Any) -> None:
+    """Run one COMMAND on a dispatcher's executors and wait for it.
+
+    \b
+      falconet submit --cpus 4 --input ref.fa --output out.txt -- align ref.fa
+      falconet submit --output counts.txt 'sort big.txt | uniq -c > counts.txt'
+
+    Options come before COMMAND.  Several words run as an argv (put -- before
+    them when the first starts with -); one word runs through /bin/sh -c.
+    Prints the command's stdout and stderr and exits with its exit code (128+N
+    if killed by signal N; 1 if it could not run, e.g. unschedulable; 2 on a
+    usage error).
+    """
+    from falconet import runfile
+    from falconet.client import Client
+
+    options = _task_options(**requirements)
+    outs = [runfile.output_spec(text) for text in outputs]
+    try:
+        runfile.check_files(options.inputs, outs)
+    except FalconetError as exc:
+        raise click.UsageError(str(exc)) from None
+    cmd: str | list[str] = command[0] if len(command) == 1 else list(command)
+    try:
+        with Client(dispatcher, name="falconet-submit") as client:
+            try:
+                rec = runfile.submit_one(client, cmd, options, outputs=outs, retries=retries, walltime_s=walltime)
+            except KeyboardInterrupt:
+                client.close(cancel=True)
+                raise
+    except FalconetError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if as_json:
+        click.echo(json.dumps(rec))
+    else:
+        sys.stdout.write(rec["stdout"])
+        sys.stderr.write(rec["stderr"])
+        if rec["exit_code"] is None:
+            click.echo(f"error: the task {rec['state']}: {rec['reason']}", err=True)
+    sys.exit(runfile.exit_status(rec))
 
 
 # ---------------------------------------------------------------- services

@@ -1,19 +1,29 @@
-"""`falconet run`: submit a task file, show progress, write results, summarise."""
+"""`falconet run` and `falconet submit`: submit command lines, show progress, write results.
+
+`run` submits a task file's lines in runs of identical options (one submission per run), each
+with its directive's requirements and inputs, or the run's defaults for lines with no
+directive (see falconet.taskfile).  `submit` runs one command and hands back its record.
+"""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import queue
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from falconet import needs as nd
+from falconet import staging
 from falconet.client import Client, TaskFuture
-from falconet.errors import DispatcherUnavailable
-from falconet.taskfile import TaskLine
+from falconet.errors import DispatcherUnavailable, FalconetError, TaskFileError
+from falconet.taskfile import Options, TaskLine
 
 SHOW_FAILURES = 10
+NO_OPTIONS = Options()
 
 
 @dataclass
@@ -35,10 +45,10 @@ class Tally:
         return self.finished / max(time.monotonic() - self.started_at, 1e-9)
 
 
-def record(fut: TaskFuture, line: TaskLine) -> dict:
-    """The JSON Lines record of one finished task."""
+def outcome(fut: TaskFuture) -> dict[str, Any]:
+    """How a finished task ended: state, exit code, output, reason, timings, outputs."""
     info = fut.info
-    rec: dict[str, Any] = {"id": line.line, "line": line.line, "command": line.command}
+    rec: dict[str, Any] = {}
     exc = fut.exception() if not fut.cancelled() else None
     if fut.cancelled():
         rec.update(state="cancelled", exit_code=None, stdout="", stderr="", reason="cancelled")
@@ -53,18 +63,75 @@ def record(fut: TaskFuture, line: TaskLine) -> dict:
         submitted=info.submitted if info else None,
         started=(info.started or None) if info else None,
         finished=(info.finished or None) if info else None,
+        outputs=dict(fut.outputs),
     )
     return rec
 
 
+def record(fut: TaskFuture, line: TaskLine, needs: str = str(nd.PLAIN)) -> dict:
+    """The JSON Lines record of one finished task; needs is str() of the needs it ran with."""
+    rec: dict[str, Any] = {"id": line.line, "line": line.line, "command": line.command, "needs": needs}
+    rec.update(outcome(fut))
+    return rec
+
+
+def placement(needs: nd.Needs, inputs: Sequence = (), outputs: Sequence = ()) -> dict[str, Any]:
+    """Client keyword arguments for these requirements and files; {} for a plain task."""
+    kw: dict[str, Any] = {}
+    if needs != nd.PLAIN:
+        kw.update(cpus=needs.cpus, memory=needs.memory_mb, arch=needs.arch, tags=needs.tags,
+                  where=needs.where, prefer=needs.prefer)
+    if inputs:
+        kw["inputs"] = list(inputs)
+    if outputs:
+        kw["outputs"] = list(outputs)
+    return kw
+
+
+def runs(lines: list[TaskLine]) -> Iterator[list[TaskLine]]:
+    """Consecutive lines with identical options, in order (a whole plain file is one run)."""
+    start = 0
+    for i in range(1, len(lines)):
+        a, b = lines[i].options, lines[start].options
+        if a is not b and a != b:  # lines under one directive share its Options object
+            yield lines[start:i]
+            start = i
+    if lines:
+        yield lines[start:]
+
+
+def check_inputs(lines: list[TaskLine], defaults: Options | None, source: str) -> None:
+    """Raise TaskFileError naming the first line of each run whose inputs cannot be staged."""
+    problems = []
+    for group in runs(lines):
+        opts = group[0].options or defaults or NO_OPTIONS
+        if opts.inputs:
+            try:
+                check_files(opts.inputs)
+            except FalconetError as exc:
+                problems.append(f"{source}:{group[0].line}: {exc}")
+    if problems:
+        raise TaskFileError("\n".join(problems[:10]))
+
+
 def run_tasks(client: Client, lines: list[TaskLine], tally: Tally, *, results: IO[str] | None = None,
               progress: IO[str] | None = sys.stderr, retries: int | None = None,
-              walltime_s: float | None = None) -> Tally:
-    """Run every line as a shell command and wait for all of them, counting into tally."""
+              walltime_s: float | None = None, defaults: Options | None = None) -> Tally:
+    """Run every line as a shell command and wait for all of them, counting into tally.
+
+    defaults: the requirements and inputs of lines without a directive; retries and
+    walltime_s: of lines whose directive does not set them.
+    """
     finished: queue.SimpleQueue = queue.SimpleQueue()
-    futures = client.submit_commands([ln.command for ln in lines], retries=retries, walltime_s=walltime_s)
-    for fut, line in zip(futures, lines):
-        fut.add_done_callback(lambda f, ln=line: finished.put((f, ln)))
+    for group in runs(lines):
+        opts = group[0].options or defaults or NO_OPTIONS
+        futures = client.submit_commands(
+            [ln.command for ln in group], **placement(opts.needs, opts.inputs),
+            retries=retries if opts.retries is None else opts.retries,
+            walltime_s=walltime_s if opts.walltime_s is None else opts.walltime_s)
+        needs = str(opts.needs)
+        for fut, line in zip(futures, group):
+            fut.add_done_callback(lambda f, ln=line, n=needs: finished.put((f, ln, n)))
     bar = Progress(progress, tally)
     while tally.finished < tally.total:
         try:
@@ -88,6 +155,36 @@ def run_tasks(client: Client, lines: list[TaskLine], tally: Tally, *, results: I
         bar.update(client)
     bar.close()
     return tally
+
+
+def output_spec(text: str) -> str | tuple[str, str]:
+    """An --output value: NAME (delivered to ./NAME) or NAME=DEST (a path or s3:// URL)."""
+    name, eq, dest = text.partition("=")
+    return (name, dest) if eq else text
+
+
+def check_files(inputs: Sequence, outputs: Sequence = ()) -> None:
+    """Raise StagingError, saying what to fix, if these inputs or outputs cannot be staged."""
+    staging.spec_from_user(inputs, outputs)
+
+
+def submit_one(client: Client, command: str | list[str], options: Options = NO_OPTIONS, *,
+               outputs: Sequence = (), retries: int | None = None,
+               walltime_s: float | None = None) -> dict:
+    """Run one command (a shell line or an argv), wait for it, and return its record."""
+    fut = client.submit_command(command, retries=retries, walltime_s=walltime_s,
+                                **placement(options.needs, options.inputs, outputs))
+    cf.wait([fut])  # a failure to run is in the record, not raised
+    label = command if isinstance(command, str) else " ".join(command)
+    return {"command": label, "needs": str(options.needs), **outcome(fut)}
+
+
+def exit_status(rec: dict) -> int:
+    """The command's exit status for the shell (128+N if killed by signal N); 1 if it never ran."""
+    code = rec.get("exit_code")
+    if code is None:
+        return 1
+    return 128 - code if code < 0 else min(code, 255)
 
 
 class Progress:

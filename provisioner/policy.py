@@ -86,7 +86,8 @@ class InstanceType:
 
     @functools.cached_property
     def caps(self) -> Caps:
-        """What its executor will offer, as the dispatcher will see it (cpus: its slots)."""
+        """What its executor will offer.  cpus is its capacity (slots, else vCPUs), the unit
+        the policy counts room in; with --slots this differs from the CPUs the executor reports."""
         tags = executor_tags(self.tags, self.site)
         return Caps(self.capacity, self.memory_mb, self.arch, tags, site_of(tags))
 

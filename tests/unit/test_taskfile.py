@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from falconet import taskfile
+from falconet import needs, taskfile
 from falconet.errors import TaskFileError
 from falconet.taskfile import TaskLine
 
@@ -148,3 +148,117 @@ def test_parse_returns_exactly_the_commands_with_their_line_numbers(lines, trail
     text = "\n".join(text for _, text in lines) + ("\n" if trailing_newline else "")
     expected = [TaskLine(n, text) for n, (kind, text) in enumerate(lines, start=1) if kind == "cmd"]
     assert taskfile.parse(text) == expected
+
+
+# ---------------------------------------------------------------- directives
+
+Options = taskfile.Options
+
+
+def test_a_directive_applies_to_the_lines_after_it_until_the_next():
+    text = "echo a\n#falconet cpus=2 memory=500\necho b\n\necho c\n#falconet tag=gpu\necho d\n"
+    two = Options(needs.make(cpus=2, memory=500))
+    assert taskfile.parse(text) == [
+        TaskLine(1, "echo a"), TaskLine(3, "echo b", two), TaskLine(5, "echo c", two),
+        TaskLine(7, "echo d", Options(needs.make(tags=["gpu"]))),
+    ]
+
+
+@pytest.mark.parametrize("reset", ["#falconet reset", "#falconet", "  #falconet   ", "#falconet reset  # back"])
+def test_reset_and_a_bare_directive_return_to_no_directive(reset):
+    lines = taskfile.parse(f"#falconet cpus=4\necho a\n{reset}\necho b\n")
+    assert lines[0].options.needs.cpus == 4
+    assert lines[1] == TaskLine(4, "echo b") and lines[1].options is None
+
+
+def test_a_directive_replaces_the_previous_one_entirely():
+    text = "#falconet cpus=4 tag=gpu input=a.txt retries=1\necho a\n#falconet memory=100\necho b\n"
+    assert taskfile.parse(text)[1].options == Options(needs.make(memory=100))
+
+
+def test_tags_inputs_retries_and_walltime():
+    text = ("#falconet tags=gpu,ssd tag=zone=a where=cloud arch=aarch64 input=ref.fa "
+            "input=s3://bucket/idx 'input=my file.txt' retries=0 walltime=2.5\necho a\n")
+    (line,) = taskfile.parse(text)
+    assert line.options == Options(needs.make(tags=["gpu", "ssd", "zone=a"], where="cloud", arch="arm64"),
+                                   ("ref.fa", "s3://bucket/idx", "my file.txt"), 0, 2.5)
+
+
+def test_lines_under_one_directive_share_its_options_object():
+    lines = taskfile.parse("#falconet cpus=2\n" + "true\n" * 3)
+    assert lines[0].options is lines[1].options is lines[2].options
+
+
+@pytest.mark.parametrize("comment", ["#falconets cpus=2", "# falconet cpus=2", "#falconet:cpus=2", "##falconet"])
+def test_other_comments_stay_comments(comment):
+    assert taskfile.parse(f"{comment}\necho a\n") == [TaskLine(2, "echo a")]
+
+
+@pytest.mark.parametrize(
+    ("directive", "problem"),
+    [
+        ("#falconet gpus=1", "unknown key 'gpus'"),
+        ("#falconet cpus=two", "cpus must be a whole number"),
+        ("#falconet cpus=0", "cpus must be a whole number of at least 1"),
+        ("#falconet cpus", "is not key=value"),
+        ("#falconet where=moon", "where must be one of any, local, cloud"),
+        ("#falconet arch=sparc", "arch must be one of"),
+        ("#falconet prefer=local where=cloud", "prefer='local' needs where='any'"),
+        ("#falconet input=", "'input=' is not input=VALUE"),
+        ("#falconet retries=-1", "retries must be a whole number, 0 or more"),
+        ("#falconet walltime=soon", "walltime must be seconds"),
+        ("#falconet walltime=inf", "walltime must be seconds"),
+        ("#falconet reset cpus=2", "'reset' stands alone"),
+        ("#falconet input='unclosed", "no closing quotation"),
+    ],
+)
+def test_a_bad_directive_is_reported_with_file_and_line(directive, problem):
+    with pytest.raises(TaskFileError) as info:
+        taskfile.parse(f"echo ok\n{directive}\necho a\n", source="jobs.txt")
+    assert str(info.value).startswith("jobs.txt:2: directive: ") and problem in str(info.value)
+
+
+def test_bad_directives_and_bad_lines_are_reported_together():
+    with pytest.raises(TaskFileError) as info:
+        taskfile.parse("#falconet cpus=x\necho 'a\n#falconet nope=1\n", source="t")
+    assert [line.split(": ")[0] for line in str(info.value).splitlines()] == ["t:1", "t:2", "t:3"]
+
+
+def test_a_million_plain_lines_parse_quickly():
+    import time
+
+    text = "echo hello world\n" * 1_000_000
+    started = time.perf_counter()
+    lines = taskfile.parse(text)
+    assert len(lines) == 1_000_000 and lines[-1].options is None
+    assert time.perf_counter() - started < 30  # generous: shared, slow CI machines
+
+
+DIRECTIVE_WORDS = st.one_of(
+    st.integers(1, 64).map(lambda n: f"cpus={n}"),
+    st.integers(0, 10**6).map(lambda n: f"memory={n}"),
+    st.sampled_from(["arch=x86_64", "arch=arm64", "arch=amd64", "where=any", "where=local", "where=cloud",
+                     "tag=gpu", "tag=site=cloud", "tags=a,b", "input=ref.fa", "input=s3://b/k",
+                     "retries=2", "walltime=1.5"]),
+)
+DIRECTIVES = st.one_of(
+    st.just("#falconet reset"),
+    st.lists(DIRECTIVE_WORDS, max_size=5).map(lambda words: " ".join(["#falconet", *words])),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(COMMANDS.map(lambda c: ("cmd", c)), DIRECTIVES.map(lambda d: ("dir", d))),
+                max_size=30))
+def test_every_line_gets_the_needs_of_the_last_directive_before_it(items):
+    parsed = iter(taskfile.parse("\n".join(text for _, text in items)))
+    last = None
+    for kind, text in items:
+        if kind == "dir":
+            last = taskfile.directive(text)
+        else:
+            line = next(parsed)
+            assert line.command == text and line.options == last
+            expected = needs.PLAIN if last is None else last.needs
+            assert (line.options.needs if line.options else needs.PLAIN) == expected
+    assert next(parsed, None) is None
