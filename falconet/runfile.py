@@ -10,9 +10,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import queue
+import shlex
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -123,15 +124,8 @@ def run_tasks(client: Client, lines: list[TaskLine], tally: Tally, *, results: I
     walltime_s: of lines whose directive does not set them.
     """
     finished: queue.SimpleQueue = queue.SimpleQueue()
-    for group in runs(lines):
-        opts = group[0].options or defaults or NO_OPTIONS
-        futures = client.submit_commands(
-            [ln.command for ln in group], **placement(opts.needs, opts.inputs),
-            retries=retries if opts.retries is None else opts.retries,
-            walltime_s=walltime_s if opts.walltime_s is None else opts.walltime_s)
-        needs = str(opts.needs)
-        for fut, line in zip(futures, group):
-            fut.add_done_callback(lambda f, ln=line, n=needs: finished.put((f, ln, n)))
+    submit_runs(client, lines, lambda f, ln, n: finished.put((f, ln, n)), defaults=defaults,
+                retries=retries, walltime_s=walltime_s)
     bar = Progress(progress, tally)
     while tally.finished < tally.total:
         try:
@@ -168,6 +162,30 @@ def check_files(inputs: Sequence, outputs: Sequence = ()) -> None:
     staging.spec_from_user(inputs, outputs)
 
 
+def submit_runs(client: Client, lines: list[TaskLine], on_done: Callable[[TaskFuture, TaskLine, str], None],
+                *, defaults: Options | None, retries: int | None, walltime_s: float | None) -> None:
+    """Submit each run of lines with its options; on_done(future, line, str(needs)) as each ends.
+
+    If a run cannot be submitted (an input vanished), the runs already submitted are cancelled.
+    """
+    submitted: list[TaskFuture] = []
+    try:
+        for group in runs(lines):
+            opts = group[0].options or defaults or NO_OPTIONS
+            futures = client.submit_commands(
+                [ln.command for ln in group], **placement(opts.needs, opts.inputs),
+                retries=retries if opts.retries is None else opts.retries,
+                walltime_s=walltime_s if opts.walltime_s is None else opts.walltime_s)
+            submitted += futures
+            needs = str(opts.needs)
+            for fut, line in zip(futures, group):
+                fut.add_done_callback(lambda f, ln=line, n=needs: on_done(f, ln, n))
+    except BaseException:
+        for fut in submitted:
+            fut.cancel()
+        raise
+
+
 def submit_one(client: Client, command: str | list[str], options: Options = NO_OPTIONS, *,
                outputs: Sequence = (), retries: int | None = None,
                walltime_s: float | None = None) -> dict:
@@ -175,7 +193,7 @@ def submit_one(client: Client, command: str | list[str], options: Options = NO_O
     fut = client.submit_command(command, retries=retries, walltime_s=walltime_s,
                                 **placement(options.needs, options.inputs, outputs))
     cf.wait([fut])  # a failure to run is in the record, not raised
-    label = command if isinstance(command, str) else " ".join(command)
+    label = command if isinstance(command, str) else shlex.join(command)
     return {"command": label, "needs": str(options.needs), **outcome(fut)}
 
 

@@ -52,7 +52,8 @@ class LocalBackend:
             try:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "falconet", "executor", "--dispatcher", self.executor_address,
-                     "--slots", str(self.slots), "--id", mid, "--parent-pid", str(os.getpid()),
+                     "--slots", str(self.slots), "--cpus", str(self.slots), "--id", mid,
+                     "--parent-pid", str(os.getpid()),
                      *self.executor_args],
                     stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
             finally:

@@ -224,16 +224,6 @@ def test_bad_directives_and_bad_lines_are_reported_together():
     assert [line.split(": ")[0] for line in str(info.value).splitlines()] == ["t:1", "t:2", "t:3"]
 
 
-def test_a_million_plain_lines_parse_quickly():
-    import time
-
-    text = "echo hello world\n" * 1_000_000
-    started = time.perf_counter()
-    lines = taskfile.parse(text)
-    assert len(lines) == 1_000_000 and lines[-1].options is None
-    assert time.perf_counter() - started < 30  # generous: shared, slow CI machines
-
-
 DIRECTIVE_WORDS = st.one_of(
     st.integers(1, 64).map(lambda n: f"cpus={n}"),
     st.integers(0, 10**6).map(lambda n: f"memory={n}"),
@@ -241,24 +231,31 @@ DIRECTIVE_WORDS = st.one_of(
                      "tag=gpu", "tag=site=cloud", "tags=a,b", "input=ref.fa", "input=s3://b/k",
                      "retries=2", "walltime=1.5"]),
 )
-DIRECTIVES = st.one_of(
-    st.just("#falconet reset"),
-    st.lists(DIRECTIVE_WORDS, max_size=5).map(lambda words: " ".join(["#falconet", *words])),
-)
+DIRECTIVES = st.one_of(st.just(["reset"]), st.lists(DIRECTIVE_WORDS, max_size=5))
+
+
+def _expected(words: list[str]) -> Options | None:
+    """The options a directive of these words should give, worked out without the parser."""
+    if words in ([], ["reset"]):
+        return None
+    pairs = [w.partition("=")[::2] for w in words]
+    return Options(needs.parse_assignments([w for w in words if w.partition("=")[0] in taskfile._NEEDS_KEYS]),
+                   tuple(v for k, v in pairs if k == "input"),
+                   next((int(v) for k, v in reversed(pairs) if k == "retries"), None),
+                   next((float(v) for k, v in reversed(pairs) if k == "walltime"), None))
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.one_of(COMMANDS.map(lambda c: ("cmd", c)), DIRECTIVES.map(lambda d: ("dir", d))),
                 max_size=30))
-def test_every_line_gets_the_needs_of_the_last_directive_before_it(items):
-    parsed = iter(taskfile.parse("\n".join(text for _, text in items)))
+def test_every_line_gets_the_options_of_the_last_directive_before_it(items):
+    text = "\n".join(" ".join(["#falconet", *x]) if kind == "dir" else x for kind, x in items)
+    parsed = iter(taskfile.parse(text))
     last = None
-    for kind, text in items:
+    for kind, x in items:
         if kind == "dir":
-            last = taskfile.directive(text)
+            last = _expected(x)
         else:
             line = next(parsed)
-            assert line.command == text and line.options == last
-            expected = needs.PLAIN if last is None else last.needs
-            assert (line.options.needs if line.options else needs.PLAIN) == expected
+            assert line.command == x and line.options == last
     assert next(parsed, None) is None
