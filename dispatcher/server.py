@@ -98,7 +98,8 @@ class Server:
                                max_bytes=blob_store_bytes, durable=bool(state_dir))
         self._holders: dict[str, set[bytes]] = {}  #: blob -> clients that still need it (b"": an output)
         self._transfers: list[list] = []  #: [port socket, peer, digest, offset, total] of blobs being sent
-        self.core.reporters["blobs"] = self.blobs.status
+        self.blob_counts = {"stored": 0, "fetches": 0, "bytes_sent": 0}  #: files in, fetches served, bytes out
+        self.core.reporters["blobs"] = lambda: {**self.blobs.status(), **self.blob_counts}
         # The queue holds millions of small tracked objects; CPython's default of a young
         # collection every 700 allocations makes the collector a large share of each turn.
         gc.set_threshold(100_000, 50, 1000)
@@ -298,6 +299,7 @@ class Server:
                 self._send(sock, peer, p.BlobData(msg.digest, msg.offset, 0, b"", f"not on the dispatcher: {exc}"))
                 return
             self._transfers.append([sock, peer, msg.digest, max(0, msg.offset), total])
+            self.blob_counts["fetches"] += 1
         elif port == "client":  # DropBlobs
             for digest in msg.digests:
                 holders = self._holders.get(digest, set())
@@ -317,6 +319,7 @@ class Server:
             return
         if done is not None:
             self._holders.setdefault(msg.digest, set()).add(peer if port == "client" else b"")
+            self.blob_counts["stored"] += 1
 
     def _pump_blobs(self) -> None:
         """Send the next chunks of the blobs peers asked for, a bounded amount per turn."""
@@ -330,6 +333,7 @@ class Server:
             except (staging.StagingError, OSError) as exc:
                 msg, data = p.BlobData(digest, offset, total, b"", f"could not be read: {exc}"), b""
             sent = self._send(sock, peer, msg)
+            self.blob_counts["bytes_sent"] += len(data) if sent else 0
             t[3] = offset + len(data)
             budget -= len(data) + 1
             self._transfers.pop(0)

@@ -561,7 +561,9 @@ class Executor:
             self.queue.append(a)
             return
         self.staged[a.tid] = (a, missing)
-        self.prefetched[a.tid] = sorted(missing)  # the slot counts them as cache misses
+        # The slot counts these as cache misses: the blobs this task made cross the network.
+        # A task that waits for a fetch another task started counts a hit.
+        self.prefetched[a.tid] = sorted(d for d in missing if d not in self.fetching)
         for digest in missing:
             if digest not in self.fetching:
                 self.fetching[digest] = None

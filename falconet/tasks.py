@@ -116,8 +116,9 @@ class CommandResult:
 
     @property
     def ok(self) -> bool:
-        """True when the command exited with status 0."""
-        return self.exit_code == 0
+        """True when the command exited with status 0 and nothing else failed it (an output
+        that was not produced, say: then reason says why)."""
+        return self.exit_code == 0 and not self.reason
 
 
 def decode_command_output(output: bytes) -> tuple[int, str, str, bool]:

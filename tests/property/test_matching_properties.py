@@ -55,7 +55,7 @@ class Run:
         self.seq = self.batch = 0
         for i, e in enumerate(fleet):
             peer = b"e%d" % i
-            facts = {"arch": e["arch"], "tags": e["tags"], **({"instance_id": "i-%d" % i} if e["cloud"] else {})}
+            facts = {"arch": e["arch"], "tags": e["tags"], **({"instance_id": f"i-{i}"} if e["cloud"] else {})}
             self.core.on_executor(peer, p.Register(p.PROTOCOL_VERSION, peer.decode(), "h", [], e["cpus"],
                                                    e["memory_mb"] << 20, "linux", e["cpus"], 1, facts, []), 0.0)
             self.core.on_executor(peer, p.Report(2 * e["cpus"], [], []), 0.0)

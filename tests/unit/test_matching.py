@@ -145,9 +145,9 @@ def test_a_large_task_reserves_an_executor_and_is_not_starved_by_small_ones():
     h.submit(4, cpus=1, memory=1)  # small tasks with needs
     got = h.dispatch()[b"e"]
     assert len(got) == 8, "plain tasks are prefetched beyond the cpus; needy ones fill the free cpus"
-    [big] = h.submit(1, cpus=4)
+    h.submit(1, cpus=4)
     ran_big = False
-    for step in range(40):
+    for _ in range(40):
         h.now += 0.5
         h.submit(2)  # the stream of small tasks never stops
         h.submit(1, cpus=1, memory=1)
