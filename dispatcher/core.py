@@ -306,20 +306,38 @@ class Core:
         counts[_PENDING] += len(specs)
         ccounts[_PENDING] += len(specs)
         max_body = self.config.max_task_bytes
+        classes: dict[bytes, NeedsClass | str | None] = {}  # needs as sent -> its class, once per batch
         for spec in specs:
             if spec.kind in _KINDS and spec.retries >= 0 and spec.walltime_s >= 0 and len(spec.body) <= max_body:
                 if not spec.needs:
                     queue.append(Task(client, spec, wall))  # (NaN fails the walltime test)
                     continue
-                try:
-                    needs = nd.decode(spec.needs)
-                except p.ProtocolError as exc:
-                    self._finish(Task(client, spec, wall), _FAILED, b"", str(exc), "", 0.0, wall)
-                    continue
-                self._enqueue_needy(Task(client, spec, wall, None if needs.plain else needs))
+                cls = classes.get(spec.needs, False)
+                if cls is False:
+                    cls = classes[spec.needs] = self._class_of(spec.needs)
+                if cls is None:
+                    queue.append(Task(client, spec, wall))
+                elif type(cls) is str:
+                    self._finish(Task(client, spec, wall), _FAILED, b"", cls, "", 0.0, wall)
+                else:
+                    cls.queue.append(Task(client, spec, wall, cls.needs))
+                    cls.pending += 1
             else:
                 self._finish(Task(client, spec, wall), _FAILED, b"", _invalid(spec, max_body), "", 0.0, wall)
         self.submitted_total += len(specs)
+
+    def _class_of(self, data: bytes) -> NeedsClass | str | None:
+        """The class for needs as sent (made if new), None for plain ones, or why they are invalid."""
+        try:
+            needs = nd.decode(data)
+        except p.ProtocolError as exc:
+            return str(exc)
+        if needs.plain:
+            return None
+        cls = self.classes.get(needs)
+        if cls is None:
+            cls = self.classes[needs] = NeedsClass(needs)
+        return cls
 
     def _enqueue_needy(self, task: Task, front: bool = False) -> None:
         """Queue a pending task in its needs class (a plain one in the plain queue)."""
@@ -747,20 +765,27 @@ class Core:
         return placed
 
     def _take_class(self, cls: NeedsClass, ex: ExecutorEntry, n: int, wall: float) -> list[p.Assignment]:
-        need, batch = cls.needs, []
-        queue = cls.queue
+        need, queue, tasks, Assignment = cls.needs, cls.queue, ex.tasks, p.Assignment
+        cpus = need.cpus
+        batch: list[p.Assignment] = []
+        append = batch.append
         while len(batch) < n and queue:
             t = queue.popleft()
             if t.state != _PENDING:
                 continue
-            self._move(t, _DISPATCHED)
+            t.state = _DISPATCHED  # PENDING -> DISPATCHED is in the table; inlined as in _take
+            cc = t.client.counts
+            cc[_PENDING] -= 1
+            cc[_DISPATCHED] += 1
             t.attempt += 1
             t.executor = ex
             if t.tid is None:
                 t.tid = self._next_tid
                 self._next_tid += 1
-            ex.tasks[t.tid] = t
-            batch.append(_new(p.Assignment, (t.tid, t.attempt, t.kind, t.body, t.walltime_s, need.cpus, t.files)))
+            tasks[t.tid] = t
+            append(_new(Assignment, (t.tid, t.attempt, t.kind, t.body, t.walltime_s, cpus, t.files)))
+        self.counts[_PENDING] -= len(batch)
+        self.counts[_DISPATCHED] += len(batch)
         cls.pending -= len(batch)
         ex.credit -= len(batch)
         ex.cpus_used += need.cpus * len(batch)

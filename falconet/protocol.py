@@ -29,7 +29,7 @@ Executor::
 
     Register -> Registered | Refused    (version checked here; a new dispatcher_id in
                                          Registered means a restarted dispatcher)
-    Report(credit, started, results)    credit = how many *more* tasks it can take now
+    Report(credit, started, results, stats)  credit = how many *more* tasks it can take now
       <- Tasks(assignments)             never more than the credit granted
     Heartbeat  <->  Heartbeat           any message counts as a sign of life
     Drain(returned)                     no more credit; these tasks were never started
@@ -40,6 +40,15 @@ Executor::
 A message from an executor the dispatcher does not know (declared lost, or a restarted
 dispatcher) is answered by ``Reregister``; its results are accepted only if the task's
 current attempt is the one it reports, so every task has exactly one result.
+
+Blobs (either port)::
+
+    PutBlob(digest, offset, total, data)  chunks of a file, in order; stored once verified
+    GetBlob(digest, offset) -> BlobData(digest, offset, total, data, error) chunks
+    DropBlobs(digests)                    (client) these files are no longer needed
+
+A client uploads a task's input files before the Submit that names them; an executor
+uploads a task's outputs for the client before the Report carrying its result.
 
 A client re-sends a Submit whose Accepted it did not see (the dispatcher restarted) with
 the same batch number; the dispatcher accepts each batch number of a client once.  A
