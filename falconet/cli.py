@@ -691,12 +691,31 @@ def status(dispatcher: str, as_json: bool) -> None:
     click.echo(f"{info['tasks_per_s']:.1f} tasks/s (last 10s)  submitted {info['submitted_total']}  "
                f"executors {info['executors']} ({info['slots']} slots, {info['busy']} tasks assigned)  "
                f"lost {info['lost_executors']}")
+    _placement(info)
     if info.get("executor_table"):
         click.echo("")
         _executor_table(info["executor_table"])
     if info.get("fleet"):
         click.echo("")
         _fleet(info["fleet"])
+
+
+def _placement(info: dict) -> None:
+    """Queued tasks by requirements, unschedulable ones with the reason, staged files."""
+    from falconet import needs
+
+    waiting = info.get("waiting", [])
+    if any(w["needs"] != needs.PLAIN.to_dict() for w in waiting):
+        for w in waiting:
+            n = needs.make(**{k if k != "memory_mb" else "memory": v for k, v in w["needs"].items()})
+            click.echo(f"waiting {w['count']} needing {n}  (oldest {w['oldest_s']:.0f}s)")
+    for u in info.get("unschedulable", []):
+        click.echo(f"UNSCHEDULABLE {u['count']} tasks for {u['since_s']:.0f}s: {u['reason']}")
+    cache, blobs = info.get("input_cache", {}), info.get("blobs", {})
+    if cache.get("hits") or cache.get("misses") or blobs.get("blobs"):
+        click.echo(f"input cache: {cache.get('hits', 0)} hits, {cache.get('misses', 0)} misses, "
+                   f"{cache.get('bytes_fetched', 0) / 1e6:.1f} MB fetched  blob store: {blobs.get('blobs', 0)} "
+                   f"files, {blobs.get('bytes', 0) / 1e6:.1f} MB, {blobs.get('fetches', 0)} fetches served")
 
 
 def _durability(info: dict) -> str:
@@ -751,10 +770,11 @@ def executors(dispatcher: str, as_json: bool) -> None:
 
 
 def _executor_table(rows: list[dict]) -> None:
-    header = ("ID", "HOST", "ADDRESSES", "SLOTS", "BUSY", "DONE", "STATE", "SEEN")
+    header = ("ID", "HOST", "ADDRESSES", "SLOTS", "CPUS", "BUSY", "DONE", "STATE", "TAGS", "SEEN")
     table = [header] + [
-        (r["id"], r["host"], ",".join(r["addresses"]) or "-", str(r["slots"]), str(r["busy"]),
-         str(r["completed"]), r["state"], f"{r['last_seen_s']:.1f}s ago")
+        (r["id"], r["host"], ",".join(r["addresses"]) or "-", str(r["slots"]),
+         f"{r.get('cpus_used', 0)}/{r['cpus']}", str(r["busy"]), str(r["completed"]), r["state"],
+         ",".join(r.get("tags", [])) or "-", f"{r['last_seen_s']:.1f}s ago")
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

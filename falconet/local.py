@@ -27,13 +27,18 @@ class LocalCluster:
     def __init__(self, slots: int | None = None, executors: int = 1, *,
                  heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float = 10.0,
                  log_dir: str | None = None, start_timeout_s: float = 30.0,
-                 host: str = "127.0.0.1", insecure: bool = False):
+                 host: str = "127.0.0.1", insecure: bool = False, fail_unschedulable_s: float | None = None):
+        """fail_unschedulable_s: fail tasks no executor here can run after this long (default:
+        30 s when the cluster has executors of its own, as no other will join; else never)."""
         self.slots = slots or os.cpu_count() or 1
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="falconet-local-")
         self.dispatcher: subprocess.Popen | None = None
         self.executors: list[subprocess.Popen] = []
         try:
             extra = ["--host", host] + (["--insecure"] if insecure else [])
+            if fail_unschedulable_s is None:
+                fail_unschedulable_s = 30.0 if executors else 0.0
+            extra += ["--fail-unschedulable", str(fail_unschedulable_s)]
             self._start_dispatcher(heartbeat_interval_s, heartbeat_timeout_s, start_timeout_s, extra)
             for i in range(executors):
                 self.add_executor(name=f"executor-{i}")

@@ -213,7 +213,7 @@ def test_an_executor_booted_from_metadata_joins_and_runs_tasks(cluster):
             assert row["facts"]["instance_type"] == "c6g.large"
             assert row["facts"]["availability_zone"] == "us-west-2c"
             assert row["facts"]["cluster"] == "demo" and row["facts"]["launch_token"] == "demo-0001"
-            assert row["facts"]["tags"] == {"site": "test"}
+            assert row["facts"]["tags"] == ["site=test"] and row["tags"] == ["site=test"]  # tags as words
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
