@@ -673,7 +673,14 @@ class Core:
                 self.to_executors.append((ex.peer, p.Tasks(batch)))
 
     def _take(self, ex: ExecutorEntry, n: int, wall: float) -> list[p.Assignment]:
-        queue, tasks, Assignment = self.queue, ex.tasks, p.Assignment
+        batch = self._pop(self.queue, ex, n, 1)
+        ex.credit -= len(batch)
+        ex.cpus_used += len(batch)
+        return batch
+
+    def _pop(self, queue: collections.deque[Task], ex: ExecutorEntry, n: int, cpus: int) -> list[p.Assignment]:
+        """Up to n pending tasks from the front of queue, dispatched to ex (the hot loop)."""
+        tasks, Assignment = ex.tasks, p.Assignment
         batch: list[p.Assignment] = []
         append = batch.append
         while len(batch) < n and queue:
@@ -690,11 +697,9 @@ class Core:
                 t.tid = self._next_tid
                 self._next_tid += 1
             tasks[t.tid] = t
-            append(_new(Assignment, (t.tid, t.attempt, t.kind, t.body, t.walltime_s, 1, t.files)))
+            append(_new(Assignment, (t.tid, t.attempt, t.kind, t.body, t.walltime_s, cpus, t.files)))
         self.counts[_PENDING] -= len(batch)
         self.counts[_DISPATCHED] += len(batch)
-        ex.credit -= len(batch)
-        ex.cpus_used += len(batch)
         return batch
 
     # ------------------------------------------------------------ tasks with needs
@@ -765,27 +770,8 @@ class Core:
         return placed
 
     def _take_class(self, cls: NeedsClass, ex: ExecutorEntry, n: int, wall: float) -> list[p.Assignment]:
-        need, queue, tasks, Assignment = cls.needs, cls.queue, ex.tasks, p.Assignment
-        cpus = need.cpus
-        batch: list[p.Assignment] = []
-        append = batch.append
-        while len(batch) < n and queue:
-            t = queue.popleft()
-            if t.state != _PENDING:
-                continue
-            t.state = _DISPATCHED  # PENDING -> DISPATCHED is in the table; inlined as in _take
-            cc = t.client.counts
-            cc[_PENDING] -= 1
-            cc[_DISPATCHED] += 1
-            t.attempt += 1
-            t.executor = ex
-            if t.tid is None:
-                t.tid = self._next_tid
-                self._next_tid += 1
-            tasks[t.tid] = t
-            append(_new(Assignment, (t.tid, t.attempt, t.kind, t.body, t.walltime_s, cpus, t.files)))
-        self.counts[_PENDING] -= len(batch)
-        self.counts[_DISPATCHED] += len(batch)
+        need = cls.needs
+        batch = self._pop(cls.queue, ex, n, need.cpus)
         cls.pending -= len(batch)
         ex.credit -= len(batch)
         ex.cpus_used += need.cpus * len(batch)

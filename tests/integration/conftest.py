@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -16,3 +17,16 @@ def cluster(tmp_path: Path):
     finally:
         c.stop()
         print(c.logs())  # pytest shows this only when the test failed
+
+
+@pytest.fixture(scope="module")
+def moto_url():
+    """moto's server (S3, EC2...) on a free loopback port, for the module's tests."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

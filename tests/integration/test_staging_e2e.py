@@ -4,7 +4,6 @@ server on loopback), private work dirs, delivered outputs, and the executors' in
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import uuid
 from pathlib import Path
@@ -91,18 +90,6 @@ def test_a_missing_output_fails_the_task_and_a_missing_input_is_refused_at_submi
 
 
 # ---------------------------------------------------------------- S3
-
-
-@pytest.fixture(scope="module")
-def moto_url():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture
