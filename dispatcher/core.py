@@ -646,8 +646,11 @@ class Core:
     def dispatch(self, now: float) -> None:
         """Hand queued tasks to executors with credit: tasks with needs first, to executors
         that satisfy them and have their cpus free; then plain tasks, shared fairly."""
-        if self.classes and self.ready:
-            self._dispatch_needy(now)
+        if self.classes:
+            if self.ready:
+                self._dispatch_needy(now)
+        elif self._reserved:  # the last class went (placed, failed, cancelled): no one waits
+            self._reserved = set()
         queue, ready = self.queue, self.ready
         if not queue or not ready:
             return

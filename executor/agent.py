@@ -85,8 +85,10 @@ class Slot:
 
     @property
     def cpus(self) -> int:
-        """cpus held by the task it runs (a chunk of plain tasks runs one at a time)."""
-        return max((a.cpus for a in self.chunk.values()), default=0)
+        """cpus held by the task it runs: chunks are of one-cpu tasks, others go alone."""
+        for a in self.chunk.values():
+            return a.cpus
+        return 0
 
     def start(self) -> None:
         to_slot_r, to_slot_w = os.pipe()

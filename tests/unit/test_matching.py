@@ -285,3 +285,22 @@ def test_snapshot_and_restore_keep_needs_and_files():
 def test_caps_satisfies_and_why_not_agree(caps, need, ok):
     assert caps.satisfies(need) is ok
     assert (caps.why_not(need) == "") is ok
+
+
+def test_a_reservation_ends_when_its_class_fails_as_unschedulable():
+    h = Harness(reserve_after_s=0.0, fail_unschedulable_s=1.0)
+    h.executor(b"e", cpus=4)
+    h.executor(b"f", cpus=1, credit=0)
+    h.submit(4)
+    h.dispatch()
+    h.submit(1, cpus=4)
+    h.dispatch()
+    assert h.core._reserved == {b"e"}
+    h.core.on_executor(b"e", p.Bye(), h.now)  # the reserved executor leaves
+    h.core.tick(h.now)
+    h.now = 2.0
+    h.core.tick(h.now)  # the 4-cpu task fails as unschedulable: no class is left
+    h.out()
+    assert [r.reason for r in h.results if r.state == FAILED][0].startswith("unschedulable")
+    h.executor(b"e", cpus=4)  # back, under the same id
+    assert len(h.dispatch().get(b"e", [])) == 4, "plain work flows to it again"
