@@ -15,6 +15,7 @@ import enum
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -175,6 +176,7 @@ class Executor:
         import tempfile
 
         root = self.config.work_dir or tempfile.mkdtemp(prefix="falconet-executor-")
+        self.temp_root = "" if self.config.work_dir else root  #: removed when the executor ends
         self.work_root = os.path.join(root, "tasks")
         self.outbox = os.path.join(root, "outbox")
         for d in (self.work_root, self.outbox):
@@ -212,6 +214,8 @@ class Executor:
                 slot.close(kill=self.stop_requested)
             self.sock.close()
             self.ctx.term()
+            if self.temp_root:
+                shutil.rmtree(self.temp_root, ignore_errors=True)
         return self.exit_code
 
     def _turn(self) -> None:

@@ -740,7 +740,7 @@ def _fleet(f: dict) -> None:
         backoff = f"; next launch in {f['backoff_s']:.0f}s" if f.get("backoff_s") else ""
         click.echo(f"launch failures {f['launch_failures']}{backoff}  last error: {f['last_error']}")
     for why in f.get("unschedulable", []):
-        click.echo(f"unschedulable: {why}")
+        click.echo(f"no instance type for: {why}")  # this backend's view; the dispatcher's is above
     if f.get("nodes"):
         table = [("NODE", "TYPE", "STATE", "AGE", "ADDRESS")] + [
             (n["id"], n["type"], n["state"], f"{n['age_s']:.0f}s", n["address"] or "-") for n in f["nodes"]]
