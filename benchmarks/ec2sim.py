@@ -148,6 +148,7 @@ class Hypervisor:
         self.enabled = enabled
         self.paused = False
         self.boots: dict[str, Boot] = {}
+        self._sizes: dict[str, list[str]] = {}  #: instance type -> the executor's --cpus/--memory
         self._env = {**moto.env(credentials=False), "PYTHONUNBUFFERED": "1"}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -191,11 +192,24 @@ class Hypervisor:
         with open(self.log_dir / f"{boot.instance_id}.log", "ab") as out:
             boot.proc = subprocess.Popen(
                 [sys.executable, "-m", "falconet", "executor", "--from-instance-metadata",
-                 "--metadata-url", boot.imds.url, "--metadata-timeout", "10"],
+                 "--metadata-url", boot.imds.url, "--metadata-timeout", "10",
+                 *self._size(boot.instance_type)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, env=self._env)
         boot.started_s = time.monotonic()
         log.info("booted %s (%s): executor pid %d", boot.instance_id, boot.instance_type, boot.proc.pid)
+
+    def _size(self, itype: str) -> list[str]:
+        """--cpus and --memory of the instance type: the executor offers what a real one would."""
+        if itype not in self._sizes:
+            try:
+                t = self.moto.ec2.describe_instance_types(InstanceTypes=[itype])["InstanceTypes"][0]
+                self._sizes[itype] = ["--cpus", str(t["VCpuInfo"]["DefaultVCpus"]),
+                                      "--memory", str(t["MemoryInfo"]["SizeInMiB"])]
+            except Exception:  # an odd type: the executor offers this machine's own size
+                log.exception("could not describe instance type %s", itype)
+                self._sizes[itype] = []
+        return self._sizes[itype]
 
     def _power_off(self, boot: Boot, now: float) -> None:
         """SIGTERM the executor's process group, SIGKILL it after the grace; then unplug IMDS."""

@@ -111,3 +111,21 @@ def test_executor_tags_reach_the_executors_and_tagged_tasks_run_there(run):
             assert parse(run.moto.user_data(iid)).tags == {"gpu": "", "zone": "a"}
         wait_until(lambda: not run.live(), 60, "the idle fleet to be released")
         assert stop(prov) == 0
+
+
+def test_a_mixed_workload_runs_to_completion_on_the_types_launched_for_it(run):
+    """The simulated instances offer their type's vCPUs (ec2sim passes --cpus), so an 8-cpu
+    task runs on the c5.2xlarge launched for it and nowhere else."""
+    run.hypervisor()
+    prov = run.provisioner(*C5, "--idle-release", "1")
+    with run.cluster.client() as client:
+        small = client.submit_commands(["echo small"] * 3, cpus=2)
+        big = client.submit_commands(["echo big"], cpus=8)
+        assert all(f.result(timeout=90).ok for f in small + big)
+        types = {i["InstanceId"]: i["InstanceType"] for i in run.moto.instances(run.name, states=None)}
+        assert {types[f.info.executor] for f in big} == {"c5.2xlarge"}
+        assert {types[f.info.executor] for f in small} <= {"c5.large", "c5.2xlarge"}
+        rows = {r["id"]: r for r in client.status(detail=True)["executor_table"]}
+        assert {rows[f.info.executor]["cpus"] for f in big if f.info.executor in rows} <= {8}
+        wait_until(lambda: not run.live(), 60, "the idle fleet to be released")
+        assert stop(prov) == 0
