@@ -7,6 +7,7 @@ here knows the rules; :mod:`falconet.dispatcher.core` does.
 
 from __future__ import annotations
 
+import collections
 import errno
 import gc
 import ipaddress
@@ -31,6 +32,7 @@ log = logging.getLogger("falconet.dispatcher")
 
 _RECV_PER_TURN = 20_000
 BLOB_BYTES_PER_TURN = 8 << 20  # blob chunks sent per loop turn, so file transfers never stall tasks
+MAX_TRANSFERS_PER_PEER = 16  # windows of blobs being sent to one peer; more GetBlobs wait their turn
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)  # a plain int: pyzmq's enum arithmetic shows up in profiles
 LISTEN_BACKLOG = 4096  # 10,000 executors connecting at once overflow libzmq's default of 100  # bound a turn so one busy port cannot starve the other
@@ -96,8 +98,11 @@ class Server:
         self._blob_tmp = None if state_dir else tempfile.mkdtemp(prefix="falconet-blobs-")
         self.blobs = BlobStore(os.path.join(state_dir, "blobs") if state_dir else self._blob_tmp,
                                max_bytes=blob_store_bytes, durable=bool(state_dir))
-        self._holders: dict[str, set[bytes]] = {}  #: blob -> clients that still need it (b"": an output)
-        self._transfers: list[list] = []  #: [port socket, peer, digest, offset, total] of blobs being sent
+        #: blob -> client -> how many times it holds it (an input uploaded, an output delivered);
+        #: a blob is deleted when every count is back to zero
+        self._holders: dict[str, collections.Counter[bytes]] = {}
+        self._transfers: list[list] = []  #: [socket, peer, digest, offset, end, total] of windows being sent
+        self._executor_peers: set[bytes] = set()  #: registered at the last settling, to see who left
         self.blob_counts = {"stored": 0, "fetches": 0, "bytes_sent": 0}  #: files in, fetches served, bytes out
         self.core.reporters["blobs"] = lambda: {**self.blobs.status(), **self.blob_counts}
         # The queue holds millions of small tracked objects; CPython's default of a young
@@ -272,6 +277,8 @@ class Server:
             if type(msg) in p.BLOB_MESSAGES:
                 self._blob(msg, peer, port)
             else:
+                if type(msg) is p.Register:  # a (re)registering executor asks for its files afresh
+                    self._transfers = [t for t in self._transfers if t[1] != peer or t[0] is not self.executor_sock]
                 handle(peer, msg, now)
         except Exception:  # the loop boundary: one bad message must not stop the service
             log.exception("error while handling %s from %r on the %s port",
@@ -293,21 +300,49 @@ class Server:
         if type(msg) is p.PutBlob:
             self._put_blob(msg, peer, port, sock)
         elif type(msg) is p.GetBlob:
-            try:
-                total = self.blobs.size(msg.digest)
-            except staging.StagingError as exc:
-                self._send(sock, peer, p.BlobData(msg.digest, msg.offset, 0, b"", f"not on the dispatcher: {exc}"))
-                return
-            self._transfers.append([sock, peer, msg.digest, max(0, msg.offset), total])
-            self.blob_counts["fetches"] += 1
+            self._get_blob(msg, peer, sock)
         elif port == "client":  # DropBlobs
-            for digest in msg.digests:
-                holders = self._holders.get(digest, set())
-                holders.discard(peer)
-                holders.discard(b"")
-                if not holders:
-                    self._holders.pop(digest, None)
-                    self.blobs.drop([digest])
+            self._drop_blobs(msg.digests, peer)
+
+    def _get_blob(self, msg: p.GetBlob, peer: bytes, sock: zmq.Socket) -> None:
+        """Queue one window of a blob for a peer (FETCH_WINDOW bytes from offset)."""
+        try:
+            total = self.blobs.size(msg.digest)
+        except staging.StagingError as exc:
+            self._send(sock, peer, p.BlobData(msg.digest, msg.offset, 0, b"", f"not on the dispatcher: {exc}"))
+            return
+        mine = [t for t in self._transfers if t[1] == peer]
+        if any(t[2] == msg.digest and t[3] == msg.offset for t in mine):
+            return  # asked again while being sent
+        if len(mine) >= MAX_TRANSFERS_PER_PEER:
+            self._bad.warn("ignored a GetBlob from %r: %d windows already queued for it", peer[:16], len(mine))
+            return
+        offset = min(max(0, msg.offset), total)
+        self._transfers.append([sock, peer, msg.digest, offset, min(total, offset + staging.FETCH_WINDOW), total])
+        if offset == 0:
+            self.blob_counts["fetches"] += 1
+
+    def _hold(self, client: bytes, files: bytes) -> None:
+        """A result delivered these outputs to a client: it holds each blob once more."""
+        try:
+            found = {info["blob"] for _, info in staging.decode_result_files(files) if "blob" in info}
+        except FalconetError:
+            return  # the client fails that task on its side
+        for digest in found:
+            self._holders.setdefault(digest, collections.Counter())[client] += 1
+
+    def _drop_blobs(self, digests: list[str], client: bytes) -> None:
+        """The client released these (once per hold); delete what no one holds any more."""
+        for digest in digests:
+            holders = self._holders.get(digest)
+            if holders is None:
+                continue  # held before a restart, or never: kept, the store's limit bounds it
+            holders[client] -= 1
+            if holders[client] <= 0:
+                del holders[client]
+            if not holders:
+                del self._holders[digest]
+                self.blobs.drop([digest])
 
     def _put_blob(self, msg: p.PutBlob, peer: bytes, port: str, sock: zmq.Socket) -> None:
         try:
@@ -318,33 +353,48 @@ class Server:
                 self._send(sock, peer, p.Refused(f"file {msg.digest[:12]}... refused: {exc}"))
             return
         if done is not None:
-            self._holders.setdefault(msg.digest, set()).add(peer if port == "client" else b"")
+            if port == "client":
+                self._holders.setdefault(msg.digest, collections.Counter())[peer] += 1
             self.blob_counts["stored"] += 1
 
     def _pump_blobs(self) -> None:
         """Send the next chunks of the blobs peers asked for, a bounded amount per turn."""
         budget = BLOB_BYTES_PER_TURN
         while self._transfers and budget > 0:
-            t = self._transfers[0]
-            sock, peer, digest, offset, total = t
+            t = self._transfers.pop(0)
+            sock, peer, digest, offset, end, total = t
             try:
-                data = self.blobs.read(digest, offset, staging.CHUNK_BYTES)
+                data = self.blobs.read(digest, offset, min(staging.CHUNK_BYTES, end - offset))
                 msg = p.BlobData(digest, offset, total, data, "")
             except (staging.StagingError, OSError) as exc:
                 msg, data = p.BlobData(digest, offset, total, b"", f"could not be read: {exc}"), b""
-            sent = self._send(sock, peer, msg)
+            sent = self._send(sock, peer, msg)  # a peer gone asks again when it is back
             self.blob_counts["bytes_sent"] += len(data) if sent else 0
             t[3] = offset + len(data)
             budget -= len(data) + 1
-            self._transfers.pop(0)
-            if sent and not msg.error and t[3] < total:
+            if sent and not msg.error and t[3] < end:
                 self._transfers.append(t)  # round robin between transfers
+
+    def _settle_blobs(self) -> None:
+        """Count the outputs delivered this turn; forget what left executors were sending or
+        being sent."""
+        for client, files in self.core.delivered_files:
+            self._hold(client, files)
+        self.core.delivered_files.clear()
+        gone = {peer for peer in self._executor_peers if peer not in self.core.executors}
+        if gone:
+            self._transfers = [t for t in self._transfers if t[0] is not self.executor_sock or t[1] not in gone]
+            for peer in gone:
+                self.blobs.forget_peer(b"executor:" + peer)
+        self._executor_peers = set(self.core.executors)
 
     def _send_all(self) -> None:
         # An unreachable executor can produce more output (failed tasks), hence the loop;
         # it ends because an unreachable executor is removed.
         while True:
             to_clients, to_executors = self.core.take_outgoing()
+            if self.core.delivered_files or len(self._executor_peers) != len(self.core.executors):
+                self._settle_blobs()
             if self.journal is not None:  # nothing goes out before it is on disk
                 self._commit()
             if not to_clients and not to_executors:

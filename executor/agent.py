@@ -185,7 +185,7 @@ class Executor:
         self.cache = InputCache(os.path.join(root, "cache"), cache_bytes)
         self.staging_args = (self.work_root, self.cache.root, str(cache_bytes), self.outbox)
         self.staged: dict[int, tuple[p.Assignment, set[str]]] = {}  #: tid -> (task, blobs it waits for)
-        self.fetching: dict[str, Any] = {}  #: digest -> BlobWriter (None until the first chunk)
+        self.fetching: dict[str, staging.Download] = {}  #: inputs on their way from the dispatcher
         self.prefetched: dict[int, list[str]] = {}  #: tid -> blobs fetched for it (cache misses)
         self.cache_counts = {"hits": 0, "misses": 0, "bytes_fetched": 0}
         self.cache_reported: dict = {}
@@ -270,6 +270,7 @@ class Executor:
             if not self.registered:
                 log.info("registered with the dispatcher at %s", self.config.dispatcher)
             self.registered, self.asked, self.backoff_s = True, 0, 0.1
+            self._refetch(now, only_stalled=False)  # chunks in flight before were lost with the link
             self.heartbeat_interval_s = msg.heartbeat_interval_s
             self.heartbeat_timeout_s = msg.heartbeat_timeout_s
             self.max_message_bytes = msg.max_message_bytes
@@ -304,10 +305,15 @@ class Executor:
         self.queue.clear()
         self.staged.clear()
         self.prefetched.clear()
-        for writer in self.fetching.values():
-            if writer is not None:
-                writer.abort()
+        for fetch in self.fetching.values():
+            fetch.abort()
         self.fetching.clear()
+        for r in self.results:  # outputs never to be sent
+            if r.files and b"path" in r.files:
+                try:
+                    self._clear_outbox(staging.decode_result_files(r.files))
+                except FalconetError:
+                    pass
         self.results.clear()
         self.started.clear()
         for slot in busy:
@@ -319,6 +325,7 @@ class Executor:
         for a in [*self.queue, *(a for a, _ in self.staged.values())]:
             if a.tid in tids:
                 self.staged.pop(a.tid, None)
+                self.prefetched.pop(a.tid, None)
                 self.results.append(p.ExecResult(a.tid, a.attempt, _CANCELLED, b"", "cancelled before it started",
                                                  0.0, now, b""))
             elif a.tid not in self.staged:
@@ -426,6 +433,8 @@ class Executor:
             self._register(now)
         elif self.registered and now - self.spoke >= self.heartbeat_interval_s:
             self._send(p.Heartbeat(), now)
+        if self.fetching and self.registered:
+            self._refetch(now, only_stalled=True)
         busy = self.queue or self.results or self.staged or any(s.chunk for s in self.slots)
         if busy:
             self.last_busy = now
@@ -445,6 +454,7 @@ class Executor:
         returned += [(a.tid, a.attempt) for a, _ in self.staged.values()]
         self.queue.clear()
         self.staged.clear()
+        self.prefetched.clear()
         self._send(p.Drain(returned), time.monotonic())
 
     # ------------------------------------------------------------ slot side
@@ -572,25 +582,33 @@ class Executor:
         self.prefetched[a.tid] = sorted(d for d in missing if d not in self.fetching)
         for digest in missing:
             if digest not in self.fetching:
-                self.fetching[digest] = None
-                self._send(p.GetBlob(digest, 0), now)
+                fetch = self.fetching[digest] = staging.Download(
+                    digest, lambda total, d=digest: self.cache.writer(d, total))
+                self._send(p.GetBlob(digest, fetch.start(now)), now)
+
+    def _refetch(self, now: float, only_stalled: bool) -> None:
+        """Ask again, from 0, for fetches that stalled (or all, after a reconnect)."""
+        for digest, fetch in self.fetching.items():
+            if not only_stalled or fetch.stalled(now):
+                log.info("fetching input %s... again from the start", digest[:12])
+                self._send(p.GetBlob(digest, fetch.start(now)), now)
 
     def _on_blob(self, msg: p.BlobData, now: float) -> None:
         """A chunk of an input from the dispatcher: into the cache, then release its tasks."""
-        if msg.digest not in self.fetching:
+        fetch = self.fetching.get(msg.digest)
+        if fetch is None:
             return  # abandoned, or already complete
         try:
             if msg.error:
                 raise staging.StagingError(msg.error)
-            writer = self.fetching[msg.digest]
-            if writer is None:
-                writer = self.fetching[msg.digest] = self.cache.writer(msg.digest, msg.total)
-            if not writer.write(msg.offset, msg.data):
+            done, ask = fetch.feed(msg.offset, msg.total, msg.data, now)
+            if ask is not None:
+                self._send(p.GetBlob(msg.digest, ask), now)
+            if not done:
                 return
-        except FalconetError as exc:
-            writer = self.fetching.pop(msg.digest, None)
-            if writer is not None:
-                writer.abort()
+        except (FalconetError, OSError) as exc:
+            fetch.abort()
+            del self.fetching[msg.digest]
             self._release_staged(msg.digest, f"input {msg.digest[:12]}... could not be fetched from the dispatcher: {exc}")
             return
         del self.fetching[msg.digest]
@@ -602,6 +620,7 @@ class Executor:
                 continue
             if error:
                 del self.staged[tid]
+                self.prefetched.pop(tid, None)
                 self._fail(a, error)
                 continue
             missing.discard(digest)
@@ -620,20 +639,41 @@ class Executor:
             files = staging.decode_result_files(r.files)
             if not any("path" in info for _, info in files):
                 continue
-            out = []
-            for name, info in files:
-                if "path" in info:
-                    path = info.pop("path")
-                    digest = info.get("blob") or staging.file_sha256(path)
-                    for offset, data in staging.chunks(path):
-                        if not self._send(p.PutBlob(digest, offset, info["size"], data), now):
-                            info["path"] = path
-                            return False
-                    os.unlink(path)
-                    info["blob"] = digest
-                out.append((name, info))
-            self.results[i] = r._replace(files=staging.encode_result_files(out))
+            try:
+                sent = self._send_outputs(files, now)
+            except OSError as exc:  # the outbox was tampered with, or the disk failed
+                self.results[i] = r._replace(state=_FAILED, files=b"",
+                                             reason=f"an output could not be read back for sending: {exc}")
+                self._clear_outbox(files)
+                continue
+            if not sent:
+                return False
+            self._clear_outbox(files)
+            for _, info in files:
+                info.pop("path", None)
+            self.results[i] = r._replace(files=staging.encode_result_files(files))
         return True
+
+    def _send_outputs(self, files: list, now: float) -> bool:
+        for _, info in files:
+            if "path" not in info:
+                continue
+            path = info["path"]
+            digest = info.get("blob") or staging.file_sha256(path)
+            for offset, data in staging.chunks(path):
+                if not self._send(p.PutBlob(digest, offset, info["size"], data), now):
+                    return False  # all of it again next turn: an upload restarts at offset 0
+            info["blob"] = digest
+        return True
+
+    def _clear_outbox(self, files: list) -> None:
+        """Remove the outbox folders of a result's outputs (one per task, under outbox/)."""
+        for _, info in files:
+            path = info.get("path")
+            if path:
+                rel = os.path.relpath(path, self.outbox).split(os.sep)[0]
+                if rel not in ("", ".", ".."):
+                    shutil.rmtree(os.path.join(self.outbox, rel), ignore_errors=True)
 
 
 def _plain(a: p.Assignment) -> bool:

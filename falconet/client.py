@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -46,6 +47,7 @@ class TaskFuture(cf.Future):
         self.info: p.TaskResult | None = None
         self.outputs: dict[str, str] = {}  #: staged output name -> where it was delivered
         self.blobs: tuple[str, ...] = ()  #: inputs uploaded to the dispatcher for this task
+        self.dests: dict[str, str] = {}  #: output name -> the path on this machine it asked for
         self._client = client
 
     def cancel(self) -> bool:
@@ -87,7 +89,8 @@ class Client:
         self._uploads: list[tuple[str, str]] = []  # (sha256, path) of inputs to send before the tasks
         self._blob_refs: dict[str, int] = {}  # uploaded input -> unfinished tasks that need it
         self._downloads: dict[str, list] = {}  # output blob -> [writer, [(future, result, dests)]]
-        self._drops: list[str] = []  # blobs the dispatcher may forget
+        self._drops: list[str] = []  # blobs the dispatcher may forget (once per hold)
+        self._spool_dir = ""  # copies of inputs waiting to be uploaded
         self._futures: dict[int, TaskFuture] = {}
         self._held: dict[int, list] = {}  # seq -> [result, outputs still to fetch, error]
         self._unaccepted: dict[int, list[p.TaskSpec]] = {}  # batch -> specs, until Accepted
@@ -176,8 +179,9 @@ class Client:
         return _results_in_order(futures, timeout)
 
     @staticmethod
-    def _placement(options: dict) -> tuple[bytes, bytes, dict[str, str]]:
-        """(needs, files, {sha256: local path} to upload) from requirement and file keywords."""
+    def _placement(options: dict) -> tuple[bytes, bytes, dict[str, str], dict[str, str]]:
+        """(needs, files, {sha256: local path} to upload, {output name: where it goes here})
+        from requirement and file keywords."""
         unknown = set(options) - _PLACEMENT
         if unknown:
             raise TypeError(f"unexpected keyword arguments {', '.join(sorted(unknown))}; "
@@ -185,13 +189,13 @@ class Client:
         inputs, outputs = options.pop("inputs", ()) or (), options.pop("outputs", ()) or ()
         needs = nd.encode(nd.make(**options)) if options else b""
         if not inputs and not outputs:
-            return needs, b"", {}
+            return needs, b"", {}, {}
         spec, blobs = staging.spec_from_user(inputs, outputs)
-        return needs, staging.encode_spec(spec), blobs
+        return needs, staging.encode_spec(spec), blobs, {o.name: o.client for o in spec.outputs if o.client}
 
     def _enqueue(self, items: list[tuple[int, bytes, str]], retries: int | None,
                  walltime_s: float | None, needs: bytes = b"", files: bytes = b"",
-                 blobs: dict[str, str] | None = None) -> list[TaskFuture]:
+                 blobs: dict[str, str] | None = None, dests: dict[str, str] | None = None) -> list[TaskFuture]:
         if self._closed:
             raise RuntimeError("this client is closed")
         r = self.retries if retries is None else retries
@@ -202,16 +206,30 @@ class Client:
             fut = TaskFuture(self, seq, int(kind), label)
             if blobs:
                 fut.blobs = tuple(blobs)
+            fut.dests = dests or {}
             made.append((p.TaskSpec(seq, int(kind), body, r, float(w), needs, files), fut))
-        with self._lock:
+        with self._lock:  # held while copying new inputs: no task naming one may go out before it
             if blobs:
-                for digest, path in blobs.items():
-                    if self._blob_refs.get(digest, 0) == 0:
-                        self._uploads.append((digest, path))
+                new = [(d, self._spool(d, path)) for d, path in blobs.items() if self._blob_refs.get(d, 0) == 0]
+                for digest in blobs:
                     self._blob_refs[digest] = self._blob_refs.get(digest, 0) + len(made)
+                self._uploads += new
             self._outbox += made
         self._wake()
         return [f for _, f in made]
+
+    def _spool(self, digest: str, path: str) -> str:
+        """A private copy of an input to upload, checked against its digest: the file may be
+        rewritten between this submit and the I/O thread's upload."""
+        if not self._spool_dir:
+            self._spool_dir = tempfile.mkdtemp(prefix="falconet-client-")
+        copy = os.path.join(self._spool_dir, digest)
+        shutil.copyfile(path, copy)
+        if staging.file_sha256(copy) != digest:
+            os.unlink(copy)
+            staging.forget_hashes()
+            raise staging.StagingError(f"input {path} changed while it was being submitted; submit again")
+        return copy
 
     def _cancel(self, seq: int) -> None:
         with self._lock:
@@ -328,6 +346,7 @@ class Client:
         for spec, fut in outbox:
             n = len(spec.body) + 64
             if n > budget:
+                self._unref(fut)
                 if fut.done():  # cancelled meanwhile
                     continue
                 fut.set_exception(ValueError(
@@ -350,6 +369,11 @@ class Client:
                 sock.send(p.encode(p.PutBlob(digest, offset, total, data)))
         except OSError as exc:  # its tasks fail on the executor, naming the missing input
             log.error("could not upload input %s: %s", path, exc)
+        finally:
+            try:
+                os.unlink(path)  # the spooled copy
+            except OSError:
+                pass
 
     def _receive(self, sock: zmq.Socket) -> None:
         acks: list[int] = []
@@ -380,7 +404,7 @@ class Client:
                 self._result(sock, r)  # a duplicate (re-sent after a restart) resolves nothing
                 acks.append(r.seq)
         elif kind is p.BlobData:
-            self._on_blob(msg)
+            self._on_blob(sock, msg)
         elif kind is p.Accepted:
             self._unaccepted.pop(msg.batch, None)
         elif kind is p.StatusReply:
@@ -429,6 +453,7 @@ class Client:
                 return
             log.warning("the dispatcher at %s restarted from its journal; sending %d unaccepted "
                         "tasks again", self.address, sum(map(len, self._unaccepted.values())))
+            self._refetch(sock, time.monotonic(), only_stalled=False)  # its transfers died with it
         self._resubmit(sock)
 
     def _resubmit(self, sock: zmq.Socket) -> None:
@@ -450,6 +475,8 @@ class Client:
             # a broken connection (it reconnects without telling either side).
             self._hello(sock, now)
             self._pinged = now
+        if self._downloads:
+            self._refetch(sock, now, only_stalled=True)
         if silent > self.dispatcher_timeout_s:
             n = len(self._futures)
             self._fail_all(DispatcherUnavailable(
@@ -459,52 +486,66 @@ class Client:
 
     def _result(self, sock: zmq.Socket, r: p.TaskResult) -> None:
         """Resolve a task's future, once its outputs for this machine are fetched."""
+        if r.seq in self._held:
+            return  # sent again while its outputs are being fetched
         fut = self._futures.get(r.seq)
-        if fut is None or fut.done() or r.seq in self._held or not r.files:
+        if fut is None or fut.done() or not r.files:
+            if fut is not None and r.files:  # cancelled here: no one fetches its outputs
+                self._drop_outputs(r.files)
             self._resolve(r)
             return
         try:
             files = staging.decode_result_files(r.files)
         except FalconetError as exc:
-            self._futures.pop(r.seq, None)
-            fut.set_exception(TaskError(f"the task's output files could not be read: {exc}"))
+            self._give_up(r.seq, TaskError(f"the task's output files could not be read: {exc}"))
             return
-        fut.outputs = {name: info.get("s3") or info.get("client", "") for name, info in files}
-        fetch = [(info["blob"], info["client"]) for _, info in files if "blob" in info]
+        fut.outputs = {name: info.get("s3") or fut.dests.get(name, "") for name, info in files}
+        stray = [name for name, info in files if "blob" in info and name not in fut.dests]
+        if stray:  # the destination is ours to choose, never the executor's
+            self._drop_outputs(r.files)
+            self._give_up(r.seq, TaskError(f"the executor returned output {stray[0]!r}, which this task "
+                                           "did not ask for; nothing was written"))
+            return
+        fetch = {(info["blob"], fut.dests[name]) for name, info in files if "blob" in info}
         if not fetch:
             self._resolve(r)
             return
         self._held[r.seq] = [r, len(fetch), ""]
-        for digest, dest in fetch:
+        now = time.monotonic()
+        for digest, dest in sorted(fetch):
             entry = self._downloads.get(digest)
             if entry is None:
-                entry = self._downloads[digest] = [None, []]
-                sock.send(p.encode(p.GetBlob(digest, 0)))
+                fetch_ = staging.Download(digest, lambda total, d=digest, to=dest: staging.BlobWriter(to, d, total))
+                entry = self._downloads[digest] = [fetch_, []]
+                sock.send(p.encode(p.GetBlob(digest, fetch_.start(now))))
             entry[1].append((r.seq, dest))
 
-    def _on_blob(self, msg: p.BlobData) -> None:
+    def _on_blob(self, sock: zmq.Socket, msg: p.BlobData) -> None:
         """A chunk of an output: write it where the task asked; resolve its tasks when whole."""
         entry = self._downloads.get(msg.digest)
         if entry is None:
             return
+        fetch, waiting = entry
         error = msg.error
         if not error:
             try:
-                if entry[0] is None:
-                    entry[0] = staging.BlobWriter(entry[1][0][1], msg.digest, msg.total)
-                if not entry[0].write(msg.offset, msg.data):
+                done, ask = fetch.feed(msg.offset, msg.total, msg.data, time.monotonic())
+                if ask is not None:
+                    sock.send(p.encode(p.GetBlob(msg.digest, ask)))
+                if not done:
                     return
-                for _, dest in entry[1][1:]:  # the same content asked for in several places
-                    os.makedirs(os.path.dirname(dest), exist_ok=True)
-                    shutil.copyfile(entry[1][0][1], dest)
+                first = waiting[0][1]
+                for _, dest in waiting[1:]:  # the same content asked for in several places
+                    if dest != first:
+                        os.makedirs(os.path.dirname(dest), exist_ok=True)
+                        shutil.copyfile(first, dest)
             except (FalconetError, OSError) as exc:
                 error = str(exc)
-                if entry[0] is not None:
-                    entry[0].abort()
+                fetch.abort()
         del self._downloads[msg.digest]
-        with self._lock:
-            self._drops.append(msg.digest)
-        for seq, dest in entry[1]:
+        with self._lock:  # one release per result that held it
+            self._drops += [msg.digest] * len({seq for seq, _ in waiting})
+        for seq, dest in waiting:
             held = self._held.get(seq)
             if held is None:
                 continue
@@ -514,18 +555,41 @@ class Client:
             if held[1] <= 0:
                 del self._held[seq]
                 if held[2]:
-                    fut = self._futures.pop(seq, None)
-                    if fut is not None and not fut.done():
-                        fut.set_exception(TaskError(held[2]))
+                    self._give_up(seq, TaskError(held[2]))
                 else:
                     self._resolve(held[0])
 
+    def _refetch(self, sock: zmq.Socket, now: float, only_stalled: bool) -> None:
+        """Ask again, from 0, for outputs whose fetch stalled (or all, after a Welcome)."""
+        for digest, (fetch, _) in self._downloads.items():
+            if not only_stalled or fetch.stalled(now):
+                sock.send(p.encode(p.GetBlob(digest, fetch.start(now))))
+
+    def _drop_outputs(self, files: bytes) -> None:
+        """Release the output blobs of a result no one will fetch."""
+        try:
+            digests = {info["blob"] for _, info in staging.decode_result_files(files) if "blob" in info}
+        except FalconetError:
+            return
+        with self._lock:
+            self._drops += sorted(digests)
+
+    def _give_up(self, seq: int, exc: BaseException) -> None:
+        """Fail one task's future and release what it held."""
+        fut = self._futures.pop(seq, None)
+        if fut is None:
+            return
+        self._unref(fut)
+        if not fut.done():
+            fut.set_exception(exc)
+
     def _resolve(self, r: p.TaskResult) -> None:
         fut = self._futures.pop(r.seq, None)
-        if fut is None or fut.done():
-            return  # cancelled here already, or a duplicate
-        if fut.blobs:
-            self._unref(fut.blobs)
+        if fut is None:
+            return  # a duplicate
+        self._unref(fut)
+        if fut.done():
+            return  # cancelled here already
         fut.info = r
         if r.state == _CANCELLED:
             cf.Future.cancel(fut)
@@ -547,8 +611,11 @@ class Client:
         except BaseException as exc:
             fut.set_exception(exc)
 
-    def _unref(self, digests: tuple[str, ...]) -> None:
-        """A task that named these inputs finished: the dispatcher may drop unneeded ones."""
+    def _unref(self, fut: TaskFuture) -> None:
+        """A task that named these inputs is over: the dispatcher may drop unneeded ones."""
+        if not fut.blobs:
+            return
+        digests, fut.blobs = fut.blobs, ()
         with self._lock:
             for d in digests:
                 n = self._blob_refs.get(d, 0) - 1
@@ -560,10 +627,15 @@ class Client:
 
     def _fail_all(self, exc: BaseException) -> None:
         for fut in list(self._futures.values()):
+            self._unref(fut)
             if not fut.done():
                 fut.set_exception(exc)
         self._futures.clear()
         self._unaccepted.clear()
+        self._held.clear()
+        for fetch, _ in self._downloads.values():
+            fetch.abort()
+        self._downloads.clear()
 
     # ------------------------------------------------------------ closing
 
@@ -586,6 +658,8 @@ class Client:
             os.close(fd)
         self._ctx.term()
         self._fail_all(RuntimeError("the falconet client was closed before this task finished"))
+        if self._spool_dir:
+            shutil.rmtree(self._spool_dir, ignore_errors=True)
 
     def pending(self) -> int:
         """Tasks submitted through this client that have no result yet."""

@@ -238,6 +238,11 @@ def _check_result(name: Any, info: dict) -> None:
 _hashes: dict[tuple[str, int, int], str] = {}
 
 
+def forget_hashes() -> None:
+    """Hash every local input afresh: one was rewritten within its mtime's resolution."""
+    _hashes.clear()
+
+
 def file_sha256(path: str) -> str:
     """The sha256 hex digest of a file, read in CHUNK_BYTES pieces."""
     h = hashlib.sha256()
@@ -397,3 +402,62 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---- fetching a blob from the dispatcher ---------------------------------------------------
+
+FETCH_WINDOW = 8 * CHUNK_BYTES  #: bytes one GetBlob asks for; at most two windows are in flight
+FETCH_STALL_S = 30.0  #: a fetch that heard nothing for this long is asked for again from 0
+
+
+class Download:
+    """One blob fetched from the dispatcher in windows, written in order by a BlobWriter.
+
+    GetBlob(digest, offset) asks for one window; the next is asked for once the current
+    one is under way, so a slow receiver never has more than two windows queued for it at
+    the dispatcher.  Chunks out of sequence (left over from a request made before a
+    reconnect or a restart) are ignored; a stalled fetch is started again.
+    """
+
+    def __init__(self, digest: str, make_writer: Callable[[int], BlobWriter]):
+        self.digest = check_digest(digest)
+        self.make_writer = make_writer
+        self.writer: BlobWriter | None = None
+        self.asked = 0  #: end of the last window asked for
+        self.heard = 0.0  #: monotonic time of the last chunk (or of the start)
+
+    def start(self, now: float) -> int:
+        """Begin (or begin again) from 0; returns the offset to ask for."""
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+        self.asked, self.heard = FETCH_WINDOW, now
+        return 0
+
+    def stalled(self, now: float) -> bool:
+        """True when nothing arrived for FETCH_STALL_S."""
+        return now - self.heard > FETCH_STALL_S
+
+    def feed(self, offset: int, total: int, data: bytes, now: float) -> tuple[bool, int | None]:
+        """Write one chunk: (complete, offset of the next window to ask for, if any).
+
+        Raises StagingError when the content is refused (size, hash) or cannot be written.
+        """
+        written = self.writer.written if self.writer is not None else 0
+        if offset != written:
+            return False, None  # stale: from a request abandoned since
+        self.heard = now
+        if self.writer is None:
+            self.writer = self.make_writer(total)
+        if self.writer.write(offset, data):
+            return True, None
+        if self.writer.written >= self.asked - FETCH_WINDOW and self.asked < total:
+            ask, self.asked = self.asked, self.asked + FETCH_WINDOW
+            return False, ask
+        return False, None
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None

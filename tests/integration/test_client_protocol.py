@@ -156,3 +156,60 @@ def test_a_restart_with_another_journal_fails_the_unfinished_futures(script):
             fut.result(timeout=10)
     finally:
         client.close()
+
+
+# ---------------------------------------------------------------- staged outputs
+
+
+def _output_result(seq: int, name: str, digest: str, size: int, client_path: str) -> p.TaskResult:
+    from falconet import staging
+
+    files = staging.encode_result_files([(name, {"blob": digest, "size": size, "client": client_path})])
+    return command_result(seq, b"")._replace(files=files)
+
+
+def test_an_output_is_written_where_the_task_asked_never_where_the_result_says(script, tmp_path):
+    import hashlib
+
+    client, peer = connect(script, journal=False)
+    try:
+        fut = client.submit_command("true", outputs=[("out.txt", str(tmp_path / "mine.txt"))])
+        script.expect(p.Submit)
+        data = b"hello"
+        digest = hashlib.sha256(data).hexdigest()
+        elsewhere = tmp_path / "not-yours.txt"
+        script.send(peer, p.Results([_output_result(1, "other.txt", digest, 5, str(elsewhere))]))
+        with pytest.raises(falconet.TaskError, match="did not ask for"):
+            fut.result(timeout=10)
+        assert not elsewhere.exists()
+        _, drop = script.expect(p.DropBlobs)
+        assert drop.digests == [digest], "the stray output is released, not fetched"
+    finally:
+        client.close()
+
+
+def test_a_result_sent_again_during_its_fetch_waits_for_the_file(script, tmp_path):
+    import hashlib
+
+    client, peer = connect(script, journal=False)
+    try:
+        dest = tmp_path / "out.txt"
+        fut = client.submit_command("true", outputs=[("out.txt", str(dest))])
+        script.expect(p.Submit)
+        data = b"x" * 3000
+        digest = hashlib.sha256(data).hexdigest()
+        result = _output_result(1, "out.txt", digest, len(data), "/ignored")
+        script.send(peer, p.Results([result]))
+        _, get = script.expect(p.GetBlob)
+        assert (get.digest, get.offset) == (digest, 0)
+        script.send(peer, p.Results([result]))  # a copy, as after a Hello
+        script.send(peer, p.BlobData(digest, 0, len(data), data[:1000], ""))
+        assert not fut.done(), "resolved before its output was written"
+        script.send(peer, p.BlobData(digest, 500, len(data), data[500:1500], ""))  # stale: ignored
+        script.send(peer, p.BlobData(digest, 1000, len(data), data[1000:], ""))
+        assert fut.result(timeout=10).outputs == {"out.txt": str(dest)}
+        assert dest.read_bytes() == data
+        _, drop = script.expect(p.DropBlobs)
+        assert drop.digests == [digest]
+    finally:
+        client.close()

@@ -52,6 +52,33 @@ def test_inputs_and_outputs_travel_through_the_dispatcher(two, tmp_path):
     assert two.submit_python(_count_lines, ("ref.txt",), inputs=[str(ref)]).result(timeout=30) == 1000
 
 
+def test_outputs_equal_to_inputs_or_to_each_other_keep_every_blob_until_released(two, tmp_path):
+    """One blob can be an input and several outputs at once: releasing one must not delete it
+    for the others; once every task is over and its outputs fetched, the store is empty."""
+    src = tmp_path / "in.txt"
+    src.write_text("same\n")
+    copies = [two.submit_command("cp in.txt out.txt", inputs=[str(src)],
+                                 outputs=[("out.txt", str(tmp_path / f"copy{i}.txt"))]) for i in range(4)]
+    empties = [two.submit_command(": > e.txt", outputs=[("e.txt", str(tmp_path / f"empty{i}.txt"))])
+               for i in range(4)]
+    for f in copies + empties:
+        assert f.result(timeout=60).ok, f.result().reason
+    assert all((tmp_path / f"copy{i}.txt").read_text() == "same\n" for i in range(4))
+    assert all((tmp_path / f"empty{i}.txt").read_bytes() == b"" for i in range(4))
+    again = two.submit_command("cat in.txt", inputs=[str(src)])  # the same content, uploaded again
+    assert again.result(timeout=60).stdout == "same\n"
+    wait_until(lambda: two.status()["blobs"]["blobs"] == 0, what="every blob released")
+
+
+def test_an_input_rewritten_between_submits_reaches_each_task_as_it_was(two, tmp_path):
+    params = tmp_path / "params.txt"
+    futures = []
+    for i in range(10):
+        params.write_text(f"value {i}\n")  # same size every time: only the content changes
+        futures.append(two.submit_command("cat params.txt", inputs=[str(params)]))
+    assert [f.result(timeout=60).stdout for f in futures] == [f"value {i}\n" for i in range(10)]
+
+
 def test_a_large_input_crosses_to_each_executor_once_and_then_comes_from_the_cache(two, tmp_path):
     ref = tmp_path / "genome.fa"
     ref.write_bytes(os.urandom(3 << 20))  # three chunks
