@@ -34,6 +34,7 @@ _STATE_NAMES = {int(s): s.name.lower() for s in TaskState}
 _NO_LIMIT = 0.0
 _LEGAL = states.LEGAL
 _new = tuple.__new__  # builds a NamedTuple without its Python-level __new__
+_UNSET = object()
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Config:
     #: no other work until the task fits, so large tasks never starve behind small ones
     reserve_after_s: float = 1.0
     fail_unschedulable_s: float = 0.0  #: fail tasks unschedulable for this long; 0: keep them queued
+    max_classes: int = 10_000  #: distinct sets of needs queued at once (each costs a scan per change)
 
 
 class Task:
@@ -129,7 +131,7 @@ class NeedsClass:
     """The queued tasks that share one set of needs, in submission order."""
 
     __slots__ = ("needs", "queue", "pending", "eligible", "gen", "blocked_since", "reserved",
-                 "unschedulable", "unschedulable_since")
+                 "unschedulable", "unschedulable_since", "checked")
 
     def __init__(self, needs: nd.Needs):
         self.needs = needs
@@ -141,6 +143,7 @@ class NeedsClass:
         self.reserved: bytes | None = None  #: the executor held for its head task
         self.unschedulable = ""  #: why no connected or launchable executor can run it
         self.unschedulable_since = 0.0
+        self.checked: tuple = ()  #: (registry generation, fleet reports) unschedulable was found for
 
     def head(self) -> Task | None:
         """The oldest pending task, dropping cancelled ones from the front."""
@@ -205,6 +208,7 @@ class Core:
         self.endpoints: dict[str, str] = {}  #: bound addresses, set by the server, shown in status
         self.fleet: dict | None = None  #: the provisioner's last FleetReport
         self.fleet_at = 0.0
+        self.fleet_reports = 0  #: FleetReports received; a new one may change what is launchable
         #: (Kind, fields) records for the journal; None when the dispatcher keeps no journal
         self.journal: list[tuple[int, tuple]] | None = None
         self.journal_id = ""  #: the state directory's identity, told to clients (the server sets it)
@@ -265,6 +269,7 @@ class Core:
             self._release(set(msg.executor_ids), msg.reason)
         elif type(msg) is p.FleetReport:
             self.fleet, self.fleet_at = msg.info, self.wall()
+            self.fleet_reports += 1
         else:
             self.to_clients.append((peer, p.Refused(f"{type(msg).__name__} is not a client message")))
 
@@ -337,6 +342,10 @@ class Core:
             return None
         cls = self.classes.get(needs)
         if cls is None:
+            if len(self.classes) >= self.config.max_classes:
+                return (f"{len(self.classes)} different sets of requirements are queued already, the "
+                        "dispatcher's limit; give tasks fewer distinct requirements (tags are for "
+                        "capabilities, not task names)")
             cls = self.classes[needs] = NeedsClass(needs)
         return cls
 
@@ -587,10 +596,17 @@ class Core:
 
     def _check_schedulable(self, now: float) -> None:
         """Mark classes no connected or launchable executor can run; fail them past the limit."""
-        launchable = self._launchable()
+        launchable: Any = _UNSET  # read once, and only if some class needs it
+        key = (self._gen, self.fleet_reports)
         for cls in list(self.classes.values()):
-            self._eligible(cls)
-            why = "" if cls.eligible else self._why_unschedulable(cls.needs, launchable)
+            if cls.checked == key:  # nothing changed since: only the clock below moves
+                why = cls.unschedulable
+            else:
+                self._eligible(cls)
+                if not cls.eligible and launchable is _UNSET:
+                    launchable = self._launchable()
+                why = "" if cls.eligible else self._why_unschedulable(cls.needs, launchable)
+                cls.checked = key
             if not why:
                 cls.unschedulable = ""
                 continue

@@ -304,3 +304,15 @@ def test_a_reservation_ends_when_its_class_fails_as_unschedulable():
     assert [r.reason for r in h.results if r.state == FAILED][0].startswith("unschedulable")
     h.executor(b"e", cpus=4)  # back, under the same id
     assert len(h.dispatch().get(b"e", [])) == 4, "plain work flows to it again"
+
+
+def test_too_many_distinct_requirement_sets_fail_the_newest_with_the_reason():
+    h = Harness(max_classes=3)
+    reasons = []
+    for i in range(5):
+        h.submit(1, tags=[f"job-{i}"])
+        reasons += [r.reason for r in h.results if r.state == FAILED]
+    assert len(h.core.classes) == 3 and len(reasons) == 2
+    assert all("different sets of requirements" in r for r in reasons)
+    h.submit(1, tags=["job-0"])  # a class already queued still takes tasks
+    assert h.core.classes[nd.make(tags=["job-0"])].pending == 2
