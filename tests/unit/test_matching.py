@@ -316,3 +316,15 @@ def test_too_many_distinct_requirement_sets_fail_the_newest_with_the_reason():
     assert all("different sets of requirements" in r for r in reasons)
     h.submit(1, tags=["job-0"])  # a class already queued still takes tasks
     assert h.core.classes[nd.make(tags=["job-0"])].pending == 2
+
+
+def test_a_journal_replay_queues_tasks_with_their_needs_in_their_classes():
+    h = Harness()
+    h.core.journal = []
+    h.submit(2, cpus=2, where="local")
+    h.submit(1)
+    records = h.core.take_journal()
+    fresh = Core(Config(), wall=lambda: WALL0)
+    assert fresh.restore(records) == 3
+    assert fresh.classes[nd.make(cpus=2, where="local")].pending == 2
+    assert len(fresh.queue) == 1
