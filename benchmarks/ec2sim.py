@@ -187,20 +187,23 @@ class Hypervisor:
 
     def _boot(self, boot: Boot, zone: str) -> None:
         """Serve the instance its metadata and start its executor, as the image's boot unit does."""
-        boot.imds = ImdsServer(boot.instance_id, boot.instance_type, zone,
-                               self.moto.user_data(boot.instance_id)).start()
+        user_data = self.moto.user_data(boot.instance_id)
+        boot.imds = ImdsServer(boot.instance_id, boot.instance_type, zone, user_data).start()
         with open(self.log_dir / f"{boot.instance_id}.log", "ab") as out:
             boot.proc = subprocess.Popen(
                 [sys.executable, "-m", "falconet", "executor", "--from-instance-metadata",
                  "--metadata-url", boot.imds.url, "--metadata-timeout", "10",
-                 *self._size(boot.instance_type)],
+                 *self._size(boot.instance_type, user_data)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, env=self._env)
         boot.started_s = time.monotonic()
         log.info("booted %s (%s): executor pid %d", boot.instance_id, boot.instance_type, boot.proc.pid)
 
-    def _size(self, itype: str) -> list[str]:
-        """--cpus and --memory of the instance type: the executor offers what a real one would."""
+    def _size(self, itype: str, user_data: bytes | None) -> list[str]:
+        """--cpus and --memory of the instance type: the executor offers what a real one would
+        (with slots in its user-data, it offers that many cpus, as a real one does)."""
+        if user_data and b'"slots"' in user_data:
+            return []
         if itype not in self._sizes:
             try:
                 t = self.moto.ec2.describe_instance_types(InstanceTypes=[itype])["InstanceTypes"][0]

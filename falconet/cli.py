@@ -426,6 +426,7 @@ def executor(dispatcher: str | None, slots: int | None, idle_timeout: float | No
             sys.exit(78)  # EX_CONFIG: systemd's RestartPreventExitStatus stops a crash loop
         dispatcher = dispatcher or ud.dispatcher
         slots = slots or ud.slots or None
+        cpus = cpus or ud.slots or None  # the provisioner counts an instance's room in its slots
         idle_timeout = ud.idle_timeout_s if idle_timeout is None else idle_timeout
         prefetch = prefetch if prefetch is not None else (ud.prefetch if ud.prefetch >= 0 else None)
         executor_id = executor_id or inst.instance_id
