@@ -212,7 +212,8 @@ class Core:
         #: (Kind, fields) records for the journal; None when the dispatcher keeps no journal
         self.journal: list[tuple[int, tuple]] | None = None
         self.journal_id = ""  #: the state directory's identity, told to clients (the server sets it)
-        self.delivered_files: list[tuple[bytes, bytes]] = []  #: (client, result files) accepted this turn
+        #: (client, executor, result files) of results with files accepted this turn
+        self.delivered_files: list[tuple[bytes, bytes, bytes]] = []
         self.cache_totals = {"hits": 0, "misses": 0, "bytes_fetched": 0}  #: executors' input caches, summed
         self.reporters: dict[str, Callable[[], Any]] = {}  #: more status entries, e.g. the server's security
 
@@ -342,6 +343,9 @@ class Core:
             return None
         cls = self.classes.get(needs)
         if cls is None:
+            if len(self.classes) >= self.config.max_classes:  # classes emptied by cancels go first
+                for gone in [n for n, k in self.classes.items() if k.head() is None]:
+                    del self.classes[gone]
             if len(self.classes) >= self.config.max_classes:
                 return (f"{len(self.classes)} different sets of requirements are queued already, the "
                         "dispatcher's limit; give tasks fewer distinct requirements (tags are for "
@@ -473,7 +477,7 @@ class Core:
                     reason = (f"its output of {len(r.output)} bytes is more than the dispatcher's "
                               f"limit of {max_out} (--max-output-bytes); lower the task's output cap")
                 if r.files:  # its outputs now belong to its client (the blob store counts them)
-                    self.delivered_files.append((t.client.peer, r.files))
+                    self.delivered_files.append((t.client.peer, ex.peer, r.files))
                 self._finish(t, state, output, reason, eid, r.started, r.finished, r.files)
                 accepted += 1
             ex.cpus_used -= plain

@@ -32,7 +32,7 @@ log = logging.getLogger("falconet.dispatcher")
 
 _RECV_PER_TURN = 20_000
 BLOB_BYTES_PER_TURN = 8 << 20  # blob chunks sent per loop turn, so file transfers never stall tasks
-MAX_TRANSFERS_PER_PEER = 16  # windows of blobs being sent to one peer; more GetBlobs wait their turn
+MAX_TRANSFERS_PER_PEER = 16  # blobs sent to one peer at once; streams beyond wait their turn
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)  # a plain int: pyzmq's enum arithmetic shows up in profiles
 LISTEN_BACKLOG = 4096  # 10,000 executors connecting at once overflow libzmq's default of 100  # bound a turn so one busy port cannot starve the other
@@ -305,44 +305,48 @@ class Server:
             self._drop_blobs(msg.digests, peer)
 
     def _get_blob(self, msg: p.GetBlob, peer: bytes, sock: zmq.Socket) -> None:
-        """Queue one window of a blob for a peer (FETCH_WINDOW bytes from offset)."""
+        """Send a peer one more window of a blob (FETCH_WINDOW bytes from offset).
+
+        A peer has one ordered stream per blob: the next window extends it, any other
+        offset starts it again from there (a fetch begun anew after a stall or reconnect).
+        """
         try:
             total = self.blobs.size(msg.digest)
         except staging.StagingError as exc:
             self._send(sock, peer, p.BlobData(msg.digest, msg.offset, 0, b"", f"not on the dispatcher: {exc}"))
             return
-        mine = [t for t in self._transfers if t[1] == peer]
-        if any(t[2] == msg.digest and t[3] == msg.offset for t in mine):
-            return  # asked again while being sent
-        if len(mine) >= MAX_TRANSFERS_PER_PEER:
-            self._bad.warn("ignored a GetBlob from %r: %d windows already queued for it", peer[:16], len(mine))
-            return
         offset = min(max(0, msg.offset), total)
-        self._transfers.append([sock, peer, msg.digest, offset, min(total, offset + staging.FETCH_WINDOW), total])
+        end = min(total, offset + staging.FETCH_WINDOW)
+        for t in self._transfers:
+            if t[0] is sock and t[1] == peer and t[2] == msg.digest:
+                if t[4] == offset:
+                    t[4] = end  # the next window, in order after this one
+                elif offset < t[3] or offset > t[4]:
+                    t[3], t[4] = offset, end  # started again
+                return
+        self._transfers.append([sock, peer, msg.digest, offset, end, total])
         if offset == 0:
             self.blob_counts["fetches"] += 1
 
-    def _hold(self, client: bytes, files: bytes) -> None:
-        """A result delivered these outputs to a client: it holds each blob once more."""
-        try:
-            found = {info["blob"] for _, info in staging.decode_result_files(files) if "blob" in info}
-        except FalconetError:
-            return  # the client fails that task on its side
-        for digest in found:
-            self._holders.setdefault(digest, collections.Counter())[client] += 1
+    def _hold(self, holder: bytes, digests: set[str], delta: int) -> None:
+        """Count holds: a client's (an input uploaded, an output delivered) or an executor's
+        pin on an output it uploaded, until the result naming it is in."""
+        for digest in digests:
+            holders = self._holders.setdefault(digest, collections.Counter())
+            holders[holder] += delta
+            if holders[holder] <= 0:
+                del holders[holder]
+            if not holders:
+                del self._holders[digest]
+                self.blobs.drop([digest])
 
     def _drop_blobs(self, digests: list[str], client: bytes) -> None:
         """The client released these (once per hold); delete what no one holds any more."""
         for digest in digests:
             holders = self._holders.get(digest)
-            if holders is None:
+            if holders is None or client not in holders:
                 continue  # held before a restart, or never: kept, the store's limit bounds it
-            holders[client] -= 1
-            if holders[client] <= 0:
-                del holders[client]
-            if not holders:
-                del self._holders[digest]
-                self.blobs.drop([digest])
+            self._hold(client, {digest}, -1)
 
     def _put_blob(self, msg: p.PutBlob, peer: bytes, port: str, sock: zmq.Socket) -> None:
         try:
@@ -352,40 +356,66 @@ class Server:
             if port == "client":
                 self._send(sock, peer, p.Refused(f"file {msg.digest[:12]}... refused: {exc}"))
             return
-        if done is not None:
-            if port == "client":
-                self._holders.setdefault(msg.digest, collections.Counter())[peer] += 1
-            self.blob_counts["stored"] += 1
+        if done is None or msg.offset + len(msg.data) < msg.total:
+            return  # more chunks to come (a blob held already acknowledges every chunk)
+        holder = peer if port == "client" else b"executor:" + peer
+        self._hold(holder, {msg.digest}, +1)
+        self.blob_counts["stored"] += 1
 
     def _pump_blobs(self) -> None:
-        """Send the next chunks of the blobs peers asked for, a bounded amount per turn."""
+        """Send the next chunks of the blobs peers asked for, a bounded amount per turn, round
+        robin; at most MAX_TRANSFERS_PER_PEER streams of one peer move at once, the rest wait."""
         budget = BLOB_BYTES_PER_TURN
-        while self._transfers and budget > 0:
-            t = self._transfers.pop(0)
-            sock, peer, digest, offset, end, total = t
-            try:
-                data = self.blobs.read(digest, offset, min(staging.CHUNK_BYTES, end - offset))
-                msg = p.BlobData(digest, offset, total, data, "")
-            except (staging.StagingError, OSError) as exc:
-                msg, data = p.BlobData(digest, offset, total, b"", f"could not be read: {exc}"), b""
-            sent = self._send(sock, peer, msg)  # a peer gone asks again when it is back
-            self.blob_counts["bytes_sent"] += len(data) if sent else 0
-            t[3] = offset + len(data)
-            budget -= len(data) + 1
-            if sent and not msg.error and t[3] < end:
-                self._transfers.append(t)  # round robin between transfers
+        while budget > 0:
+            moving: collections.Counter = collections.Counter()
+            sent_any = False
+            for t in list(self._transfers):
+                if budget <= 0:
+                    break
+                key = (id(t[0]), t[1])
+                if moving[key] >= MAX_TRANSFERS_PER_PEER:
+                    continue
+                moving[key] += 1
+                budget -= self._send_chunk(t) + 1
+                sent_any = True
+            if not sent_any:
+                return
+
+    def _send_chunk(self, t: list) -> int:
+        """One chunk of a stream; the stream ends when its windows are sent or its peer is gone."""
+        sock, peer, digest, offset, end, total = t
+        try:
+            data = self.blobs.read(digest, offset, min(staging.CHUNK_BYTES, end - offset))
+            msg = p.BlobData(digest, offset, total, data, "")
+        except (staging.StagingError, OSError) as exc:
+            msg, data = p.BlobData(digest, offset, total, b"", f"could not be read: {exc}"), b""
+        sent = self._send(sock, peer, msg)  # a peer gone asks again when it is back
+        self.blob_counts["bytes_sent"] += len(data) if sent else 0
+        t[3] = offset + len(data)
+        if not sent or msg.error or t[3] >= t[4]:
+            self._transfers.remove(t)
+        return len(data)
 
     def _settle_blobs(self) -> None:
-        """Count the outputs delivered this turn; forget what left executors were sending or
-        being sent."""
-        for client, files in self.core.delivered_files:
-            self._hold(client, files)
+        """Turn executors' pins into their clients' holds for the results accepted this turn;
+        forget what executors that left were sending, being sent, or pinning."""
+        for client, executor, files in self.core.delivered_files:
+            try:
+                found = {info["blob"] for _, info in staging.decode_result_files(files) if "blob" in info}
+            except FalconetError:
+                continue  # the client fails that task on its side
+            self._hold(client, found, +1)
+            pin = b"executor:" + executor
+            self._hold(pin, {d for d in found if pin in self._holders.get(d, ())}, -1)
         self.core.delivered_files.clear()
         gone = {peer for peer in self._executor_peers if peer not in self.core.executors}
         if gone:
             self._transfers = [t for t in self._transfers if t[0] is not self.executor_sock or t[1] not in gone]
             for peer in gone:
-                self.blobs.forget_peer(b"executor:" + peer)
+                pin = b"executor:" + peer
+                self.blobs.forget_peer(pin)
+                for digest in [d for d, h in self._holders.items() if pin in h]:
+                    self._hold(pin, {digest}, -self._holders[digest][pin])
         self._executor_peers = set(self.core.executors)
 
     def _send_all(self) -> None:

@@ -52,9 +52,15 @@ class TaskFuture(cf.Future):
 
     def cancel(self) -> bool:
         """Cancel locally and ask the dispatcher to drop the task if it has not started."""
+        if self.cancel_here():
+            self._client._cancel(self.seq)
+            return True
+        return False
+
+    def cancel_here(self) -> bool:
+        """Mark the future cancelled, telling no one (a task that was never sent)."""
         if super().cancel():
             self.set_running_or_notify_cancel()  # wakes wait() and as_completed()
-            self._client._cancel(self.seq)
             return True
         return False
 
@@ -93,6 +99,7 @@ class Client:
         self._spool_dir = ""  # copies of inputs waiting to be uploaded
         self._futures: dict[int, TaskFuture] = {}
         self._held: dict[int, list] = {}  # seq -> [result, outputs still to fetch, error]
+        self._abandoned: set[int] = set()  # given up here before their result came
         self._unaccepted: dict[int, list[p.TaskSpec]] = {}  # batch -> specs, until Accepted
         self._hello_at = 0.0  # when we last said Hello with no Welcome since
         self._journal_id = ""  # the dispatcher's journal: a restart with another one lost our tasks
@@ -198,6 +205,8 @@ class Client:
                  blobs: dict[str, str] | None = None, dests: dict[str, str] | None = None) -> list[TaskFuture]:
         if self._closed:
             raise RuntimeError("this client is closed")
+        if not items:
+            return []
         r = self.retries if retries is None else retries
         w = self.walltime_s if walltime_s is None else walltime_s
         made = []
@@ -208,13 +217,20 @@ class Client:
                 fut.blobs = tuple(blobs)
             fut.dests = dests or {}
             made.append((p.TaskSpec(seq, int(kind), body, r, float(w), needs, files), fut))
-        with self._lock:  # held while copying new inputs: no task naming one may go out before it
-            if blobs:
-                new = [(d, self._spool(d, path)) for d, path in blobs.items() if self._blob_refs.get(d, 0) == 0]
-                for digest in blobs:
+        # New inputs are copied before the lock is taken (a copy can be slow); under it, a
+        # digest no other task holds is queued for upload ahead of these tasks.
+        copies = {d: self._spool(d, path) for d, path in (blobs or {}).items() if d not in self._blob_refs}
+        try:
+            with self._lock:
+                for digest, path in (blobs or {}).items():
+                    if self._blob_refs.get(digest, 0) == 0:
+                        copy = copies.pop(digest, None) or self._spool(digest, path)  # released meanwhile
+                        self._uploads.append((digest, copy))
                     self._blob_refs[digest] = self._blob_refs.get(digest, 0) + len(made)
-                self._uploads += new
-            self._outbox += made
+                self._outbox += made
+        finally:
+            for copy in copies.values():  # another thread queued the same input first
+                os.unlink(copy)
         self._wake()
         return [f for _, f in made]
 
@@ -223,7 +239,8 @@ class Client:
         rewritten between this submit and the I/O thread's upload."""
         if not self._spool_dir:
             self._spool_dir = tempfile.mkdtemp(prefix="falconet-client-")
-        copy = os.path.join(self._spool_dir, digest)
+        fd, copy = tempfile.mkstemp(dir=self._spool_dir, prefix=digest[:16] + ".")
+        os.close(fd)
         shutil.copyfile(path, copy)
         if staging.file_sha256(copy) != digest:
             os.unlink(copy)
@@ -450,6 +467,7 @@ class Client:
                 self._journal_id = journal_id
                 self._fail_all(DispatcherUnavailable(
                     f"the dispatcher at {self.address} restarted {how} and lost this task; submit it again"))
+                self._abandoned.clear()  # their results will never come
                 return
             log.warning("the dispatcher at %s restarted from its journal; sending %d unaccepted "
                         "tasks again", self.address, sum(map(len, self._unaccepted.values())))
@@ -580,17 +598,29 @@ class Client:
         if fut is None:
             return
         self._unref(fut)
-        if not fut.done():
+        try:
             fut.set_exception(exc)
+        except cf.InvalidStateError:
+            pass  # cancelled meanwhile
 
     def _resolve(self, r: p.TaskResult) -> None:
         fut = self._futures.pop(r.seq, None)
         if fut is None:
+            if r.files and r.seq in self._abandoned:  # given up here; its outputs are released
+                self._abandoned.discard(r.seq)
+                self._drop_outputs(r.files)
             return  # a duplicate
         self._unref(fut)
         if fut.done():
             return  # cancelled here already
         fut.info = r
+        try:
+            self._settle(fut, r)
+        except cf.InvalidStateError:
+            pass  # cancelled by a user thread a moment ago
+
+    def _settle(self, fut: TaskFuture, r: p.TaskResult) -> None:
+        """Set a future from its result (raises InvalidStateError if it was just cancelled)."""
         if r.state == _CANCELLED:
             cf.Future.cancel(fut)
             fut.set_running_or_notify_cancel()
@@ -626,15 +656,21 @@ class Client:
                     self._blob_refs[d] = n
 
     def _fail_all(self, exc: BaseException) -> None:
-        for fut in list(self._futures.values()):
+        for seq, fut in list(self._futures.items()):
             self._unref(fut)
-            if not fut.done():
+            if seq not in self._held:
+                self._abandoned.add(seq)  # a result still to come releases its outputs
+            try:
                 fut.set_exception(exc)
+            except cf.InvalidStateError:
+                pass  # done or cancelled already
         self._futures.clear()
         self._unaccepted.clear()
         self._held.clear()
-        for fetch, _ in self._downloads.values():
-            fetch.abort()
+        with self._lock:
+            for digest, (fetch, waiting) in self._downloads.items():
+                fetch.abort()
+                self._drops += [digest] * len({seq for seq, _ in waiting})
         self._downloads.clear()
 
     # ------------------------------------------------------------ closing
@@ -647,7 +683,10 @@ class Client:
         if cancel and not self._closed:
             with self._lock:
                 self._cancels += [seq for seq, f in list(self._futures.items()) if not f.done()]
-                self._outbox = []
+                dropped, self._outbox = self._outbox, []
+            for _, fut in dropped:  # never sent: cancelled here, and their inputs released
+                self._unref(fut)
+                fut.cancel_here()
         if self._closed:
             return
         self._closed = True
@@ -658,6 +697,14 @@ class Client:
             os.close(fd)
         self._ctx.term()
         self._fail_all(RuntimeError("the falconet client was closed before this task finished"))
+        closed = RuntimeError("the falconet client was closed before this task was sent")
+        for _, fut in self._outbox:  # submitted while closing: never sent
+            self._unref(fut)
+            try:
+                fut.set_exception(closed)
+            except cf.InvalidStateError:
+                pass
+        self._outbox = []
         if self._spool_dir:
             shutil.rmtree(self._spool_dir, ignore_errors=True)
 
