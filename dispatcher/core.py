@@ -191,7 +191,7 @@ class Core:
         self.queue: collections.deque[Task] = collections.deque()  #: plain tasks
         self.classes: dict[nd.Needs, NeedsClass] = {}  #: tasks with needs, by needs
         self._gen = 0  #: bumped when an executor joins, leaves or changes: eligibility is recomputed
-        self._reserved: set[bytes] = set()  #: executors held for a large task this turn
+        self._reserved: set[bytes] = set()  #: executors held for a large task in the last turn
         self.executors: dict[bytes, ExecutorEntry] = {}
         self.ready: dict[bytes, ExecutorEntry] = {}  # executors with credit > 0, in turn order
         self.clients: dict[bytes, ClientEntry] = {}
@@ -341,28 +341,31 @@ class Core:
             return str(exc)
         if needs.plain:
             return None
-        cls = self.classes.get(needs)
-        if cls is None:
-            if len(self.classes) >= self.config.max_classes:  # classes emptied by cancels go first
-                for gone in [n for n, k in self.classes.items() if k.head() is None]:
-                    del self.classes[gone]
+        if needs not in self.classes and len(self.classes) >= self.config.max_classes:
+            for gone in [n for n, k in self.classes.items() if k.head() is None]:  # emptied by cancels
+                del self.classes[gone]
             if len(self.classes) >= self.config.max_classes:
                 return (f"{len(self.classes)} different sets of requirements are queued already, the "
                         "dispatcher's limit; give tasks fewer distinct requirements (tags are for "
                         "capabilities, not task names)")
+        return self._class(needs)
+
+    def _class(self, needs: nd.Needs) -> NeedsClass:
+        """The class of these needs, made if new."""
+        cls = self.classes.get(needs)
+        if cls is None:
             cls = self.classes[needs] = NeedsClass(needs)
         return cls
 
-    def _enqueue_needy(self, task: Task, front: bool = False) -> None:
-        """Queue a pending task in its needs class (a plain one in the plain queue)."""
+    def _enqueue(self, task: Task, front: bool = False) -> None:
+        """Queue a pending task: in its needs class, or a plain one in the plain queue."""
         if task.needs is None:
-            (self.queue.appendleft if front else self.queue.append)(task)
-            return
-        cls = self.classes.get(task.needs)
-        if cls is None:
-            cls = self.classes[task.needs] = NeedsClass(task.needs)
-        (cls.queue.appendleft if front else cls.queue.append)(task)
-        cls.pending += 1
+            queue = self.queue
+        else:
+            cls = self._class(task.needs)
+            cls.pending += 1
+            queue = cls.queue
+        (queue.appendleft if front else queue.append)(task)
 
     def _ack(self, client: ClientEntry, seqs: list[int]) -> None:
         unacked = client.unacked
@@ -545,7 +548,7 @@ class Core:
                              f"{task.attempt} attempts", "", 0.0, self.wall())
                 return
         self._move(task, _PENDING)
-        self._enqueue_needy(task, front=True)  # it waited longest: run it next
+        self._enqueue(task, front=True)  # it waited longest: run it next
 
     def _remove(self, ex: ExecutorEntry, *, lost: bool, how: str = "") -> None:
         del self.executors[ex.peer]
@@ -669,11 +672,8 @@ class Core:
     def dispatch(self, now: float) -> None:
         """Hand queued tasks to executors with credit: tasks with needs first, to executors
         that satisfy them and have their cpus free; then plain tasks, shared fairly."""
-        if self.classes:
-            if self.ready:
-                self._dispatch_needy(now)
-        elif self._reserved:  # the last class went (placed, failed, cancelled): no one waits
-            self._reserved = set()
+        # Reservations are found afresh each turn (each class remembers its own executor).
+        self._reserved = self._dispatch_needy(now) if self.classes and self.ready else set()
         queue, ready = self.queue, self.ready
         if not queue or not ready:
             return
@@ -730,15 +730,15 @@ class Core:
 
     # ------------------------------------------------------------ tasks with needs
 
-    def _dispatch_needy(self, now: float) -> None:
-        """Place tasks with needs, oldest class first, best fit by free cpus.
+    def _dispatch_needy(self, now: float) -> set[bytes]:
+        """Place tasks with needs, oldest class first, best fit by free cpus; returns the
+        executors reserved, which plain tasks must leave alone this turn.
 
         Anti-starvation: a class whose head could not be placed for reserve_after_s reserves
         one executor that can hold it (the one with the most free cpus, kept from turn to
         turn).  A reserved executor gets no other work, so as its tasks end its cpus free up
         and the head is placed there: a large task waits for its cpus, never for ever.
         """
-        wall = self.wall()
         reserved: dict[bytes, NeedsClass] = {}
         live = []
         for needs, cls in list(self.classes.items()):
@@ -750,14 +750,14 @@ class Core:
         live.sort(key=lambda x: x[0])
         for _, cls in live:
             self._eligible(cls)
-            if self._place(cls, reserved, wall, now):
+            if self._place(cls, reserved, now):
                 cls.blocked_since = None
                 cls.reserved = None
             elif cls.blocked_since is None:
                 cls.blocked_since = now
             if cls.pending and cls.blocked_since is not None and now - cls.blocked_since >= self.config.reserve_after_s:
                 self._reserve(cls, reserved)
-        self._reserved = set(reserved)
+        return set(reserved)
 
     def _eligible(self, cls: NeedsClass) -> None:
         """Refresh the executors that satisfy the class, once per change of the registry."""
@@ -765,7 +765,7 @@ class Core:
             cls.eligible = [ex for ex in self.executors.values() if ex.caps.satisfies(cls.needs)]
             cls.gen = self._gen
 
-    def _place(self, cls: NeedsClass, reserved: dict[bytes, NeedsClass], wall: float, now: float) -> int:
+    def _place(self, cls: NeedsClass, reserved: dict[bytes, NeedsClass], now: float) -> int:
         """Give executors as many of the class's tasks as their credit and free cpus allow."""
         need = cls.needs
         fits = [ex for ex in cls.eligible
@@ -784,7 +784,7 @@ class Core:
             n = min(ex.credit, (ex.caps.cpus - ex.cpus_used) // need.cpus, cls.pending, limit)
             if need.memory_mb:
                 n = min(n, (ex.caps.memory_mb - ex.memory_used) // need.memory_mb)
-            batch = self._take_class(cls, ex, n, wall)
+            batch = self._take_class(cls, ex, n)
             if batch:
                 placed += len(batch)
                 ex.last_sent = now
@@ -795,7 +795,7 @@ class Core:
                 break
         return placed
 
-    def _take_class(self, cls: NeedsClass, ex: ExecutorEntry, n: int, wall: float) -> list[p.Assignment]:
+    def _take_class(self, cls: NeedsClass, ex: ExecutorEntry, n: int) -> list[p.Assignment]:
         need = cls.needs
         batch = self._pop(cls.queue, ex, n, need.cpus)
         cls.pending -= len(batch)
@@ -806,8 +806,7 @@ class Core:
 
     def _reserve(self, cls: NeedsClass, reserved: dict[bytes, NeedsClass]) -> None:
         """Hold one executor for the class's head task (see _dispatch_needy)."""
-        usable = [ex for ex in cls.eligible
-                  if ex.state is ExecutorState.ACTIVE and ex.peer not in reserved and ex.peer in self.executors]
+        usable = [ex for ex in cls.eligible if ex.state is ExecutorState.ACTIVE and ex.peer not in reserved]
         if not usable:
             return
         kept = next((ex for ex in usable if ex.peer == cls.reserved), None)
@@ -885,7 +884,7 @@ class Core:
             if reason:  # limits may be lower than the last dispatcher's
                 self._finish(t, _FAILED, b"", reason, "", 0.0, self.wall())
             else:
-                self._enqueue_needy(t)
+                self._enqueue(t)
         self.submitted_total += len(live)
         return len(live)
 
@@ -1000,7 +999,6 @@ class Core:
             if self.fleet is not None:
                 info["fleet"] = {**self.fleet, "reported_s": self.wall() - self.fleet_at}
         return info
-
 
     def _waiting(self, now: float) -> tuple[list[dict], list[dict]]:
         """Queued tasks by needs (for the provisioner), and the classes no executor can run."""
