@@ -6,12 +6,18 @@ file beside their final name, verified, and renamed into place, so a file named 
 digest always holds that content.  A restarted dispatcher indexes the blobs it finds and
 deletes the temp files of uploads that were in flight.  No network code here: the event
 loop calls these methods and answers peers with what they return or raise.
+
+:class:`Holds` counts who still needs each blob; :class:`Streams` keeps the blobs being
+sent to peers, in bounded windows.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from falconet.staging import MAX_LOCAL_FILE_BYTES, BlobWriter, StagingError, check_digest
 
@@ -149,3 +155,115 @@ def _is_digest(name: str) -> bool:
     except StagingError:
         return False
     return True
+
+
+class Holds:
+    """Who still needs each blob, as counts per holder; a blob no one holds leaves the store.
+
+    A client holds a blob once per input it uploaded and once per result that delivered it
+    as an output, and releases each hold with one DropBlobs entry.  An executor's pin keeps
+    an output it uploaded until the result naming it is in, when the pin becomes the
+    client's hold.
+    """
+
+    def __init__(self, store: BlobStore):
+        self.store = store
+        self.counts: dict[str, collections.Counter[bytes]] = {}
+
+    def add(self, holder: bytes, digests: Iterable[str], delta: int = 1) -> None:
+        """Change holder's count of each blob; delete the blobs no one holds any more."""
+        for digest in digests:
+            holders = self.counts.setdefault(digest, collections.Counter())
+            holders[holder] += delta
+            if holders[holder] <= 0:
+                del holders[holder]
+            if not holders:
+                del self.counts[digest]
+                self.store.drop([digest])
+
+    def release(self, holder: bytes, digests: Iterable[str]) -> None:
+        """One hold of each released; a blob the holder does not hold (held before a
+        restart, or never) is kept: the store's limit bounds those."""
+        for digest in digests:
+            if holder in self.counts.get(digest, ()):
+                self.add(holder, [digest], -1)
+
+    def hand_over(self, pin: bytes, holder: bytes, digests: set[str]) -> None:
+        """The holder now holds these blobs; the pin on them, if any, is lifted."""
+        self.add(holder, digests)
+        self.release(pin, digests)
+
+    def drop_holder(self, holder: bytes) -> None:
+        """Lift every hold of a holder that is gone."""
+        for digest in [d for d, h in self.counts.items() if holder in h]:
+            self.add(holder, [digest], -self.counts[digest][holder])
+
+
+class Streams:
+    """Blobs being sent: one ordered stream per (destination, peer, blob), served round robin.
+
+    A stream is ``[destination, peer, digest, offset, end, total]``; the destination is
+    whatever the caller sends through (the server's socket).  GetBlob for the next window
+    extends the stream, any other offset starts it again from there.
+    """
+
+    def __init__(self, store: BlobStore, window: int, chunk: int, per_peer: int):
+        self.store, self.window, self.chunk, self.per_peer = store, window, chunk, per_peer
+        self.items: list[list] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def ask(self, dest: Any, peer: bytes, digest: str, offset: int, total: int) -> bool:
+        """Queue one window; True when it starts a new stream from offset 0 (a fetch)."""
+        offset = min(max(0, offset), total)
+        end = min(total, offset + self.window)
+        for t in self.items:
+            if t[0] is dest and t[1] == peer and t[2] == digest:
+                if t[4] == offset:
+                    t[4] = end  # the next window, in order after this one
+                elif offset < t[3] or offset > t[4]:
+                    t[3], t[4] = offset, end  # started again
+                return False
+        self.items.append([dest, peer, digest, offset, end, total])
+        return offset == 0
+
+    def forget(self, dest: Any, peers: set[bytes]) -> None:
+        """Drop the streams to these peers (gone, or registering afresh)."""
+        self.items = [t for t in self.items if t[0] is not dest or t[1] not in peers]
+
+    def pump(self, budget: int, send: Callable[[Any, bytes, Any], bool], make: Callable[..., Any]) -> int:
+        """Send up to budget bytes, one chunk per stream in turn, at most per_peer streams of
+        one peer at once; send(dest, peer, make(digest, offset, total, data, error)) says
+        whether the peer could be reached.  Returns the bytes sent."""
+        sent_bytes = 0
+        while budget > 0:
+            moving: collections.Counter = collections.Counter()
+            progressed = False
+            for t in list(self.items):
+                if budget <= 0:
+                    break
+                key = (id(t[0]), t[1])
+                if moving[key] >= self.per_peer:
+                    continue
+                moving[key] += 1
+                n = self._send_chunk(t, send, make)
+                sent_bytes += n
+                budget -= n + 1
+                progressed = True
+            if not progressed:
+                break
+        return sent_bytes
+
+    def _send_chunk(self, t: list, send: Callable[[Any, bytes, Any], bool], make: Callable[..., Any]) -> int:
+        """One chunk; a stream ends when its windows are sent or its peer is gone."""
+        dest, peer, digest, offset, end, total = t
+        try:
+            data, error = self.store.read(digest, offset, min(self.chunk, end - offset)), ""
+        except (StagingError, OSError) as exc:
+            data, error = b"", f"could not be read: {exc}"
+        sent = send(dest, peer, make(digest, offset, total, data, error))  # a peer gone asks again
+        t[3] = offset + len(data)
+        if not sent or error or t[3] >= t[4]:
+            self.items.remove(t)
+        return len(data) if sent else 0

@@ -7,7 +7,6 @@ here knows the rules; :mod:`falconet.dispatcher.core` does.
 
 from __future__ import annotations
 
-import collections
 import errno
 import gc
 import ipaddress
@@ -23,7 +22,7 @@ import zmq
 
 from falconet import keys, staging
 from falconet import protocol as p
-from falconet.dispatcher.blobs import BlobStore
+from falconet.dispatcher.blobs import BlobStore, Holds, Streams
 from falconet.dispatcher.core import Config, Core
 from falconet.dispatcher.journal import Journal
 from falconet.errors import FalconetError, ProtocolError
@@ -98,10 +97,8 @@ class Server:
         self._blob_tmp = None if state_dir else tempfile.mkdtemp(prefix="falconet-blobs-")
         self.blobs = BlobStore(os.path.join(state_dir, "blobs") if state_dir else self._blob_tmp,
                                max_bytes=blob_store_bytes, durable=bool(state_dir))
-        #: blob -> client -> how many times it holds it (an input uploaded, an output delivered);
-        #: a blob is deleted when every count is back to zero
-        self._holders: dict[str, collections.Counter[bytes]] = {}
-        self._transfers: list[list] = []  #: [socket, peer, digest, offset, end, total] of windows being sent
+        self.holds = Holds(self.blobs)
+        self.streams = Streams(self.blobs, staging.FETCH_WINDOW, staging.CHUNK_BYTES, MAX_TRANSFERS_PER_PEER)
         self._executor_peers: set[bytes] = set()  #: registered at the last settling, to see who left
         self.blob_counts = {"stored": 0, "fetches": 0, "bytes_sent": 0}  #: files in, fetches served, bytes out
         self.core.reporters["blobs"] = lambda: {**self.blobs.status(), **self.blob_counts}
@@ -207,7 +204,7 @@ class Server:
         try:
             while not self._stop:
                 # Blob chunks still to send: poll without waiting.
-                wait_ms = 0 if self._transfers else max(0.0, next_tick - time.monotonic()) * 1000
+                wait_ms = 0 if self.streams else max(0.0, next_tick - time.monotonic()) * 1000
                 ready = dict(poller.poll(wait_ms))
                 now = time.monotonic()
                 if zap is not None and zap in ready:
@@ -221,7 +218,7 @@ class Server:
                     next_tick = now + tick_s
                 core.dispatch(now)
                 self._send_all()
-                if self._transfers:
+                if self.streams:
                     self._pump_blobs()
         finally:
             self.close()
@@ -278,7 +275,7 @@ class Server:
                 self._blob(msg, peer, port)
             else:
                 if type(msg) is p.Register:  # a (re)registering executor asks for its files afresh
-                    self._transfers = [t for t in self._transfers if t[1] != peer or t[0] is not self.executor_sock]
+                    self.streams.forget(self.executor_sock, {peer})
                 handle(peer, msg, now)
         except Exception:  # the loop boundary: one bad message must not stop the service
             log.exception("error while handling %s from %r on the %s port",
@@ -302,51 +299,17 @@ class Server:
         elif type(msg) is p.GetBlob:
             self._get_blob(msg, peer, sock)
         elif port == "client":  # DropBlobs
-            self._drop_blobs(msg.digests, peer)
+            self.holds.release(peer, msg.digests)
 
     def _get_blob(self, msg: p.GetBlob, peer: bytes, sock: zmq.Socket) -> None:
-        """Send a peer one more window of a blob (FETCH_WINDOW bytes from offset).
-
-        A peer has one ordered stream per blob: the next window extends it, any other
-        offset starts it again from there (a fetch begun anew after a stall or reconnect).
-        """
+        """Send a peer one more window of a blob (see Streams)."""
         try:
             total = self.blobs.size(msg.digest)
         except staging.StagingError as exc:
             self._send(sock, peer, p.BlobData(msg.digest, msg.offset, 0, b"", f"not on the dispatcher: {exc}"))
             return
-        offset = min(max(0, msg.offset), total)
-        end = min(total, offset + staging.FETCH_WINDOW)
-        for t in self._transfers:
-            if t[0] is sock and t[1] == peer and t[2] == msg.digest:
-                if t[4] == offset:
-                    t[4] = end  # the next window, in order after this one
-                elif offset < t[3] or offset > t[4]:
-                    t[3], t[4] = offset, end  # started again
-                return
-        self._transfers.append([sock, peer, msg.digest, offset, end, total])
-        if offset == 0:
+        if self.streams.ask(sock, peer, msg.digest, msg.offset, total):
             self.blob_counts["fetches"] += 1
-
-    def _hold(self, holder: bytes, digests: set[str], delta: int) -> None:
-        """Count holds: a client's (an input uploaded, an output delivered) or an executor's
-        pin on an output it uploaded, until the result naming it is in."""
-        for digest in digests:
-            holders = self._holders.setdefault(digest, collections.Counter())
-            holders[holder] += delta
-            if holders[holder] <= 0:
-                del holders[holder]
-            if not holders:
-                del self._holders[digest]
-                self.blobs.drop([digest])
-
-    def _drop_blobs(self, digests: list[str], client: bytes) -> None:
-        """The client released these (once per hold); delete what no one holds any more."""
-        for digest in digests:
-            holders = self._holders.get(digest)
-            if holders is None or client not in holders:
-                continue  # held before a restart, or never: kept, the store's limit bounds it
-            self._hold(client, {digest}, -1)
 
     def _put_blob(self, msg: p.PutBlob, peer: bytes, port: str, sock: zmq.Socket) -> None:
         try:
@@ -358,65 +321,29 @@ class Server:
             return
         if done is None or msg.offset + len(msg.data) < msg.total:
             return  # more chunks to come (a blob held already acknowledges every chunk)
-        holder = peer if port == "client" else b"executor:" + peer
-        self._hold(holder, {msg.digest}, +1)
+        self.holds.add(peer if port == "client" else b"executor:" + peer, [msg.digest])
         self.blob_counts["stored"] += 1
 
-    def _pump_blobs(self) -> None:
-        """Send the next chunks of the blobs peers asked for, a bounded amount per turn, round
-        robin; at most MAX_TRANSFERS_PER_PEER streams of one peer move at once, the rest wait."""
-        budget = BLOB_BYTES_PER_TURN
-        while budget > 0:
-            moving: collections.Counter = collections.Counter()
-            sent_any = False
-            for t in list(self._transfers):
-                if budget <= 0:
-                    break
-                key = (id(t[0]), t[1])
-                if moving[key] >= MAX_TRANSFERS_PER_PEER:
-                    continue
-                moving[key] += 1
-                budget -= self._send_chunk(t) + 1
-                sent_any = True
-            if not sent_any:
-                return
-
-    def _send_chunk(self, t: list) -> int:
-        """One chunk of a stream; the stream ends when its windows are sent or its peer is gone."""
-        sock, peer, digest, offset, end, total = t
-        try:
-            data = self.blobs.read(digest, offset, min(staging.CHUNK_BYTES, end - offset))
-            msg = p.BlobData(digest, offset, total, data, "")
-        except (staging.StagingError, OSError) as exc:
-            msg, data = p.BlobData(digest, offset, total, b"", f"could not be read: {exc}"), b""
-        sent = self._send(sock, peer, msg)  # a peer gone asks again when it is back
-        self.blob_counts["bytes_sent"] += len(data) if sent else 0
-        t[3] = offset + len(data)
-        if not sent or msg.error or t[3] >= t[4]:
-            self._transfers.remove(t)
-        return len(data)
-
     def _settle_blobs(self) -> None:
-        """Turn executors' pins into their clients' holds for the results accepted this turn;
-        forget what executors that left were sending, being sent, or pinning."""
+        """Hand executors' pins over to clients for the results accepted this turn; forget
+        what executors that left were sending, being sent, or pinning."""
         for client, executor, files in self.core.delivered_files:
             try:
                 found = {info["blob"] for _, info in staging.decode_result_files(files) if "blob" in info}
             except FalconetError:
                 continue  # the client fails that task on its side
-            self._hold(client, found, +1)
-            pin = b"executor:" + executor
-            self._hold(pin, {d for d in found if pin in self._holders.get(d, ())}, -1)
+            self.holds.hand_over(b"executor:" + executor, client, found)
         self.core.delivered_files.clear()
         gone = {peer for peer in self._executor_peers if peer not in self.core.executors}
         if gone:
-            self._transfers = [t for t in self._transfers if t[0] is not self.executor_sock or t[1] not in gone]
+            self.streams.forget(self.executor_sock, gone)
             for peer in gone:
-                pin = b"executor:" + peer
-                self.blobs.forget_peer(pin)
-                for digest in [d for d, h in self._holders.items() if pin in h]:
-                    self._hold(pin, {digest}, -self._holders[digest][pin])
+                self.blobs.forget_peer(b"executor:" + peer)
+                self.holds.drop_holder(b"executor:" + peer)
         self._executor_peers = set(self.core.executors)
+
+    def _pump_blobs(self) -> None:
+        self.blob_counts["bytes_sent"] += self.streams.pump(BLOB_BYTES_PER_TURN, self._send, p.BlobData)
 
     def _send_all(self) -> None:
         # An unreachable executor can produce more output (failed tasks), hence the loop;

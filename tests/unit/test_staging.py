@@ -413,3 +413,66 @@ def test_a_failed_run_delivers_nothing_and_a_bad_spec_fails(dirs):
     state, _, reason, _, _ = run_staged(b"\xc1", work_root=str(dirs["work"]), cache=cache,
                                         outbox=str(dirs["outbox"]), run=shell("true"))
     assert state == FAILED and reason.startswith("staging spec:")
+
+
+# ---- the dispatcher's holds and streams -----------------------------------------------------
+
+
+def _held_store(tmp_path: Path, data: bytes) -> tuple[BlobStore, str]:
+    store = BlobStore(str(tmp_path / "blobs"), max_bytes=1 << 30, durable=False)
+    digest = sha(data)
+    assert store.put(b"c", digest, 0, len(data), data) == ""
+    return store, digest
+
+
+def test_a_blob_stays_while_anyone_holds_it_and_goes_with_the_last_hold(tmp_path):
+    from falconet.dispatcher.blobs import Holds
+
+    store, digest = _held_store(tmp_path, b"shared")
+    holds = Holds(store)
+    holds.add(b"client-a", [digest])  # an input uploaded
+    holds.add(b"executor:e", [digest])  # the same content uploaded as an output: pinned
+    holds.release(b"client-a", [digest])
+    assert store.has(digest), "the executor's pin keeps it"
+    holds.hand_over(b"executor:e", b"client-b", {digest})  # the result came: client b holds it
+    holds.release(b"client-a", [digest])  # a release of a hold it no longer has changes nothing
+    assert store.has(digest)
+    holds.release(b"client-b", [digest])
+    assert not store.has(digest)
+
+
+def test_a_gone_executor_lifts_its_pins(tmp_path):
+    from falconet.dispatcher.blobs import Holds
+
+    store, digest = _held_store(tmp_path, b"out")
+    holds = Holds(store)
+    holds.add(b"executor:e", [digest], 2)
+    holds.drop_holder(b"executor:e")
+    assert not store.has(digest)
+
+
+def test_windows_of_one_blob_go_to_a_peer_as_one_ordered_stream(tmp_path):
+    from falconet.dispatcher.blobs import Streams
+
+    data = bytes(range(256)) * 40  # 10,240 bytes: windows of 4,096, chunks of 1,024
+    store, digest = _held_store(tmp_path, data)
+    streams = Streams(store, window=4096, chunk=1024, per_peer=2)
+    got: list[tuple[int, bytes]] = []
+
+    def send(dest, peer, msg):
+        got.append((msg.offset, msg.data))
+        return True
+
+    from falconet.protocol import BlobData as make
+
+    assert streams.ask("sock", b"p", digest, 0, len(data)) is True, "a new fetch"
+    streams.pump(2048, send, make)  # part of the first window
+    assert streams.ask("sock", b"p", digest, 4096, len(data)) is False  # the next window extends it
+    streams.pump(1 << 20, send, make)
+    assert not streams, "both windows sent: the stream ended"
+    assert streams.ask("sock", b"p", digest, 8192, len(data)) is False, "the last window: not a new fetch"
+    streams.pump(1 << 20, send, make)
+    offsets = [o for o, _ in got]
+    assert offsets == sorted(offsets) == list(range(0, len(data), 1024)), "in order, each chunk once"
+    assert b"".join(d for _, d in got) == data
+    assert not streams
