@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -173,8 +174,6 @@ class Executor:
 
     def _setup_staging(self) -> None:
         """The work root: task directories, the input cache (shared with the slots), an outbox."""
-        import tempfile
-
         root = self.config.work_dir or tempfile.mkdtemp(prefix="falconet-executor-")
         self.temp_root = "" if self.config.work_dir else root  #: removed when the executor ends
         self.work_root = os.path.join(root, "tasks")

@@ -94,7 +94,7 @@ class Client:
         self._cancels: list[int] = []
         self._uploads: list[tuple[str, str]] = []  # (sha256, path) of inputs to send before the tasks
         self._blob_refs: dict[str, int] = {}  # uploaded input -> unfinished tasks that need it
-        self._downloads: dict[str, list] = {}  # output blob -> [writer, [(future, result, dests)]]
+        self._downloads: dict[str, list] = {}  # output blob -> [Download, [(seq, destination)]]
         self._drops: list[str] = []  # blobs the dispatcher may forget (once per hold)
         self._spool_dir = ""  # copies of inputs waiting to be uploaded
         self._futures: dict[int, TaskFuture] = {}
