@@ -9,6 +9,8 @@ import socket
 
 import psutil
 
+from falconet import needs
+
 
 def addresses() -> list[str]:
     """IPv4 and IPv6 addresses of the non-loopback interfaces (as DHCP or SLAAC gave them)."""
@@ -43,11 +45,5 @@ def facts() -> dict:
         "cpus": cpus(),
         "memory": psutil.virtual_memory().total,
         "platform": f"{platform.system()}-{platform.machine()} python-{platform.python_version()}",
-        "arch": arch(),
+        "arch": needs.machine_arch(),
     }
-
-
-def arch() -> str:
-    """x86_64 or arm64 (the names EC2 uses), or the machine's own name for anything else."""
-    machine = platform.machine()
-    return {"amd64": "x86_64", "aarch64": "arm64"}.get(machine.lower(), machine)

@@ -17,6 +17,7 @@ its tags (``--tag``, user-data), which always include ``site=local`` or ``site=c
 from __future__ import annotations
 
 import functools
+import platform
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +126,12 @@ def encode(n: Needs) -> bytes:
 
 
 _KEYS = frozenset({"cpus", "memory", "arch", "tags", "where", "prefer"})
+
+
+def machine_arch() -> str:
+    """This machine's architecture as tasks name it (x86_64, arm64), or its own name."""
+    machine = platform.machine()
+    return _ARCH_ALIASES.get(machine.lower(), machine)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -11,7 +11,7 @@ import time
 
 import psutil
 
-from falconet.needs import normalise_arch
+from falconet.needs import machine_arch
 from falconet.provisioner.backend import Machine
 from falconet.provisioner.policy import InstanceType
 
@@ -29,7 +29,7 @@ class LocalBackend:
         self.executor_args = (*executor_args, *(arg for t in tags for arg in ("--tag", t)))
         self.procs: dict[str, tuple[subprocess.Popen, Machine]] = {}
         self._type = InstanceType("local", vcpus=self.slots, memory_mb=psutil.virtual_memory().total >> 20,
-                                  arch=_arch(), price_per_hour=0.0, tags=frozenset(tags), site="local")
+                                  arch=machine_arch(), price_per_hour=0.0, tags=frozenset(tags), site="local")
         self._calls = {"start": 0, "stop": 0}
 
     def types(self) -> tuple[InstanceType, ...]:
@@ -78,12 +78,3 @@ class LocalBackend:
 
     def api_calls(self) -> dict[str, int]:
         return dict(self._calls)
-
-
-def _arch() -> str:
-    """This machine's arch as tasks name it (x86_64, arm64), or its own name if neither."""
-    machine = os.uname().machine
-    try:
-        return normalise_arch(machine)
-    except ValueError:
-        return machine
