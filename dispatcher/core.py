@@ -137,7 +137,7 @@ class NeedsClass:
         self.needs = needs
         self.queue: collections.deque[Task] = collections.deque()
         self.pending = 0  #: tasks of the queue still PENDING
-        self.eligible: list[ExecutorEntry] = []  #: executors that satisfy the needs (by capacity)
+        self.eligible: dict[bytes, ExecutorEntry] = {}  #: executors that satisfy the needs (by capacity)
         self.gen = -1  #: the registry generation eligible was computed for
         self.blocked_since: float | None = None  #: when a dispatch turn last placed none of it
         self.reserved: bytes | None = None  #: the executor held for its head task
@@ -762,13 +762,17 @@ class Core:
     def _eligible(self, cls: NeedsClass) -> None:
         """Refresh the executors that satisfy the class, once per change of the registry."""
         if cls.gen != self._gen:
-            cls.eligible = [ex for ex in self.executors.values() if ex.caps.satisfies(cls.needs)]
+            cls.eligible = {peer: ex for peer, ex in self.executors.items() if ex.caps.satisfies(cls.needs)}
             cls.gen = self._gen
 
     def _place(self, cls: NeedsClass, reserved: dict[bytes, NeedsClass], now: float) -> int:
         """Give executors as many of the class's tasks as their credit and free cpus allow."""
         need = cls.needs
-        fits = [ex for ex in cls.eligible
+        # Only executors with credit can take a task: look through the fewer of the two.
+        ready, eligible = self.ready, cls.eligible
+        pool = [ex for peer, ex in ready.items() if peer in eligible] if len(ready) < len(eligible) \
+            else [ex for ex in eligible.values() if ex.peer in ready]
+        fits = [ex for ex in pool
                 if ex.credit > 0 and ex.state is ExecutorState.ACTIVE and reserved.get(ex.peer, cls) is cls
                 and ex.caps.cpus - ex.cpus_used >= need.cpus
                 and ex.caps.memory_mb - ex.memory_used >= need.memory_mb]
@@ -806,7 +810,7 @@ class Core:
 
     def _reserve(self, cls: NeedsClass, reserved: dict[bytes, NeedsClass]) -> None:
         """Hold one executor for the class's head task (see _dispatch_needy)."""
-        usable = [ex for ex in cls.eligible if ex.state is ExecutorState.ACTIVE and ex.peer not in reserved]
+        usable = [ex for ex in cls.eligible.values() if ex.state is ExecutorState.ACTIVE and ex.peer not in reserved]
         if not usable:
             return
         kept = next((ex for ex in usable if ex.peer == cls.reserved), None)
