@@ -514,10 +514,10 @@ class Executor:
             for frame in slot.reader.feed(data):
                 for r in frame:
                     slot.chunk.pop(r[0], None)
-                    result = p.ExecResult._make(r[:8])
-                    if r[8]:  # the slot's input cache counts for this task (S3 inputs)
-                        for k, v in r[8].items():
+                    if len(r) == 9:  # a staged task's record ends with its input cache counts
+                        for k, v in r.pop().items():
                             self.cache_counts[k] = self.cache_counts.get(k, 0) + v
+                    result = p.ExecResult._make(r)
                     self.results.append(result)
                     took = max(result.finished - result.started, 0.0)
                     self.mean_s = took if self.mean_s is None else 0.9 * self.mean_s + 0.1 * took

@@ -36,9 +36,12 @@ def serve(rfd: int, wfd: int, stage: Stage | None = None) -> None:
             else:
                 (state, output, reason), counts = runner.run(kind, body, walltime_s, functions), None
             finished = time.time()
+            record = [tid, attempt, state, output, reason, started, finished, files]
+            if counts is not None:  # a staged task's record ends with its input cache's counts
+                record.append(counts)
             if not unsent:
                 oldest = time.monotonic()
-            unsent.append([tid, attempt, state, output, reason, started, finished, files, counts])
+            unsent.append(record)
             # A long task's result goes at once; short ones share a write.
             if i == len(chunk) - 1 or finished - started >= FLUSH_S or time.monotonic() - oldest >= FLUSH_S:
                 pipes.write_frame(wfd, unsent)
