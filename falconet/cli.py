@@ -69,6 +69,10 @@ def _to_env(var: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
     return callback
 
 
+client_address = click.option("--dispatcher", required=True, show_envvar=True, metavar="tcp://HOST:PORT",
+                              help="The dispatcher's client address (the 'client:' line it printed).")
+
+
 def client_keys(f: Callable) -> Callable:
     """--dispatcher-key and --key: CURVE keys for a dispatcher started with --keys."""
     f = click.option("--key", envvar="FALCONET_KEY", show_envvar=True, expose_value=False,
@@ -219,8 +223,7 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
 
 @main.command(context_settings={"allow_interspersed_args": False})
 @click.argument("command", nargs=-1, required=True)
-@click.option("--dispatcher", required=True, show_envvar=True, metavar="tcp://HOST:PORT",
-              help="The dispatcher's client address (the 'client:' line it printed).")
+@client_address
 @requirement_options("")
 @click.option("--output", "outputs", multiple=True, show_envvar=True, metavar="NAME[=DEST]",
               help="A file the command leaves in its work dir, delivered to ./NAME, or to DEST: a "
@@ -669,8 +672,6 @@ def _status(address: str, detail: bool) -> dict:
         sys.exit(1)
 
 
-client_address = click.option("--dispatcher", required=True, show_envvar=True, metavar="tcp://HOST:PORT",
-                              help="The dispatcher's client address (the 'client:' line it printed).")
 as_json = click.option("--json", "as_json", is_flag=True, help="Print the raw statistics as JSON.")
 
 

@@ -27,7 +27,6 @@ from falconet.errors import ProtocolError
 
 WHERE = ("any", "local", "cloud")
 PREFER = ("", "local")
-ARCHES = ("", "x86_64", "arm64")
 _ARCH_ALIASES = {"amd64": "x86_64", "x86-64": "x86_64", "aarch64": "arm64", "arm64": "arm64", "x86_64": "x86_64"}
 MAX_TAGS = 32
 MAX_TAG_CHARS = 128
