@@ -43,6 +43,8 @@ import msgpack
 import psutil
 import zmq
 
+from falconet import spawn
+
 # Message tags and record layouts of falconet.protocol (PROTOCOL_VERSION 3), spelled out so
 # the helper loops run without falconet code: the bytes on the wire are the same.  Records:
 #   TaskSpec   [seq, kind, body, retries, walltime_s, needs, files]                      (7)
@@ -328,7 +330,7 @@ class _Helpers:
         try:
             for argv in argvs:
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "-c", _HELPER, role, *map(str, argv)],
+                    spawn.code(_HELPER, role, *map(str, argv)),
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0))
             self.ready = [_expect(proc, ready, timeout) for proc in self.procs]
         except BaseException:
@@ -393,7 +395,7 @@ class _Dispatcher:
 
     def __init__(self, *options: str, raise_nofile: bool = False):
         _check_protocol()
-        head = [sys.executable, "-c", _RAISED_NOFILE_MAIN] if raise_nofile else [sys.executable, "-m", "falconet"]
+        head = spawn.code(_RAISED_NOFILE_MAIN) if raise_nofile else spawn.falconet()
         cmd = [*head, "dispatcher", "--host", "127.0.0.1", "--client-port", "0", "--executor-port", "0",
                "--log-level", "warning", "--parent-pid", str(os.getpid()), *options]
         self.err = tempfile.TemporaryFile()  # noqa: SIM115 (kept open for the process's life, closed in close())

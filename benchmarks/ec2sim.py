@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from falconet import spawn
 from falconet.benchmarks.imds import ImdsServer
 from falconet.provisioner.ec2 import CLUSTER_TAG, LIVE_STATES
 
@@ -191,9 +191,9 @@ class Hypervisor:
         boot.imds = ImdsServer(boot.instance_id, boot.instance_type, zone, user_data).start()
         with open(self.log_dir / f"{boot.instance_id}.log", "ab") as out:
             boot.proc = subprocess.Popen(
-                [sys.executable, "-m", "falconet", "executor", "--from-instance-metadata",
+                spawn.falconet("executor", "--from-instance-metadata",
                  "--metadata-url", boot.imds.url, "--metadata-timeout", "10",
-                 *self._size(boot.instance_type, user_data)],
+                 *self._size(boot.instance_type, user_data)),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, env=self._env)
         boot.started_s = time.monotonic()

@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from typing import Any
 
+from falconet import spawn
 from falconet.benchmarks.ec2sim import Hypervisor, MotoEc2
 from falconet.client import Client
 from falconet.local import LocalCluster
@@ -35,11 +35,11 @@ def scale_out(moto: MotoEc2, policy: str, executors: int, interval_s: float = 0.
             Hypervisor(moto, cluster, log_dir) as _hv:
         log = open(os.path.join(log_dir, "provisioner.log"), "ab")  # noqa: SIM115 - the child's
         prov = subprocess.Popen(
-            [sys.executable, "-m", "falconet", "provisioner", "--dispatcher", local.client_address,
+            spawn.falconet("provisioner", "--dispatcher", local.client_address,
              "--backend", "ec2", "--ec2-endpoint-url", moto.url, "--region", "us-east-1",
              "--ami", moto.image_id, "--instance-types", "c5.large", "--cluster", cluster,
              "--slots", "1", "--max-executors", str(executors), "--policy", policy,
-             "--interval", str(interval_s), "--idle-release", "600", "--stop-grace", "5"],
+             "--interval", str(interval_s), "--idle-release", "600", "--stop-grace", "5"),
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=moto.env(), start_new_session=True)
         log.close()
         client = Client(local.client_address, name="bench-provisioning")

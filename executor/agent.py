@@ -19,7 +19,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -29,7 +28,7 @@ from typing import Any
 import zmq
 
 from falconet import protocol as p
-from falconet import staging
+from falconet import spawn, staging
 from falconet.errors import FalconetError, ProtocolError
 from falconet.executor import host, pipes
 from falconet.executor.staging import InputCache
@@ -96,8 +95,8 @@ class Slot:
         to_slot_r, to_slot_w = os.pipe()
         from_slot_r, from_slot_w = os.pipe()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "falconet.executor.slot", str(to_slot_r), str(from_slot_w),
-             str(os.getpid()), *self.staging_args],
+            spawn.module("falconet.executor.slot", str(to_slot_r), str(from_slot_w),
+                         str(os.getpid()), *self.staging_args),
             pass_fds=(to_slot_r, from_slot_w), stdin=subprocess.DEVNULL, start_new_session=True,
         )
         os.close(to_slot_r)

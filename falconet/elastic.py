@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from falconet.client import Client
-from falconet.local import LocalCluster, _signal_all, _wait_all, read_lines, session, spawn
+from falconet.local import LocalCluster, _signal_all, _wait_all, read_lines, session, start_child
 
 
 class ElasticCluster:
@@ -36,7 +36,7 @@ class ElasticCluster:
             if dispatcher is None:
                 self.local = LocalCluster(executors=0, host=host, insecure=insecure, log_dir=self.log_dir)
             self.client_address = dispatcher or self.local.client_address  # type: ignore[union-attr]
-            self.provisioner = spawn(self.log_dir, "provisioner", [
+            self.provisioner = start_child(self.log_dir, "provisioner", [
                 "provisioner", "--dispatcher", self.client_address, "--backend", backend,
                 *command_line(options)], stdout=subprocess.PIPE)
             read_lines(self.provisioner, ("provisioner",), "provisioner", self.log_dir, start_timeout_s)

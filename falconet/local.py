@@ -11,12 +11,12 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
 
+from falconet import spawn
 from falconet.client import Client
 from falconet.errors import FalconetError
 
@@ -47,7 +47,7 @@ class LocalCluster:
             raise
 
     def _spawn(self, name: str, args: list[str], stdout: int | None = None) -> subprocess.Popen:
-        return spawn(self.log_dir, name, args, stdout)
+        return start_child(self.log_dir, name, args, stdout)
 
     def _start_dispatcher(self, interval_s: float, timeout_s: float, start_timeout_s: float,
                           extra: list[str]) -> None:
@@ -87,10 +87,10 @@ class LocalCluster:
         self.stop(timeout_s=2.0 if exc_type else 10.0)  # on an error or Ctrl-C, do not linger
 
 
-def spawn(log_dir: str, name: str, args: list[str], stdout: int | None = None) -> subprocess.Popen:
+def start_child(log_dir: str, name: str, args: list[str], stdout: int | None = None) -> subprocess.Popen:
     """Start `falconet ARGS` as a child that leaves when this process is gone; log in log_dir."""
     log = open(os.path.join(log_dir, f"{name}.log"), "ab")  # noqa: SIM115 - handed to the child
-    cmd = [sys.executable, "-m", "falconet", *args, "--parent-pid", str(os.getpid())]
+    cmd = spawn.falconet(*args, "--parent-pid", str(os.getpid()))
     try:
         # Its own session: a Ctrl-C meant for this program must not kill the children
         # before they can drain; stop() ends them in order.

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
 import psutil
 
+from falconet import spawn
 from falconet.needs import machine_arch
 from falconet.provisioner.backend import Machine
 from falconet.provisioner.policy import InstanceType
@@ -51,10 +51,10 @@ class LocalBackend:
             log = open(os.path.join(self.log_dir, f"{mid}.log"), "ab")  # noqa: SIM115 - the child's
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "falconet", "executor", "--dispatcher", self.executor_address,
+                    spawn.falconet("executor", "--dispatcher", self.executor_address,
                      "--slots", str(self.slots), "--cpus", str(self.slots), "--id", mid,
                      "--parent-pid", str(os.getpid()),
-                     *self.executor_args],
+                     *self.executor_args),
                     stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
             finally:
                 log.close()

@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import falconet
+from falconet import spawn
 
 HEARTBEAT_INTERVAL_S = 0.2
 HEARTBEAT_TIMEOUT_S = 2.0
@@ -89,7 +89,7 @@ class Cluster:
 
     def _spawn(self, name: str, args: list[str], **kw) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen([sys.executable, "-m", "falconet", *args], stderr=log,
+        proc = subprocess.Popen([*spawn.falconet(), *args], stderr=log,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 stdout=kw.pop("stdout", log), **kw)
         log.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from cluster_helpers import wait_until
 
+from falconet import spawn
 from falconet.benchmarks.imds import ImdsServer
 from falconet.userdata import UserData, with_cloud_config
 
@@ -85,7 +86,7 @@ def _boot(cluster, user_data: str, tmp_path: Path, shutdown_marker: Path) -> tup
     argv[i + 1] = f"touch {shutdown_marker}"  # never power off the machine running the tests
     imds = ImdsServer("i-0feedfacecafe0001", "c5.large", "us-east-1b", user_data.encode()).start()
     log = open(tmp_path / "executor.log", "ab")  # noqa: SIM115 - the child's
-    proc = subprocess.Popen([sys.executable, "-m", "falconet", *argv[1:], "--metadata-url", imds.url],
+    proc = subprocess.Popen([*spawn.falconet(), *argv[1:], "--metadata-url", imds.url],
                             stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()
     cluster.procs["executor"] = proc

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 from cluster_helpers import wait_until
 
-FALCONET = [sys.executable, "-m", "falconet"]
+from falconet import spawn
+
+FALCONET = spawn.falconet()
 
 
 def falconet(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:

@@ -30,6 +30,8 @@ from pathlib import Path
 import pytest
 from cluster_helpers import read_addresses, read_logs, stop_processes, wait_until
 
+from falconet import spawn
+
 CLIENT_SCRIPT = Path(__file__).with_name("dhcp_client.py")
 EXECUTORS = {"exec-a": "a", "exec-b": "b"}  # executor id -> client namespace suffix
 N_TASKS = 20
@@ -154,7 +156,7 @@ class DhcpLab:
     def start_dispatcher(self) -> tuple[str, str]:
         """The dispatcher on the bridge address; returns its (client, executor) addresses."""
         proc = self.spawn("dispatcher", self.server, [
-            sys.executable, "-m", "falconet", "dispatcher", "--host", self.gateway, "--insecure",
+            *spawn.falconet(), "dispatcher", "--host", self.gateway, "--insecure",
             "--client-port", "0", "--executor-port", "0", "--log-level", "debug",
         ], stdout=subprocess.PIPE)
         return read_addresses(proc)
@@ -162,7 +164,7 @@ class DhcpLab:
     def start_executor(self, executor_id: str, host: Host, dispatcher: str) -> None:
         # --prefetch 0: each executor holds only the task it runs, so both get some.
         self.spawn(executor_id, host.ns, [
-            sys.executable, "-m", "falconet", "executor", "--dispatcher", dispatcher, "--id", executor_id,
+            *spawn.falconet(), "executor", "--dispatcher", dispatcher, "--id", executor_id,
             "--slots", "1", "--prefetch", "0", "--log-level", "debug",
         ])
 

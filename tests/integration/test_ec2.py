@@ -13,7 +13,6 @@ import concurrent.futures as cf
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from cluster_helpers import Cluster, wait_until
 
 import falconet
+from falconet import spawn
 from falconet.benchmarks.ec2sim import REGION, Hypervisor, MotoEc2
 from falconet.protocol import TaskState
 from falconet.provisioner.ec2 import CLUSTER_TAG, TOKEN_TAG
@@ -63,7 +63,7 @@ class Ec2Run:
 
     def args(self, *extra: str, ami: str = "name:falconet-executor-*", endpoint: str = "") -> list[str]:
         """The provisioner's command line for this cluster, rounds every 0.3 s."""
-        return [sys.executable, "-m", "falconet", "provisioner", "--dispatcher", self.cluster.client_address,
+        return [*spawn.falconet(), "provisioner", "--dispatcher", self.cluster.client_address,
                 "--backend", "ec2", "--ec2-endpoint-url", endpoint or self.moto.url, "--region", REGION,
                 "--ami", ami, "--instance-types", "c5.large", "--cluster", self.name,
                 "--interval", "0.3", "--log-level", "info", *extra]

@@ -12,12 +12,12 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from cluster_helpers import free_port, wait_until
 
+from falconet import spawn
 from falconet.dispatcher import journal
 
 N_TASKS = 5_000
@@ -94,7 +94,7 @@ def test_sigkill_the_journaling_dispatcher_twice_loses_nothing(cluster, tmp_path
 
 
 def _dispatcher(args: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "falconet", "dispatcher", *args], stdin=subprocess.DEVNULL,
+    return subprocess.Popen([*spawn.falconet(), "dispatcher", *args], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kw)
 
 
@@ -129,6 +129,6 @@ def test_a_journal_of_another_format_is_refused_in_one_line(tmp_path):
 
 def test_status_says_when_the_dispatcher_keeps_no_journal(cluster):
     cluster.start_dispatcher()
-    run = subprocess.run([sys.executable, "-m", "falconet", "status", "--dispatcher", cluster.client_address],
+    run = subprocess.run([*spawn.falconet(), "status", "--dispatcher", cluster.client_address],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "state: in memory" in run.stdout, run.stdout + run.stderr

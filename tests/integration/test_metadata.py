@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -15,6 +14,7 @@ import urllib.request
 import pytest
 from cluster_helpers import wait_until
 
+from falconet import spawn
 from falconet.benchmarks.imds import TOKEN_HEADER, TTL_HEADER, ImdsServer
 from falconet.executor.metadata import Instance, MetadataError, read_instance
 from falconet.userdata import UserData
@@ -151,7 +151,7 @@ def test_a_service_that_comes_up_late_is_waited_for():
 
 
 def executor_args(url: str, timeout_s: float = 1) -> list[str]:
-    return [sys.executable, "-m", "falconet", "executor", "--from-instance-metadata",
+    return [*spawn.falconet(), "executor", "--from-instance-metadata",
             "--metadata-url", url, "--metadata-timeout", str(timeout_s)]
 
 

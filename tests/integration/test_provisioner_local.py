@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 
 import psutil
 from cluster_helpers import wait_until
 
 import falconet
+from falconet import spawn
 
 FAST = ("--interval", "0.2", "--slots", "1", "--log-level", "debug")
 
@@ -47,7 +47,7 @@ def test_fleet_grows_with_the_queue_and_shrinks_when_idle(cluster):
         assert any(r.startswith("launch 3 local") for r in reasons), reasons
         assert any(r.startswith("release ") and "idle" in r for r in reasons), reasons
         assert client.status()["lost_executors"] == 0  # released by drain, not killed
-    shown = subprocess.run([sys.executable, "-m", "falconet", "status", "--dispatcher", cluster.client_address],
+    shown = subprocess.run([*spawn.falconet(), "status", "--dispatcher", cluster.client_address],
                            capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert "fleet falconet (local, all-at-once, 0-3 executors)" in shown.stdout
@@ -92,10 +92,10 @@ def test_config_file_and_clear_errors(cluster, tmp_path):
 
     bad = tmp_path / "bad.toml"
     bad.write_text("[provisioner\nmax = 1\n")
-    run = subprocess.run([sys.executable, "-m", "falconet", "provisioner", "--dispatcher",
+    run = subprocess.run([*spawn.falconet(), "provisioner", "--dispatcher",
                           cluster.client_address, "--config", str(bad)], capture_output=True, text=True)
     assert run.returncode == 2 and "not valid TOML" in run.stderr
-    run = subprocess.run([sys.executable, "-m", "falconet", "provisioner", "--dispatcher",
+    run = subprocess.run([*spawn.falconet(), "provisioner", "--dispatcher",
                           cluster.client_address, "--min-executors", "5", "--max-executors", "2"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 1
@@ -110,7 +110,7 @@ def test_run_a_task_file_on_an_elastic_local_fleet(tmp_path):
            "FALCONET_PROVISIONER_MAX_EXECUTORS": "2"}
     import os
 
-    run = subprocess.run([sys.executable, "-m", "falconet", "run", str(tasks), "--provision", "local",
+    run = subprocess.run([*spawn.falconet(), "run", str(tasks), "--provision", "local",
                           "--results", str(results), "-q"], capture_output=True, text=True,
                          timeout=120, env={**os.environ, **env})
     assert run.returncode == 0, run.stderr

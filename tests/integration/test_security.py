@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import msgpack
@@ -19,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import falconet
-from falconet import keys, tasks
+from falconet import keys, spawn, tasks
 from falconet import protocol as p
 from falconet.benchmarks.imds import ImdsServer
 from falconet.errors import KeyFileError
@@ -28,7 +27,7 @@ from falconet.userdata import UserData
 
 @pytest.fixture
 def keydir(tmp_path: Path) -> Path:
-    run = subprocess.run([sys.executable, "-m", "falconet", "keys", "init", str(tmp_path / "keys")],
+    run = subprocess.run([*spawn.falconet(), "keys", "init", str(tmp_path / "keys")],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     return tmp_path / "keys"
@@ -54,7 +53,7 @@ def test_keyed_clients_and_executors_run_tasks_and_status_says_curve(cluster, ke
         assert client.submit_command("echo hi").result(timeout=30).stdout == "hi\n"
         security = client.status()["security"]
     assert security["mode"] == "curve" and security["allowed"] >= 2
-    run = subprocess.run([sys.executable, "-m", "falconet", "status", "--dispatcher", cluster.client_address,
+    run = subprocess.run([*spawn.falconet(), "status", "--dispatcher", cluster.client_address,
                           *executor_keys(keydir, "client")], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "transport: curve" in run.stdout, run.stdout + run.stderr
 
@@ -86,7 +85,7 @@ def test_no_key_wrong_key_and_wrong_role_are_kept_out(cluster, keydir):
 
 def test_a_key_added_while_running_is_let_in(cluster, keydir):
     cluster.start_dispatcher(extra=("--keys", str(keydir)))
-    run = subprocess.run([sys.executable, "-m", "falconet", "keys", "add", str(keydir), "client", "late"],
+    run = subprocess.run([*spawn.falconet(), "keys", "add", str(keydir), "client", "late"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     with falconet.Client(cluster.client_address, **as_client(keydir, "late")) as client:
@@ -98,11 +97,11 @@ def test_readable_secret_files_are_refused_by_every_program(cluster, keydir):
     with pytest.raises(KeyFileError, match="chmod 600"):
         falconet.Client("tcp://127.0.0.1:1", **as_client(keydir))
     os.chmod(keydir / "executor.key_secret", 0o640)
-    ex = subprocess.run([sys.executable, "-m", "falconet", "executor", "--dispatcher", "tcp://127.0.0.1:1",
+    ex = subprocess.run([*spawn.falconet(), "executor", "--dispatcher", "tcp://127.0.0.1:1",
                          *executor_keys(keydir)], capture_output=True, text=True, timeout=60)
     assert ex.returncode == 78 and ex.stderr.count("\n") == 1 and "chmod 600" in ex.stderr, ex.stderr
     os.chmod(keydir / "dispatcher.key_secret", 0o604)
-    disp = subprocess.run([sys.executable, "-m", "falconet", "dispatcher", "--keys", str(keydir)],
+    disp = subprocess.run([*spawn.falconet(), "dispatcher", "--keys", str(keydir)],
                           capture_output=True, text=True, timeout=60)
     assert disp.returncode == 1 and disp.stdout == "" and "chmod 600" in disp.stderr, disp.stderr
 
@@ -114,7 +113,7 @@ def test_an_executor_booted_from_user_data_with_keys_joins(cluster, keydir):
                   dispatcher_key=keys.load_public(keydir / "dispatcher.key").decode(),
                   executor_secret_key=secret.decode())
     with ImdsServer("i-0feedfacecafe0001", "c5.large", "us-east-1a", ud.to_json().encode()) as imds:
-        proc = subprocess.Popen([sys.executable, "-m", "falconet", "executor", "--from-instance-metadata",
+        proc = subprocess.Popen([*spawn.falconet(), "executor", "--from-instance-metadata",
                                  "--metadata-url", imds.url], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
