@@ -195,6 +195,10 @@ class Executor:
             self.stop_requested = True
         self.drain_requested = True
 
+    def request_stop(self, *_: Any) -> None:
+        """Stop now: kill running tasks and leave (whoever wanted their results is gone)."""
+        self.drain_requested = self.stop_requested = True
+
     def run(self) -> int:
         """Serve until drained, idle past the timeout, refused or stopped."""
         for slot in self.slots:

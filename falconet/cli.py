@@ -41,6 +41,48 @@ def _watch_parent(pid: int | None, on_gone: Callable[[], None]) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C would be so that both take the same way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_like_ctrl_c() -> None:
+    """SIGTERM (a batch job's walltime, `timeout`) and SIGHUP (a closed terminal) stop as Ctrl-C does.
+
+    After the first, the signals take their default action again: a second one ends the
+    process at once, and the children still leave by themselves (they watch their parent).
+    """
+    def handler(signum: int, _frame: Any) -> None:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        if signum == signal.SIGHUP:
+            _detach_terminal()
+        raise Stopped(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+def _detach_terminal() -> None:
+    """Point stdout and stderr that were a hung-up terminal at /dev/null: writes there fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        try:
+            if os.isatty(fd):
+                os.dup2(devnull, fd)
+        except OSError:
+            pass
+    os.close(devnull)
+
+
+def _interrupted_status(exc: KeyboardInterrupt) -> int:
+    """The shell's status for a run stopped by a signal: 128 + its number (130 for Ctrl-C)."""
+    return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
 def _strategies() -> list:
     from falconet.provisioner.policy import Strategy
 
@@ -188,6 +230,7 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
         sys.exit(0)
     progress = None if quiet else sys.stderr
     tally = runfile.Tally(len(lines))
+    _stop_like_ctrl_c()
 
     def go(client: Client) -> None:
         runfile.run_tasks(client, lines, tally, results=results, progress=progress,
@@ -214,9 +257,9 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
     except FalconetError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         click.echo(f"\ninterrupted: {runfile.summary(tally)}", err=True)
-        sys.exit(130)
+        sys.exit(_interrupted_status(exc))
     click.echo(runfile.summary(tally), err=True)
     sys.exit(1 if tally.failed else 0)
 
@@ -259,6 +302,7 @@ def submit(command: tuple[str, ...], dispatcher: str, outputs: tuple[str, ...], 
     except FalconetError as exc:
         raise click.UsageError(str(exc)) from None
     cmd: str | list[str] = command[0] if len(command) == 1 else list(command)
+    _stop_like_ctrl_c()
     try:
         with Client(dispatcher, name="falconet-submit") as client:
             try:
@@ -269,8 +313,8 @@ def submit(command: tuple[str, ...], dispatcher: str, outputs: tuple[str, ...], 
     except FalconetError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        sys.exit(_interrupted_status(exc))
     if as_json:
         click.echo(json.dumps(rec))
     else:
@@ -461,7 +505,7 @@ def executor(dispatcher: str | None, slots: int | None, idle_timeout: float | No
     ex = agent.Executor(config)
     signal.signal(signal.SIGTERM, ex.request_drain)
     signal.signal(signal.SIGINT, ex.request_drain)
-    _watch_parent(parent_pid, ex.request_drain)
+    _watch_parent(parent_pid, ex.request_stop)  # the embedded run that wanted the results is gone
     code = ex.run()
     if code == 0 and ex.left_idle and shutdown_when_idle:
         log = logging.getLogger("falconet.executor")
@@ -579,7 +623,7 @@ def provisioner(**opts: Any) -> None:
         sys.exit(1)
     signal.signal(signal.SIGTERM, prov.stop)
     signal.signal(signal.SIGINT, prov.stop)
-    _watch_parent(parent, prov.stop)
+    _watch_parent(parent, prov.stop_now)
     click.echo(f"provisioner: cluster {prov.settings.cluster}, backend {prov.backend.name}")
     sys.stdout.flush()
     try:

@@ -19,7 +19,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from falconet.client import Client
-from falconet.local import LocalCluster, _signal_all, _wait_all, read_lines, session, start_child
+from falconet.local import (
+    LocalCluster,
+    _signal_all,
+    _wait_all,
+    failed,
+    read_lines,
+    session,
+    settle_logs,
+    start_child,
+)
 
 
 class ElasticCluster:
@@ -29,6 +38,7 @@ class ElasticCluster:
                  host: str = "127.0.0.1", insecure: bool = False, log_dir: str | None = None,
                  start_timeout_s: float = 60.0, **options: Any):
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="falconet-elastic-")
+        self.own_log_dir = log_dir is None  #: removed by a clean stop(), kept after a failure
         self.local: LocalCluster | None = None
         self.provisioner: subprocess.Popen | None = None
         self.stop_grace_s = float(options.get("stop_grace", 30.0))
@@ -41,25 +51,30 @@ class ElasticCluster:
                 *command_line(options)], stdout=subprocess.PIPE)
             read_lines(self.provisioner, ("provisioner",), "provisioner", self.log_dir, start_timeout_s)
         except BaseException:
-            self.stop()
+            self.stop(keep_logs=True)
             raise
 
-    def stop(self) -> None:
-        """Stop the provisioner (it drains and stops its fleet), then the embedded dispatcher."""
+    def stop(self, keep_logs: bool = False) -> None:
+        """Stop the provisioner (it drains and stops its fleet), then the embedded dispatcher.
+
+        The log folder this made is removed unless keep_logs or the provisioner had died.
+        """
         proc = self.provisioner
+        keep_logs = keep_logs or (proc is not None and proc.poll() not in (None, 0))
         if proc is not None and proc.poll() is None:
             _signal_all([proc], signal.SIGTERM)
             _wait_all([proc], self.stop_grace_s + 30)
         if proc is not None and proc.stdout:
             proc.stdout.close()
         if self.local is not None:
-            self.local.stop()
+            self.local.stop(keep_logs=keep_logs)
+        settle_logs(self.log_dir, self.own_log_dir, keep=keep_logs)
 
     def __enter__(self) -> ElasticCluster:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.stop(keep_logs=failed(exc_type))
 
 
 def command_line(options: dict[str, Any]) -> list[str]:

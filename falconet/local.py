@@ -8,7 +8,9 @@ leaves when it is gone, so a killed script leaks nothing.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -19,6 +21,8 @@ from typing import Any
 from falconet import spawn
 from falconet.client import Client
 from falconet.errors import FalconetError
+
+log = logging.getLogger("falconet")
 
 
 class LocalCluster:
@@ -32,6 +36,7 @@ class LocalCluster:
         30 s when the cluster has executors of its own, as no other will join; else never)."""
         self.slots = slots or os.cpu_count() or 1
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="falconet-local-")
+        self.own_log_dir = log_dir is None  #: removed by a clean stop(), kept after a failure
         self.dispatcher: subprocess.Popen | None = None
         self.executors: list[subprocess.Popen] = []
         try:
@@ -43,7 +48,7 @@ class LocalCluster:
             for i in range(executors):
                 self.add_executor(name=f"executor-{i}")
         except BaseException:
-            self.stop()
+            self.stop(keep_logs=True)
             raise
 
     def _spawn(self, name: str, args: list[str], stdout: int | None = None) -> subprocess.Popen:
@@ -69,8 +74,14 @@ class LocalCluster:
         self.executors.append(proc)
         return proc
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Drain the executors (SIGTERM), then stop the dispatcher; SIGKILL what lingers."""
+    def stop(self, timeout_s: float = 10.0, keep_logs: bool = False) -> None:
+        """Drain the executors (SIGTERM), then stop the dispatcher; SIGKILL what lingers.
+
+        The log folder this cluster made is removed, unless keep_logs or a child had
+        already died by itself: then it is kept and its path logged.
+        """
+        children = [self.dispatcher, *self.executors] if self.dispatcher else self.executors
+        crashed = [p for p in children if p.poll() not in (None, 0)]
         procs = [p for p in self.executors if p.poll() is None]
         _signal_all(procs, signal.SIGTERM)
         _wait_all(procs, timeout_s)
@@ -79,12 +90,29 @@ class LocalCluster:
             _wait_all([self.dispatcher], timeout_s)
         if self.dispatcher is not None and self.dispatcher.stdout:
             self.dispatcher.stdout.close()
+        settle_logs(self.log_dir, self.own_log_dir, keep=keep_logs or bool(crashed))
 
     def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        self.stop(timeout_s=2.0 if exc_type else 10.0)  # on an error or Ctrl-C, do not linger
+        # On an error or Ctrl-C, do not linger; keep the logs of an error.
+        self.stop(timeout_s=2.0 if exc_type else 10.0, keep_logs=failed(exc_type))
+
+
+def failed(exc_type: type[BaseException] | None) -> bool:
+    """Whether a with block left by this exception failed (Ctrl-C and SIGTERM are no failure)."""
+    return exc_type is not None and not issubclass(exc_type, (KeyboardInterrupt, GeneratorExit))
+
+
+def settle_logs(log_dir: str, own: bool, keep: bool) -> None:
+    """Remove a log folder we made, or say where it is kept."""
+    if not own:
+        return
+    if keep:
+        log.warning("the local cluster's logs are kept in %s", log_dir)
+    else:
+        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def start_child(log_dir: str, name: str, args: list[str], stdout: int | None = None) -> subprocess.Popen:

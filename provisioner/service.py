@@ -99,6 +99,7 @@ class Provisioner:
         self.rounds = 0
         self.last_info: dict = {}
         self._stop = threading.Event()
+        self._drain = True  # on stop, let executors finish (False: stop_now)
         self._prices = {t.name: t.price_per_hour for t in backend.types()}
         self._types = {t.name: t for t in backend.types()}
 
@@ -136,6 +137,11 @@ class Provisioner:
         """Ask run() to end after its current round (safe from a signal handler)."""
         self._stop.set()
 
+    def stop_now(self) -> None:
+        """End without draining: whoever started this provisioner, and its dispatcher, are gone."""
+        self._drain = False
+        self._stop.set()
+
     def shutdown(self) -> None:
         """Drain and stop every machine of the fleet, unless settings.keep."""
         if self.settings.keep:
@@ -149,6 +155,17 @@ class Provisioner:
         if not machines:
             return
         ids = [m.id for m in machines]
+        if self._drain:
+            self._drain_fleet(ids)
+        log.info("stopping %d machines", len(ids))
+        self.backend.stop(ids)
+        for mid in ids:
+            self._charge_to(mid, self.wall())
+        if self._drain:  # else no dispatcher is left to report to
+            self._report(self.wall(), machines, {}, None)
+
+    def _drain_fleet(self, ids: list[str]) -> None:
+        """Release these executors and wait up to stop_grace_s for them to leave."""
         deadline = time.monotonic() + self.settings.stop_grace_s
         try:
             self.client.release_executors(ids, "the provisioner is stopping")
@@ -159,11 +176,6 @@ class Provisioner:
                 time.sleep(min(1.0, self.settings.interval_s))  # not _stop.wait: it is set, so it would spin
         except FalconetError as exc:
             log.warning("could not drain the fleet (%s); stopping it now", exc)
-        log.info("stopping %d machines", len(ids))
-        self.backend.stop(ids)
-        for mid in ids:
-            self._charge_to(mid, self.wall())
-        self._report(self.wall(), machines, {}, None)
 
     # ------------------------------------------------------------ one round
 
