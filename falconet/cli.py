@@ -289,8 +289,9 @@ def submit(command: tuple[str, ...], dispatcher: str, outputs: tuple[str, ...], 
     Options come before COMMAND.  Several words run as an argv (put -- before
     them when the first starts with -); one word runs through /bin/sh -c.
     Prints the command's stdout and stderr and exits with its exit code (128+N
-    if killed by signal N; 1 if it could not run, e.g. unschedulable; 2 on a
-    usage error).
+    if killed by signal N, as by --walltime; 1 if it could not run, e.g.
+    unschedulable, or if it exited 0 but failed, e.g. a missing --output; 2 on
+    a usage error).  Any reason other than the exit code is printed on stderr.
     """
     from falconet import runfile
     from falconet.client import Client
@@ -320,8 +321,9 @@ def submit(command: tuple[str, ...], dispatcher: str, outputs: tuple[str, ...], 
     else:
         sys.stdout.write(rec["stdout"])
         sys.stderr.write(rec["stderr"])
-        if rec["exit_code"] is None:
-            click.echo(f"error: the task {rec['state']}: {rec['reason']}", err=True)
+        note = runfile.failure_note(rec)
+        if note:
+            click.echo(f"error: {note}", err=True)
     sys.exit(runfile.exit_status(rec))
 
 

@@ -198,11 +198,24 @@ def submit_one(client: Client, command: str | list[str], options: Options = NO_O
 
 
 def exit_status(rec: dict) -> int:
-    """The command's exit status for the shell (128+N if killed by signal N); 1 if it never ran."""
+    """The command's exit status for the shell (128+N if killed by signal N).
+
+    1 if it never ran, or if it exited 0 but its task failed all the same (an output
+    it should have left was not there).
+    """
     code = rec.get("exit_code")
     if code is None:
         return 1
-    return 128 - code if code < 0 else min(code, 255)
+    status = 128 - code if code < 0 else min(code, 255)
+    return 1 if status == 0 and rec.get("state") != "done" else status
+
+
+def failure_note(rec: dict) -> str:
+    """Why a task failed, when its exit status alone does not say it; '' otherwise."""
+    reason = rec.get("reason") or ""
+    if rec.get("state") == "done" or not reason or reason == f"exit code {rec.get('exit_code')}":
+        return ""
+    return f"the task {rec['state']}: {reason}"
 
 
 class Progress:

@@ -92,6 +92,19 @@ def test_submit_exits_with_the_command_s_exit_code(cluster, tmp_path):
     assert rec["executor"] == "ex-1" and rec["needs"] == "cpus=1" and rec["outputs"] == {}
 
 
+def test_submit_says_why_a_task_failed_when_its_exit_code_does_not(cluster, tmp_path):
+    start(cluster, ("ex-1", "--cpus", "2"))
+    res = falconet("submit", "--dispatcher", cluster.client_address, "--output", "nothere.txt", "true",
+                   cwd=tmp_path)
+    assert res.returncode == 1
+    assert res.stderr == "error: the task failed: output 'nothere.txt' was not produced\n"
+    res = falconet("submit", "--dispatcher", cluster.client_address, "--walltime", "0.5", "--", "sleep", "30")
+    assert res.returncode == 137
+    assert res.stderr == "error: the task failed: wall time of 0.5s exceeded; the command was killed\n"
+    res = falconet("submit", "--dispatcher", cluster.client_address, "echo out; echo err >&2; exit 4")
+    assert (res.returncode, res.stdout, res.stderr) == (4, "out\n", "err\n")  # the exit code says it all
+
+
 def test_submit_fails_an_unschedulable_task_with_the_reason(cluster, tmp_path):
     start(cluster, ("ex-1", "--cpus", "2"), extra=("--fail-unschedulable", "2"))
     res = falconet("submit", "--dispatcher", cluster.client_address, "--cpus", "64", "--", "true", timeout=60)
