@@ -623,7 +623,8 @@ class Core:
             cls.unschedulable = why
             limit = self.config.fail_unschedulable_s
             if limit > 0 and now - cls.unschedulable_since >= limit:
-                self._fail_class(cls, f"unschedulable for {limit:g}s (--fail-unschedulable): {why}")
+                waited = f" (failed after {limit:g}s, --fail-unschedulable)" if limit >= 1 else ""
+                self._fail_class(cls, f"unschedulable: {why}{waited}")
 
     def _launchable(self) -> list[tuple[str, nd.Caps]] | None:
         """What the provisioner says it can launch, or None when no provisioner reports."""

@@ -23,6 +23,7 @@ from falconet.client import Client
 from falconet.errors import FalconetError
 
 log = logging.getLogger("falconet")
+AT_ONCE_S = 0.001  #: --fail-unschedulable of a cluster with executors: the first check fails them
 
 
 class LocalCluster:
@@ -33,7 +34,7 @@ class LocalCluster:
                  log_dir: str | None = None, start_timeout_s: float = 30.0,
                  host: str = "127.0.0.1", insecure: bool = False, fail_unschedulable_s: float | None = None):
         """fail_unschedulable_s: fail tasks no executor here can run after this long (default:
-        30 s when the cluster has executors of its own, as no other will join; else never)."""
+        at once when the cluster has executors of its own, as no other will join; else never)."""
         self.slots = slots or os.cpu_count() or 1
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="falconet-local-")
         self.own_log_dir = log_dir is None  #: removed by a clean stop(), kept after a failure
@@ -42,7 +43,7 @@ class LocalCluster:
         try:
             extra = ["--host", host] + (["--insecure"] if insecure else [])
             if fail_unschedulable_s is None:
-                fail_unschedulable_s = 30.0 if executors else 0.0
+                fail_unschedulable_s = AT_ONCE_S if executors else 0.0
             extra += ["--fail-unschedulable", str(fail_unschedulable_s)]
             self._start_dispatcher(heartbeat_interval_s, heartbeat_timeout_s, start_timeout_s, extra)
             for i in range(executors):

@@ -219,12 +219,17 @@ def failure_note(rec: dict) -> str:
 
 
 class Progress:
-    """A one-line progress bar on a terminal; a line every ten seconds elsewhere."""
+    """A one-line progress bar on a terminal; a line every ten seconds elsewhere.
+
+    Above the bar, once each: why tasks cannot run (unschedulable, with the dispatcher's
+    reason) and that no executor is there yet, so that a bar that does not move says why.
+    """
 
     def __init__(self, out: IO[str] | None, tally: Tally):
         self.out, self.tally = out, tally
         self.tty = bool(out and out.isatty())
         self.last_draw = self.last_status = 0.0
+        self.noted: set[str] = set()
 
     def update(self, client: Client) -> None:
         if self.out is None:
@@ -233,13 +238,31 @@ class Progress:
         if now - self.last_status >= 1.0:
             self.last_status = now
             try:
-                counts = client.status(timeout_s=2).get("client", {})
-                self.tally.running = counts.get("running", 0) + counts.get("dispatched", 0)
+                self._observe(client.status(timeout_s=2))
             except DispatcherUnavailable:
                 pass
         if now - self.last_draw >= (0.2 if self.tty else 10.0):
             self.last_draw = now
             self._draw(end="" if self.tty else "\n")
+
+    def _observe(self, status: dict) -> None:
+        counts = status.get("client", {})
+        self.tally.running = counts.get("running", 0) + counts.get("dispatched", 0)
+        if not status.get("executors") and self.tally.finished < self.tally.total:
+            self.note("waiting for executors: none is connected to the dispatcher yet")
+        for u in status.get("unschedulable", []):
+            self.note(f"unschedulable: {u['count']} tasks can never run here: {u['reason']}", key=u["reason"])
+
+    def note(self, text: str, key: str = "") -> None:
+        """Print text above the bar, once for each key (the text itself by default)."""
+        key = key or text
+        if self.out is None or key in self.noted:
+            return
+        self.noted.add(key)
+        self.out.write(("\r\x1b[K" if self.tty else "") + text + "\n")
+        if self.tty:
+            self._draw(end="")
+        self.out.flush()
 
     def _draw(self, end: str) -> None:
         t = self.tally

@@ -37,6 +37,7 @@ from falconet.provisioner.policy import Node, NodeState, Params, Shape
 log = logging.getLogger("falconet.provisioner")
 
 MAX_NODES_REPORTED = 200
+EMPTY_POLL_S = 0.25  #: rounds this often while the fleet is empty and nothing waits
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class Provisioner:
         self.last_info: dict = {}
         self._stop = threading.Event()
         self._drain = True  # on stop, let executors finish (False: stop_now)
+        self.empty = False  # the last round saw no machine and no waiting work
         self._prices = {t.name: t.price_per_hour for t in backend.types()}
         self._types = {t.name: t for t in backend.types()}
 
@@ -129,9 +131,17 @@ class Provisioner:
                     self.step()
                 except FalconetError as exc:  # the dispatcher or the cloud: report, go on
                     self._error(str(exc))
-                self._stop.wait(self.settings.interval_s)
+                self._stop.wait(self._pause())
         finally:
             self.shutdown()
+
+    def _pause(self) -> float:
+        """Seconds to the next round: short while the fleet is empty and no work waits.
+
+        Scaling from zero then starts within EMPTY_POLL_S of the first task instead of up
+        to a whole interval later; such a round's status is small, as no executor is there.
+        """
+        return min(EMPTY_POLL_S, self.settings.interval_s) if self.empty else self.settings.interval_s
 
     def stop(self, *_: Any) -> None:
         """Ask run() to end after its current round (safe from a signal handler)."""
@@ -193,6 +203,7 @@ class Provisioner:
             nodes=nodes, spent_usd=self.spent(now), streak=self.streak,
             backoff_s=max(0.0, self.backoff_until - time.monotonic()), backoff_reason=self.last_error)
         decision = policy.decide(snap, self.settings.params)
+        self.empty = not nodes and not snap.waiting
         self.streak = decision.streak
         reasons = list(decision.reasons)
         for mid in decision.release:

@@ -113,6 +113,6 @@ def test_fail_unschedulable_fails_the_task_with_the_reason(cluster):
         wait_until(lambda: cluster.registered(client) == {"one"}, what="the executor")
         bad = client.submit_command("true", tags=["gpu"])
         good = client.submit_command("true")
-        with pytest.raises(falconet.TaskError, match=r"unschedulable for 1s.*lacks tag gpu"):
+        with pytest.raises(falconet.TaskError, match=r"unschedulable: needs .*lacks tag gpu.* \(failed after 1s, --fail-unschedulable\)"):
             bad.result(timeout=30)
         assert good.result(timeout=30).ok
