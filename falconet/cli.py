@@ -1,7 +1,11 @@
 """The `falconet` command line: a thin layer of click over the library.
 
-Every option can also be set by an environment variable FALCONET_<COMMAND>_<OPTION>, for
-example FALCONET_EXECUTOR_DISPATCHER or FALCONET_RUN_LOCAL (shown in each --help).
+Every option can also be set by an environment variable named by one rule: FALCONET_, the
+command, and the option's long name, upper case with dashes as underscores (FALCONET_RUN_LOCAL
+for `falconet run --local`, FALCONET_KEYS_INIT_FORCE for `falconet keys init --force`).  The
+options every client reads also take the names falconet.Client reads: FALCONET_DISPATCHER
+(a client address), FALCONET_DISPATCHER_KEY and FALCONET_KEY; the command's own name wins.
+Each --help shows the names.
 """
 
 from __future__ import annotations
@@ -215,8 +219,8 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
     from falconet.client import Client
     from falconet.local import local as local_cluster
 
-    if sum(map(bool, (local_slots, dispatcher, provision))) > 1:
-        raise click.UsageError("give one of --local N, --dispatcher ADDR and --provision BACKEND")
+    local_slots, dispatcher, provision = _one_place(local_slots=local_slots, dispatcher=dispatcher,
+                                                    provision=provision)
     defaults = _task_options(**requirements)
     source = "<stdin>" if taskfile == "-" else taskfile
     try:
@@ -262,6 +266,25 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
         sys.exit(_interrupted_status(exc))
     click.echo(runfile.summary(tally), err=True)
     sys.exit(1 if tally.failed else 0)
+
+
+def _one_place(**given: Any) -> tuple:
+    """The values of --local, --dispatcher and --provision, at most one of them set.
+
+    One given on the command line wins over others from the environment (a shell with
+    FALCONET_DISPATCHER exported can still `falconet run --local 4`); two on the same
+    footing are a usage error.
+    """
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    chosen = {k: v for k, v in given.items() if v}
+    typed = {k for k in chosen if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
+    if typed:
+        chosen = {k: v for k, v in chosen.items() if k in typed}
+    if len(chosen) > 1:
+        raise click.UsageError("give one of --local N, --dispatcher ADDR and --provision BACKEND")
+    return tuple(chosen.get(k) for k in given)
 
 
 @main.command(context_settings={"allow_interspersed_args": False})
@@ -829,6 +852,34 @@ def _executor_table(rows: list[dict]) -> None:
     for row in table:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
+
+# ---------------------------------------------------------------- environment variables
+
+#: Shared names of options that every client takes, as falconet.Client reads them.
+SHARED_VARIABLES = {"--dispatcher": "FALCONET_DISPATCHER", "--dispatcher-key": "FALCONET_DISPATCHER_KEY",
+                    "--key": "FALCONET_KEY"}
+#: Commands whose --dispatcher is not a client address (the executor's is the executor port).
+NOT_CLIENTS = {("executor", "--dispatcher")}
+
+
+def variable_names(group: click.Group, path: tuple[str, ...] = ("FALCONET",)) -> None:
+    """Give every option of every command its environment variables, by the one rule."""
+    for name, cmd in group.commands.items():
+        here = (*path, name.upper().replace("-", "_"))
+        if isinstance(cmd, click.Group):
+            variable_names(cmd, here)
+            continue
+        for param in cmd.params:
+            if not isinstance(param, click.Option) or param.name in ("help", "version"):
+                continue
+            flag = max(param.opts, key=len)
+            names = ["_".join(here) + "_" + flag.lstrip("-").replace("-", "_").upper()]
+            if flag in SHARED_VARIABLES and (name, flag) not in NOT_CLIENTS:
+                names.append(SHARED_VARIABLES[flag])
+            param.envvar, param.show_envvar = names if len(names) > 1 else names[0], True
+
+
+variable_names(main)
 
 if __name__ == "__main__":
     main()

@@ -122,3 +122,30 @@ def test_ctrl_c_stops_a_local_run_and_leaves_no_process_behind(tmp_path):
     assert "interrupted: 8 tasks: 0 done" in err
     wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family),
                timeout_s=30, what="every child process to exit")
+
+
+def test_falconet_dispatcher_in_the_environment_reaches_every_client_command(cluster, tmp_path):
+    import os
+
+    cluster.start_dispatcher()
+    cluster.start_executor("ex-env", 1)
+    env = {**os.environ, "FALCONET_DISPATCHER": cluster.client_address}
+    with cluster.client() as client:
+        wait_until(lambda: cluster.registered(client) == {"ex-env"}, what="the executor")
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("echo one\necho two\n")
+    out = tmp_path / "results.jsonl"
+    res = falconet("run", str(tasks), "--results", str(out), "-q", env=env)
+    assert res.returncode == 0, res.stderr
+    assert {json.loads(line)["executor"] for line in out.read_text().splitlines()} == {"ex-env"}
+    res = falconet("submit", "--json", "echo hi", env=env)
+    assert res.returncode == 0 and json.loads(res.stdout)["executor"] == "ex-env", res.stderr
+    res = falconet("executors", "--json", env=env)
+    assert [row["id"] for row in json.loads(res.stdout)] == ["ex-env"], res.stderr
+    # a command's own name wins over the shared one; --local on the command line over both
+    res = falconet("status", "--json", env={**env, "FALCONET_STATUS_DISPATCHER": cluster.client_address,
+                                            "FALCONET_DISPATCHER": "tcp://127.0.0.1:9"})
+    assert res.returncode == 0 and json.loads(res.stdout)["executors"] == 1, res.stderr
+    res = falconet("run", str(tasks), "--local", "1", "--results", str(out), "-q", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "ex-env" not in {json.loads(line)["executor"] for line in out.read_text().splitlines()}
