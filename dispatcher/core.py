@@ -1040,7 +1040,7 @@ def _executor_row(ex: ExecutorEntry, now: float) -> dict:
     running = sum(1 for t in ex.tasks.values() if t.state == _RUNNING)
     return {
         "id": i.executor_id, "host": i.hostname, "addresses": i.addresses, "pid": i.pid,
-        "cpus": i.cpus, "memory": i.memory, "platform": i.platform, "slots": i.slots,
+        "cpus": i.cpus, "memory": i.memory, "memory_mb": i.memory >> 20, "platform": i.platform, "slots": i.slots,
         "state": ex.state.value, "busy": running, "assigned": len(ex.tasks),
         "completed": ex.completed, "last_seen_s": now - ex.last_seen,
         "idle_s": 0.0 if ex.tasks else now - ex.idle_since,

@@ -756,12 +756,14 @@ def status(dispatcher: str, as_json: bool) -> None:
         return
     tasks = info["tasks"]
     click.echo(f"dispatcher {info['dispatcher_id']}  up {info['uptime_s']:.0f}s  "
-               f"state: {_durability(info)}  transport: {info.get('security', {}).get('mode', 'plain')}")
-    click.echo(f"queued {info['queued']}  dispatched {tasks['dispatched']}  running {tasks['running']}  "
-               f"done {tasks['done']}  failed {tasks['failed']}  cancelled {tasks['cancelled']}")
+               f"transport: {info.get('security', {}).get('mode', 'plain')}")
+    click.echo(f"state: {_durability(info)}")
+    click.echo(f"queued {info['queued']}  dispatched {tasks['dispatched']} (held, not started)  "
+               f"running {tasks['running']}  done {tasks['done']}  failed {tasks['failed']}  "
+               f"cancelled {tasks['cancelled']}")
     click.echo(f"{info['tasks_per_s']:.1f} tasks/s (last 10s)  submitted {info['submitted_total']}  "
-               f"executors {info['executors']} ({info['slots']} slots, {info['busy']} tasks assigned)  "
-               f"lost {info['lost_executors']}")
+               f"executors {info['executors']} ({info['slots']} slots, {tasks['running']} running, "
+               f"{info['busy']} assigned)  lost {info['lost_executors']}")
     _placement(info)
     if info.get("executor_table"):
         click.echo("")
@@ -841,11 +843,13 @@ def executors(dispatcher: str, as_json: bool) -> None:
 
 
 def _executor_table(rows: list[dict]) -> None:
-    header = ("ID", "HOST", "ADDRESSES", "SLOTS", "CPUS", "BUSY", "DONE", "STATE", "TAGS", "SEEN")
+    """RUNNING counts started tasks; ASSIGNED adds those held for the slots (prefetched)."""
+    header = ("ID", "HOST", "ADDRESSES", "SLOTS", "CPUS", "MEMORY", "RUNNING", "ASSIGNED", "DONE", "STATE",
+              "TAGS", "SEEN")
     table = [header] + [
-        (r["id"], r["host"], ",".join(r["addresses"]) or "-", str(r["slots"]),
-         f"{r.get('cpus_used', 0)}/{r['cpus']}", str(r["busy"]), str(r["completed"]), r["state"],
-         ",".join(r.get("tags", [])) or "-", f"{r['last_seen_s']:.1f}s ago")
+        (r["id"], r["host"], ",".join(r["addresses"]) or "-", str(r["slots"]), str(r["cpus"]),
+         f"{r['memory_mb']} MB", str(r["busy"]), str(r["assigned"]), str(r["completed"]),
+         r["state"], ",".join(r.get("tags", [])) or "-", f"{r['last_seen_s']:.1f}s ago")
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

@@ -187,6 +187,21 @@ class TaskResult(NamedTuple):
     finished: float
     files: bytes = b""  #: staged outputs, as ExecResult.files
 
+    @property
+    def state_name(self) -> str:
+        """'done', 'failed' or 'cancelled' (the number for a state this version does not know)."""
+        return TaskState(self.state).name.lower() if self.state in _STATE_VALUES else str(self.state)
+
+    def __repr__(self) -> str:
+        """The state by name, where and how long it ran, and the output's size, not its bytes."""
+        took = f"{self.finished - self.started:.3f}s" if self.started and self.finished else "-"
+        why = f", reason={self.reason!r}" if self.reason else ""
+        return (f"TaskResult(seq={self.seq}, state={self.state_name}, executor={self.executor!r}, "
+                f"attempts={self.attempts}, ran={took}, output={len(self.output)} bytes{why})")
+
+
+_STATE_VALUES = frozenset(int(s) for s in TaskState)
+
 
 # ---------------------------------------------------------------- field checkers
 

@@ -247,7 +247,7 @@ class Progress:
 
     def _observe(self, status: dict) -> None:
         counts = status.get("client", {})
-        self.tally.running = counts.get("running", 0) + counts.get("dispatched", 0)
+        self.tally.running = counts.get("running", 0)  # started ones: not those held for a slot
         if not status.get("executors") and self.tally.finished < self.tally.total:
             self.note("waiting for executors: none is connected to the dispatcher yet")
         for u in status.get("unschedulable", []):

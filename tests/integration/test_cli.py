@@ -149,3 +149,27 @@ def test_falconet_dispatcher_in_the_environment_reaches_every_client_command(clu
     res = falconet("run", str(tasks), "--local", "1", "--results", str(out), "-q", env=env)
     assert res.returncode == 0, res.stderr
     assert "ex-env" not in {json.loads(line)["executor"] for line in out.read_text().splitlines()}
+
+
+def test_status_counts_started_tasks_as_running_and_memory_in_mb(cluster, tmp_path):
+    cluster.start_dispatcher()
+    cluster.start_executor("ex-st", 2, "--memory", "3000", "--prefetch", "2")
+    with cluster.client() as client:
+        wait_until(lambda: cluster.registered(client), what="registration")
+        futures = client.submit_commands(["sleep 30"] * 6)
+        wait_until(lambda: client.status()["tasks"]["running"] == 2
+                   and client.status()["tasks"]["dispatched"] == 2, what="2 running, 2 held")
+        res = falconet("status", "--dispatcher", cluster.client_address)
+        for fut in futures:
+            fut.cancel()
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert max(map(len, lines[:4])) <= 100, lines[:4]
+    assert "dispatched 2 (held, not started)  running 2" in res.stdout
+    assert "executors 1 (2 slots, 2 running, 4 assigned)" in res.stdout
+    header = next(line for line in lines if line.startswith("ID "))
+    row = next(line for line in lines if line.startswith("ex-st "))
+    cells = dict(zip(header.split(), row.replace(" MB", "MB").split()))
+    assert cells["MEMORY"] == "3000MB" and cells["RUNNING"] == "2" and cells["ASSIGNED"] == "4"
+    rows = json.loads(falconet("executors", "--dispatcher", cluster.client_address, "--json").stdout)
+    assert rows[0]["memory_mb"] == 3000

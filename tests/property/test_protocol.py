@@ -448,3 +448,13 @@ def test_check_version_refuses_others_naming_both(version):
     assert reason
     named = {int(n) for n in re.findall(r"-?\d+", reason)}
     assert version in named and p.PROTOCOL_VERSION in named
+
+
+@given(state=st.integers(-3, 9), output=BYTES, reason=TEXT)
+def test_a_task_result_reads_as_words_not_bytes(state, output, reason):
+    r = p.TaskResult(7, state, output, reason, "ex-1", 2, 10.0, 10.5, 10.75)
+    text = repr(r)
+    assert text.startswith("TaskResult(seq=7, state=") and f"output={len(output)} bytes" in text
+    assert "b'" not in text.replace(repr(reason), "")  # the output's bytes are never shown
+    name = p.TaskState(state).name.lower() if 0 <= state <= 5 else str(state)
+    assert r.state_name == name and f"state={name}," in text and "ran=0.250s" in text
