@@ -87,6 +87,30 @@ def client_keys(f: Callable) -> Callable:
 # ---------------------------------------------------------------- run
 
 
+class ByteSize(click.ParamType):
+    """A size in bytes: 4000000, 64k, 10M, 1G (powers of 1024)."""
+
+    name = "bytes"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        from falconet.tasks import parse_bytes
+
+        try:
+            return parse_bytes(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def output_cap_option(what: str) -> Callable[[Callable], Callable]:
+    """--output-cap: bytes of stdout and of stderr kept per command."""
+    return click.option("--output-cap", type=ByteSize(), default="1M", show_envvar=True, metavar="BYTES",
+                        help=f"Bytes of stdout and of stderr kept for {what}, e.g. 4000000 or 10M (K, M, G: "
+                             "powers of 1024); more is cut and the result says truncated. Both streams "
+                             "together must fit the dispatcher's --max-output-bytes (64 MiB by default).")
+
+
 def requirement_options(note: str) -> Callable[[Callable], Callable]:
     """--cpus, --memory, --arch, --tag, --where, --prefer and --input, each help ending in note."""
     options = [
@@ -148,12 +172,17 @@ def _task_options(cpus: int, memory: int, arch: str | None, tags: tuple[str, ...
               help="Re-runs allowed when an executor is lost while running a task.")
 @click.option("--walltime", type=click.FloatRange(min=0), default=0, show_envvar=True,
               help="Seconds a command may run before it is killed and failed (0: no limit).")
+@output_cap_option("each task (a line's output-cap directive overrides it)")
+@click.option("--output-dir", default=None, show_envvar=True, metavar="DIR|s3://BUCKET/PREFIX",
+              help="Write each task's stdout and stderr whole to DIR/LINE.out and DIR/LINE.err (LINE: "
+                   "its line number), even when it fails, instead of keeping them in its result; "
+                   "no cap, but files through the dispatcher are limited to 256 MiB (use s3:// for more).")
 @click.option("--quiet", "-q", is_flag=True, show_envvar=True, help="No progress bar.")
 @requirement_options(" Lines under a #falconet directive use the directive's instead.")
 @client_keys
 def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provision: str | None,
-        provision_config: str | None, results: Any, retries: int, walltime: float, quiet: bool,
-        **requirements: Any) -> None:
+        provision_config: str | None, results: Any, retries: int, walltime: float, output_cap: int,
+        output_dir: str | None, quiet: bool, **requirements: Any) -> None:
     """Run every line of TASKFILE as a shell command ('-' reads standard input).
 
     \b
@@ -162,9 +191,12 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
     sets the options of the lines after it, up to the next directive;
     '#falconet reset' goes back to the command line's.  Keys: cpus, memory (MB),
     arch, tag (repeatable), tags (comma list), where, prefer, input (repeatable),
-    retries, walltime.  A directive replaces --cpus, --memory, --arch, --tag,
-    --where, --prefer and --input entirely for its lines; --retries and
-    --walltime still apply where it sets none.
+    retries, walltime, output-cap.  A directive replaces --cpus, --memory, --arch,
+    --tag, --where, --prefer and --input entirely for its lines; --retries,
+    --walltime and --output-cap still apply where it sets none.
+
+    Each task keeps 1 MiB of stdout and of stderr by default; the summary says
+    how many were cut.  --output-cap raises the cap, --output-dir keeps it all.
 
     Exits 0 when every task succeeded, 1 when any failed, 2 on a usage error.
     """
@@ -176,6 +208,7 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
     if sum(map(bool, (local_slots, dispatcher, provision))) > 1:
         raise click.UsageError("give one of --local N, --dispatcher ADDR and --provision BACKEND")
     defaults = _task_options(**requirements)
+    _check_output_dir(output_dir)
     source = "<stdin>" if taskfile == "-" else taskfile
     try:
         lines = tf.parse(sys.stdin.read(), source) if taskfile == "-" else tf.read(taskfile)
@@ -190,8 +223,9 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
     tally = runfile.Tally(len(lines))
 
     def go(client: Client) -> None:
-        runfile.run_tasks(client, lines, tally, results=results, progress=progress,
-                          retries=retries, walltime_s=walltime, defaults=defaults)
+        runfile.run_tasks(client, lines, tally, results=results, progress=progress, retries=retries,
+                          walltime_s=walltime, output_cap=output_cap, output_dir=output_dir,
+                          defaults=defaults)
 
     try:
         if dispatcher:
@@ -221,6 +255,21 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
     sys.exit(1 if tally.failed else 0)
 
 
+def _check_output_dir(output_dir: str | None) -> None:
+    """Make a local --output-dir now, so a bad one is a usage error before anything runs."""
+    if not output_dir:
+        return
+    from falconet import staging
+
+    try:
+        if output_dir.startswith("s3://"):
+            staging.parse_s3(output_dir.rstrip("/") + "/1.out")
+        else:
+            os.makedirs(output_dir, exist_ok=True)
+    except (OSError, FalconetError) as exc:
+        raise click.UsageError(f"--output-dir {output_dir}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 @main.command(context_settings={"allow_interspersed_args": False})
 @click.argument("command", nargs=-1, required=True)
 @client_address
@@ -232,11 +281,18 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
               help="Re-runs allowed when an executor is lost while running the task.")
 @click.option("--walltime", type=click.FloatRange(min=0), default=0, show_envvar=True,
               help="Seconds the command may run before it is killed and failed (0: no limit).")
+@output_cap_option("the command")
+@click.option("--stdout", "stdout_file", default=None, show_envvar=True, metavar="FILE|s3://BUCKET/KEY",
+              help="Write the command's stdout whole to this file (even if it fails) instead of printing it; "
+                   "at most 256 MiB unless it is an s3:// URL.")
+@click.option("--stderr", "stderr_file", default=None, show_envvar=True, metavar="FILE|s3://BUCKET/KEY",
+              help="The same for its stderr.")
 @click.option("--json", "as_json", is_flag=True, show_envvar=True,
               help="Print the result record (state, exit code, output, executor...) as JSON instead.")
 @client_keys
 def submit(command: tuple[str, ...], dispatcher: str, outputs: tuple[str, ...], retries: int,
-           walltime: float, as_json: bool, **requirements: Any) -> None:
+           walltime: float, output_cap: int, stdout_file: str | None, stderr_file: str | None,
+           as_json: bool, **requirements: Any) -> None:
     """Run one COMMAND on a dispatcher's executors and wait for it.
 
     \b
@@ -247,22 +303,25 @@ def submit(command: tuple[str, ...], dispatcher: str, outputs: tuple[str, ...], 
     them when the first starts with -); one word runs through /bin/sh -c.
     Prints the command's stdout and stderr and exits with its exit code (128+N
     if killed by signal N; 1 if it could not run, e.g. unschedulable; 2 on a
-    usage error).
+    usage error).  Each is cut at --output-cap (1 MiB) with a warning;
+    --stdout and --stderr keep them whole in files.
     """
     from falconet import runfile
     from falconet.client import Client
 
     options = _task_options(**requirements)
     outs = [runfile.output_spec(text) for text in outputs]
+    streams = {"stdout": stdout_file, "stderr": stderr_file}
     try:
-        runfile.check_files(options.inputs, outs)
+        runfile.check_files(options.inputs, outs, streams)
     except FalconetError as exc:
         raise click.UsageError(str(exc)) from None
     cmd: str | list[str] = command[0] if len(command) == 1 else list(command)
     try:
         with Client(dispatcher, name="falconet-submit") as client:
             try:
-                rec = runfile.submit_one(client, cmd, options, outputs=outs, retries=retries, walltime_s=walltime)
+                rec = runfile.submit_one(client, cmd, options, outputs=outs, retries=retries, walltime_s=walltime,
+                                         output_cap=output_cap, stdout=stdout_file, stderr=stderr_file)
             except KeyboardInterrupt:
                 client.close(cancel=True)
                 raise
@@ -278,6 +337,9 @@ def submit(command: tuple[str, ...], dispatcher: str, outputs: tuple[str, ...], 
         sys.stderr.write(rec["stderr"])
         if rec["exit_code"] is None:
             click.echo(f"error: the task {rec['state']}: {rec['reason']}", err=True)
+    if rec.get("truncated"):
+        warning = runfile.truncation_warning("its output was", {output_cap}, "--stdout/--stderr FILE")
+        click.echo(f"warning: {warning}", err=True)
     sys.exit(runfile.exit_status(rec))
 
 
@@ -300,7 +362,11 @@ def submit(command: tuple[str, ...], dispatcher: str, outputs: tuple[str, ...], 
 @click.option("--max-task-bytes", type=click.IntRange(min=1), default=64 << 20, show_envvar=True,
               help="Largest task body accepted; a larger task fails with the reason.")
 @click.option("--max-output-bytes", type=click.IntRange(min=0), default=64 << 20, show_envvar=True,
-              help="Largest task output accepted; a larger one fails its task with the reason.")
+              help="Hard limit on one task's result: a command's stdout and stderr together, or a "
+                   "Python task's return value; a larger one fails its task with the reason. Not the "
+                   "capture cap: a command keeps 1 MiB of stdout and of stderr by default, set per "
+                   "task by the client (falconet run/submit --output-cap, output_cap=); a cap above "
+                   "this limit is refused at submit.")
 @click.option("--max-submit-batch", type=click.IntRange(min=1), default=100_000, show_envvar=True,
               help="Most tasks in one submission; clients split their batches to fit.")
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None, show_envvar=True,
