@@ -286,6 +286,7 @@ class Core:
         limits = {"max_submit_batch": self.config.max_submit_batch,
                   "max_message_bytes": self.config.max_message_bytes,
                   "max_task_bytes": self.config.max_task_bytes,
+                  "max_output_bytes": self.config.max_output_bytes,
                   "journal": self.journal is not None, "journal_id": self.journal_id}
         self.to_clients.append((peer, p.Welcome(p.PROTOCOL_VERSION, self.dispatcher_id, limits)))
         # Results sent before and never acknowledged: the connection (or the dispatcher) died.
@@ -478,7 +479,8 @@ class Core:
                 if len(output) > max_out:
                     state, output = _FAILED, b""
                     reason = (f"its output of {len(r.output)} bytes is more than the dispatcher's "
-                              f"limit of {max_out} (--max-output-bytes); lower the task's output cap")
+                              f"limit of {max_out} (--max-output-bytes); lower the task's output cap, "
+                              "or send its output to a file")
                 if r.files:  # its outputs now belong to its client (the blob store counts them)
                     self.delivered_files.append((t.client.peer, ex.peer, r.files))
                 self._finish(t, state, output, reason, eid, r.started, r.finished, r.files)

@@ -24,11 +24,17 @@ _READ_CHUNK = 1 << 16
 Outcome = tuple[int, bytes, str]  # state, output, reason
 
 
-def run(kind: int, body: bytes, walltime_s: float, functions: FunctionCache, cwd: str | None = None) -> Outcome:
-    """Run a task body (in cwd, a staged task's work dir); never raises for what the task does."""
+def run(kind: int, body: bytes, walltime_s: float, functions: FunctionCache, cwd: str | None = None,
+        streams: dict[str, str] | None = None) -> Outcome:
+    """Run a task body (in cwd, a staged task's work dir); never raises for what the task does.
+
+    streams: {"stdout" or "stderr": path} of a command's streams to write to files, uncapped.
+    """
     try:
         if kind == TaskKind.COMMAND:
-            return run_command(tasks.decode_command(body), walltime_s, cwd)
+            return run_command(tasks.decode_command(body), walltime_s, cwd, streams)
+        if streams:
+            return FAILED, b"", "only command tasks can send stdout or stderr to a file"
         if kind == TaskKind.PYTHON:
             if cwd is None:
                 return run_python(body, functions)
@@ -67,28 +73,29 @@ def direct_argv(line: str) -> tuple[str, ...] | None:
     return tuple(words)
 
 
-def run_command(spec: tasks.CommandSpec, walltime_s: float, workdir: str | None = None) -> Outcome:
+def run_command(spec: tasks.CommandSpec, walltime_s: float, workdir: str | None = None,
+                streams: dict[str, str] | None = None) -> Outcome:
     """Run a command with captured, capped output and an optional wall-time limit.
 
-    A staged task runs in its work dir; a cwd of its own is taken relative to it.
+    A staged task runs in its work dir; a cwd of its own is taken relative to it.  A stream
+    named in streams goes straight to that file, whole, and comes back empty in the output.
     """
-    env = None if spec.env is None else {**os.environ, **spec.env}
-    cmd: Any = spec.cmd
-    shell = isinstance(cmd, str)
-    if shell and (argv := direct_argv(cmd.strip())) is not None:
-        cmd, shell = list(argv), False
     try:
-        proc = subprocess.Popen(
-            cmd, shell=shell, env=env, cwd=os.path.join(workdir, spec.cwd or "") if workdir else spec.cwd,
-            stdin=subprocess.PIPE if spec.stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-        )
+        files = _open_streams(streams or {})
+    except OSError as exc:
+        msg = f"could not open a file for the command's output: {exc}"
+        return FAILED, tasks.encode_command_output(126, b"", msg.encode(), False), msg
+    try:
+        proc = _start(spec, workdir, files)
     except FileNotFoundError as exc:  # as /bin/sh would say it, with its exit status
         msg = f"{exc.filename}: {exc.strerror}"
         return FAILED, tasks.encode_command_output(127, b"", msg.encode(), False), "exit code 127"
     except OSError as exc:
         msg = f"could not start the command: {exc}"
         return FAILED, tasks.encode_command_output(126, b"", msg.encode(), False), msg
+    finally:
+        for f in files.values():  # the child has its own copies
+            f.close()
     global _running
     _running = proc
     try:
@@ -106,14 +113,44 @@ def run_command(spec: tasks.CommandSpec, walltime_s: float, workdir: str | None 
     return DONE, output, ""
 
 
+def _start(spec: tasks.CommandSpec, workdir: str | None, files: dict[str, Any]) -> subprocess.Popen:
+    """Start the command in its own session; streams not in files are piped back to us."""
+    env = None if spec.env is None else {**os.environ, **spec.env}
+    cmd: Any = spec.cmd
+    shell = isinstance(cmd, str)
+    if shell and (argv := direct_argv(cmd.strip())) is not None:
+        cmd, shell = list(argv), False
+    return subprocess.Popen(
+        cmd, shell=shell, env=env, cwd=os.path.join(workdir, spec.cwd or "") if workdir else spec.cwd,
+        stdin=subprocess.PIPE if spec.stdin else subprocess.DEVNULL,
+        stdout=files.get("stdout", subprocess.PIPE), stderr=files.get("stderr", subprocess.PIPE),
+        start_new_session=True,
+    )
+
+
+def _open_streams(streams: dict[str, str]) -> dict[str, Any]:
+    """{stream: file open for writing}; none left open if one cannot be opened."""
+    files: dict[str, Any] = {}
+    try:
+        for name, path in streams.items():
+            files[name] = open(path, "wb")  # noqa: SIM115 - handed to the child, closed by run_command
+    except OSError:
+        for f in files.values():
+            f.close()
+        raise
+    return files
+
+
 def _communicate(proc: subprocess.Popen, stdin: bytes | None, cap: int,
                  deadline: float | None) -> tuple[bytes, bytes, bool, bool]:
-    """Feed stdin and read both pipes, keeping at most cap bytes of each."""
-    keep = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    """Feed stdin and read the stdout and stderr pipes (None: sent to a file), keeping at
+    most cap bytes of each; truncated when either had more."""
+    pipes = [f for f in (proc.stdout, proc.stderr) if f is not None]
+    keep = {f: bytearray() for f in pipes}
     truncated = timed_out = False
     with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        sel.register(proc.stderr, selectors.EVENT_READ)
+        for f in pipes:
+            sel.register(f, selectors.EVENT_READ)
         pending = memoryview(stdin or b"")
         if stdin:
             sel.register(proc.stdin, selectors.EVENT_WRITE)
@@ -146,7 +183,7 @@ def _communicate(proc: subprocess.Popen, stdin: bytes | None, cap: int,
                 if len(data) > room:
                     truncated = True
                 buf += data[:max(room, 0)]
-    return bytes(keep[proc.stdout]), bytes(keep[proc.stderr]), truncated, timed_out
+    return bytes(keep.get(proc.stdout, b"")), bytes(keep.get(proc.stderr, b"")), truncated, timed_out
 
 
 _running: subprocess.Popen | None = None  # the command this slot process is running now

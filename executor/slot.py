@@ -64,7 +64,8 @@ class Stage:
 
         return run_staged(files, work_root=self.work_root, cache=self.cache, outbox=self.outbox,
                           prefetched=prefetched,
-                          run=lambda cwd: runner.run(kind, body, walltime_s, functions, cwd=cwd))
+                          run=lambda cwd, streams: runner.run(kind, body, walltime_s, functions,
+                                                              cwd=cwd, streams=streams))
 
 
 def _die_with_parent(parent: int) -> None:

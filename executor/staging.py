@@ -41,7 +41,7 @@ MULTIPART_BYTES = 8 << 20  #: S3 transfers above this size are multipart, in par
 STALE_TEMP_S = 3600.0  #: a partial cache file untouched this long is a dead process's leftover
 _KEY = re.compile(r"(s3-)?[0-9a-f]{64}")
 
-Run = Callable[[str], tuple[int, bytes, str]]
+Run = Callable[[str | None, dict[str, str]], tuple[int, bytes, str]]  # (cwd, {stream: file}) -> outcome
 
 
 class InputCache:
@@ -312,13 +312,16 @@ def upload_s3(client: Any, path: str, url: str) -> int:
 
 def run_staged(spec_bytes: bytes, *, work_root: str, cache: InputCache, outbox: str, run: Run,
                s3: Any = None, prefetched: Collection[str] = ()) -> tuple[int, bytes, str, bytes, dict]:
-    """Place inputs in a private work dir, run(workdir), deliver outputs, remove the work dir.
+    """Place inputs in a private work dir, run(cwd, streams), deliver outputs, remove the work dir.
 
     Returns (state, output, reason, result_files, counts), counts being this task's cache
     {"hits", "misses", "bytes_fetched"}.  Blob inputs must already be in the cache; those in
     `prefetched` (fetched for this task by the caller) count as misses.  s3: a boto3 client
     (default: one per process from the environment, made only when needed).  Outputs are
-    delivered only when the run is DONE and every output exists.
+    delivered only when the run is DONE and every output exists; stream outputs (the
+    command's stdout or stderr, written to files in the work dir) are delivered either way.
+    The task runs in the work dir when it has inputs or outputs of its own; with stream
+    outputs only, cwd is None and it runs where an unstaged task would.
     """
     before = (cache.hits, cache.misses, cache.bytes_fetched)
     try:
@@ -330,12 +333,13 @@ def run_staged(spec_bytes: bytes, *, work_root: str, cache: InputCache, outbox: 
         reason = _place_inputs(spec, workdir, cache, s3, prefetched)
         if reason:
             return FAILED, b"", reason, b"", _counts(cache, before)
-        state, output, reason = run(workdir)
-        files = b""
-        if state == DONE:
-            files, why = _deliver_outputs(spec, workdir, outbox, s3)
-            if why:
-                state, reason = FAILED, why
+        streams = {o.stream: os.path.join(workdir, o.name) for o in spec.outputs if o.stream}
+        own_files = spec.inputs or len(streams) < len(spec.outputs)
+        state, output, reason = run(workdir if own_files else None, streams)
+        files, why = _deliver_outputs(spec, workdir, outbox, s3, failed=state != DONE)
+        if why:
+            reason = why if state == DONE else f"{reason}; {why}"
+            state = FAILED
         return state, output, reason, files, _counts(cache, before)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -375,36 +379,48 @@ def _place_inputs(spec: StageSpec, workdir: str, cache: InputCache, s3: Any,
     return ""
 
 
-def _check_outputs(spec: StageSpec, workdir: str) -> str:
+def _check_outputs(outputs: list[Output], workdir: str) -> str:
     """Why the outputs cannot be delivered (missing, too big for the dispatcher), or ""."""
-    missing = [o.name for o in spec.outputs if not os.path.isfile(os.path.join(workdir, o.name))]
+    missing = [o.name for o in outputs if not os.path.isfile(os.path.join(workdir, o.name))]
     if len(missing) == 1:
         return f"output {missing[0]!r} was not produced"
     if missing:
         return f"outputs {', '.join(map(repr, missing))} were not produced"
-    for o in spec.outputs:
+    for o in outputs:
         size = os.path.getsize(os.path.join(workdir, o.name))
         if o.client and size > MAX_LOCAL_FILE_BYTES:
-            return (f"output {o.name!r} is {size} bytes, over the {MAX_LOCAL_FILE_BYTES >> 20} MiB limit "
-                    "for files delivered through the dispatcher; send it to an s3:// URL instead")
+            return (f"{_label(o)} is {size} bytes, over the {MAX_LOCAL_FILE_BYTES >> 20} MiB limit for files "
+                    f"delivered through the dispatcher; send it to an s3:// URL instead")
     return ""
 
 
-def _deliver_outputs(spec: StageSpec, workdir: str, outbox: str, s3: Any) -> tuple[bytes, str]:
-    """Upload S3 outputs and move client ones to the outbox: (result files, failure reason)."""
-    why = _check_outputs(spec, workdir)
-    if why or not spec.outputs:
+def _deliver_outputs(spec: StageSpec, workdir: str, outbox: str, s3: Any,
+                     failed: bool = False) -> tuple[bytes, str]:
+    """Upload S3 outputs and move client ones to the outbox: (result files, failure reason).
+
+    failed: the task failed; only its stream outputs that exist are delivered.
+    """
+    outputs = list(spec.outputs)
+    if failed:
+        outputs = [o for o in outputs if o.stream and os.path.isfile(os.path.join(workdir, o.name))]
+    why = _check_outputs(outputs, workdir)
+    if why or not outputs:
         return b"", why
     os.makedirs(outbox, exist_ok=True)
     box = tempfile.mkdtemp(dir=outbox, prefix="out-")
     try:
-        files = [(o.name, _deliver(o, workdir, box, s3)) for o in spec.outputs]
+        files = [(o.name, _deliver(o, workdir, box, s3)) for o in outputs]
     except StagingError as exc:
         shutil.rmtree(box, ignore_errors=True)
         return b"", str(exc)
-    if not any(o.client for o in spec.outputs):
+    if not any(o.client for o in outputs):
         os.rmdir(box)
     return encode_result_files(files), ""
+
+
+def _label(out: Output) -> str:
+    """How a reason names an output: 'output NAME', or 'its stdout' for a stream."""
+    return f"its {out.stream}" if out.stream else f"output {out.name!r}"
 
 
 def _deliver(out: Output, workdir: str, box: str, s3: Any) -> dict:
@@ -414,10 +430,10 @@ def _deliver(out: Output, workdir: str, box: str, s3: Any) -> dict:
         try:
             return {"s3": out.s3, "size": upload_s3(s3 or default_s3(), src, out.s3)}
         except StagingError as exc:
-            raise StagingError(f"output {out.name!r} to {exc}") from None
+            raise StagingError(f"{_label(out)} to {exc}") from None
     try:
         dest = _in_workdir(box, out.name)
         shutil.move(src, dest)
         return {"blob": file_sha256(dest), "size": os.path.getsize(dest), "client": out.client, "path": dest}
     except OSError as exc:
-        raise StagingError(f"output {out.name!r}: cannot move it to the outbox: {exc}") from None
+        raise StagingError(f"{_label(out)}: cannot move it to the outbox: {exc}") from None

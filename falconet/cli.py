@@ -133,6 +133,30 @@ def client_keys(f: Callable) -> Callable:
 # ---------------------------------------------------------------- run
 
 
+class ByteSize(click.ParamType):
+    """A size in bytes: 4000000, 64k, 10M, 1G (powers of 1024)."""
+
+    name = "bytes"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        from falconet.tasks import parse_bytes
+
+        try:
+            return parse_bytes(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def output_cap_option(what: str) -> Callable[[Callable], Callable]:
+    """--output-cap: bytes of stdout and of stderr kept per command."""
+    return click.option("--output-cap", type=ByteSize(), default="1M", show_envvar=True, metavar="BYTES",
+                        help=f"Bytes of stdout and of stderr kept for {what}, e.g. 4000000 or 10M (K, M, G: "
+                             "powers of 1024); more is cut and the result says truncated. Both streams "
+                             "together must fit the dispatcher's --max-output-bytes (64 MiB by default).")
+
+
 def requirement_options(note: str) -> Callable[[Callable], Callable]:
     """--cpus, --memory, --arch, --tag, --where, --prefer and --input, each help ending in note."""
     options = [
@@ -194,12 +218,17 @@ def _task_options(cpus: int, memory: int, arch: str | None, tags: tuple[str, ...
               help="Re-runs allowed when an executor is lost while running a task.")
 @click.option("--walltime", type=click.FloatRange(min=0), default=0, show_envvar=True,
               help="Seconds a command may run before it is killed and failed (0: no limit).")
+@output_cap_option("each task (a line's output-cap directive overrides it)")
+@click.option("--output-dir", default=None, show_envvar=True, metavar="DIR|s3://BUCKET/PREFIX",
+              help="Write each task's stdout and stderr whole to DIR/LINE.out and DIR/LINE.err (LINE: "
+                   "its line number), even when it fails, instead of keeping them in its result; "
+                   "no cap, but files through the dispatcher are limited to 256 MiB (use s3:// for more).")
 @click.option("--quiet", "-q", is_flag=True, show_envvar=True, help="No progress bar.")
 @requirement_options(" Lines under a #falconet directive use the directive's instead.")
 @client_keys
 def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provision: str | None,
-        provision_config: str | None, results: Any, retries: int, walltime: float, quiet: bool,
-        **requirements: Any) -> None:
+        provision_config: str | None, results: Any, retries: int, walltime: float, output_cap: int,
+        output_dir: str | None, quiet: bool, **requirements: Any) -> None:
     """Run every line of TASKFILE as a shell command ('-' reads standard input).
 
     \b
@@ -208,9 +237,12 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
     sets the options of the lines after it, up to the next directive;
     '#falconet reset' goes back to the command line's.  Keys: cpus, memory (MB),
     arch, tag (repeatable), tags (comma list), where, prefer, input (repeatable),
-    retries, walltime.  A directive replaces --cpus, --memory, --arch, --tag,
-    --where, --prefer and --input entirely for its lines; --retries and
-    --walltime still apply where it sets none.
+    retries, walltime, output-cap.  A directive replaces --cpus, --memory, --arch,
+    --tag, --where, --prefer and --input entirely for its lines; --retries,
+    --walltime and --output-cap still apply where it sets none.
+
+    Each task keeps 1 MiB of stdout and of stderr by default; the summary says
+    how many were cut.  --output-cap raises the cap, --output-dir keeps it all.
 
     Exits 0 when every task succeeded, 1 when any failed, 2 on a usage error.
     """
@@ -222,6 +254,7 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
     local_slots, dispatcher, provision = _one_place(local_slots=local_slots, dispatcher=dispatcher,
                                                     provision=provision)
     defaults = _task_options(**requirements)
+    _check_output_dir(output_dir)
     source = "<stdin>" if taskfile == "-" else taskfile
     try:
         lines = tf.parse(sys.stdin.read(), source) if taskfile == "-" else tf.read(taskfile)
@@ -237,8 +270,9 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
     _stop_like_ctrl_c()
 
     def go(client: Client) -> None:
-        runfile.run_tasks(client, lines, tally, results=results, progress=progress,
-                          retries=retries, walltime_s=walltime, defaults=defaults)
+        runfile.run_tasks(client, lines, tally, results=results, progress=progress, retries=retries,
+                          walltime_s=walltime, output_cap=output_cap, output_dir=output_dir,
+                          defaults=defaults)
 
     try:
         if dispatcher:
@@ -287,6 +321,21 @@ def _one_place(**given: Any) -> tuple:
     return tuple(chosen.get(k) for k in given)
 
 
+def _check_output_dir(output_dir: str | None) -> None:
+    """Make a local --output-dir now, so a bad one is a usage error before anything runs."""
+    if not output_dir:
+        return
+    from falconet import staging
+
+    try:
+        if output_dir.startswith("s3://"):
+            staging.parse_s3(output_dir.rstrip("/") + "/1.out")
+        else:
+            os.makedirs(output_dir, exist_ok=True)
+    except (OSError, FalconetError) as exc:
+        raise click.UsageError(f"--output-dir {output_dir}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 @main.command(context_settings={"allow_interspersed_args": False})
 @click.argument("command", nargs=-1, required=True)
 @client_address
@@ -298,11 +347,18 @@ def _one_place(**given: Any) -> tuple:
               help="Re-runs allowed when an executor is lost while running the task.")
 @click.option("--walltime", type=click.FloatRange(min=0), default=0, show_envvar=True,
               help="Seconds the command may run before it is killed and failed (0: no limit).")
+@output_cap_option("the command")
+@click.option("--stdout", "stdout_file", default=None, show_envvar=True, metavar="FILE|s3://BUCKET/KEY",
+              help="Write the command's stdout whole to this file (even if it fails) instead of printing it; "
+                   "at most 256 MiB unless it is an s3:// URL.")
+@click.option("--stderr", "stderr_file", default=None, show_envvar=True, metavar="FILE|s3://BUCKET/KEY",
+              help="The same for its stderr.")
 @click.option("--json", "as_json", is_flag=True, show_envvar=True,
               help="Print the result record (state, exit code, output, executor...) as JSON instead.")
 @client_keys
 def submit(command: tuple[str, ...], dispatcher: str, outputs: tuple[str, ...], retries: int,
-           walltime: float, as_json: bool, **requirements: Any) -> None:
+           walltime: float, output_cap: int, stdout_file: str | None, stderr_file: str | None,
+           as_json: bool, **requirements: Any) -> None:
     """Run one COMMAND on a dispatcher's executors and wait for it.
 
     \b
@@ -315,14 +371,17 @@ def submit(command: tuple[str, ...], dispatcher: str, outputs: tuple[str, ...], 
     if killed by signal N, as by --walltime; 1 if it could not run, e.g.
     unschedulable, or if it exited 0 but failed, e.g. a missing --output; 2 on
     a usage error).  Any reason other than the exit code is printed on stderr.
+    Output is cut at --output-cap (1 MiB) with a warning; --stdout and --stderr
+    keep it whole in files.
     """
     from falconet import runfile
     from falconet.client import Client
 
     options = _task_options(**requirements)
     outs = [runfile.output_spec(text) for text in outputs]
+    streams = {"stdout": stdout_file, "stderr": stderr_file}
     try:
-        runfile.check_files(options.inputs, outs)
+        runfile.check_files(options.inputs, outs, streams)
     except FalconetError as exc:
         raise click.UsageError(str(exc)) from None
     cmd: str | list[str] = command[0] if len(command) == 1 else list(command)
@@ -330,7 +389,8 @@ def submit(command: tuple[str, ...], dispatcher: str, outputs: tuple[str, ...], 
     try:
         with Client(dispatcher, name="falconet-submit") as client:
             try:
-                rec = runfile.submit_one(client, cmd, options, outputs=outs, retries=retries, walltime_s=walltime)
+                rec = runfile.submit_one(client, cmd, options, outputs=outs, retries=retries, walltime_s=walltime,
+                                         output_cap=output_cap, stdout=stdout_file, stderr=stderr_file)
             except KeyboardInterrupt:
                 client.close(cancel=True)
                 raise
@@ -347,6 +407,9 @@ def submit(command: tuple[str, ...], dispatcher: str, outputs: tuple[str, ...], 
         note = runfile.failure_note(rec)
         if note:
             click.echo(f"error: {note}", err=True)
+    if rec.get("truncated"):
+        warning = runfile.truncation_warning("its output was", {output_cap}, "--stdout/--stderr FILE")
+        click.echo(f"warning: {warning}", err=True)
     sys.exit(runfile.exit_status(rec))
 
 
@@ -369,7 +432,11 @@ def submit(command: tuple[str, ...], dispatcher: str, outputs: tuple[str, ...], 
 @click.option("--max-task-bytes", type=click.IntRange(min=1), default=64 << 20, show_envvar=True,
               help="Largest task body accepted; a larger task fails with the reason.")
 @click.option("--max-output-bytes", type=click.IntRange(min=0), default=64 << 20, show_envvar=True,
-              help="Largest task output accepted; a larger one fails its task with the reason.")
+              help="Hard limit on one task's result: a command's stdout and stderr together, or a "
+                   "Python task's return value; a larger one fails its task with the reason. Not the "
+                   "capture cap: a command keeps 1 MiB of stdout and of stderr by default, set per "
+                   "task by the client (falconet run/submit --output-cap, output_cap=); a cap above "
+                   "this limit is refused at submit.")
 @click.option("--max-submit-batch", type=click.IntRange(min=1), default=100_000, show_envvar=True,
               help="Most tasks in one submission; clients split their batches to fit.")
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None, show_envvar=True,

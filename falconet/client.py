@@ -111,6 +111,7 @@ class Client:
         self._welcome: cf.Future = cf.Future()
         self.max_batch = 10_000
         self.max_message_bytes = 256 << 20
+        self.max_output_bytes = 0  #: the dispatcher's --max-output-bytes (0: not announced)
         self._ctx = zmq.Context()
         self._thread = threading.Thread(target=self._io_loop, name="falconet-client", daemon=True)
         self._thread.start()
@@ -128,6 +129,7 @@ class Client:
             raise
         self.max_batch = int(welcome.limits.get("max_submit_batch", self.max_batch))
         self.max_message_bytes = int(welcome.limits.get("max_message_bytes", self.max_message_bytes))
+        self.max_output_bytes = int(welcome.limits.get("max_output_bytes", 0))
 
     # ------------------------------------------------------------ submitting
 
@@ -147,13 +149,19 @@ class Client:
     def submit_command(self, cmd: str | Sequence[str], *, env: dict[str, str] | None = None,
                        cwd: str | None = None, stdin: bytes | str | None = None,
                        retries: int | None = None, walltime_s: float | None = None,
-                       output_cap: int = tasks.DEFAULT_OUTPUT_CAP, **placement: Any) -> TaskFuture:
+                       output_cap: int = tasks.DEFAULT_OUTPUT_CAP, stdout: str | None = None,
+                       stderr: str | None = None, **placement: Any) -> TaskFuture:
         """Run a shell line (str) or argv (list); the future holds a CommandResult.
 
+        output_cap: bytes of stdout and of stderr kept in the result; more is dropped and the
+        result says truncated.  stdout, stderr: a file (a path here, relative to the current
+        directory, or an s3:// URL) that receives that stream whole instead, even when the
+        command fails; files through the dispatcher are limited to 256 MiB.
         placement: cpus, memory (MB), arch, tags, where ("any", "local", "cloud"), prefer
         ("local"), inputs and outputs (see the README's "Requirements and data staging").
         """
-        extra = self._placement(placement)
+        self.check_output_cap(output_cap)
+        extra = self._placement(placement, {"stdout": stdout, "stderr": stderr})
         body = tasks.encode_command(cmd, env=env, cwd=cwd, stdin=stdin, output_cap=output_cap)
         label = cmd if isinstance(cmd, str) else " ".join(cmd)
         return self._enqueue([(p.TaskKind.COMMAND, body, label)], retries, walltime_s, *extra)[0]
@@ -161,6 +169,7 @@ class Client:
     def submit_commands(self, cmds: Iterable[str | Sequence[str]], **options: Any) -> list[TaskFuture]:
         """Submit many commands at once (one lock, one wake-up), all with the same options."""
         cap = options.pop("output_cap", tasks.DEFAULT_OUTPUT_CAP)
+        self.check_output_cap(cap)
         retries, walltime_s = options.pop("retries", None), options.pop("walltime_s", None)
         extra = self._placement({k: options.pop(k) for k in list(options) if k in _PLACEMENT})
         items = [(p.TaskKind.COMMAND, tasks.encode_command(c, output_cap=cap, **options),
@@ -185,19 +194,30 @@ class Client:
         futures += self._enqueue(batch, retries, walltime_s, *extra)
         return _results_in_order(futures, timeout)
 
+    def check_output_cap(self, output_cap: int) -> None:
+        """Raise RefusedError for a raised output cap over the dispatcher's --max-output-bytes
+        (a result of that size would fail); the default cap is never refused."""
+        limit = self.max_output_bytes
+        if output_cap > tasks.DEFAULT_OUTPUT_CAP and limit and output_cap > limit:
+            raise RefusedError(
+                f"an output cap of {tasks.format_bytes(output_cap)} is more than the dispatcher at "
+                f"{self.address} accepts for a task's output ({limit} bytes, its --max-output-bytes); "
+                "lower the cap, or send the output to files (stdout=/stderr=, falconet run --output-dir)")
+
     @staticmethod
-    def _placement(options: dict) -> tuple[bytes, bytes, dict[str, str], dict[str, str]]:
+    def _placement(options: dict, streams: dict | None = None) -> tuple[bytes, bytes, dict[str, str], dict[str, str]]:
         """(needs, files, {sha256: local path} to upload, {output name: where it goes here})
-        from requirement and file keywords."""
+        from requirement and file keywords, and {stream: destination} of a command's streams."""
         unknown = set(options) - _PLACEMENT
         if unknown:
             raise TypeError(f"unexpected keyword arguments {', '.join(sorted(unknown))}; "
                             f"task options are {', '.join(sorted(_PLACEMENT))}")
         inputs, outputs = options.pop("inputs", ()) or (), options.pop("outputs", ()) or ()
         needs = nd.encode(nd.make(**options)) if options else b""
-        if not inputs and not outputs:
+        streams = {k: v for k, v in (streams or {}).items() if v is not None}
+        if not inputs and not outputs and not streams:
             return needs, b"", {}, {}
-        spec, blobs = staging.spec_from_user(inputs, outputs)
+        spec, blobs = staging.spec_from_user(inputs, outputs, streams=streams)
         return needs, staging.encode_spec(spec), blobs, {o.name: o.client for o in spec.outputs if o.client}
 
     def _enqueue(self, items: list[tuple[int, bytes, str]], retries: int | None,
@@ -450,6 +470,7 @@ class Client:
         self._hello_at = 0.0
         self.max_batch = int(msg.limits.get("max_submit_batch", self.max_batch))
         self.max_message_bytes = int(msg.limits.get("max_message_bytes", self.max_message_bytes))
+        self.max_output_bytes = int(msg.limits.get("max_output_bytes", 0))
         if not self._welcome.done():
             self.dispatcher_id, self._journal_id = msg.dispatcher_id, msg.limits.get("journal_id", "")
             self._welcome.set_result(msg)

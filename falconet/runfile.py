@@ -3,6 +3,10 @@
 `run` submits a task file's lines in runs of identical options (one submission per run), each
 with its directive's requirements and inputs, or the run's defaults for lines with no
 directive (see falconet.taskfile).  `submit` runs one command and hands back its record.
+
+A command keeps at most its output cap (1 MiB by default) of stdout and of stderr; the
+summary counts the tasks whose output was cut.  With an output dir, each line's stdout and
+stderr go whole to files named after its line number instead (see stream_files).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from falconet import needs as nd
-from falconet import staging
+from falconet import staging, tasks
 from falconet.client import Client, TaskFuture
 from falconet.errors import DispatcherUnavailable, FalconetError, TaskFileError
 from falconet.taskfile import Options, TaskLine
@@ -37,6 +41,8 @@ class Tally:
     running: int = 0
     started_at: float = field(default_factory=time.monotonic)
     failures: list[dict] = field(default_factory=list)
+    truncated: int = 0  #: tasks whose stdout or stderr was cut at their output cap
+    caps: set[int] = field(default_factory=set)  #: the output caps they were cut at
 
     @property
     def finished(self) -> int:
@@ -45,6 +51,18 @@ class Tally:
     def rate(self) -> float:
         return self.finished / max(time.monotonic() - self.started_at, 1e-9)
 
+    def count(self, rec: dict, cap: int) -> None:
+        """Add one finished task's record (run with this output cap)."""
+        if rec["state"] == "done":
+            self.done += 1
+        else:
+            self.failed += 1
+            if len(self.failures) < SHOW_FAILURES:
+                self.failures.append(rec)
+        if rec.get("truncated"):
+            self.truncated += 1
+            self.caps.add(cap)
+
 
 def outcome(fut: TaskFuture) -> dict[str, Any]:
     """How a finished task ended: state, exit code, output, reason, timings, outputs."""
@@ -52,9 +70,9 @@ def outcome(fut: TaskFuture) -> dict[str, Any]:
     rec: dict[str, Any] = {}
     exc = fut.exception() if not fut.cancelled() else None
     if fut.cancelled():
-        rec.update(state="cancelled", exit_code=None, stdout="", stderr="", reason="cancelled")
+        rec.update(state="cancelled", exit_code=None, stdout="", stderr="", reason="cancelled", truncated=False)
     elif exc is not None:
-        rec.update(state="failed", exit_code=None, stdout="", stderr="", reason=str(exc))
+        rec.update(state="failed", exit_code=None, stdout="", stderr="", reason=str(exc), truncated=False)
     else:
         res = fut.result()
         rec.update(state="done" if res.ok else "failed", exit_code=res.exit_code,
@@ -117,15 +135,17 @@ def check_inputs(lines: list[TaskLine], defaults: Options | None, source: str) -
 
 def run_tasks(client: Client, lines: list[TaskLine], tally: Tally, *, results: IO[str] | None = None,
               progress: IO[str] | None = sys.stderr, retries: int | None = None,
-              walltime_s: float | None = None, defaults: Options | None = None) -> Tally:
+              walltime_s: float | None = None, output_cap: int | None = None,
+              output_dir: str | None = None, defaults: Options | None = None) -> Tally:
     """Run every line as a shell command and wait for all of them, counting into tally.
 
-    defaults: the requirements and inputs of lines without a directive; retries and
-    walltime_s: of lines whose directive does not set them.
+    defaults: the requirements and inputs of lines without a directive; retries, walltime_s
+    and output_cap: of lines whose directive does not set them; output_dir: where each
+    line's stdout and stderr go whole (see stream_files), instead of its record.
     """
     finished: queue.SimpleQueue = queue.SimpleQueue()
-    submit_runs(client, lines, lambda f, ln, n: finished.put((f, ln, n)), defaults=defaults,
-                retries=retries, walltime_s=walltime_s)
+    submit_runs(client, lines, lambda f, ln, n, cap: finished.put((f, ln, n, cap)), defaults=defaults,
+                retries=retries, walltime_s=walltime_s, output_cap=output_cap, output_dir=output_dir)
     bar = Progress(progress, tally)
     while tally.finished < tally.total:
         try:
@@ -133,13 +153,9 @@ def run_tasks(client: Client, lines: list[TaskLine], tally: Tally, *, results: I
         except queue.Empty:
             item = None
         while item is not None:
-            rec = record(*item)
-            if rec["state"] == "done":
-                tally.done += 1
-            else:
-                tally.failed += 1
-                if len(tally.failures) < SHOW_FAILURES:
-                    tally.failures.append(rec)
+            fut, line, needs, cap = item
+            rec = record(fut, line, needs)
+            tally.count(rec, cap)
             if results is not None:
                 results.write(json.dumps(rec) + "\n")
             try:
@@ -157,29 +173,48 @@ def output_spec(text: str) -> str | tuple[str, str]:
     return (name, dest) if eq else text
 
 
-def check_files(inputs: Sequence, outputs: Sequence = ()) -> None:
-    """Raise StagingError, saying what to fix, if these inputs or outputs cannot be staged."""
-    staging.spec_from_user(inputs, outputs)
+def check_files(inputs: Sequence, outputs: Sequence = (), streams: dict | None = None) -> None:
+    """Raise StagingError, saying what to fix, if these inputs, outputs or stream files cannot be staged."""
+    staging.spec_from_user(inputs, outputs, streams=streams)
 
 
-def submit_runs(client: Client, lines: list[TaskLine], on_done: Callable[[TaskFuture, TaskLine, str], None],
-                *, defaults: Options | None, retries: int | None, walltime_s: float | None) -> None:
-    """Submit each run of lines with its options; on_done(future, line, str(needs)) as each ends.
+def stream_files(output_dir: str, line: int) -> dict[str, str]:
+    """Where a line's streams go under an output dir: DIR/<line>.out and DIR/<line>.err
+    (DIR may be an s3://bucket/prefix)."""
+    base = f"{output_dir.rstrip('/')}/{line}"
+    return {"stdout": base + ".out", "stderr": base + ".err"}
+
+
+def submit_runs(client: Client, lines: list[TaskLine], on_done: Callable[[TaskFuture, TaskLine, str, int], None],
+                *, defaults: Options | None, retries: int | None, walltime_s: float | None,
+                output_cap: int | None = None, output_dir: str | None = None) -> None:
+    """Submit each run of lines with its options; on_done(future, line, str(needs), output cap)
+    as each ends.  With output_dir, each line is a task of its own (its files differ).
 
     If a run cannot be submitted (an input vanished), the runs already submitted are cancelled.
     """
+    plan = []
+    for group in runs(lines):
+        opts = group[0].options or defaults or NO_OPTIONS
+        cap = output_cap if opts.output_cap is None else opts.output_cap
+        plan.append((group, opts, tasks.DEFAULT_OUTPUT_CAP if cap is None else cap))
+    for cap in sorted({cap for *_, cap in plan}, reverse=True):
+        client.check_output_cap(cap)  # before anything runs
     submitted: list[TaskFuture] = []
     try:
-        for group in runs(lines):
-            opts = group[0].options or defaults or NO_OPTIONS
-            futures = client.submit_commands(
-                [ln.command for ln in group], **placement(opts.needs, opts.inputs),
-                retries=retries if opts.retries is None else opts.retries,
-                walltime_s=walltime_s if opts.walltime_s is None else opts.walltime_s)
+        for group, opts, cap in plan:
+            common = dict(placement(opts.needs, opts.inputs), output_cap=cap,
+                          retries=retries if opts.retries is None else opts.retries,
+                          walltime_s=walltime_s if opts.walltime_s is None else opts.walltime_s)
+            if output_dir:
+                futures = [client.submit_command(ln.command, **common, **stream_files(output_dir, ln.line))
+                           for ln in group]
+            else:
+                futures = client.submit_commands([ln.command for ln in group], **common)
             submitted += futures
             needs = str(opts.needs)
             for fut, line in zip(futures, group):
-                fut.add_done_callback(lambda f, ln=line, n=needs: on_done(f, ln, n))
+                fut.add_done_callback(lambda f, ln=line, n=needs, c=cap: on_done(f, ln, n, c))
     except BaseException:
         for fut in submitted:
             fut.cancel()
@@ -187,10 +222,12 @@ def submit_runs(client: Client, lines: list[TaskLine], on_done: Callable[[TaskFu
 
 
 def submit_one(client: Client, command: str | list[str], options: Options = NO_OPTIONS, *,
-               outputs: Sequence = (), retries: int | None = None,
-               walltime_s: float | None = None) -> dict:
+               outputs: Sequence = (), retries: int | None = None, walltime_s: float | None = None,
+               output_cap: int = tasks.DEFAULT_OUTPUT_CAP, stdout: str | None = None,
+               stderr: str | None = None) -> dict:
     """Run one command (a shell line or an argv), wait for it, and return its record."""
-    fut = client.submit_command(command, retries=retries, walltime_s=walltime_s,
+    fut = client.submit_command(command, retries=retries, walltime_s=walltime_s, output_cap=output_cap,
+                                stdout=stdout, stderr=stderr,
                                 **placement(options.needs, options.inputs, outputs))
     cf.wait([fut])  # a failure to run is in the record, not raised
     label = command if isinstance(command, str) else shlex.join(command)
@@ -281,15 +318,25 @@ class Progress:
             self._draw(end="\n")
 
 
+def truncation_warning(what: str, caps: set[int], file_option: str) -> str:
+    """'WHAT cut to 1 MiB per stream (--output-cap to raise it, FILE_OPTION to keep it whole)'."""
+    at = " or ".join(tasks.format_bytes(c) for c in sorted(caps))
+    return f"{what} cut to {at} per stream (--output-cap to raise it, {file_option} to keep it whole)"
+
+
 def summary(tally: Tally) -> str:
-    """The closing lines: counts, rate, and the first failures."""
+    """The closing lines: counts, rate, truncated output, and the first failures."""
     elapsed = time.monotonic() - tally.started_at
     lines = [f"{tally.total} tasks: {tally.done} done, {tally.failed} failed in {elapsed:.2f}s "
              f"({tally.rate():.0f} tasks/s)"]
+    if tally.truncated:
+        what = "1 task had its output" if tally.truncated == 1 else f"{tally.truncated} tasks had output"
+        lines.append(truncation_warning(what, tally.caps, "--output-dir"))
     if tally.failures:
         lines.append(f"first failures (of {tally.failed}):")
         for rec in tally.failures:
             err = (rec.get("stderr") or "").strip().splitlines()
-            detail = f": {err[-1][:200]}" if err else ""
+            err_file = rec.get("outputs", {}).get(staging.STREAM_FILES["stderr"])
+            detail = f": {err[-1][:200]}" if err else f" (stderr in {err_file})" if err_file else ""
             lines.append(f"  line {rec['line']}: {rec['command'][:80]}  [{rec['reason']}]{detail}")
     return "\n".join(lines)

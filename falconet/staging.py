@@ -12,6 +12,11 @@ Spec (the task's staging field), msgpack; ``b""`` means no staging::
     {"in":  [[name, {"blob": "<sha256 hex>", "size": n} | {"s3": "s3://bucket/key"}], ...],
      "out": [[name, {"client": "/absolute/path"} | {"s3": "s3://bucket/key"}], ...]}
 
+An output map may also hold ``"stream": "stdout" | "stderr"``: the executor writes that stream
+of the command to the file ``name`` (not the command: it runs where it would without this
+output, unless the task has other inputs or outputs), uncapped, and delivers it whether or
+not the task succeeded.
+
 Result files (what the executor delivered), msgpack; ``b""`` means none::
 
     {"out": [[name, {"blob": sha, "size": n, "client": path} | {"s3": url, "size": n}], ...]}
@@ -40,6 +45,9 @@ from falconet.errors import FalconetError
 CHUNK_BYTES = 1 << 20  #: bytes per upload/download chunk between peers and the dispatcher
 MAX_LOCAL_FILE_BYTES = 256 << 20  #: per-file limit for files routed through the dispatcher
 MAX_NAME_CHARS = 4096
+STREAMS = ("stdout", "stderr")
+#: work-dir names of the files a command's redirected streams are written to
+STREAM_FILES = {"stdout": ".falconet-stdout", "stderr": ".falconet-stderr"}
 _HASH_CACHE_MAX = 4096
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _SPEC_KEYS = frozenset({"in", "out"})
@@ -109,14 +117,18 @@ class Input:
 
 @dataclass(frozen=True, slots=True)
 class Output:
-    """A file the task writes at `name`, delivered to a client path or an S3 object."""
+    """A file the task writes at `name`, delivered to a client path or an S3 object; with
+    `stream` ("stdout" or "stderr"), that stream of the command, delivered even on failure."""
 
     name: str
     client: str = ""
     s3: str = ""
+    stream: str = ""
 
     def __post_init__(self) -> None:
         check_name(self.name)
+        if self.stream and self.stream not in STREAMS:
+            raise StagingError(f"output {self.name!r}: stream {self.stream!r} is not stdout or stderr")
         if bool(self.client) == bool(self.s3):
             raise StagingError(f"output {self.name!r} needs exactly one destination: a client path or s3:// URL")
         if self.s3:
@@ -137,6 +149,9 @@ class StageSpec:
             names = [f.name for f in items]
             if len(set(names)) != len(names):
                 raise StagingError(f"two {kind}s share a name in {names!r}; give each its own")
+        streams = [o.stream for o in self.outputs if o.stream]
+        if len(set(streams)) != len(streams):
+            raise StagingError(f"two outputs take the same stream in {streams!r}; give each stream one file")
 
 
 def encode_spec(spec: StageSpec) -> bytes:
@@ -144,8 +159,13 @@ def encode_spec(spec: StageSpec) -> bytes:
     if not spec.inputs and not spec.outputs:
         return b""
     ins = [[i.name, {"blob": i.blob, "size": i.size} if i.blob else {"s3": i.s3}] for i in spec.inputs]
-    outs = [[o.name, {"client": o.client} if o.client else {"s3": o.s3}] for o in spec.outputs]
+    outs = [[o.name, _output_map(o)] for o in spec.outputs]
     return msgpack.packb({"in": ins, "out": outs}, use_bin_type=True)
+
+
+def _output_map(o: Output) -> dict:
+    dest = {"client": o.client} if o.client else {"s3": o.s3}
+    return {**dest, "stream": o.stream} if o.stream else dest
 
 
 def decode_spec(data: bytes) -> StageSpec:
@@ -191,10 +211,12 @@ def _decode_input(name: Any, src: dict) -> Input:
 
 
 def _decode_output(name: Any, dst: dict) -> Output:
-    _only(dst, {"client", "s3"}, f"output {name!r:.80}")
-    if len(dst) != 1 or not all(type(v) is str for v in dst.values()):
-        raise StagingError(f'output {name!r:.80} must be {{"client": path}} or {{"s3": url}}')
-    return Output(name, client=dst.get("client", ""), s3=dst.get("s3", ""))
+    _only(dst, {"client", "s3", "stream"}, f"output {name!r:.80}")
+    dest = {k: v for k, v in dst.items() if k != "stream"}
+    if len(dest) != 1 or not all(type(v) is str for v in dst.values()):
+        raise StagingError(f'output {name!r:.80} must be {{"client": path}} or {{"s3": url}}, '
+                           'with an optional "stream"')
+    return Output(name, client=dst.get("client", ""), s3=dst.get("s3", ""), stream=dst.get("stream", ""))
 
 
 def encode_result_files(files: Iterable[tuple[str, dict]]) -> bytes:
@@ -300,18 +322,37 @@ def _user_output(item: Any, cwd: str) -> Output:
     return Output(name, client=os.path.abspath(os.path.join(cwd, dest)))
 
 
+def _user_stream(stream: str, dest: Any, cwd: str) -> Output:
+    if not isinstance(dest, (str, os.PathLike)) or not str(dest):
+        raise StagingError(f"{stream}={dest!r:.80} must be a file path or an s3:// URL")
+    dest = os.fspath(dest)
+    if dest.startswith("s3://"):
+        return Output(STREAM_FILES[stream], s3=dest, stream=stream)
+    return Output(STREAM_FILES[stream], client=os.path.abspath(os.path.join(cwd, dest)), stream=stream)
+
+
 def spec_from_user(inputs: Iterable[Any] = (), outputs: Iterable[Any] = (), *,
+                   streams: dict[str, Any] | None = None,
                    cwd: str | None = None) -> tuple[StageSpec, dict[str, str]]:
     """Normalise a user's inputs/outputs into a spec and {sha256: local path} of blobs to upload.
 
     inputs: "path", "s3://bucket/key" or (name, path-or-url); outputs: "name" (delivered to
-    cwd/name), (name, "s3://bucket/key") or (name, client path).  Relative paths are taken
-    from cwd (default: the current directory).
+    cwd/name), (name, "s3://bucket/key") or (name, client path); streams: {"stdout" or
+    "stderr": client path or s3:// URL} for a command's streams sent to files.  Relative
+    paths are taken from cwd (default: the current directory).
     """
     cwd = os.path.abspath(cwd or os.getcwd())
     blobs: dict[str, str] = {}
     ins = tuple(_user_input(item, cwd, blobs) for item in inputs)
     outs = tuple(_user_output(item, cwd) for item in outputs)
+    streams = {k: v for k, v in (streams or {}).items() if v is not None}
+    if set(streams) - set(STREAMS):
+        raise StagingError(f"streams are stdout and stderr, not {sorted(set(streams) - set(STREAMS))}")
+    outs += tuple(_user_stream(k, v, cwd) for k, v in streams.items())
+    dests = [o.client or o.s3 for o in outs if o.stream]
+    if len(dests) == 2 and dests[0] == dests[1]:
+        raise StagingError(f"stdout and stderr both go to {dests[0]}; give each its own file, "
+                           "or write 2>&1 in the command to merge them")
     return StageSpec(ins, outs), blobs
 
 

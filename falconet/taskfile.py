@@ -2,7 +2,7 @@
 
 Blank lines and lines starting with ``#`` are skipped, except directives::
 
-    #falconet cpus=4 memory=8000 tag=gpu input=ref.fa input=s3://bucket/index retries=1 walltime=60
+    #falconet cpus=4 memory=8000 tag=gpu input=ref.fa input=s3://bucket/index retries=1 walltime=60 output-cap=10M
     align sample1.fq
     align sample2.fq
     #falconet reset
@@ -12,10 +12,11 @@ A directive sets the options of every following line up to the next directive; `
 reset`` (or a bare ``#falconet``) returns to no directive.  Keys: those of
 :func:`falconet.needs.parse_assignments` (cpus, memory in MB, arch, tag (repeatable), tags
 (comma list), where, prefer), ``input=PATH_OR_S3_URL`` (repeatable: a file put in each task's
-work dir under its base name), ``retries=N`` and ``walltime=S`` (0: no limit).  Values may be
+work dir under its base name), ``retries=N``, ``walltime=S`` (0: no limit) and
+``output-cap=SIZE`` (bytes of stdout and of stderr kept, e.g. 4000000 or 10M).  Values may be
 quoted as in the shell, and a ``# comment`` may end the line.  A directive replaces all of the
 requirements and inputs a run gives its lines by default (``falconet run --cpus ... --input
-...``); retries and walltime it does not set come from the run's options.
+...``); retries, walltime and output-cap it does not set come from the run's options.
 """
 
 from __future__ import annotations
@@ -25,22 +26,24 @@ import shlex
 from dataclasses import dataclass
 
 from falconet import needs as nd
+from falconet import tasks
 from falconet.errors import TaskFileError
 
 DIRECTIVE = "#falconet"
-_OWN_KEYS = ("input", "retries", "walltime")
+_OWN_KEYS = ("input", "retries", "walltime", "output-cap")
 _NEEDS_KEYS = ("cpus", "memory", "arch", "tag", "tags", "where", "prefer")
 _KEYS_TEXT = ", ".join(_NEEDS_KEYS + _OWN_KEYS)
 
 
 @dataclass(frozen=True, slots=True)
 class Options:
-    """What a directive sets for the lines after it (retries, walltime_s None: the run's)."""
+    """What a directive sets for the lines after it (retries, walltime_s, output_cap None: the run's)."""
 
     needs: nd.Needs = nd.PLAIN
     inputs: tuple[str, ...] = ()
     retries: int | None = None
     walltime_s: float | None = None
+    output_cap: int | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def directive(line: str) -> Options | None:
         return None
     if "reset" in words:
         raise ValueError("directive: 'reset' stands alone; put the new options on a directive of their own")
-    needs_words, inputs, retries, walltime_s = [], [], None, None
+    needs_words, inputs, own = [], [], {}
     for word in words:
         key, eq, value = word.partition("=")
         if key in _NEEDS_KEYS:
@@ -109,14 +112,16 @@ def directive(line: str) -> Options | None:
         elif key == "input":
             inputs.append(value)
         elif key == "retries":
-            retries = _whole(key, value)
+            own["retries"] = _whole(key, value)
+        elif key == "walltime":
+            own["walltime_s"] = _seconds(key, value)
         else:
-            walltime_s = _seconds(key, value)
+            own["output_cap"] = _size(key, value)
     try:
         requirements = nd.parse_assignments(needs_words)
     except ValueError as exc:
         raise ValueError(f"directive: {exc}") from None
-    return Options(requirements, tuple(inputs), retries, walltime_s)
+    return Options(requirements, tuple(inputs), **own)
 
 
 def _whole(key: str, value: str) -> int:
@@ -137,6 +142,13 @@ def _seconds(key: str, value: str) -> float:
     if not (s >= 0 and math.isfinite(s)):
         raise ValueError(f"directive: {key} must be seconds, 0 or more (0: no limit), not {value!r}")
     return s
+
+
+def _size(key: str, value: str) -> int:
+    try:
+        return tasks.parse_bytes(value)
+    except ValueError as exc:
+        raise ValueError(f"directive: {key}: {exc}") from None
 
 
 def _problem(line: str) -> str:

@@ -5,7 +5,8 @@ The dispatcher never looks inside these bytes.
 * command body: msgpack map ``{"cmd": str | [str], "env": {str: str} | nil,
   "cwd": str | nil, "stdin": bytes | nil, "cap": int}``; a string runs through
   ``/bin/sh -c``, a list is an argv.  ``cap`` bounds captured stdout and stderr each.
-* command output: msgpack ``[exit_code, stdout, stderr, truncated]``; a process killed by
+* command output: msgpack ``[exit_code, stdout, stderr, truncated]``; truncated is true when
+  stdout or stderr had more than ``cap`` bytes (the rest was dropped); a process killed by
   signal N has exit code -N, as in :mod:`subprocess`.
 * python body: msgpack ``[function, arguments]``, each a pickle; the function is
   cloudpickled once per function so executors can cache it, the arguments are
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import sys
 import sysconfig
 from collections.abc import Sequence
@@ -30,7 +32,33 @@ from falconet.errors import ProtocolError, RemoteTraceback
 
 DEFAULT_OUTPUT_CAP = 1 << 20  # bytes of stdout and of stderr kept per command
 
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmg])(?:i?b)?|b)?")
+
 _PLAIN = (int, float, str, bytes, bool, type(None))
+
+
+def parse_bytes(text: str) -> int:
+    """A size in bytes from '4000000', '64k', '10M', '1.5G' or '10MiB' (K, M, G: powers of 1024).
+
+    Raises ValueError saying what is accepted.
+    """
+    found = _SIZE.fullmatch(text.strip().lower())
+    if not found:
+        raise ValueError(f"{text!r} is not a size: give bytes, or a number with K, M or G "
+                         "(powers of 1024), e.g. 4000000 or 10M")
+    number, unit = found.groups()
+    scale = _UNITS[unit or ""]
+    return int(float(number) * scale) if "." in number else int(number) * scale
+
+
+def format_bytes(n: int) -> str:
+    """'1 MiB', '3.8 MiB', '64 KiB' or '100 bytes'."""
+    for shift, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if n >= 1 << shift:
+            whole = n % (1 << shift) == 0
+            return f"{n >> shift} {unit}" if whole else f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
 
 
 def encode_command(
@@ -105,8 +133,10 @@ class CommandResult:
     """What a command task produced; the value of a command future."""
 
     exit_code: int
-    stdout: str
-    stderr: str
+    stdout: str  #: "" when stdout went to a file (submit_command(stdout=...))
+    stderr: str  #: "" when stderr went to a file (submit_command(stderr=...))
+    #: stdout or stderr had more than the task's output_cap bytes (1 MiB each by default)
+    #: and was cut there; raise output_cap, or send the stream to a file to keep it whole
     truncated: bool = False
     executor: str = ""
     attempts: int = 0

@@ -105,7 +105,7 @@ def test_an_object_changed_during_the_fetch_is_not_cached(s3, bucket, cache, tmp
 
 
 def shell(cmd):
-    def run(workdir):
+    def run(workdir, _streams):
         proc = subprocess.run(["sh", "-c", cmd], cwd=workdir, capture_output=True)
         return (DONE if proc.returncode == 0 else FAILED), proc.stdout, ""
     return run
@@ -135,7 +135,7 @@ def test_run_staged_with_a_missing_s3_input_fails_before_running(s3, bucket, cac
     (tmp_path / "work").mkdir()
     state, _, reason, files, _ = run_staged(
         encode_spec(spec), work_root=str(tmp_path / "work"), cache=cache, outbox=str(tmp_path / "outbox"),
-        run=lambda wd: called.append(wd) or (DONE, b"", ""), s3=s3)
+        run=lambda wd, _streams: called.append(wd) or (DONE, b"", ""), s3=s3)
     assert (state, files, called) == (FAILED, b"", [])
     assert reason.startswith(f"input 'ref.fa' from s3://{bucket}/missing.fa: NoSuchKey")
 
@@ -148,3 +148,18 @@ def test_run_staged_reports_a_failed_s3_upload(s3, bucket, cache, tmp_path):
         run=shell("echo made > o.txt; echo ok"), s3=s3)
     assert (state, output, files) == (FAILED, b"ok\n", b"")
     assert reason.startswith("output 'o.txt' to s3://no-such-bucket-here/o.txt: NoSuchBucket")
+
+
+def test_a_failed_command_s_stderr_still_goes_up_to_s3(s3, bucket, cache, tmp_path):
+    from falconet import tasks
+    from falconet.executor import runner
+
+    spec = StageSpec((), (Output(".falconet-stderr", s3=f"s3://{bucket}/logs/1.err", stream="stderr"),))
+    body = tasks.decode_command(tasks.encode_command("echo why >&2; exit 5"))
+    (tmp_path / "work").mkdir()
+    state, _, reason, files, _ = run_staged(
+        encode_spec(spec), work_root=str(tmp_path / "work"), cache=cache, outbox=str(tmp_path / "outbox"),
+        run=lambda cwd, streams: runner.run_command(body, 0.0, cwd, streams), s3=s3)
+    assert (state, reason) == (FAILED, "exit code 5")
+    assert decode_result_files(files) == [(".falconet-stderr", {"s3": f"s3://{bucket}/logs/1.err", "size": 4})]
+    assert s3.get_object(Bucket=bucket, Key="logs/1.err")["Body"].read() == b"why\n"

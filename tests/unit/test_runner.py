@@ -49,6 +49,36 @@ def test_output_is_capped_and_marked_truncated():
     assert (state, code, len(out), truncated) == (DONE, 0, 1000, True)
 
 
+@pytest.mark.parametrize(("cmd", "expected"), [
+    ("head -c 1001 /dev/zero >&2", (0, 1000, True)),
+    ("head -c 1000 /dev/zero; head -c 1000 /dev/zero >&2", (1000, 1000, False)),  # exactly the cap: whole
+])
+def test_truncated_says_whether_either_stream_was_cut(cmd, expected):
+    _, _, out, err, truncated, _ = run_cmd(cmd, output_cap=1000)
+    assert (len(out), len(err), truncated) == expected
+
+
+def test_streams_sent_to_files_are_whole_and_the_rest_is_still_captured(tmp_path):
+    spec = tasks.decode_command(tasks.encode_command("head -c 3000000 /dev/zero; echo e >&2", output_cap=10))
+    state, output, reason = runner.run_command(spec, 0.0, None, {"stdout": str(tmp_path / "out")})
+    assert (state, reason) == (DONE, "")
+    assert tasks.decode_command_output(output) == (0, "", "e\n", False)
+    assert (tmp_path / "out").read_bytes() == bytes(3_000_000)
+
+
+def test_a_stream_file_that_cannot_be_opened_fails_the_task(tmp_path):
+    spec = tasks.decode_command(tasks.encode_command("true"))
+    state, _, reason = runner.run_command(spec, 0.0, None, {"stdout": str(tmp_path / "no/such/dir/out")})
+    assert state == FAILED and reason.startswith("could not open a file for the command's output")
+
+
+def test_only_commands_send_streams_to_files(tmp_path):
+    body = tasks.encode_python(tasks.pickle_function(abs), tasks.pickle_arguments((-1,), {}))
+    state, _, reason = runner.run(TaskKind.PYTHON, body, 0.0, runner.FunctionCache(),
+                                  streams={"stdout": str(tmp_path / "out")})
+    assert state == FAILED and "only command tasks" in reason
+
+
 def test_wall_time_kills_the_whole_process_group():
     state, code, out, _, _, reason = run_cmd("echo started; sleep 30 & sleep 30; echo never", walltime_s=0.3)
     assert state == FAILED and "wall time of 0.3s exceeded" in reason

@@ -347,7 +347,8 @@ def test_cache_add_file_moves_it_in_and_old_temp_files_are_cleaned(tmp_path):
 
 def shell(cmd):
     """A run callback that really runs a shell line in the work dir."""
-    def run(workdir):
+    def run(workdir, streams):
+        assert streams == {}
         proc = subprocess.run(["sh", "-c", cmd], cwd=workdir, capture_output=True)
         return (DONE if proc.returncode == 0 else FAILED), proc.stdout, "" if proc.returncode == 0 else "exit 1"
     return run
@@ -387,7 +388,7 @@ def test_a_missing_input_fails_before_the_run(dirs):
     spec = StageSpec((Input("ref.fa", blob=sha(b"absent"), size=6),), ())
     state, output, reason, files, counts = run_staged(
         encode_spec(spec), work_root=str(dirs["work"]), cache=cache, outbox=str(dirs["outbox"]),
-        run=lambda wd: called.append(wd) or (DONE, b"", ""))
+        run=lambda wd, streams: called.append(wd) or (DONE, b"", ""))
     assert (state, files, called) == (FAILED, b"", [])
     assert "input 'ref.fa'" in reason and "not in the executor's cache" in reason
     assert counts["misses"] == 1 and os.listdir(dirs["work"]) == []
@@ -413,6 +414,71 @@ def test_a_failed_run_delivers_nothing_and_a_bad_spec_fails(dirs):
     state, _, reason, _, _ = run_staged(b"\xc1", work_root=str(dirs["work"]), cache=cache,
                                         outbox=str(dirs["outbox"]), run=shell("true"))
     assert state == FAILED and reason.startswith("staging spec:")
+
+
+def test_stream_outputs_survive_the_wire_and_bad_ones_are_refused():
+    spec = StageSpec((), (Output(".falconet-stdout", client="/c/1.out", stream="stdout"),
+                          Output(".falconet-stderr", s3="s3://b/1.err", stream="stderr"), Output("o", client="/c/o")))
+    assert decode_spec(encode_spec(spec)) == spec
+    with pytest.raises(StagingError, match="not stdout or stderr"):
+        Output("x", client="/c/x", stream="stdin")
+    with pytest.raises(StagingError, match="same stream"):
+        StageSpec((), (Output("a", client="/c/a", stream="stdout"), Output("b", client="/c/b", stream="stdout")))
+    raw = msgpack.packb({"in": [], "out": [["x", {"stream": "stdout"}]]})
+    with pytest.raises(StagingError, match="optional \"stream\""):
+        decode_spec(raw)
+
+
+def test_spec_from_user_sends_streams_to_paths_or_s3(tmp_path):
+    spec, _ = spec_from_user(streams={"stdout": "logs/1.out", "stderr": "s3://b/1.err"}, cwd=str(tmp_path))
+    assert spec.outputs == (Output(".falconet-stdout", client=str(tmp_path / "logs/1.out"), stream="stdout"),
+                            Output(".falconet-stderr", s3="s3://b/1.err", stream="stderr"))
+    assert spec_from_user(streams={"stdout": None})[0] == StageSpec()
+    with pytest.raises(StagingError, match="both go to"):
+        spec_from_user(streams={"stdout": "same.txt", "stderr": "same.txt"}, cwd=str(tmp_path))
+    with pytest.raises(StagingError, match="streams are stdout and stderr"):
+        spec_from_user(streams={"stdin": "x"})
+
+
+def run_streams(cmd):
+    """A run callback that runs a shell line as the runner does, streams included."""
+    from falconet import tasks
+    from falconet.executor import runner
+
+    def run(cwd, streams):
+        return runner.run_command(tasks.decode_command(tasks.encode_command(cmd)), 0.0, cwd, streams)
+    return run
+
+
+def test_stream_outputs_run_where_plain_tasks_do_and_are_delivered_even_on_failure(dirs, tmp_path, monkeypatch):
+    from falconet import tasks
+
+    monkeypatch.chdir(tmp_path)
+    cache = InputCache(str(dirs["cache"]), max_bytes=1 << 20)
+    spec = StageSpec((), (Output(".falconet-stdout", client="/c/3.out", stream="stdout"),
+                          Output(".falconet-stderr", client="/c/3.err", stream="stderr")))
+    state, output, reason, files, _ = run_staged(
+        encode_spec(spec), work_root=str(dirs["work"]), cache=cache, outbox=str(dirs["outbox"]),
+        run=run_streams("pwd; head -c 3000000 /dev/zero; echo bad >&2; exit 4"))
+    assert (state, reason) == (FAILED, "exit code 4")
+    assert tasks.decode_command_output(output) == (4, "", "", False)  # nothing captured, nothing cut
+    got = {name: Path(info["path"]).read_bytes() for name, info in decode_result_files(files)}
+    assert got[".falconet-stdout"] == f"{tmp_path}\n".encode() + bytes(3_000_000)
+    assert got[".falconet-stderr"] == b"bad\n"
+    assert os.listdir(dirs["work"]) == []
+
+
+def test_a_stream_over_the_dispatcher_s_file_limit_fails_with_the_reason(dirs, monkeypatch):
+    import falconet.executor.staging as executor_staging
+
+    monkeypatch.setattr(executor_staging, "MAX_LOCAL_FILE_BYTES", 1000)
+    cache = InputCache(str(dirs["cache"]), max_bytes=1 << 20)
+    spec = StageSpec((), (Output(".falconet-stdout", client="/c/1.out", stream="stdout"),))
+    state, _, reason, files, _ = run_staged(
+        encode_spec(spec), work_root=str(dirs["work"]), cache=cache, outbox=str(dirs["outbox"]),
+        run=run_streams("head -c 2000 /dev/zero"))
+    assert (state, files) == (FAILED, b"")
+    assert reason.startswith("its stdout is 2000 bytes, over the 0 MiB limit") and "s3://" in reason
 
 
 # ---- the dispatcher's holds and streams -----------------------------------------------------

@@ -184,6 +184,17 @@ def test_tags_inputs_retries_and_walltime():
                                    ("ref.fa", "s3://bucket/idx", "my file.txt"), 0, 2.5)
 
 
+@pytest.mark.parametrize(("value", "cap"), [("4000000", 4_000_000), ("10M", 10 << 20), ("64KiB", 64 << 10)])
+def test_output_cap_takes_bytes_or_a_suffix(value, cap):
+    (line,) = taskfile.parse(f"#falconet output-cap={value}\necho a\n")
+    assert line.options == Options(output_cap=cap)
+
+
+def test_a_bad_output_cap_is_reported_with_file_and_line():
+    with pytest.raises(TaskFileError, match="t.txt:1: directive: output-cap: 'lots' is not a size"):
+        taskfile.parse("#falconet output-cap=lots\necho a\n", "t.txt")
+
+
 def test_lines_under_one_directive_share_its_options_object():
     lines = taskfile.parse("#falconet cpus=2\n" + "true\n" * 3)
     assert lines[0].options is lines[1].options is lines[2].options

@@ -99,6 +99,25 @@ def test_decode_command_defaults_a_missing_cap():
     assert spec.cap == tasks.DEFAULT_OUTPUT_CAP and spec.env is None and spec.stdin is None
 
 
+@pytest.mark.parametrize(("text", "size"), [
+    ("4000000", 4_000_000), ("0", 0), ("64k", 64 << 10), ("10M", 10 << 20), ("10MiB", 10 << 20),
+    ("10mb", 10 << 20), ("1.5G", 3 << 29), (" 2 M ", 2 << 20), ("100b", 100),
+])
+def test_sizes_are_bytes_or_powers_of_1024(text, size):
+    assert tasks.parse_bytes(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "M", "-1", "1T", "1e6", "nan", "ten"])
+def test_a_bad_size_says_what_is_accepted(text):
+    with pytest.raises(ValueError, match="K, M or G"):
+        tasks.parse_bytes(text)
+
+
+def test_sizes_read_back_in_the_largest_unit():
+    assert [tasks.format_bytes(n) for n in (1 << 20, 4_000_000, 64 << 10, 100, 3 << 30)] == [
+        "1 MiB", "3.8 MiB", "64 KiB", "100 bytes", "3 GiB"]
+
+
 # ---------------------------------------------------------------- command outputs
 
 
