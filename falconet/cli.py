@@ -223,12 +223,15 @@ def _task_options(cpus: int, memory: int, arch: str | None, tags: tuple[str, ...
               help="Write each task's stdout and stderr whole to DIR/LINE.out and DIR/LINE.err (LINE: "
                    "its line number), even when it fails, instead of keeping them in its result; "
                    "no cap, but files through the dispatcher are limited to 256 MiB (use s3:// for more).")
+@click.option("--show-output", is_flag=True, show_envvar=True,
+              help="Print each task's stdout on stdout as it finishes, every line prefixed with "
+                   "[LINE], the task's line number in TASKFILE.")
 @click.option("--quiet", "-q", is_flag=True, show_envvar=True, help="No progress bar.")
 @requirement_options(" Lines under a #falconet directive use the directive's instead.")
 @client_keys
 def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provision: str | None,
         provision_config: str | None, results: Any, retries: int, walltime: float, output_cap: int,
-        output_dir: str | None, quiet: bool, **requirements: Any) -> None:
+        output_dir: str | None, show_output: bool, quiet: bool, **requirements: Any) -> None:
     """Run every line of TASKFILE as a shell command ('-' reads standard input).
 
     \b
@@ -272,7 +275,7 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
     def go(client: Client) -> None:
         runfile.run_tasks(client, lines, tally, results=results, progress=progress, retries=retries,
                           walltime_s=walltime, output_cap=output_cap, output_dir=output_dir,
-                          defaults=defaults)
+                          defaults=defaults, show_output=sys.stdout if show_output else None)
 
     try:
         if dispatcher:

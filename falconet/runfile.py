@@ -136,12 +136,14 @@ def check_inputs(lines: list[TaskLine], defaults: Options | None, source: str) -
 def run_tasks(client: Client, lines: list[TaskLine], tally: Tally, *, results: IO[str] | None = None,
               progress: IO[str] | None = sys.stderr, retries: int | None = None,
               walltime_s: float | None = None, output_cap: int | None = None,
-              output_dir: str | None = None, defaults: Options | None = None) -> Tally:
+              output_dir: str | None = None, defaults: Options | None = None,
+              show_output: IO[str] | None = None) -> Tally:
     """Run every line as a shell command and wait for all of them, counting into tally.
 
     defaults: the requirements and inputs of lines without a directive; retries, walltime_s
     and output_cap: of lines whose directive does not set them; output_dir: where each
-    line's stdout and stderr go whole (see stream_files), instead of its record.
+    line's stdout and stderr go whole (see stream_files), instead of its record;
+    show_output: where each task's stdout is written as it finishes, its lines tagged.
     """
     finished: queue.SimpleQueue = queue.SimpleQueue()
     submit_runs(client, lines, lambda f, ln, n, cap: finished.put((f, ln, n, cap)), defaults=defaults,
@@ -158,6 +160,8 @@ def run_tasks(client: Client, lines: list[TaskLine], tally: Tally, *, results: I
             tally.count(rec, cap)
             if results is not None:
                 results.write(json.dumps(rec) + "\n")
+            if show_output is not None and rec["stdout"]:
+                bar.above(lambda r=rec: _show(show_output, tagged(r["line"], r["stdout"])))
             try:
                 item = finished.get_nowait()
             except queue.Empty:
@@ -165,6 +169,17 @@ def run_tasks(client: Client, lines: list[TaskLine], tally: Tally, *, results: I
         bar.update(client)
     bar.close()
     return tally
+
+
+def tagged(line: int, text: str) -> str:
+    """text with each of its lines prefixed by the task's line number, as '[12] ...'."""
+    tag = f"[{line}] "
+    return "".join(tag + ln for ln in text.splitlines(keepends=True)) + ("" if text.endswith("\n") else "\n")
+
+
+def _show(out: IO[str], text: str) -> None:
+    out.write(text)
+    out.flush()  # as each task finishes, also into a pipe
 
 
 def output_spec(text: str) -> str | tuple[str, str]:
@@ -289,6 +304,15 @@ class Progress:
             self.note("waiting for executors: none is connected to the dispatcher yet")
         for u in status.get("unschedulable", []):
             self.note(f"unschedulable: {u['count']} tasks can never run here: {u['reason']}", key=u["reason"])
+
+    def above(self, write: Callable[[], Any]) -> None:
+        """Call write (which prints elsewhere, e.g. on stdout) with the bar out of its way."""
+        if self.tty:
+            self.out.write("\r\x1b[K")  # type: ignore[union-attr]
+            self.out.flush()  # type: ignore[union-attr]
+        write()
+        if self.tty:
+            self._draw(end="")
 
     def note(self, text: str, key: str = "") -> None:
         """Print text above the bar, once for each key (the text itself by default)."""

@@ -173,3 +173,14 @@ def test_status_counts_started_tasks_as_running_and_memory_in_mb(cluster, tmp_pa
     assert cells["MEMORY"] == "3000MB" and cells["RUNNING"] == "2" and cells["ASSIGNED"] == "4"
     rows = json.loads(falconet("executors", "--dispatcher", cluster.client_address, "--json").stdout)
     assert rows[0]["memory_mb"] == 3000
+
+
+def test_run_show_output_prints_each_task_s_stdout_tagged_with_its_line(tmp_path):
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("# two tasks\necho one\nprintf 'a\\nb'\necho silent >&2\n")
+    res = falconet("run", str(tasks), "--local", "2", "--show-output", "-q")
+    assert res.returncode == 0, res.stderr
+    assert sorted(res.stdout.splitlines()) == ["[2] one", "[3] a", "[3] b"]
+    assert res.stdout.index("[3] a") + len("[3] a\n") == res.stdout.index("[3] b")  # a task's lines together
+    quiet = falconet("run", str(tasks), "--local", "2", "-q")
+    assert quiet.returncode == 0 and quiet.stdout == ""
