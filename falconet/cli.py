@@ -275,7 +275,8 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
     def go(client: Client) -> None:
         runfile.run_tasks(client, lines, tally, results=results, progress=progress, retries=retries,
                           walltime_s=walltime, output_cap=output_cap, output_dir=output_dir,
-                          defaults=defaults, show_output=sys.stdout if show_output else None)
+                          defaults=defaults, show_output=sys.stdout if show_output else None,
+                          provisioned=bool(provision))
 
     try:
         if dispatcher:

@@ -28,6 +28,7 @@ from falconet.errors import DispatcherUnavailable, FalconetError, TaskFileError
 from falconet.taskfile import Options, TaskLine
 
 SHOW_FAILURES = 10
+NO_EXECUTOR_NOTE_S = 3.0  #: without executors this long, the bar says so (they may be starting)
 NO_OPTIONS = Options()
 
 
@@ -137,18 +138,19 @@ def run_tasks(client: Client, lines: list[TaskLine], tally: Tally, *, results: I
               progress: IO[str] | None = sys.stderr, retries: int | None = None,
               walltime_s: float | None = None, output_cap: int | None = None,
               output_dir: str | None = None, defaults: Options | None = None,
-              show_output: IO[str] | None = None) -> Tally:
+              show_output: IO[str] | None = None, provisioned: bool = False) -> Tally:
     """Run every line as a shell command and wait for all of them, counting into tally.
 
     defaults: the requirements and inputs of lines without a directive; retries, walltime_s
     and output_cap: of lines whose directive does not set them; output_dir: where each
     line's stdout and stderr go whole (see stream_files), instead of its record;
-    show_output: where each task's stdout is written as it finishes, its lines tagged.
+    show_output: where each task's stdout is written as it finishes, its lines tagged;
+    provisioned: a provisioner starts the executors (the bar says so while there are none).
     """
     finished: queue.SimpleQueue = queue.SimpleQueue()
     submit_runs(client, lines, lambda f, ln, n, cap: finished.put((f, ln, n, cap)), defaults=defaults,
                 retries=retries, walltime_s=walltime_s, output_cap=output_cap, output_dir=output_dir)
-    bar = Progress(progress, tally)
+    bar = Progress(progress, tally, provisioned=provisioned)
     while tally.finished < tally.total:
         try:
             item = finished.get(timeout=0.2)
@@ -277,11 +279,12 @@ class Progress:
     reason) and that no executor is there yet, so that a bar that does not move says why.
     """
 
-    def __init__(self, out: IO[str] | None, tally: Tally):
+    def __init__(self, out: IO[str] | None, tally: Tally, provisioned: bool = False):
         self.out, self.tally = out, tally
         self.tty = bool(out and out.isatty())
         self.last_draw = self.last_status = 0.0
         self.noted: set[str] = set()
+        self.provisioned = provisioned
 
     def update(self, client: Client) -> None:
         if self.out is None:
@@ -301,7 +304,10 @@ class Progress:
         counts = status.get("client", {})
         self.tally.running = counts.get("running", 0)  # started ones: not those held for a slot
         if not status.get("executors") and self.tally.finished < self.tally.total:
-            self.note("waiting for executors: none is connected to the dispatcher yet")
+            if self.provisioned:
+                self.note("starting executors: the provisioner adds them while work waits")
+            elif time.monotonic() - self.tally.started_at >= NO_EXECUTOR_NOTE_S:
+                self.note("waiting for executors: none is connected to the dispatcher yet")
         for u in status.get("unschedulable", []):
             self.note(f"unschedulable: {u['count']} tasks can never run here: {u['reason']}", key=u["reason"])
 

@@ -64,7 +64,7 @@ def test_an_embedded_run_fails_unschedulable_tasks_at_once(tmp_path: Path) -> No
     assert "2 tasks: 1 done, 1 failed" in run.stderr
 
 
-def test_provisioned_run_says_it_waits_for_executors_and_starts_one_before_the_interval(tmp_path: Path) -> None:
+def test_provisioned_run_says_it_starts_executors_and_starts_one_before_the_interval(tmp_path: Path) -> None:
     tasks = tmp_path / "tasks.txt"
     tasks.write_text("echo hi\n")
     # With a 60 s interval between rounds, the first executor still comes at once: a
@@ -73,5 +73,23 @@ def test_provisioned_run_says_it_waits_for_executors_and_starts_one_before_the_i
                          capture_output=True, text=True, timeout=45, cwd=tmp_path,
                          env={**os.environ, "FALCONET_PROVISIONER_INTERVAL": "60"})
     assert run.returncode == 0, run.stderr
-    assert "waiting for executors: none is connected to the dispatcher yet" in run.stderr
+    assert "starting executors: the provisioner adds them while work waits" in run.stderr
     assert "1 tasks: 1 done, 0 failed" in run.stderr
+
+
+def test_run_on_a_dispatcher_without_executors_says_so_and_goes_on_when_one_joins(cluster, tmp_path: Path) -> None:
+    cluster.start_dispatcher()
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("echo one\necho two\n")
+    run = subprocess.Popen([*spawn.falconet(), "run", str(tasks), "--dispatcher", cluster.client_address],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    try:
+        _read_until(run, "waiting for executors: none is connected to the dispatcher yet")
+        cluster.start_executor("late", 1)
+        _, rest = run.communicate(timeout=60)
+        assert run.returncode == 0 and "2 tasks: 2 done, 0 failed" in rest, rest
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
