@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+from falconet import address
 from falconet.client import Client
 from falconet.local import LocalCluster, _signal_all, _wait_all, read_lines, session, start_child
 
@@ -28,6 +29,8 @@ class ElasticCluster:
     def __init__(self, backend: str = "local", *, dispatcher: str | None = None,
                  host: str = "127.0.0.1", insecure: bool = False, log_dir: str | None = None,
                  start_timeout_s: float = 60.0, **options: Any):
+        if dispatcher is not None:
+            dispatcher = address.parse(dispatcher).url  # AddressError here, not in the child's log
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="falconet-elastic-")
         self.local: LocalCluster | None = None
         self.provisioner: subprocess.Popen | None = None
