@@ -256,7 +256,10 @@ class Core:
             return
         client = self.clients.get(peer)
         if client is None or not client.welcomed:
-            self.to_clients.append((peer, p.Refused(f"{p.HELLO_FIRST}: this dispatcher does not know this client")))
+            if type(msg) in p.EXECUTOR_ONLY:
+                self.to_clients.append((peer, self._wrong_port("client")))
+            else:
+                self.to_clients.append((peer, p.Refused(f"{p.HELLO_FIRST}: this dispatcher does not know this client")))
             return
         if type(msg) is p.Submit:
             self._submit(client, msg)
@@ -273,6 +276,11 @@ class Core:
             self.fleet_reports += 1
         else:
             self.to_clients.append((peer, p.Refused(f"{type(msg).__name__} is not a client message")))
+
+    def _wrong_port(self, here: str) -> p.Refused:
+        """The refusal for a peer of the other kind, naming the port it should use."""
+        other = "executor" if here == "client" else "client"
+        return p.Refused(p.wrong_port(here, self.endpoints.get(other, "").rpartition(":")[2]))
 
     def _hello(self, peer: bytes, msg: p.Hello) -> None:
         reason = p.check_version(msg.version)
@@ -411,7 +419,9 @@ class Core:
             self._register(peer, msg, ex, now)
             return
         if ex is None:
-            if type(msg) is not p.Bye:
+            if type(msg) in p.CLIENT_ONLY:
+                self.to_executors.append((peer, self._wrong_port("executor")))
+            elif type(msg) is not p.Bye:
                 self.to_executors.append((peer, p.Reregister("unknown executor (declared lost, or the dispatcher restarted)")))
             return
         ex.last_seen = now

@@ -27,8 +27,9 @@ from typing import Any
 
 import zmq
 
+from falconet import address as addresses
+from falconet import link, spawn, staging
 from falconet import protocol as p
-from falconet import spawn, staging
 from falconet.errors import FalconetError, ProtocolError
 from falconet.executor import host, pipes
 from falconet.executor.staging import InputCache
@@ -43,6 +44,8 @@ MAX_BACKLOG = 1024
 MAX_REPORT = 4096  # results per Report message
 PIPELINE_BELOW_S = 0.05  # mean task time under which slots get their next chunk early
 COMMAND_GRACE_S = 5.0  # a command's own slot enforces its wall time; this is the backstop
+FIRST_COMPLAINT_S = 5.0  # not registered after this long: say why in the log...
+COMPLAINT_EVERY_S = 30.0  # ...and again this often while it lasts
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ class Executor:
     def __init__(self, config: ExecutorConfig):
         if config.slots < 1:
             raise ValueError(f"an executor needs at least one slot, not {config.slots}")
+        self.target = addresses.parse(config.dispatcher)  # AddressError before any socket
         self.config = config
         self.id = config.executor_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.ctx = zmq.Context()
@@ -146,7 +150,8 @@ class Executor:
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
         if config.credentials is not None:
             config.credentials.apply(self.sock)
-        self.sock.connect(config.dispatcher)
+        self.link = link.LinkWatch(self.sock)  # read while unregistered, to say why
+        addresses.connect(self.sock, self.target)
         self.cpus = config.cpus or host.cpus()
         self._setup_staging()
         self.slots = [Slot(i, self.staging_args) for i in range(config.slots)]
@@ -165,6 +170,7 @@ class Executor:
         now = time.monotonic()
         self.heard = self.spoke = self.last_busy = now
         self.next_register, self.backoff_s = now, 0.1
+        self.unregistered_since, self.next_complaint = now, now + FIRST_COMPLAINT_S
         self.drain_requested = self.stop_requested = False
         self._facts = {**host.facts(), **config.facts}
         self._facts["tags"] = sorted({*config.tags, *self._facts.get("tags", [])})
@@ -207,13 +213,14 @@ class Executor:
         self.poller.register(self.sock, zmq.POLLIN)
         for slot in self.slots:
             self.poller.register(slot.rfd, zmq.POLLIN)
-        log.info("executor %s: %d slots, dispatcher %s", self.id, len(self.slots), self.config.dispatcher)
+        log.info("executor %s: %d slots, dispatcher %s", self.id, len(self.slots), self.target.url)
         try:
             while self.phase is not Phase.DONE and not self.stop_requested:
                 self._turn()
         finally:
             for slot in self.slots:
                 slot.close(kill=self.stop_requested)
+            self.link.close()
             self.sock.close()
             self.ctx.term()
             if self.temp_root:
@@ -270,7 +277,8 @@ class Executor:
                 self._abandon_work("the dispatcher restarted")
             self.session = msg.dispatcher_id
             if not self.registered:
-                log.info("registered with the dispatcher at %s", self.config.dispatcher)
+                log.info("registered with the dispatcher at %s", self.target.url)
+                self.link.update()  # drop the events of the attempts before
             self.registered, self.asked, self.backoff_s = True, 0, 0.1
             self._refetch(now, only_stalled=False)  # chunks in flight before were lost with the link
             self.heartbeat_interval_s = msg.heartbeat_interval_s
@@ -281,12 +289,15 @@ class Executor:
         elif kind is p.Reregister:
             log.info("dispatcher asks to register again: %s", msg.reason)
             self._abandon_work("the dispatcher no longer counts this executor's tasks as ours")
-            self.registered, self.next_register = False, now
+            self._unregistered(now)
         elif kind is p.Leave:
             if self.phase is Phase.ACTIVE:
                 self._begin_drain(f"released by the dispatcher: {msg.reason}")
         elif kind is p.Refused:
-            log.error("the dispatcher refused this executor: %s", msg.reason)
+            if msg.reason.startswith(p.WRONG_PORT):
+                log.error("%s", p.refusal_text(msg.reason, self.target.url))
+            else:
+                log.error("the dispatcher refused this executor: %s", msg.reason)
             self.exit_code, self.phase = 1, Phase.DONE
         elif kind is not p.Heartbeat:
             log.warning("ignored %s: not a message for executors", kind.__name__)
@@ -430,7 +441,9 @@ class Executor:
             return
         if self.registered and now - self.heard > self.heartbeat_timeout_s:
             log.warning("no word from the dispatcher for %.1fs; registering again", now - self.heard)
-            self.registered, self.next_register = False, now
+            self._unregistered(now)
+        if not self.registered:
+            self._complain(now)
         if not self.registered and now >= self.next_register:
             self._register(now)
         elif self.registered and now - self.spoke >= self.heartbeat_interval_s:
@@ -447,6 +460,25 @@ class Executor:
         elif self.config.idle_timeout_s and now - self.last_busy > self.config.idle_timeout_s:
             self.left_idle = True
             self._begin_drain(f"idle for {self.config.idle_timeout_s:g}s")
+
+    def _unregistered(self, now: float) -> None:
+        """Registration is lost: register again now, and complain if it takes long."""
+        self.registered, self.next_register = False, now
+        self.unregistered_since, self.next_complaint = now, now + FIRST_COMPLAINT_S
+
+    def _complain(self, now: float) -> None:
+        """While registration fails, say why in the log: once after a few seconds, then
+        every COMPLAINT_EVERY_S (never more often)."""
+        state = self.link.update()
+        if now < self.next_complaint:
+            return
+        self.next_complaint = now + COMPLAINT_EVERY_S
+        why = link.explain(state, "executor", self.config.credentials is not None)
+        log.warning("still not registered with %s after %.0fs: %s", self.target.url,
+                    now - self.unregistered_since, why)
+        if self.link.stopped:  # libzmq gave up (a refused key): try again, as a key authorised
+            self.sock.disconnect(self.target.url)  # meanwhile ('falconet keys add') gets in
+            addresses.connect(self.sock, self.target)
 
     def _begin_drain(self, why: str) -> None:
         log.info("executor %s leaving (%s): finishing %d running tasks, handing back %d",

@@ -8,6 +8,7 @@
 from falconet.client import Client, FalconetExecutor, TaskFuture
 from falconet.elastic import ElasticCluster, provision
 from falconet.errors import (
+    AddressError,
     DispatcherUnavailable,
     FalconetError,
     ProtocolError,
@@ -20,7 +21,7 @@ from falconet.tasks import CommandResult
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client", "CommandResult", "DispatcherUnavailable", "ElasticCluster", "FalconetError",
+    "AddressError", "Client", "CommandResult", "DispatcherUnavailable", "ElasticCluster", "FalconetError",
     "FalconetExecutor", "LocalCluster", "ProtocolError", "RefusedError", "TaskError", "TaskFuture",
     "local", "provision",
 ]

@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from falconet.errors import FalconetError, TaskFileError
+from falconet.errors import AddressError, FalconetError, TaskFileError
 
 CONTEXT = {"auto_envvar_prefix": "FALCONET", "show_default": True, "help_option_names": ["-h", "--help"]}
 
@@ -115,7 +115,35 @@ def _to_env(var: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
     return callback
 
 
+class OneLineError(click.UsageError):
+    """A usage error shown as one line, 'error: ...', without the usage text (exit status 2)."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _check_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An address option's value, checked; a wrong one is one line naming where it came from."""
+    if value is None:
+        return None
+    from falconet import address
+
+    try:
+        return address.parse(value).url
+    except AddressError as exc:
+        raise OneLineError(f"{_given_as(ctx, param)}: {exc}") from None
+
+
+def _given_as(ctx: click.Context, param: click.Parameter) -> str:
+    """The option, or the environment variable its value came from."""
+    name = param.name or ""
+    if ctx.get_parameter_source(name) is not click.core.ParameterSource.ENVIRONMENT:
+        return param.opts[0]
+    return param.envvar if isinstance(param.envvar, str) else f"{ctx.auto_envvar_prefix}_{name.upper()}"
+
+
 client_address = click.option("--dispatcher", required=True, show_envvar=True, metavar="tcp://HOST:PORT",
+                              callback=_check_address,
                               help="The dispatcher's client address (the 'client:' line it printed).")
 
 
@@ -204,7 +232,7 @@ def _task_options(cpus: int, memory: int, arch: str | None, tags: tuple[str, ...
 @click.option("--local", "local_slots", type=click.IntRange(min=1), default=None, show_envvar=True,
               help="Start an embedded dispatcher with this many local executor slots "
                    "[default: the number of CPUs, when --dispatcher is not given].")
-@click.option("--dispatcher", default=None, show_envvar=True, metavar="tcp://HOST:PORT",
+@click.option("--dispatcher", default=None, show_envvar=True, metavar="tcp://HOST:PORT", callback=_check_address,
               help="Run on an existing dispatcher (its client address).")
 @click.option("--provision", type=click.Choice(["local", "ec2"]), default=None, show_envvar=True,
               help="Start an embedded dispatcher and a provisioner that grows executors with the "
@@ -496,7 +524,7 @@ def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interv
 
 
 @main.command()
-@click.option("--dispatcher", default=None, show_envvar=True, metavar="tcp://HOST:PORT",
+@click.option("--dispatcher", default=None, show_envvar=True, metavar="tcp://HOST:PORT", callback=_check_address,
               help="The dispatcher's executor address (the 'executor:' line it printed); "
                    "required unless --from-instance-metadata.")
 @click.option("--slots", type=click.IntRange(min=1), default=None, show_envvar=True,
@@ -598,7 +626,11 @@ def executor(dispatcher: str | None, slots: int | None, idle_timeout: float | No
                                   executor_id=executor_id, facts=facts, credentials=creds,
                                   cpus=cpus or 0, memory_mb=memory or 0, tags=tags,
                                   work_dir=work_dir, cache_mb=cache_mb)
-    ex = agent.Executor(config)
+    try:
+        ex = agent.Executor(config)
+    except FalconetError as exc:  # a configuration error, such as a bad address: no traceback
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(78)
     signal.signal(signal.SIGTERM, ex.request_drain)
     signal.signal(signal.SIGINT, ex.request_drain)
     _watch_parent(parent_pid, ex.request_stop)  # the embedded run that wanted the results is gone
@@ -631,7 +663,7 @@ def _config_file(ctx: click.Context, _param: click.Parameter, path: str | None) 
 @click.option("--config", type=click.Path(dir_okay=False, exists=True), callback=_config_file,
               is_eager=True, expose_value=False, show_envvar=True,
               help="TOML file whose [provisioner] table gives defaults for these options.")
-@click.option("--dispatcher", required=True, show_envvar=True, metavar="tcp://HOST:PORT",
+@click.option("--dispatcher", required=True, show_envvar=True, metavar="tcp://HOST:PORT", callback=_check_address,
               help="The dispatcher's client address.")
 @click.option("--backend", type=click.Choice(["local", "ec2"]), default="local", show_envvar=True,
               help="Where executors run: processes on this machine, or EC2 instances.")
@@ -665,6 +697,7 @@ def _config_file(ctx: click.Context, _param: click.Parameter, path: str | None) 
 @click.option("--slots", type=click.IntRange(min=1), default=None, show_envvar=True,
               help="Slots per executor [default: its CPUs].")
 @click.option("--executor-address", default=None, show_envvar=True, metavar="tcp://HOST:PORT",
+              callback=_check_address,
               help="Where executors reach the dispatcher [default: its executor port as it reports it].")
 @click.option("--executor-idle-timeout", type=click.FloatRange(min=0), default=None, show_envvar=True,
               help="Executors leave by themselves after this long idle, a safety net should the "

@@ -23,10 +23,18 @@ from typing import Any
 
 import zmq
 
-from falconet import keys, staging, tasks
+from falconet import address as addresses
+from falconet import keys, link, staging, tasks
 from falconet import needs as nd
 from falconet import protocol as p
-from falconet.errors import DispatcherUnavailable, FalconetError, ProtocolError, RefusedError, TaskError
+from falconet.errors import (
+    AddressError,
+    DispatcherUnavailable,
+    FalconetError,
+    ProtocolError,
+    RefusedError,
+    TaskError,
+)
 
 log = logging.getLogger("falconet.client")
 
@@ -76,9 +84,10 @@ class Client:
         for a dispatcher started with --keys (default: $FALCONET_DISPATCHER_KEY, $FALCONET_KEY)."""
         address = address or os.environ.get("FALCONET_DISPATCHER")
         if not address:
-            raise ValueError("no dispatcher address: pass one (tcp://host:port, the dispatcher's "
-                             "client address) or set FALCONET_DISPATCHER")
-        self.address = address
+            raise AddressError("no dispatcher address: pass one (tcp://HOST:PORT, the dispatcher's "
+                               "client address) or set FALCONET_DISPATCHER")
+        self._target = addresses.parse(address)  # AddressError before any thread
+        self.address = self._target.url
         self._credentials = keys.credentials(dispatcher_key, key)  # KeyFileError before any thread
         self.id = uuid.uuid4().hex
         self.name = name or f"pid-{os.getpid()}"
@@ -109,6 +118,7 @@ class Client:
         self._awake = False
         self._closed = False
         self._welcome: cf.Future = cf.Future()
+        self._link = link.Link.UNKNOWN  # what connecting came to, until the Welcome
         self.max_batch = 10_000
         self.max_message_bytes = 256 << 20
         self.max_output_bytes = 0  #: the dispatcher's --max-output-bytes (0: not announced)
@@ -119,11 +129,9 @@ class Client:
             welcome = self._welcome.result(timeout=connect_timeout_s)
         except cf.TimeoutError:
             self.close()
-            hint = (" If it uses keys, check that --dispatcher-key is its dispatcher.key and that this "
-                    "client's key is in its authorized/clients folder." if self._credentials else "")
+            why = link.explain(self._link, "client", self._credentials is not None)
             raise DispatcherUnavailable(
-                f"no dispatcher answered at {address} within {connect_timeout_s:g}s; is it running, "
-                f"and is this its client address (the 'client:' line it printed)?{hint}") from None
+                f"no dispatcher answered at {self.address} within {connect_timeout_s:g}s; {why}") from None
         except Exception:
             self.close()
             raise
@@ -328,15 +336,20 @@ class Client:
         sock.setsockopt(zmq.RCVHWM, 0)
         if self._credentials is not None:
             self._credentials.apply(sock)
-        sock.connect(self.address)
-        sock.send(p.encode(p.Hello(p.PROTOCOL_VERSION, self.id, self.name)))
+        watch: link.LinkWatch | None = None  # until the Welcome: why the dispatcher is silent
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         self._heard = self._pinged = time.monotonic()
         try:
+            watch = link.LinkWatch(sock)
+            poller.register(watch.socket, zmq.POLLIN)
+            addresses.connect(sock, self._target)
+            sock.send(p.encode(p.Hello(p.PROTOCOL_VERSION, self.id, self.name)))
             while not self._closed:
                 ready = dict(poller.poll(500))
+                if watch is not None and (watch.socket in ready or self._welcome.done()):
+                    watch = self._watch_link(watch, poller)
                 if self._wake_r in ready:
                     os.read(self._wake_r, 4096)
                     self._send_waiting(sock)
@@ -347,9 +360,25 @@ class Client:
             self._send_waiting(sock)  # what was submitted or cancelled before close() goes out
         except Exception as exc:  # the thread's boundary: fail every waiter, do not hang them
             log.exception("the falconet client thread failed")
+            if not self._welcome.done():
+                self._welcome.set_exception(exc)
             self._fail_all(exc)
         finally:
+            if watch is not None:
+                watch.close()
             sock.close(linger=1000)  # let those last messages reach a live dispatcher
+
+    def _watch_link(self, watch: link.LinkWatch, poller: zmq.Poller) -> link.LinkWatch | None:
+        """Follow the connection until the Welcome; give up at once when waiting cannot help."""
+        self._link = watch.update()
+        if not self._welcome.done() and watch.hopeless:
+            why = link.explain(self._link, "client", self._credentials is not None)
+            self._welcome.set_exception(DispatcherUnavailable(f"cannot connect to {self.address}: {why}"))
+        if not self._welcome.done():
+            return watch
+        poller.unregister(watch.socket)
+        watch.close()
+        return None
 
     def _send_waiting(self, sock: zmq.Socket) -> None:
         with self._lock:
@@ -455,7 +484,7 @@ class Client:
             if msg.reason.startswith(p.HELLO_FIRST):  # a restarted dispatcher
                 self._hello(sock, time.monotonic())
             elif not self._welcome.done():
-                self._welcome.set_exception(RefusedError(msg.reason))
+                self._welcome.set_exception(RefusedError(p.refusal_text(msg.reason, self.address)))
             else:
                 log.error("the dispatcher refused a request: %s", msg.reason)
 

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+from falconet import address
 from falconet.client import Client
 from falconet.local import (
     LocalCluster,
@@ -37,6 +38,8 @@ class ElasticCluster:
     def __init__(self, backend: str = "local", *, dispatcher: str | None = None,
                  host: str = "127.0.0.1", insecure: bool = False, log_dir: str | None = None,
                  start_timeout_s: float = 60.0, **options: Any):
+        if dispatcher is not None:
+            dispatcher = address.parse(dispatcher).url  # AddressError here, not in the child's log
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="falconet-elastic-")
         self.own_log_dir = log_dir is None  #: removed by a clean stop(), kept after a failure
         self.local: LocalCluster | None = None

@@ -38,6 +38,10 @@ class TaskFileError(FalconetError):
     """A task file line that cannot be read; the message names the line."""
 
 
+class AddressError(FalconetError, ValueError):
+    """An address that is not tcp://HOST:PORT; the message shows a right one."""
+
+
 class DispatcherUnavailable(FalconetError):
     """The dispatcher did not answer within the timeout."""
 

@@ -41,6 +41,15 @@ A message from an executor the dispatcher does not know (declared lost, or a res
 dispatcher) is answered by ``Reregister``; its results are accepted only if the task's
 current attempt is the one it reports, so every task has exactly one result.
 
+Wrong port::
+
+    Register, or another message only executors send, on the client port  -> Refused(WRONG_PORT...)
+    Hello, or another message only clients send, on the executor port     -> Refused(WRONG_PORT...)
+
+from a peer the port does not know.  The reason reads ``"wrong port: this is the
+dispatcher's client port; executors connect to its executor port, 5556 (...)"``; a peer
+shows it with the address it used in place of ``"wrong port: this"`` (:func:`refusal_text`).
+
 Blobs (either port)::
 
     PutBlob(digest, offset, total, data)  chunks of a file, in order; stored once verified
@@ -73,6 +82,8 @@ PROTOCOL_VERSION = 3  # 2: Ack, results kept until acknowledged; 3: needs, stagi
 
 #: Refused.reason prefix for a client the dispatcher does not know: it should say Hello.
 HELLO_FIRST = "say Hello first"
+#: Refused.reason prefix for a message that belongs on the dispatcher's other port.
+WRONG_PORT = "wrong port: this is"
 
 
 class MsgType(enum.IntEnum):
@@ -577,6 +588,8 @@ BLOB_MESSAGES = frozenset({PutBlob, GetBlob, DropBlobs})
 CLIENT_TO_DISPATCHER = frozenset({Hello, Submit, Cancel, Ack, StatusRequest, Release, FleetReport,
                                   *BLOB_MESSAGES})
 EXECUTOR_TO_DISPATCHER = frozenset({Register, Report, Drain, Bye, Heartbeat, PutBlob, GetBlob})
+CLIENT_ONLY = CLIENT_TO_DISPATCHER - EXECUTOR_TO_DISPATCHER - BLOB_MESSAGES  #: refused on the executor port
+EXECUTOR_ONLY = EXECUTOR_TO_DISPATCHER - CLIENT_TO_DISPATCHER  #: refused on the client port
 
 # ---------------------------------------------------------------- codec
 
@@ -624,3 +637,19 @@ def check_version(version: int) -> str:
         f"protocol version {version} is not supported by this dispatcher "
         f"(it speaks {PROTOCOL_VERSION}); install the same falconet version on both sides"
     )
+
+
+def wrong_port(here: str, other_port: str = "") -> str:
+    """The Refused reason for a message that belongs on the other port; here is "client" or
+    "executor", other_port the other port's number when known."""
+    other = "executor" if here == "client" else "client"
+    number = f", {other_port}" if other_port else ""
+    return (f"{WRONG_PORT} the dispatcher's {here} port; {other}s connect to its {other} port{number} "
+            f"(the '{other}:' line falconet dispatcher prints)")
+
+
+def refusal_text(reason: str, address: str) -> str:
+    """A Refused reason as a line for the user: a wrong-port refusal names the address used."""
+    if reason.startswith(WRONG_PORT):
+        return f"{address} is{reason[len(WRONG_PORT):]}"
+    return reason

@@ -29,7 +29,8 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from typing import Any
 
-from falconet.errors import UserDataError
+from falconet import address
+from falconet.errors import AddressError, UserDataError
 
 FORMAT_VERSION = 1
 CONTENT_TYPE = "text/x-falconet"  #: the falconet part of a multipart user-data
@@ -106,10 +107,10 @@ def parse(raw: bytes | str, where: str = "user-data") -> UserData:
         if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
             want = " or ".join(t.__name__ for t in types)
             raise UserDataError(f"{where}: field {name!r} must be {want}, not {type(value).__name__}")
-    host, _, port = doc["dispatcher"].removeprefix("tcp://").rpartition(":")
-    if not doc["dispatcher"].startswith("tcp://") or not host or not port.isdigit():
-        raise UserDataError(f"{where}: field 'dispatcher' must look like tcp://HOST:PORT, "
-                            f"not {doc['dispatcher']!r}")
+    try:
+        address.parse(doc["dispatcher"])
+    except AddressError as exc:
+        raise UserDataError(f"{where}: field 'dispatcher': {exc}") from None
     if doc.get("slots", 0) < 0:
         raise UserDataError(f"{where}: field 'slots' must be 0 (one per CPU) or more")
     if not math.isfinite(doc.get("idle_timeout_s", 0)) or doc.get("idle_timeout_s", 0) < 0:

@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Any
 
-from falconet import keys, needs
+from falconet import address, keys, needs
 from falconet.client import Client
 from falconet.errors import FalconetError
 from falconet.provisioner import prices
@@ -26,6 +26,7 @@ def build(**o: Any) -> Provisioner:
         if not executor_address:
             raise FalconetError("the dispatcher did not report its executor address; "
                                 "pass --executor-address tcp://HOST:PORT")
+        executor_address = address.parse(executor_address).url
         ec2 = o["backend"] == "ec2"
         tag_map = executor_tag_map(o.get("executor_tag") or ())
         executor_tags = tuple(needs.tags_from_map(tag_map))  # as the executors will report them
@@ -64,8 +65,8 @@ def _ec2_backend(o: dict, executor_address: str, idle_timeout: float, tag_map: d
     from falconet.provisioner.ec2 import Ec2Backend, Ec2Settings
     from falconet.userdata import UserData
 
-    host = executor_address.removeprefix("tcp://").rsplit(":", 1)[0]
-    if host in ("127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0", "*"):
+    host = address.parse(executor_address).host
+    if host in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
         log.warning("instances are told to reach the dispatcher at %s, which is only right when they "
                     "share this machine's network (tests); pass --executor-address with its private "
                     "address", executor_address)

@@ -104,9 +104,14 @@ class Cluster:
         ], stdout=subprocess.PIPE)
         self.client_address, self.executor_address = read_addresses(self.dispatcher)
 
-    def start_executor(self, name: str, slots: int = 2, *extra: str) -> subprocess.Popen:
-        return self._spawn(name, ["executor", "--dispatcher", self.executor_address,
+    def start_executor(self, name: str, slots: int = 2, *extra: str, dispatcher: str = "") -> subprocess.Popen:
+        """An executor of this dispatcher (or of another address, to test mistakes)."""
+        return self._spawn(name, ["executor", "--dispatcher", dispatcher or self.executor_address,
                                   "--slots", str(slots), "--id", name, "--log-level", "debug", *extra])
+
+    def log(self, name: str) -> str:
+        """What a process has written to its log so far."""
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
 
     def client(self, **kw) -> falconet.Client:
         return falconet.Client(self.client_address, **kw)

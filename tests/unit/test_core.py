@@ -388,6 +388,48 @@ def test_message_from_an_unknown_executor_gets_reregister(msg):
     assert h.core.executors == {}
 
 
+def _register_msg(peer: bytes) -> p.Register:
+    return p.Register(p.PROTOCOL_VERSION, peer.decode(), "h", [], 1, 1 << 30, "linux", 1, 1, {}, [])
+
+
+@pytest.mark.parametrize("msg", [_register_msg(b"ex"), p.Heartbeat(), p.Report(1, [], [])])
+def test_an_executor_on_the_client_port_is_told_the_executor_port(msg):
+    h = Harness()
+    h.core.endpoints = {"client": "tcp://127.0.0.1:5555", "executor": "tcp://127.0.0.1:5556"}
+    h.core.on_client(b"ex", msg, 0.0)
+    to_clients, to_executors = h.out()
+    ((peer, refused),) = to_clients
+    assert peer == b"ex" and type(refused) is p.Refused and to_executors == []
+    assert refused.reason == p.wrong_port("client", "5556")
+    assert p.refusal_text(refused.reason, "tcp://h:5555") == (
+        "tcp://h:5555 is the dispatcher's client port; executors connect to its executor port, 5556 "
+        "(the 'executor:' line falconet dispatcher prints)")
+    assert h.core.clients == {} and h.core.executors == {}
+
+
+@pytest.mark.parametrize("msg", [p.Hello(p.PROTOCOL_VERSION, "c", "n"), p.StatusRequest(1, False),
+                                 p.Submit(1, [])])
+def test_a_client_on_the_executor_port_is_told_the_client_port(msg):
+    h = Harness()
+    h.core.endpoints = {"client": "tcp://127.0.0.1:5555", "executor": "tcp://127.0.0.1:5556"}
+    h.core.on_executor(b"c", msg, 0.0)
+    to_clients, to_executors = h.out()
+    ((peer, refused),) = to_executors
+    assert peer == b"c" and type(refused) is p.Refused and to_clients == []
+    assert p.refusal_text(refused.reason, "tcp://h:5556") == (
+        "tcp://h:5556 is the dispatcher's executor port; clients connect to its client port, 5555 "
+        "(the 'client:' line falconet dispatcher prints)")
+    assert h.core.clients == {} and h.core.executors == {} and h.core.submitted_total == 0
+
+
+def test_a_wrong_port_refusal_without_known_endpoints_leaves_the_number_out():
+    h = Harness()
+    h.core.on_executor(b"c", p.Hello(p.PROTOCOL_VERSION, "c", "n"), 0.0)
+    ((_, refused),) = h.out()[1]
+    assert refused.reason.startswith(p.WRONG_PORT) and "client port (the 'client:' line" in refused.reason
+    assert p.refusal_text("say Hello first: x", "tcp://h:1") == "say Hello first: x"
+
+
 def test_bye_from_an_unknown_executor_is_ignored():
     h = Harness()
     h.core.on_executor(b"ghost", p.Bye(), 0.0)

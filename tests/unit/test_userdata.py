@@ -12,7 +12,7 @@ from falconet.userdata import MAX_BYTES, UserData, UserDataError, parse
 
 DISPATCHER = "tcp://10.0.1.5:5556"
 
-hosts = st.one_of(st.from_regex(r"[a-z][a-z0-9.-]{0,30}", fullmatch=True),
+hosts = st.one_of(st.from_regex(r"[a-z]([a-z0-9-]{0,8}[a-z0-9])?(\.[a-z]([a-z0-9-]{0,8}[a-z0-9])?){0,2}", fullmatch=True),
                   st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(lambda a: f"[{a}]"))
 user_data = st.builds(
     UserData,
