@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from cluster_helpers import wait_until
@@ -28,6 +30,20 @@ def _read_until(proc: subprocess.Popen, wanted: str, timeout_s: float = 30.0) ->
     raise AssertionError(f"no line with {wanted!r} on stderr; saw {seen}")
 
 
+@contextlib.contextmanager
+def _run_on(cluster, tasks: Path) -> Iterator[subprocess.Popen]:
+    """`falconet run TASKS` on the cluster's dispatcher, its stderr a text pipe; killed if left running."""
+    run = subprocess.Popen([*spawn.falconet(), "run", str(tasks), "--dispatcher", cluster.client_address],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    try:
+        yield run
+    finally:
+        if run.poll() is None:
+            run.kill()
+        run.communicate()
+
+
 def test_run_shows_unschedulable_tasks_and_why(cluster, tmp_path: Path) -> None:
     cluster.start_dispatcher()
     cluster.start_executor("ex-1", 1)
@@ -35,19 +51,12 @@ def test_run_shows_unschedulable_tasks_and_why(cluster, tmp_path: Path) -> None:
         wait_until(lambda: cluster.registered(client) == {"ex-1"}, what="the executor")
     tasks = tmp_path / "tasks.txt"
     tasks.write_text("echo fine\n#falconet where=cloud\necho never\necho never\n")
-    run = subprocess.Popen([*spawn.falconet(), "run", str(tasks), "--dispatcher", cluster.client_address],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)
-    try:
+    with _run_on(cluster, tasks) as run:
         lines = _read_until(run, "unschedulable:")
         assert "2 tasks can never run here" in lines[-1] and "where=cloud" in lines[-1], lines
         run.send_signal(signal.SIGTERM)  # they would wait for a cloud executor for ever
         _, rest = run.communicate(timeout=30)
         assert run.returncode == 143 and "1 done" in rest
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
 
 
 def test_an_embedded_run_fails_unschedulable_tasks_at_once(tmp_path: Path) -> None:
@@ -81,15 +90,8 @@ def test_run_on_a_dispatcher_without_executors_says_so_and_goes_on_when_one_join
     cluster.start_dispatcher()
     tasks = tmp_path / "tasks.txt"
     tasks.write_text("echo one\necho two\n")
-    run = subprocess.Popen([*spawn.falconet(), "run", str(tasks), "--dispatcher", cluster.client_address],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)
-    try:
+    with _run_on(cluster, tasks) as run:
         _read_until(run, "waiting for executors: none is connected to the dispatcher yet")
         cluster.start_executor("late", 1)
         _, rest = run.communicate(timeout=60)
         assert run.returncode == 0 and "2 tasks: 2 done, 0 failed" in rest, rest
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
