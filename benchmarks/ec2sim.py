@@ -240,8 +240,13 @@ class Hypervisor:
             if boot.proc is not None:
                 _signal_group(boot.proc, signal.SIGKILL)
                 boot.proc.wait()
-            if boot.imds is not None:
-                boot.imds.stop()
+        # together: each stop() waits for its serving loop's next look at the flag (up to 0.5 s)
+        stops = [threading.Thread(target=boot.imds.stop) for boot in self.boots.values()
+                 if boot.imds is not None]
+        for t in stops:
+            t.start()
+        for t in stops:
+            t.join()
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -50,10 +50,19 @@ class Plan:
     prov_executors: int  # scale-out from 0 on the simulated EC2, per policy
     needs_tasks: int = 0  # requirement matching versus plain tasks, 10 null executors
     needs_repeat: int = 3  # rounds of that comparison (each round runs every variant once)
+    scale_idle_s: float = 3.0  # heartbeat cost measured over this long, all executors idle
+    scale_runs: int = 3  # task runs on the same registered executors
+    prov_stop_grace_s: float = 5.0  # the provisioner's --stop-grace after each scale-out
 
 
-QUICK = Plan(3, 3000, 300, (10.0,), (2,), 1.0, 200, 50_000, (1, 10), 100_000, (1000,), 20_000, 1000, 200, 4,
-             20_000, 3)
+# Every workload once, at sizes where start-up (processes, Parsl, Dask, moto) dominates:
+# about a minute on 2 cores.  The drain after a scale-out always waits out --stop-grace
+# (its `sleep` tasks run on, as a cancel does not stop a started task), hence a short one.
+QUICK = Plan(repeat=1, fn_tasks=3000, cmd_tasks=300, sleep_ms=(10.0,), sleep_slots=(2,), sleep_work_s=0.5,
+             latency_tasks=200, dispatch_tasks=20_000, dispatch_executors=(1, 10), memory_tasks=100_000,
+             scale_executors=(1000,), scale_tasks=20_000, peer_fn_tasks=300, peer_cmd_tasks=100,
+             prov_executors=4, needs_tasks=20_000, needs_repeat=1, scale_idle_s=1.0, scale_runs=1,
+             prov_stop_grace_s=0.5)
 FULL = Plan(3, 20_000, 2000, (1.0, 10.0, 100.0), (1, 2, 4), 2.0, 2000, 500_000, (1, 10, 100),
             1_000_000, (1000, 10_000), 200_000, 5000, 1000, 32, 500_000, 5)
 
@@ -188,7 +197,8 @@ def run(quick: bool = False, only: tuple[str, ...] = (), log: Callable[[str], No
         "latency": lambda: latency(plan),
         "dispatch": lambda: _dispatch(plan, _dispatch_module()),
         "memory": lambda: _dispatch_module().memory(plan.memory_tasks),
-        "scale": lambda: [_dispatch_module().scale(n, plan.scale_tasks) for n in plan.scale_executors],
+        "scale": lambda: [_dispatch_module().scale(n, plan.scale_tasks, idle_s=plan.scale_idle_s,
+                                                   runs=plan.scale_runs) for n in plan.scale_executors],
         "peers": lambda: peers(plan),
         "provisioning": lambda: _provisioning(plan),
     }
@@ -209,7 +219,7 @@ def _dispatch_module() -> Any:
 def _provisioning(plan: Plan) -> list[dict]:
     from falconet.benchmarks import provisioning
 
-    return provisioning.run(plan.prov_executors, plan.repeat)
+    return provisioning.run(plan.prov_executors, plan.repeat, stop_grace_s=plan.prov_stop_grace_s)
 
 
 def _dispatch(plan: Plan, dispatch: Any) -> dict:
