@@ -10,6 +10,7 @@ this machine, so they say more about the policies' shapes than about EC2's boot 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -58,10 +59,10 @@ def scale_out(moto: MotoEc2, policy: str, executors: int, interval_s: float = 0.
             t_all = time.monotonic() - t0
             calls = fleet["api_calls"]
             launches = [r for d in fleet["decisions"] for r in d["reasons"] if r.startswith("launch ")]
-            return {"policy": policy, "executors": executors, "first_registered_s": t_first,
-                    "all_registered_s": t_all, "api_calls": calls, "total_api_calls": sum(calls.values()),
-                    "run_instances": calls.get("RunInstances", 0), "rounds": fleet["rounds"],
-                    "launches": launches, "first_round": first["rounds"]}
+            result = {"policy": policy, "executors": executors, "first_registered_s": t_first,
+                      "all_registered_s": t_all, "api_calls": calls, "total_api_calls": sum(calls.values()),
+                      "run_instances": calls.get("RunInstances", 0), "rounds": fleet["rounds"],
+                      "launches": launches, "first_round": first["rounds"]}
         finally:
             client.close(cancel=True)
             prov.send_signal(signal.SIGTERM)
@@ -73,6 +74,8 @@ def scale_out(moto: MotoEc2, policy: str, executors: int, interval_s: float = 0.
             left = moto.instances(cluster, states=("pending", "running"))
             if left:  # never leak, even from a benchmark
                 moto.ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in left])
+    shutil.rmtree(log_dir, ignore_errors=True)  # kept, for a look, only when the run failed
+    return result
 
 
 def _wait(client: Client, done: Any, timeout_s: float) -> dict:
