@@ -118,15 +118,15 @@ def settle_logs(log_dir: str, own: bool, keep: bool) -> None:
 
 def start_child(log_dir: str, name: str, args: list[str], stdout: int | None = None) -> subprocess.Popen:
     """Start `falconet ARGS` as a child that leaves when this process is gone; log in log_dir."""
-    log = open(os.path.join(log_dir, f"{name}.log"), "ab")  # noqa: SIM115 - handed to the child
+    out = open(os.path.join(log_dir, f"{name}.log"), "ab")  # noqa: SIM115 - handed to the child
     cmd = spawn.falconet(*args, "--parent-pid", str(os.getpid()))
     try:
         # Its own session: a Ctrl-C meant for this program must not kill the children
         # before they can drain; stop() ends them in order.
-        return subprocess.Popen(cmd, stdout=stdout or log, stderr=log, stdin=subprocess.DEVNULL,
+        return subprocess.Popen(cmd, stdout=stdout or out, stderr=out, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     finally:
-        log.close()
+        out.close()
 
 
 def read_lines(proc: subprocess.Popen, keys: tuple[str, ...], name: str, log_dir: str,
