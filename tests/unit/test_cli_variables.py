@@ -91,11 +91,18 @@ def test_every_variable_sets_its_option(path, cmd, tmp_path, monkeypatch):
         for name in _variables(option):
             for other in options:  # required ones by their own name, the rest unset
                 for var in _variables(other):
-                    monkeypatch.delenv(var, raising=False)  # restored after the test
+                    _unset(monkeypatch, var)
                 if other.required and other is not option:
                     monkeypatch.setenv(_variables(other)[0], _value_for(other, tmp_path)[0])
             monkeypatch.setenv(name, text)
             _check(option, name, text, expected, _context(path, cmd, tmp_path))
+
+
+def _unset(monkeypatch: pytest.MonkeyPatch, var: str) -> None:
+    """Unset var now and restore it after the test, even if a callback sets it meanwhile
+    (delenv alone records nothing for a variable that is not set)."""
+    monkeypatch.setenv(var, "")
+    monkeypatch.delenv(var)
 
 
 def _check(option: click.Option, name: str, text: str, expected: object, ctx: click.Context) -> None:
