@@ -19,7 +19,8 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from falconet.staging import MAX_LOCAL_FILE_BYTES, BlobWriter, StagingError, check_digest
+from falconet.errors import StagingError
+from falconet.staging import MAX_LOCAL_FILE_BYTES, BlobWriter, check_digest
 
 log = logging.getLogger("falconet.dispatcher.blobs")
 

@@ -25,7 +25,7 @@ from falconet import protocol as p
 from falconet.dispatcher.blobs import BlobStore, Holds, Streams
 from falconet.dispatcher.core import Config, Core
 from falconet.dispatcher.journal import Journal
-from falconet.errors import FalconetError, ProtocolError
+from falconet.errors import BindRefused, FalconetError, ProtocolError
 
 log = logging.getLogger("falconet.dispatcher")
 
@@ -35,10 +35,6 @@ MAX_TRANSFERS_PER_PEER = 16  # blobs sent to one peer at once; streams beyond wa
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)  # a plain int: pyzmq's enum arithmetic shows up in profiles
 LISTEN_BACKLOG = 4096  # 10,000 executors connecting at once overflow libzmq's default of 100  # bound a turn so one busy port cannot starve the other
-
-
-class BindRefused(FalconetError):
-    """The dispatcher will not listen where it was asked to."""
 
 
 def is_loopback(host: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from falconet.errors import IllegalTransition
 from falconet.protocol import TaskState
 
 P, D, R = TaskState.PENDING, TaskState.DISPATCHED, TaskState.RUNNING
@@ -24,10 +25,6 @@ TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
 _ALLOWED = {int(s): frozenset(int(t) for t in ts) for s, ts in TRANSITIONS.items()}
 #: (old, new) pairs of the table, for callers that check inline on their hot path
 LEGAL = frozenset((old, new) for old, news in _ALLOWED.items() for new in news)
-
-
-class IllegalTransition(RuntimeError):
-    """A transition the table does not allow: a bug in the dispatcher, never input."""
 
 
 def check(old: int, new: int) -> None:

@@ -60,3 +60,27 @@ class UserDataError(FalconetError):
 
 class KeyFileError(FalconetError):
     """A key file is missing, malformed, or readable by others."""
+
+
+class StagingError(FalconetError):
+    """A staging spec, file or transfer that cannot be used; the message says why."""
+
+
+class InputNotFound(StagingError, FileNotFoundError):
+    """A local input file named by a task does not exist."""
+
+
+class BindRefused(FalconetError):
+    """The dispatcher will not listen where it was asked to."""
+
+
+class LaunchError(FalconetError):
+    """A cloud call failed; the message says why in one line (capacity, limits, bad image...).
+
+    A FalconetError, so a failed describe or terminate is reported and the next round
+    tries again, and a failure at start is one 'error:' line, not a traceback.
+    """
+
+
+class IllegalTransition(RuntimeError):
+    """A transition the table does not allow: a bug in the dispatcher, never input."""

@@ -40,7 +40,7 @@ from typing import Any, NoReturn
 
 import msgpack
 
-from falconet.errors import FalconetError
+from falconet.errors import InputNotFound, StagingError
 
 CHUNK_BYTES = 1 << 20  #: bytes per upload/download chunk between peers and the dispatcher
 MAX_LOCAL_FILE_BYTES = 256 << 20  #: per-file limit for files routed through the dispatcher
@@ -51,14 +51,6 @@ STREAM_FILES = {"stdout": ".falconet-stdout", "stderr": ".falconet-stderr"}
 _HASH_CACHE_MAX = 4096
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _SPEC_KEYS = frozenset({"in", "out"})
-
-
-class StagingError(FalconetError):
-    """A staging spec, file or transfer that cannot be used; the message says why."""
-
-
-class InputNotFound(StagingError, FileNotFoundError):
-    """A local input file named by a task does not exist."""
 
 
 def check_name(name: Any) -> str:

@@ -22,14 +22,6 @@ class Machine:
     address: str = ""  #: private address, when known
 
 
-class LaunchError(FalconetError):
-    """A cloud call failed; the message says why in one line (capacity, limits, bad image...).
-
-    A FalconetError, so a failed describe or terminate is reported and the next round
-    tries again, and a failure at start is one 'error:' line, not a traceback.
-    """
-
-
 class Backend(Protocol):
     """start(n, type) / stop(ids) / list(), as DESIGN.md names them."""
 

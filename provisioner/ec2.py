@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from falconet import failpoints
-from falconet.errors import FalconetError
+from falconet.errors import FalconetError, LaunchError
 from falconet.provisioner import prices
-from falconet.provisioner.backend import LaunchError, Machine
+from falconet.provisioner.backend import Machine
 from falconet.provisioner.policy import InstanceType
 from falconet.userdata import UserData, with_cloud_config
 

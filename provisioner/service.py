@@ -29,9 +29,9 @@ from typing import Any
 
 from falconet import needs
 from falconet.client import Client
-from falconet.errors import FalconetError
+from falconet.errors import FalconetError, LaunchError
 from falconet.provisioner import policy
-from falconet.provisioner.backend import Backend, LaunchError, Machine
+from falconet.provisioner.backend import Backend, Machine
 from falconet.provisioner.policy import Node, NodeState, Params, Shape
 
 log = logging.getLogger("falconet.provisioner")

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from falconet.errors import StagingError
 from falconet.executor.staging import InputCache, fetch_s3, run_staged, s3_client, upload_s3
 from falconet.protocol import TaskState
-from falconet.staging import Input, Output, StageSpec, StagingError, decode_result_files, encode_spec
+from falconet.staging import Input, Output, StageSpec, decode_result_files, encode_spec
 
 DONE, FAILED = int(TaskState.DONE), int(TaskState.FAILED)
 FAKE_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from falconet.dispatcher import states
-from falconet.dispatcher.states import TRANSITIONS, IllegalTransition
+from falconet.dispatcher.states import TRANSITIONS
+from falconet.errors import IllegalTransition
 from falconet.protocol import FINAL_STATES, TaskState
 
 P, D, R = TaskState.PENDING, TaskState.DISPATCHED, TaskState.RUNNING
