@@ -5,7 +5,7 @@
         print(client.submit(pow, 2, 10).result())
 """
 
-from falconet.client import Client, FalconetExecutor, TaskFuture
+from falconet.client import Client, FalconetExecutor, FuturesExecutor, TaskFuture
 from falconet.elastic import ElasticCluster, provision
 from falconet.errors import (
     AddressError,
@@ -22,6 +22,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AddressError", "Client", "CommandResult", "DispatcherUnavailable", "ElasticCluster", "FalconetError",
-    "FalconetExecutor", "LocalCluster", "ProtocolError", "RefusedError", "TaskError", "TaskFuture",
+    "FalconetExecutor", "FuturesExecutor", "LocalCluster", "ProtocolError", "RefusedError", "TaskError", "TaskFuture",
     "local", "provision",
 ]

@@ -322,9 +322,9 @@ class Client:
             self._control.append(msg)
         self._wake()
 
-    def executor(self) -> FalconetExecutor:
+    def executor(self) -> FuturesExecutor:
         """A concurrent.futures.Executor over this client."""
-        return FalconetExecutor(self)
+        return FuturesExecutor(self)
 
     # ------------------------------------------------------------ the I/O thread
 
@@ -769,8 +769,11 @@ class Client:
         self.close()
 
 
-class FalconetExecutor(cf.Executor):
-    """concurrent.futures.Executor backed by a falconet Client."""
+class FuturesExecutor(cf.Executor):
+    """A concurrent.futures.Executor whose calls run on a falconet Client's executors.
+
+    Not an executor process (that is `falconet executor`): the name says which kind it is.
+    """
 
     def __init__(self, client: Client):
         self._client = client
@@ -815,3 +818,7 @@ _PLACEMENT = frozenset({"cpus", "memory", "arch", "tags", "where", "prefer", "in
 
 def _name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+#: The old name of FuturesExecutor, kept for one release (it read like the executor process).
+FalconetExecutor = FuturesExecutor

@@ -318,3 +318,12 @@ def test_namedtuple_of_a_local_class_loads_back(where):
     else:
         back = tasks.decode_python_output(tasks.encode_python_value(value))
     assert back == (1, 2) and type(back).__name__ == "Point"
+
+
+def test_the_futures_executor_keeps_its_old_name_for_a_release():
+    import concurrent.futures as cf
+
+    import falconet
+
+    assert falconet.FalconetExecutor is falconet.FuturesExecutor
+    assert issubclass(falconet.FuturesExecutor, cf.Executor)
