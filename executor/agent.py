@@ -32,7 +32,7 @@ from falconet import link, spawn, staging
 from falconet import protocol as p
 from falconet.errors import FalconetError, ProtocolError
 from falconet.executor import host, pipes
-from falconet.executor.staging import InputCache
+from falconet.executor.workspace import InputCache
 
 log = logging.getLogger("falconet.executor")
 

@@ -52,7 +52,7 @@ class Stage:
     """Runs tasks with files in private work dirs, sharing the executor's input cache."""
 
     def __init__(self, work_root: str, cache_dir: str, cache_bytes: int, outbox: str):
-        from falconet.executor.staging import InputCache
+        from falconet.executor.workspace import InputCache
 
         self.work_root, self.outbox = work_root, outbox
         self.cache = InputCache(cache_dir, cache_bytes)
@@ -60,7 +60,7 @@ class Stage:
     def run(self, files: bytes, prefetched: list, kind: int, body: bytes, walltime_s: float,
             functions: runner.FunctionCache) -> tuple:
         """(state, output, reason, result files, cache counts) of one staged task."""
-        from falconet.executor.staging import run_staged
+        from falconet.executor.workspace import run_staged
 
         return run_staged(files, work_root=self.work_root, cache=self.cache, outbox=self.outbox,
                           prefetched=prefetched,

@@ -36,7 +36,7 @@ def build(**o: Any) -> Provisioner:
         if ec2:
             backend = _ec2_backend(o, executor_address, idle_timeout, tag_map)
         else:
-            from falconet.provisioner.local import LocalBackend
+            from falconet.provisioner.processes import LocalBackend
 
             extra = ("--idle-timeout", str(idle_timeout)) if idle_timeout else ()
             if o.get("executor_key"):

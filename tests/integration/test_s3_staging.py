@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from falconet.errors import StagingError
-from falconet.executor.staging import InputCache, fetch_s3, run_staged, s3_client, upload_s3
+from falconet.executor.workspace import InputCache, fetch_s3, run_staged, s3_client, upload_s3
 from falconet.protocol import TaskState
 from falconet.staging import Input, Output, StageSpec, decode_result_files, encode_spec
 

@@ -127,7 +127,7 @@ def s3_fleet(cluster, tmp_path, moto_url, monkeypatch):
             monkeypatch.delenv(name)
     for name, value in {**FAKE_AWS, "FALCONET_S3_ENDPOINT_URL": moto_url}.items():
         monkeypatch.setenv(name, value)
-    from falconet.executor.staging import s3_client
+    from falconet.executor.workspace import s3_client
 
     s3 = s3_client()
     bucket = f"b-{uuid.uuid4().hex[:12]}"

@@ -462,7 +462,7 @@ def test_bad_executor_tags_are_refused(words, message):
 
 
 def test_local_backend_passes_tags_to_its_executors_and_its_type():
-    from falconet.provisioner.local import LocalBackend
+    from falconet.provisioner.processes import LocalBackend
 
     backend = LocalBackend("tcp://127.0.0.1:1", slots=2, log_dir="/nonexistent", tags=("gpu", "zone=a"))
     (itype,) = backend.types()

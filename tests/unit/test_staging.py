@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from falconet import staging
 from falconet.dispatcher.blobs import BlobStore
-from falconet.executor.staging import InputCache, run_staged
+from falconet.executor.workspace import InputCache, run_staged
 from falconet.protocol import TaskState
 from falconet.staging import (
     BlobWriter,
@@ -469,9 +469,9 @@ def test_stream_outputs_run_where_plain_tasks_do_and_are_delivered_even_on_failu
 
 
 def test_a_stream_over_the_dispatcher_s_file_limit_fails_with_the_reason(dirs, monkeypatch):
-    import falconet.executor.staging as executor_staging
+    import falconet.executor.workspace as executor_workspace
 
-    monkeypatch.setattr(executor_staging, "MAX_LOCAL_FILE_BYTES", 1000)
+    monkeypatch.setattr(executor_workspace, "MAX_LOCAL_FILE_BYTES", 1000)
     cache = InputCache(str(dirs["cache"]), max_bytes=1 << 20)
     spec = StageSpec((), (Output(".falconet-stdout", client="/c/1.out", stream="stdout"),))
     state, _, reason, files, _ = run_staged(
