@@ -251,9 +251,5 @@ class Hypervisor:
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     """Signal the process group led by proc, only while proc is unreaped (its id still ours)."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
+    if proc.poll() is None:
+        spawn.signal_group(proc.pid, sig)

@@ -69,7 +69,7 @@ def scale_out(moto: MotoEc2, policy: str, executors: int, interval_s: float = 0.
             try:
                 prov.wait(60)
             except subprocess.TimeoutExpired:
-                os.killpg(prov.pid, signal.SIGKILL)
+                spawn.signal_group(prov.pid, signal.SIGKILL)
                 prov.wait()
             left = moto.instances(cluster, states=("pending", "running"))
             if left:  # never leak, even from a benchmark

@@ -117,19 +117,12 @@ class Slot:
         if self.proc is None:
             return None
         if kill:  # SIGTERM first: the slot kills its running command's group, then exits
-            _signal_group(self.proc.pid, signal.SIGTERM)
+            spawn.signal_group(self.proc.pid, signal.SIGTERM)
         try:
             return self.proc.wait(timeout=1 if kill else 5)
         except subprocess.TimeoutExpired:
-            _signal_group(self.proc.pid, signal.SIGKILL)
+            spawn.signal_group(self.proc.pid, signal.SIGKILL)
             return self.proc.wait()
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 class Executor:

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from falconet import tasks
+from falconet import spawn, tasks
 from falconet.errors import ProtocolError
 from falconet.protocol import TaskKind, TaskState
 
@@ -158,7 +158,7 @@ def _communicate(proc: subprocess.Popen, stdin: bytes | None, cap: int,
             wait = None if deadline is None else deadline - time.monotonic()
             if wait is not None and wait <= 0:
                 timed_out = True
-                _kill_group(proc)
+                spawn.signal_group(proc.pid, signal.SIGKILL)
                 deadline = None  # keep reading what is left, the group is dead
                 continue
             for key, _ in sel.select(wait):
@@ -192,14 +192,7 @@ _running: subprocess.Popen | None = None  # the command this slot process is run
 def kill_running_command() -> None:
     """Kill the running command's process group (the slot is being stopped)."""
     if _running is not None:
-        _kill_group(_running)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        spawn.signal_group(_running.pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- python

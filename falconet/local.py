@@ -167,8 +167,7 @@ def _wait_all(procs: list[subprocess.Popen], timeout_s: float) -> None:
         try:
             proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            spawn.signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
 
 

@@ -1,4 +1,5 @@
-"""Command lines for falconet's own child processes: dispatchers, executors, slots, helpers.
+"""falconet's own child processes (dispatchers, executors, slots, helpers): their command
+lines, and signalling the process groups they lead.
 
 ``python -m falconet`` puts the current directory first on ``sys.path``.  Run from a clone
 of the repository, that imports the source folder ``./falconet`` instead of the installed
@@ -11,6 +12,7 @@ code is unaffected: functions from modules outside the installed prefixes travel
 
 from __future__ import annotations
 
+import os
 import sys
 
 _SAFE_PATH = sys.version_info >= (3, 11)
@@ -35,3 +37,15 @@ def code(source: str, *args: str) -> list[str]:
 def falconet(*args: str) -> list[str]:
     """argv running the `falconet` command line with ARGS, as installed."""
     return module("falconet", *args)
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """Signal the process group a child leads (started with start_new_session=True).
+
+    A group already gone is no error.  The caller makes sure pgid is still its child's
+    (unreaped, or reaped just now), so the number cannot belong to someone else.
+    """
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass

@@ -70,10 +70,7 @@ class LocalBackend:
             if entry is None:
                 continue
             proc = entry[0]
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the executor and its slots
-            except ProcessLookupError:
-                pass
+            spawn.signal_group(proc.pid, signal.SIGKILL)  # the executor and its slots
             proc.wait()
 
     def api_calls(self) -> dict[str, int]:
