@@ -577,73 +577,30 @@ def executor(dispatcher: str | None, slots: int | None, idle_timeout: float | No
     SIGTERM drains it: running tasks finish, queued ones go back, then it leaves.
     Options given on the command line win over the user-data's.
     """
-    from falconet import needs
-    from falconet.executor import agent, host
+    from falconet.executor import agent, boot
 
     _logging(log_level)
-    facts: dict = {}
-    tags = tuple(tags)
-    shutdown_when_idle = False
-    secret_text = ""
-    if from_metadata:
-        from falconet.executor import metadata
-        from falconet.userdata import UserDataError, parse
-
-        try:
-            inst = metadata.read_instance(metadata_url, timeout_s=metadata_timeout)
-            ud = parse(inst.user_data, f"user-data of instance {inst.instance_id}")
-        except (metadata.MetadataError, UserDataError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(78)  # EX_CONFIG: systemd's RestartPreventExitStatus stops a crash loop
-        dispatcher = dispatcher or ud.dispatcher
-        slots = slots or ud.slots or None
-        cpus = cpus or ud.slots or None  # the provisioner counts an instance's room in its slots
-        idle_timeout = ud.idle_timeout_s if idle_timeout is None else idle_timeout
-        prefetch = prefetch if prefetch is not None else (ud.prefetch if ud.prefetch >= 0 else None)
-        executor_id = executor_id or inst.instance_id
-        shutdown_when_idle = ud.shutdown_when_idle
-        dispatcher_key = dispatcher_key or ud.dispatcher_key or None
-        secret_text = "" if key else ud.executor_secret_key
-        facts = {"instance_id": inst.instance_id, "instance_type": inst.instance_type,
-                 "availability_zone": inst.availability_zone, "cluster": ud.cluster,
-                 "launch_token": ud.launch_token}
-        tags += tuple(needs.tags_from_map(ud.tags))
-    if not dispatcher:
-        raise click.UsageError("give --dispatcher tcp://HOST:PORT, or --from-instance-metadata")
-    from falconet import keys
-
-    try:
-        creds = keys.credentials(dispatcher_key, key, secret_text=secret_text)
-    except FalconetError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(78)  # a configuration error: restarting cannot fix it
     bad = [t for t in tags if not t or any(c.isspace() for c in t)]
     if bad:
         raise click.BadParameter(f"a tag is a word without spaces, such as gpu or site=cloud, not {bad[0]!r}",
                                  param_hint="--tag")
-    config = agent.ExecutorConfig(dispatcher=dispatcher, slots=slots or cpus or host.cpus(),
-                                  idle_timeout_s=idle_timeout or 0.0, prefetch=prefetch,
-                                  executor_id=executor_id, facts=facts, credentials=creds,
-                                  cpus=cpus or 0, memory_mb=memory or 0, tags=tags,
-                                  work_dir=work_dir, cache_mb=cache_mb)
+    options = boot.Options(dispatcher=dispatcher, slots=slots, idle_timeout_s=idle_timeout, prefetch=prefetch,
+                           executor_id=executor_id, dispatcher_key=dispatcher_key, key=key, cpus=cpus,
+                           memory_mb=memory, tags=tuple(tags), work_dir=work_dir, cache_mb=cache_mb)
     try:
-        ex = agent.Executor(config)
-    except FalconetError as exc:  # a configuration error, such as a bad address: no traceback
+        if from_metadata:
+            options = boot.with_user_data(options, metadata_url, metadata_timeout)
+        if not options.dispatcher:
+            raise click.UsageError("give --dispatcher tcp://HOST:PORT, or --from-instance-metadata")
+        ex = agent.Executor(boot.config(options))
+    except FalconetError as exc:  # metadata, user-data, keys, address: restarting cannot fix it
         click.echo(f"error: {exc}", err=True)
-        sys.exit(78)
+        sys.exit(78)  # EX_CONFIG: systemd's RestartPreventExitStatus stops a crash loop
     signal.signal(signal.SIGTERM, ex.request_drain)
     signal.signal(signal.SIGINT, ex.request_drain)
     _watch_parent(parent_pid, ex.request_stop)  # the embedded run that wanted the results is gone
     code = ex.run()
-    if code == 0 and ex.left_idle and shutdown_when_idle:
-        log = logging.getLogger("falconet.executor")
-        if shutdown_command:
-            import subprocess
-
-            log.info("left for idleness; shutting down: %s", shutdown_command)
-            subprocess.run(shutdown_command, shell=True, check=False)  # a forgotten fleet stops costing
-        else:
-            log.warning("user-data asks to shut down when idle, but no --shutdown-command is set")
+    boot.shut_down_if_asked(options, ex, code, shutdown_command)
     sys.exit(code)
 
 
