@@ -394,15 +394,15 @@ class Executor:
         A single result too large for any message is replaced by a failure saying so;
         sent as it is, it would get this executor disconnected again and again.
         """
-        budget = self.max_message_bytes // 2
+        budget = p.record_budget(self.max_message_bytes)
         size = 0
         for i, r in enumerate(self.results[:MAX_REPORT]):
-            n = len(r.output) + len(r.reason) + 64
+            n = len(r.output) + len(r.reason) + p.RECORD_OVERHEAD
             if n > budget:
                 why = (f"the result of {len(r.output)} bytes is larger than the dispatcher "
                        f"accepts ({budget} bytes); return less, or write it to a file")
                 self.results[i] = r._replace(state=_FAILED, output=b"", reason=why)
-                n = len(why) + 64
+                n = len(why) + p.RECORD_OVERHEAD
             if size + n > budget and i:
                 return i
             size += n

@@ -406,11 +406,11 @@ class Client:
         A task too large for any message fails here with the reason, rather than getting
         this client disconnected by the dispatcher.
         """
-        budget = self.max_message_bytes // 2  # room for msgpack framing of many records
+        budget = p.record_budget(self.max_message_bytes)
         part: list = []
         size = 0
         for spec, fut in outbox:
-            n = len(spec.body) + 64
+            n = len(spec.body) + p.RECORD_OVERHEAD
             if n > budget:
                 self._unref(fut)
                 if fut.done():  # cancelled meanwhile

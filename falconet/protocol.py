@@ -84,6 +84,14 @@ PROTOCOL_VERSION = 3  # 2: Ack, results kept until acknowledged; 3: needs, stagi
 HELLO_FIRST = "say Hello first"
 #: Refused.reason prefix for a message that belongs on the dispatcher's other port.
 WRONG_PORT = "wrong port: this is"
+#: Bytes of msgpack framing counted for each record when filling a message.
+RECORD_OVERHEAD = 64
+
+
+def record_budget(max_message_bytes: int) -> int:
+    """Bytes of records one message may carry: half the receiver's limit, leaving room for
+    the framing of many records.  A record larger than this can never be sent."""
+    return max_message_bytes // 2
 
 
 class MsgType(enum.IntEnum):
