@@ -182,7 +182,7 @@ class Executor:
         self.cache = InputCache(os.path.join(root, "cache"), cache_bytes)
         self.staging_args = (self.work_root, self.cache.root, str(cache_bytes), self.outbox)
         self.staged: dict[int, tuple[p.Assignment, set[str]]] = {}  #: tid -> (task, blobs it waits for)
-        self.fetching: dict[str, staging.Download] = {}  #: inputs on their way from the dispatcher
+        self.fetching = staging.Downloads()  #: inputs on their way from the dispatcher
         self.prefetched: dict[int, list[str]] = {}  #: tid -> blobs fetched for it (cache misses)
         self.cache_counts = {"hits": 0, "misses": 0, "bytes_fetched": 0}
         self.cache_reported: dict = {}
@@ -311,9 +311,7 @@ class Executor:
         self.queue.clear()
         self.staged.clear()
         self.prefetched.clear()
-        for fetch in self.fetching.values():
-            fetch.abort()
-        self.fetching.clear()
+        self.fetching.abort_all()
         for r in self.results:  # outputs never to be sent
             if r.files and b"path" in r.files:
                 try:
@@ -608,38 +606,24 @@ class Executor:
         # A task that waits for a fetch another task started counts a hit.
         self.prefetched[a.tid] = sorted(d for d in missing if d not in self.fetching)
         for digest in missing:
-            if digest not in self.fetching:
-                fetch = self.fetching[digest] = staging.Download(
-                    digest, lambda total, d=digest: self.cache.writer(d, total))
-                self._send(p.GetBlob(digest, fetch.start(now)), now)
+            ask = self.fetching.begin(digest, lambda total, d=digest: self.cache.writer(d, total), now)
+            if ask is not None:
+                self._send(p.GetBlob(*ask), now)
 
     def _refetch(self, now: float, only_stalled: bool) -> None:
         """Ask again, from 0, for fetches that stalled (or all, after a reconnect)."""
-        for digest, fetch in self.fetching.items():
-            if not only_stalled or fetch.stalled(now):
-                log.info("fetching input %s... again from the start", digest[:12])
-                self._send(p.GetBlob(digest, fetch.start(now)), now)
+        for ask in self.fetching.again(now, only_stalled):
+            log.info("fetching input %s... again from the start", ask[0][:12])
+            self._send(p.GetBlob(*ask), now)
 
     def _on_blob(self, msg: p.BlobData, now: float) -> None:
         """A chunk of an input from the dispatcher: into the cache, then release its tasks."""
-        fetch = self.fetching.get(msg.digest)
-        if fetch is None:
-            return  # abandoned, or already complete
-        try:
-            if msg.error:
-                raise staging.StagingError(msg.error)
-            done, ask = fetch.feed(msg.offset, msg.total, msg.data, now)
-            if ask is not None:
-                self._send(p.GetBlob(msg.digest, ask), now)
-            if not done:
-                return
-        except (FalconetError, OSError) as exc:
-            fetch.abort()
-            del self.fetching[msg.digest]
-            self._release_staged(msg.digest, f"input {msg.digest[:12]}... could not be fetched from the dispatcher: {exc}")
-            return
-        del self.fetching[msg.digest]
-        self._release_staged(msg.digest, "")
+        ended, ask, error = self.fetching.feed(msg.digest, msg.offset, msg.total, msg.data, msg.error, now)
+        if ask is not None:
+            self._send(p.GetBlob(*ask), now)
+        if ended:
+            why = f"input {msg.digest[:12]}... could not be fetched from the dispatcher: {error}" if error else ""
+            self._release_staged(msg.digest, why)
 
     def _release_staged(self, digest: str, error: str) -> None:
         for tid, (a, missing) in list(self.staged.items()):

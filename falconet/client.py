@@ -103,7 +103,8 @@ class Client:
         self._cancels: list[int] = []
         self._uploads: list[tuple[str, str]] = []  # (sha256, path) of inputs to send before the tasks
         self._blob_refs: dict[str, int] = {}  # uploaded input -> unfinished tasks that need it
-        self._downloads: dict[str, list] = {}  # output blob -> [Download, [(seq, destination)]]
+        self._downloads = staging.Downloads()  # output blobs on their way here
+        self._waiting: dict[str, list[tuple[int, str]]] = {}  # output blob -> [(seq, destination)]
         self._drops: list[str] = []  # blobs the dispatcher may forget (once per hold)
         self._spool_dir = ""  # copies of inputs waiting to be uploaded
         self._futures: dict[int, TaskFuture] = {}
@@ -581,36 +582,30 @@ class Client:
         self._held[r.seq] = [r, len(fetch), ""]
         now = time.monotonic()
         for digest, dest in sorted(fetch):
-            entry = self._downloads.get(digest)
-            if entry is None:
-                fetch_ = staging.Download(digest, lambda total, d=digest, to=dest: staging.BlobWriter(to, d, total))
-                entry = self._downloads[digest] = [fetch_, []]
-                sock.send(p.encode(p.GetBlob(digest, fetch_.start(now))))
-            entry[1].append((r.seq, dest))
+            ask = self._downloads.begin(
+                digest, lambda total, d=digest, to=dest: staging.BlobWriter(to, d, total), now)
+            if ask is not None:
+                sock.send(p.encode(p.GetBlob(*ask)))
+            self._waiting.setdefault(digest, []).append((r.seq, dest))
 
     def _on_blob(self, sock: zmq.Socket, msg: p.BlobData) -> None:
         """A chunk of an output: write it where the task asked; resolve its tasks when whole."""
-        entry = self._downloads.get(msg.digest)
-        if entry is None:
+        ended, ask, error = self._downloads.feed(msg.digest, msg.offset, msg.total, msg.data, msg.error,
+                                                 time.monotonic())
+        if ask is not None:
+            sock.send(p.encode(p.GetBlob(*ask)))
+        if not ended:
             return
-        fetch, waiting = entry
-        error = msg.error
+        waiting = self._waiting.pop(msg.digest)
         if not error:
             try:
-                done, ask = fetch.feed(msg.offset, msg.total, msg.data, time.monotonic())
-                if ask is not None:
-                    sock.send(p.encode(p.GetBlob(msg.digest, ask)))
-                if not done:
-                    return
                 first = waiting[0][1]
                 for _, dest in waiting[1:]:  # the same content asked for in several places
                     if dest != first:
                         os.makedirs(os.path.dirname(dest), exist_ok=True)
                         shutil.copyfile(first, dest)
-            except (FalconetError, OSError) as exc:
+            except OSError as exc:
                 error = str(exc)
-                fetch.abort()
-        del self._downloads[msg.digest]
         with self._lock:  # one release per result that held it
             self._drops += [msg.digest] * len({seq for seq, _ in waiting})
         for seq, dest in waiting:
@@ -629,9 +624,8 @@ class Client:
 
     def _refetch(self, sock: zmq.Socket, now: float, only_stalled: bool) -> None:
         """Ask again, from 0, for outputs whose fetch stalled (or all, after a Welcome)."""
-        for digest, (fetch, _) in self._downloads.items():
-            if not only_stalled or fetch.stalled(now):
-                sock.send(p.encode(p.GetBlob(digest, fetch.start(now))))
+        for ask in self._downloads.again(now, only_stalled):
+            sock.send(p.encode(p.GetBlob(*ask)))
 
     def _drop_outputs(self, files: bytes) -> None:
         """Release the output blobs of a result no one will fetch."""
@@ -718,10 +712,8 @@ class Client:
         self._unaccepted.clear()
         self._held.clear()
         with self._lock:
-            for digest, (fetch, waiting) in self._downloads.items():
-                fetch.abort()
-                self._drops += [digest] * len({seq for seq, _ in waiting})
-        self._downloads.clear()
+            for digest in self._downloads.abort_all():
+                self._drops += [digest] * len({seq for seq, _ in self._waiting.pop(digest)})
 
     # ------------------------------------------------------------ closing
 

@@ -40,7 +40,7 @@ from typing import Any, NoReturn
 
 import msgpack
 
-from falconet.errors import InputNotFound, StagingError
+from falconet.errors import FalconetError, InputNotFound, StagingError
 
 CHUNK_BYTES = 1 << 20  #: bytes per upload/download chunk between peers and the dispatcher
 MAX_LOCAL_FILE_BYTES = 256 << 20  #: per-file limit for files routed through the dispatcher
@@ -494,3 +494,65 @@ class Download:
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
+
+
+Request = tuple[str, int]  #: (digest, offset): a GetBlob for the peer to send
+
+
+class Downloads:
+    """The blobs one peer (a client or an executor) is fetching from the dispatcher.
+
+    The methods return the requests to send as GetBlob(digest, offset); the peer sends
+    them, so this holds no socket.
+    """
+
+    def __init__(self) -> None:
+        self.active: dict[str, Download] = {}
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self.active
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+    def begin(self, digest: str, make_writer: Callable[[int], BlobWriter], now: float) -> Request | None:
+        """Start fetching digest into the writer make_writer(total) gives; None if under way."""
+        if digest in self.active:
+            return None
+        fetch = self.active[digest] = Download(digest, make_writer)
+        return digest, fetch.start(now)
+
+    def again(self, now: float, only_stalled: bool) -> list[Request]:
+        """Start again from 0 the fetches that stalled (or all, after a reconnect)."""
+        return [(d, f.start(now)) for d, f in self.active.items() if not only_stalled or f.stalled(now)]
+
+    def feed(self, digest: str, offset: int, total: int, data: bytes, error: str,
+             now: float) -> tuple[bool, Request | None, str]:
+        """One BlobData: (ended, the next request or None, why it failed or '').
+
+        An ended fetch is forgotten: complete when the error is '', else its file dropped.
+        A chunk of a fetch not under way (abandoned, or complete) is ignored.
+        """
+        fetch = self.active.get(digest)
+        if fetch is None:
+            return False, None, ""
+        try:
+            if error:
+                raise StagingError(error)
+            done, ask = fetch.feed(offset, total, data, now)
+        except (FalconetError, OSError) as exc:
+            fetch.abort()
+            del self.active[digest]
+            return True, None, str(exc)
+        if done:
+            del self.active[digest]
+            return True, None, ""
+        return False, None if ask is None else (digest, ask), ""
+
+    def abort_all(self) -> list[str]:
+        """Drop every partial file; returns the digests that were under way."""
+        for fetch in self.active.values():
+            fetch.abort()
+        digests = list(self.active)
+        self.active.clear()
+        return digests

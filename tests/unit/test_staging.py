@@ -542,3 +542,41 @@ def test_windows_of_one_blob_go_to_a_peer_as_one_ordered_stream(tmp_path):
     assert offsets == sorted(offsets) == list(range(0, len(data), 1024)), "in order, each chunk once"
     assert b"".join(d for _, d in got) == data
     assert not streams
+
+
+# ---- Downloads: the fetches one peer has under way -------------------------------------------
+
+
+@given(data=st.binary(min_size=1, max_size=3 * staging.FETCH_WINDOW // 2), chunk=st.sampled_from([1 << 20, 300_000]))
+@settings(max_examples=15, deadline=None)
+def test_downloads_ask_window_by_window_and_end_with_the_whole_file(tmp_path_factory, data, chunk):
+    dest = tmp_path_factory.mktemp("dl") / "out.bin"
+    digest = hashlib.sha256(data).hexdigest()
+    fetches = staging.Downloads()
+    ask = fetches.begin(digest, lambda total: staging.BlobWriter(str(dest), digest, total), now=0.0)
+    assert ask == (digest, 0) and digest in fetches and len(fetches) == 1
+    assert fetches.begin(digest, lambda total: None, now=0.0) is None  # under way: asked once
+    asked, offset, ended = [0], 0, False
+    while not ended:
+        piece = data[offset:offset + chunk]
+        ended, more, error = fetches.feed(digest, offset, len(data), piece, "", now=1.0)
+        assert error == ""
+        if more is not None:
+            asked.append(more[1])
+        offset += len(piece)
+    assert dest.read_bytes() == data and digest not in fetches
+    assert asked == list(range(0, len(data), staging.FETCH_WINDOW))  # each window asked for once, in order
+
+
+def test_downloads_forget_a_failed_fetch_and_ignore_stale_chunks(tmp_path):
+    data = b"x" * 1000
+    digest = hashlib.sha256(data).hexdigest()
+    fetches = staging.Downloads()
+    fetches.begin(digest, lambda total: staging.BlobWriter(str(tmp_path / "o"), digest, total), now=0.0)
+    assert fetches.feed(digest, 500, 1000, data[500:], "", now=1.0) == (False, None, "")  # out of sequence
+    assert fetches.again(now=2.0, only_stalled=True) == []
+    assert fetches.again(now=2.0 + staging.FETCH_STALL_S, only_stalled=True) == [(digest, 0)]
+    ended, ask, error = fetches.feed(digest, 0, 1000, b"", "blob not found", now=3.0)
+    assert (ended, ask, error) == (True, None, "blob not found") and len(fetches) == 0
+    assert fetches.feed(digest, 0, 1000, data, "", now=4.0) == (False, None, "")  # no longer under way
+    assert not (tmp_path / "o").exists()
