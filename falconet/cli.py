@@ -703,7 +703,7 @@ def provisioner(**opts: Any) -> None:
     _logging(opts.pop("log_level"))
     parent = opts.pop("parent_pid")
     try:
-        prov = launcher.build(**opts)
+        prov = launcher.build(launcher.Options(**opts))
     except FalconetError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from falconet import address, keys, needs
@@ -17,20 +18,65 @@ from falconet.provisioner.service import Provisioner, Settings
 log = logging.getLogger("falconet.provisioner")
 
 
-def build(**o: Any) -> Provisioner:
+@dataclass(frozen=True)
+class Options:
+    """The provisioner's options, as `falconet provisioner` takes them (times in seconds).
+
+    The command line fills every field; a misspelt or missing one fails at construction.
+    """
+
+    dispatcher: str  #: the dispatcher's client address
+    backend: str = "local"  #: local or ec2
+    cluster: str = "falconet"
+    min_executors: int = 0
+    max_executors: int = 16
+    policy: str = "additive"
+    tasks_per_slot: float = 1.0
+    idle_release: float = 60.0
+    max_lifetime: float = 0.0
+    budget: float = 0.0
+    prices: str | None = None
+    interval: float = 5.0
+    boot_timeout: float | None = None  #: None: 300 on ec2, 60 local
+    release_grace: float = 600.0
+    stop_grace: float = 30.0
+    keep: bool = False
+    slots: int | None = None
+    executor_address: str | None = None
+    executor_idle_timeout: float | None = None  #: None: 3600 on ec2, 0 local
+    region: str | None = None
+    profile: str | None = None
+    ec2_endpoint_url: str | None = None
+    ami: str = "name:falconet-executor-*"
+    ami_owner: str = "self"
+    instance_types: str = "c5.large"
+    subnet: str | None = None
+    security_group: tuple[str, ...] = ()
+    key_name: str | None = None
+    iam_profile: str | None = None
+    spot: bool = False
+    tags: tuple[str, ...] = ()  #: KEY=VALUE instance tags
+    executor_tag: tuple[str, ...] = ()  #: tags the launched executors report
+    cloud_init: str | None = None
+    shutdown_when_idle: bool = True
+    clean_orphans: bool = False
+    executor_key: str | None = None
+
+
+def build(o: Options) -> Provisioner:
     """Connect to the dispatcher, set up the backend, adopt what the cluster already runs."""
-    client = Client(o["dispatcher"], name=f"provisioner-{o['cluster']}", connect_timeout_s=10)
+    client = Client(o.dispatcher, name=f"provisioner-{o.cluster}", connect_timeout_s=10)
     try:
         status = client.status(timeout_s=10)
-        executor_address = o["executor_address"] or status.get("endpoints", {}).get("executor", "")
+        executor_address = o.executor_address or status.get("endpoints", {}).get("executor", "")
         if not executor_address:
             raise FalconetError("the dispatcher did not report its executor address; "
                                 "pass --executor-address tcp://HOST:PORT")
         executor_address = address.parse(executor_address).url
-        ec2 = o["backend"] == "ec2"
-        tag_map = executor_tag_map(o.get("executor_tag") or ())
+        ec2 = o.backend == "ec2"
+        tag_map = executor_tag_map(o.executor_tag or ())
         executor_tags = tuple(needs.tags_from_map(tag_map))  # as the executors will report them
-        idle_timeout = o["executor_idle_timeout"]
+        idle_timeout = o.executor_idle_timeout
         if idle_timeout is None:
             idle_timeout = 3600.0 if ec2 else 0.0
         if ec2:
@@ -39,29 +85,29 @@ def build(**o: Any) -> Provisioner:
             from falconet.provisioner.processes import LocalBackend
 
             extra = ("--idle-timeout", str(idle_timeout)) if idle_timeout else ()
-            if o.get("executor_key"):
+            if o.executor_key:
                 _executor_keys(o)  # fail now, not in every executor
-                extra += ("--dispatcher-key", os.environ[keys.ENV_DISPATCHER_KEY], "--key", o["executor_key"])
-            backend = LocalBackend(executor_address, o["slots"], executor_args=extra, tags=executor_tags)
+                extra += ("--dispatcher-key", os.environ[keys.ENV_DISPATCHER_KEY], "--key", o.executor_key)
+            backend = LocalBackend(executor_address, o.slots, executor_args=extra, tags=executor_tags)
         params = Params(
-            types=backend.types(), strategy=Strategy(o["policy"]), min_executors=o["min_executors"],
-            max_executors=o["max_executors"], tasks_per_slot=o["tasks_per_slot"],
-            idle_release_s=o["idle_release"], max_lifetime_s=o["max_lifetime"], budget_usd=o["budget"])
+            types=backend.types(), strategy=Strategy(o.policy), min_executors=o.min_executors,
+            max_executors=o.max_executors, tasks_per_slot=o.tasks_per_slot,
+            idle_release_s=o.idle_release, max_lifetime_s=o.max_lifetime, budget_usd=o.budget)
         if params.min_executors > params.max_executors:
             raise FalconetError("--min-executors is larger than --max-executors")
         settings = Settings(
-            params=params, cluster=o["cluster"], interval_s=o["interval"],
-            boot_timeout_s=o["boot_timeout"] or (300.0 if ec2 else 60.0),
-            release_grace_s=o["release_grace"], keep=o["keep"], stop_grace_s=o["stop_grace"])
+            params=params, cluster=o.cluster, interval_s=o.interval,
+            boot_timeout_s=o.boot_timeout or (300.0 if ec2 else 60.0),
+            release_grace_s=o.release_grace, keep=o.keep, stop_grace_s=o.stop_grace)
         prov = Provisioner(settings, backend, client)
-        prov.adopt(clean_orphans=o["clean_orphans"])
+        prov.adopt(clean_orphans=o.clean_orphans)
         return prov
     except BaseException:
         client.close()
         raise
 
 
-def _ec2_backend(o: dict, executor_address: str, idle_timeout: float, tag_map: dict[str, str]) -> Any:
+def _ec2_backend(o: Options, executor_address: str, idle_timeout: float, tag_map: dict[str, str]) -> Any:
     from falconet.provisioner.ec2 import Ec2Backend, Ec2Settings
     from falconet.userdata import UserData
 
@@ -70,37 +116,37 @@ def _ec2_backend(o: dict, executor_address: str, idle_timeout: float, tag_map: d
         log.warning("instances are told to reach the dispatcher at %s, which is only right when they "
                     "share this machine's network (tests); pass --executor-address with its private "
                     "address", executor_address)
-    types = tuple(t.strip() for t in o["instance_types"].split(",") if t.strip())
+    types = tuple(t.strip() for t in o.instance_types.split(",") if t.strip())
     if not types:
         raise FalconetError("--instance-types is empty; name at least one, e.g. c5.large")
     tags = {}
-    for pair in o["tags"]:
+    for pair in o.tags:
         key, eq, value = pair.partition("=")
         if not eq or not key:
             raise FalconetError(f"--tag takes KEY=VALUE, not {pair!r}")
         tags[key] = value
     settings = Ec2Settings(
-        cluster=o["cluster"], ami=o["ami"], instance_types=types, ami_owner=o["ami_owner"],
-        region=o["region"], profile=o["profile"], endpoint_url=o["ec2_endpoint_url"],
-        subnet_id=o["subnet"], security_group_ids=tuple(o["security_group"]), key_name=o["key_name"],
-        iam_profile=o["iam_profile"], spot=o["spot"], slots=o["slots"] or 0, tags=tags,
-        prices=prices.load(o["prices"]), cloud_init=_cloud_init(o["cloud_init"]),
+        cluster=o.cluster, ami=o.ami, instance_types=types, ami_owner=o.ami_owner,
+        region=o.region, profile=o.profile, endpoint_url=o.ec2_endpoint_url,
+        subnet_id=o.subnet, security_group_ids=tuple(o.security_group), key_name=o.key_name,
+        iam_profile=o.iam_profile, spot=o.spot, slots=o.slots or 0, tags=tags,
+        prices=prices.load(o.prices), cloud_init=_cloud_init(o.cloud_init),
         executor_tags=tuple(needs.tags_from_map(tag_map)))
-    dispatcher_key, secret = _executor_keys(o) if o.get("executor_key") else ("", "")
-    user_data = UserData(dispatcher=executor_address, cluster=o["cluster"], slots=o["slots"] or 0,
-                         idle_timeout_s=idle_timeout, shutdown_when_idle=o["shutdown_when_idle"],
+    dispatcher_key, secret = _executor_keys(o) if o.executor_key else ("", "")
+    user_data = UserData(dispatcher=executor_address, cluster=o.cluster, slots=o.slots or 0,
+                         idle_timeout_s=idle_timeout, shutdown_when_idle=o.shutdown_when_idle,
                          dispatcher_key=dispatcher_key, executor_secret_key=secret, tags=tag_map)
     backend = Ec2Backend(settings, user_data)
     backend.prepare()
     return backend
 
 
-def _executor_keys(o: dict) -> tuple[str, str]:
+def _executor_keys(o: Options) -> tuple[str, str]:
     """(dispatcher public key, executor secret key) as z85 text, from --dispatcher-key and --executor-key."""
     if not os.environ.get(keys.ENV_DISPATCHER_KEY):
         raise FalconetError("--executor-key needs --dispatcher-key too: executors must know the dispatcher's key")
     public = keys.load_public(os.environ[keys.ENV_DISPATCHER_KEY])
-    _, secret = keys.load_secret(o["executor_key"])
+    _, secret = keys.load_secret(o.executor_key)
     return public.decode(), secret.decode()
 
 
