@@ -21,7 +21,7 @@ from typing import Any
 from falconet import needs as nd
 from falconet import protocol as p
 from falconet.dispatcher import states
-from falconet.dispatcher.journal import Kind
+from falconet.dispatcher.records import Kind
 from falconet.protocol import TaskState
 
 log = logging.getLogger("falconet.dispatcher")

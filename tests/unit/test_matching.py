@@ -10,7 +10,7 @@ import pytest
 from falconet import needs as nd
 from falconet import protocol as p
 from falconet.dispatcher.core import Config, Core
-from falconet.dispatcher.journal import Kind
+from falconet.dispatcher.records import Kind
 
 WALL0 = 1_700_000_000.0
 DONE, FAILED = int(p.TaskState.DONE), int(p.TaskState.FAILED)
