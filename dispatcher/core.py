@@ -20,6 +20,7 @@ from falconet import needs as nd
 from falconet import protocol as p
 from falconet.dispatcher import states
 from falconet.dispatcher.entries import ClientEntry, Config, ExecutorEntry, ExecutorState, Task, caps_of
+from falconet.dispatcher.matching import Matcher, NeedsClass
 from falconet.dispatcher.records import Kind
 from falconet.protocol import TaskState
 
@@ -32,33 +33,6 @@ _KINDS = frozenset(int(k) for k in p.TaskKind)
 _STATE_NAMES = {int(s): s.name.lower() for s in TaskState}
 _LEGAL = states.LEGAL
 _new = tuple.__new__  # builds a NamedTuple without its Python-level __new__
-_UNSET = object()
-
-
-class NeedsClass:
-    """The queued tasks that share one set of needs, in submission order."""
-
-    __slots__ = ("needs", "queue", "pending", "eligible", "gen", "blocked_since", "reserved",
-                 "unschedulable", "unschedulable_since", "checked")
-
-    def __init__(self, needs: nd.Needs):
-        self.needs = needs
-        self.queue: collections.deque[Task] = collections.deque()
-        self.pending = 0  #: tasks of the queue still PENDING
-        self.eligible: dict[bytes, ExecutorEntry] = {}  #: executors that satisfy the needs (by capacity)
-        self.gen = -1  #: the registry generation eligible was computed for
-        self.blocked_since: float | None = None  #: when a dispatch turn last placed none of it
-        self.reserved: bytes | None = None  #: the executor held for its head task
-        self.unschedulable = ""  #: why no connected or launchable executor can run it
-        self.unschedulable_since = 0.0
-        self.checked: tuple = ()  #: (registry generation, fleet reports) unschedulable was found for
-
-    def head(self) -> Task | None:
-        """The oldest pending task, dropping cancelled ones from the front."""
-        q = self.queue
-        while q and q[0].state != _PENDING:
-            q.popleft()
-        return q[0] if q else None
 
 
 class Core:
@@ -70,11 +44,10 @@ class Core:
         self.dispatcher_id = uuid.uuid4().hex[:12]
         self.started_wall = wall()
         self.queue: collections.deque[Task] = collections.deque()  #: plain tasks
-        self.classes: dict[nd.Needs, NeedsClass] = {}  #: tasks with needs, by needs
-        self._gen = 0  #: bumped when an executor joins, leaves or changes: eligibility is recomputed
         self._reserved: set[bytes] = set()  #: executors held for a large task in the last turn
         self.executors: dict[bytes, ExecutorEntry] = {}
         self.ready: dict[bytes, ExecutorEntry] = {}  # executors with credit > 0, in turn order
+        self.matcher = Matcher(config, self.executors, self.ready, self._pop)  #: tasks with needs
         self.clients: dict[bytes, ClientEntry] = {}
         self.counts = [0] * len(TaskState)  # live tasks by state; final states are totals
         self.submitted_total = 0
@@ -97,6 +70,11 @@ class Core:
         self.delivered_files: list[tuple[bytes, bytes, bytes]] = []
         self.cache_totals = {"hits": 0, "misses": 0, "bytes_fetched": 0}  #: executors' input caches, summed
         self.reporters: dict[str, Callable[[], Any]] = {}  #: more status entries, e.g. the server's security
+
+    @property
+    def classes(self) -> dict[nd.Needs, NeedsClass]:
+        """Queued tasks with needs, by needs (the matcher's)."""
+        return self.matcher.classes
 
     # ------------------------------------------------------------ state changes
 
@@ -211,7 +189,7 @@ class Core:
                     continue
                 cls = classes.get(spec.needs, False)
                 if cls is False:
-                    cls = classes[spec.needs] = self._class_of(spec.needs)
+                    cls = classes[spec.needs] = self.matcher.class_of(spec.needs)
                 if cls is None:
                     queue.append(Task(client, spec, wall))
                 elif type(cls) is str:
@@ -223,36 +201,12 @@ class Core:
                 self._finish(Task(client, spec, wall), _FAILED, b"", _invalid(spec, max_body), "", 0.0, wall)
         self.submitted_total += len(specs)
 
-    def _class_of(self, data: bytes) -> NeedsClass | str | None:
-        """The class for needs as sent (made if new), None for plain ones, or why they are invalid."""
-        try:
-            needs = nd.decode(data)
-        except p.ProtocolError as exc:
-            return str(exc)
-        if needs.plain:
-            return None
-        if needs not in self.classes and len(self.classes) >= self.config.max_classes:
-            for gone in [n for n, k in self.classes.items() if k.head() is None]:  # emptied by cancels
-                del self.classes[gone]
-            if len(self.classes) >= self.config.max_classes:
-                return (f"{len(self.classes)} different sets of requirements are queued already, the "
-                        "dispatcher's limit; give tasks fewer distinct requirements (tags are for "
-                        "capabilities, not task names)")
-        return self._class(needs)
-
-    def _class(self, needs: nd.Needs) -> NeedsClass:
-        """The class of these needs, made if new."""
-        cls = self.classes.get(needs)
-        if cls is None:
-            cls = self.classes[needs] = NeedsClass(needs)
-        return cls
-
     def _enqueue(self, task: Task, front: bool = False) -> None:
         """Queue a pending task: in its needs class, or a plain one in the plain queue."""
         if task.needs is None:
             queue = self.queue
         else:
-            cls = self._class(task.needs)
+            cls = self.matcher.class_for(task.needs)
             cls.pending += 1
             queue = cls.queue
         (queue.appendleft if front else queue.append)(task)
@@ -288,7 +242,7 @@ class Core:
                 ex.state = ExecutorState.DRAINING  # no new work from now on
                 ex.credit = 0
                 self.ready.pop(ex.peer, None)
-                self._gen += 1
+                self.matcher.gen += 1
                 self._send_executor(ex, p.Leave(reason))
 
     # ------------------------------------------------------------ executors
@@ -337,7 +291,7 @@ class Core:
             log.info("executor %s registered: host %s, %d slots, %d cpus, addresses %s, tags %s",
                      msg.executor_id, msg.hostname, msg.slots, msg.cpus, ",".join(msg.addresses),
                      ",".join(sorted(ex.caps.tags)))
-        self._gen += 1
+        self.matcher.gen += 1
         self._send_executor(ex, p.Registered(self.dispatcher_id, self.config.heartbeat_interval_s,
                                              self.config.heartbeat_timeout_s, self.config.max_message_bytes))
 
@@ -412,7 +366,7 @@ class Core:
         ex.state = ExecutorState.DRAINING
         ex.credit = 0
         self.ready.pop(ex.peer, None)
-        self._gen += 1
+        self.matcher.gen += 1
         for tid, attempt in msg.returned:
             t = ex.tasks.get(tid)
             if t is not None and t.attempt == attempt:
@@ -446,7 +400,7 @@ class Core:
     def _remove(self, ex: ExecutorEntry, *, lost: bool, how: str = "") -> None:
         del self.executors[ex.peer]
         self.ready.pop(ex.peer, None)
-        self._gen += 1
+        self.matcher.gen += 1
         info = ex.info
         why = f"executor {info.executor_id} on {info.hostname} lost"
         for t in ex.tasks.values():
@@ -491,68 +445,9 @@ class Core:
             elif now - ex.last_sent >= interval:
                 ex.last_sent = now
                 self._send_executor(ex, p.Heartbeat())
-        if self.classes:
-            self._check_schedulable(now)
-
-    def _check_schedulable(self, now: float) -> None:
-        """Mark classes no connected or launchable executor can run; fail them past the limit."""
-        launchable: Any = _UNSET  # read once, and only if some class needs it
-        key = (self._gen, self.fleet_reports)
-        for cls in list(self.classes.values()):
-            if cls.checked == key:  # nothing changed since: only the clock below moves
-                why = cls.unschedulable
-            else:
-                self._eligible(cls)
-                if not cls.eligible and launchable is _UNSET:
-                    launchable = self._launchable()
-                why = "" if cls.eligible else self._why_unschedulable(cls.needs, launchable)
-                cls.checked = key
-            if not why:
-                cls.unschedulable = ""
-                continue
-            if not cls.unschedulable:
-                cls.unschedulable_since = now
-                log.warning("%d tasks needing %s are unschedulable: %s", cls.pending, cls.needs, why)
-            cls.unschedulable = why
-            limit = self.config.fail_unschedulable_s
-            if limit > 0 and now - cls.unschedulable_since >= limit:
-                waited = f" (failed after {limit:g}s, --fail-unschedulable)" if limit >= 1 else ""
-                self._fail_class(cls, f"unschedulable: {why}{waited}")
-
-    def _launchable(self) -> list[tuple[str, nd.Caps]] | None:
-        """What the provisioner says it can launch, or None when no provisioner reports."""
-        if not self.fleet or type(self.fleet.get("can_launch")) is not list:
-            return None
-        out = []
-        for t in self.fleet["can_launch"]:
-            try:
-                tags = frozenset(str(x) for x in t.get("tags", []))
-                out.append((str(t.get("type", "?")), nd.Caps(int(t["cpus"]), int(t["memory_mb"]), str(t.get("arch", "")),
-                                                              tags, str(t.get("site", nd.site_of(tags))))))
-            except (KeyError, TypeError, ValueError, AttributeError):
-                continue  # a malformed entry launches nothing
-        return out
-
-    def _why_unschedulable(self, need: nd.Needs, launchable: list | None) -> str:
-        """Empty if some connected executor or launchable type could run it, else why not."""
-        if not self.executors and launchable is None:
-            return ""  # nothing connected and no provisioner: executors may yet be started by hand
-        reasons: dict[str, int] = {}
-        for ex in self.executors.values():
-            why = ex.caps.why_not(need)
-            if not why:
-                return ""
-            reasons[why] = reasons.get(why, 0) + 1
-        for _name, caps in launchable or ():
-            why = caps.why_not(need)
-            if not why:
-                return ""
-            reasons[why] = reasons.get(why, 0) + 1
-        where = f"{len(self.executors)} executors connected"
-        if launchable is not None:
-            where += f", {len(launchable)} instance types launchable"
-        shown = "; ".join(f"{n}x {why}" for why, n in sorted(reasons.items(), key=lambda x: -x[1])[:3])
-        return f"needs {need}: no executor can run it ({where}: {shown or 'none'})"
+        if self.matcher.classes:
+            for cls, reason in self.matcher.check(now, self.fleet, self.fleet_reports):
+                self._fail_class(cls, reason)
 
     def _fail_class(self, cls: NeedsClass, reason: str) -> None:
         wall = self.wall()
@@ -561,13 +456,14 @@ class Core:
                 self._finish(t, _FAILED, b"", reason, "", 0.0, wall)
         cls.queue.clear()
         cls.pending = 0
-        del self.classes[cls.needs]
+        del self.matcher.classes[cls.needs]
 
     def dispatch(self, now: float) -> None:
         """Hand queued tasks to executors with credit: tasks with needs first, to executors
         that satisfy them and have their cpus free; then plain tasks, shared fairly."""
         # Reservations are found afresh each turn (each class remembers its own executor).
-        self._reserved = self._dispatch_needy(now) if self.classes and self.ready else set()
+        matcher = self.matcher
+        self._reserved = matcher.dispatch(now, self.to_executors) if matcher.classes and self.ready else set()
         queue, ready = self.queue, self.ready
         if not queue or not ready:
             return
@@ -621,99 +517,6 @@ class Core:
         self.counts[_PENDING] -= len(batch)
         self.counts[_DISPATCHED] += len(batch)
         return batch
-
-    # ------------------------------------------------------------ tasks with needs
-
-    def _dispatch_needy(self, now: float) -> set[bytes]:
-        """Place tasks with needs, oldest class first, best fit by free cpus; returns the
-        executors reserved, which plain tasks must leave alone this turn.
-
-        Anti-starvation: a class whose head could not be placed for reserve_after_s reserves
-        one executor that can hold it (the one with the most free cpus, kept from turn to
-        turn).  A reserved executor gets no other work, so as its tasks end its cpus free up
-        and the head is placed there: a large task waits for its cpus, never for ever.
-        """
-        reserved: dict[bytes, NeedsClass] = {}
-        live = []
-        for needs, cls in list(self.classes.items()):
-            head = cls.head()
-            if head is None:
-                del self.classes[needs]
-            else:
-                live.append((head.submitted, cls))
-        live.sort(key=lambda x: x[0])
-        for _, cls in live:
-            self._eligible(cls)
-            if self._place(cls, reserved, now):
-                cls.blocked_since = None
-                cls.reserved = None
-            elif cls.blocked_since is None:
-                cls.blocked_since = now
-            if cls.pending and cls.blocked_since is not None and now - cls.blocked_since >= self.config.reserve_after_s:
-                self._reserve(cls, reserved)
-        return set(reserved)
-
-    def _eligible(self, cls: NeedsClass) -> None:
-        """Refresh the executors that satisfy the class, once per change of the registry."""
-        if cls.gen != self._gen:
-            cls.eligible = {peer: ex for peer, ex in self.executors.items() if ex.caps.satisfies(cls.needs)}
-            cls.gen = self._gen
-
-    def _place(self, cls: NeedsClass, reserved: dict[bytes, NeedsClass], now: float) -> int:
-        """Give executors as many of the class's tasks as their credit and free cpus allow."""
-        need = cls.needs
-        # Only executors with credit can take a task: look through the fewer of the two.
-        ready, eligible = self.ready, cls.eligible
-        pool = [ex for peer, ex in ready.items() if peer in eligible] if len(ready) < len(eligible) \
-            else [ex for ex in eligible.values() if ex.peer in ready]
-        fits = [ex for ex in pool
-                if ex.credit > 0 and ex.state is ExecutorState.ACTIVE and reserved.get(ex.peer, cls) is cls
-                and ex.caps.cpus - ex.cpus_used >= need.cpus
-                and ex.caps.memory_mb - ex.memory_used >= need.memory_mb]
-        if not fits:
-            return 0
-        if need.prefer == "local":  # local executors first, the cloud only for what they cannot take
-            fits.sort(key=lambda ex: (ex.caps.site != "local", ex.caps.cpus - ex.cpus_used))
-        else:  # best fit: keep the large free blocks for the large tasks
-            fits.sort(key=lambda ex: ex.caps.cpus - ex.cpus_used)
-        placed = 0
-        limit = self.config.max_dispatch_batch
-        for ex in fits:
-            n = min(ex.credit, (ex.caps.cpus - ex.cpus_used) // need.cpus, cls.pending, limit)
-            if need.memory_mb:
-                n = min(n, (ex.caps.memory_mb - ex.memory_used) // need.memory_mb)
-            batch = self._take_class(cls, ex, n)
-            if batch:
-                placed += len(batch)
-                ex.last_sent = now
-                self.to_executors.append((ex.peer, p.Tasks(batch)))
-            if ex.credit <= 0:
-                self.ready.pop(ex.peer, None)
-            if not cls.pending:
-                break
-        return placed
-
-    def _take_class(self, cls: NeedsClass, ex: ExecutorEntry, n: int) -> list[p.Assignment]:
-        need = cls.needs
-        batch = self._pop(cls.queue, ex, n, need.cpus)
-        cls.pending -= len(batch)
-        ex.credit -= len(batch)
-        ex.cpus_used += need.cpus * len(batch)
-        ex.memory_used += need.memory_mb * len(batch)
-        return batch
-
-    def _reserve(self, cls: NeedsClass, reserved: dict[bytes, NeedsClass]) -> None:
-        """Hold one executor for the class's head task (see _dispatch_needy)."""
-        usable = [ex for ex in cls.eligible.values() if ex.state is ExecutorState.ACTIVE and ex.peer not in reserved]
-        if not usable:
-            return
-        kept = next((ex for ex in usable if ex.peer == cls.reserved), None)
-        ex = kept or max(usable, key=lambda e: (e.caps.cpus - e.cpus_used, -len(e.tasks)))
-        if kept is None:
-            log.info("executor %s reserved for tasks needing %s: they waited %.1fs for free cpus",
-                     ex.info.executor_id, cls.needs, self.config.reserve_after_s)
-        cls.reserved = ex.peer
-        reserved[ex.peer] = cls
 
     def take_outgoing(self) -> tuple[list[tuple[bytes, Any]], list[tuple[bytes, Any]]]:
         """Return and clear the messages to send: (to clients, to executors)."""
