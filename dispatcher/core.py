@@ -18,7 +18,7 @@ from typing import Any
 
 from falconet import needs as nd
 from falconet import protocol as p
-from falconet.dispatcher import states
+from falconet.dispatcher import replay, states
 from falconet.dispatcher.entries import ClientEntry, Config, ExecutorEntry, ExecutorState, Task, caps_of
 from falconet.dispatcher.matching import Matcher, NeedsClass
 from falconet.dispatcher.records import Kind
@@ -564,21 +564,13 @@ class Core:
         Every accepted task without a result is queued again (tasks that were running when
         the last dispatcher died run again: at-least-once).  Returns the tasks queued.
         """
-        live: dict[tuple[bytes, int], Task] = {}
-        apply = {Kind.SUBMIT: self._restore_submit, Kind.TASKS: self._restore_tasks,
-                 Kind.RESULTS: self._restore_results, Kind.ACK: self._restore_ack,
-                 Kind.LOSSES: self._restore_losses, Kind.CLIENT: self._restore_client}
-        for kind, fields in records:
-            if kind in apply:
-                apply[kind](fields, live)
-            else:
-                log.warning("journal: skipped a record of unknown kind %s", kind)
+        live = replay.replay(records, self.clients)
         for client in self.clients.values():
             for r in client.unacked.values():
                 self.counts[r.state] += 1
                 client.counts[r.state] += 1
         max_body = self.config.max_task_bytes
-        for t in live.values():
+        for t in live:
             self.counts[_PENDING] += 1
             t.client.counts[_PENDING] += 1
             reason = _invalid(p.TaskSpec(t.seq, t.kind, t.body, t.retries, t.walltime_s, b"", t.files), max_body)
@@ -589,70 +581,10 @@ class Core:
         self.submitted_total += len(live)
         return len(live)
 
-    def _restore_submit(self, f: list, live: dict) -> None:
-        client = self._known_client(f[0], f[1])
-        client.first_time(f[2])
-        for spec in f[4]:
-            spec = p.TaskSpec._make(spec)
-            live[(client.peer, spec.seq)] = Task(client, spec, f[3], _restored_needs(spec.needs))
-
-    def _restore_tasks(self, f: list, live: dict) -> None:
-        client = self._known_client(f[0], "")
-        for seq, kind, body, retries, walltime_s, needs, files, submitted, losses in f[1]:
-            spec = p.TaskSpec(seq, kind, body, retries, walltime_s, needs, files)
-            t = live[(client.peer, seq)] = Task(client, spec, submitted, _restored_needs(needs))
-            t.losses = losses
-
-    def _restore_results(self, f: list, live: dict) -> None:
-        client = self._known_client(f[0], "")
-        for r in f[1]:
-            live.pop((client.peer, r[0]), None)
-            client.unacked[r[0]] = p.TaskResult._make(r)
-
-    def _restore_ack(self, f: list, live: dict) -> None:
-        unacked = self._known_client(f[0], "").unacked
-        for seq in f[1]:
-            unacked.pop(seq, None)
-
-    def _restore_losses(self, f: list, live: dict) -> None:
-        for seq, losses in f[1]:
-            t = live.get((f[0], seq))
-            if t is not None:
-                t.losses = losses
-
-    def _restore_client(self, f: list, live: dict) -> None:
-        client = self._known_client(f[0], f[1])
-        client.batch_high = max(client.batch_high, f[2])
-        client.batch_extra.update(b for b in f[3] if b > client.batch_high)
-
-    def _known_client(self, peer: bytes, name: str) -> ClientEntry:
-        client = self.clients.get(peer)
-        if client is None:
-            client = self.clients[peer] = ClientEntry(peer, name, welcomed=False)
-        elif name:
-            client.name = name
-        return client
-
     def snapshot(self) -> Any:
         """The live state as journal records: what compaction keeps."""
-        by_client: dict[ClientEntry, list[Task]] = collections.defaultdict(list)
-        for ex in self.executors.values():  # dispatched before anything still queued
-            for t in ex.tasks.values():
-                if t.state not in _FINAL:
-                    by_client[t.client].append(t)
-        for queue in [self.queue, *(cls.queue for cls in self.classes.values())]:
-            for t in queue:
-                if t.state == _PENDING:
-                    by_client[t.client].append(t)
-        for client in self.clients.values():
-            yield Kind.CLIENT, (client.peer, client.name, client.batch_high, sorted(client.batch_extra))
-            records = [(t.seq, t.kind, t.body, t.retries, t.walltime_s,
-                        b"" if t.needs is None else nd.encode(t.needs), t.files, t.submitted, t.losses)
-                       for t in by_client.get(client, [])]
-            for part in self._chunks(records, 2):
-                yield Kind.TASKS, (client.peer, part)
-            for part in self._chunks([*client.unacked.values(), *client.results], 2):
-                yield Kind.RESULTS, (client.peer, part)
+        queues = [self.queue, *(cls.queue for cls in self.classes.values())]
+        return replay.snapshot(self.clients.values(), self.executors.values(), queues, self._chunks)
 
     # ------------------------------------------------------------ statistics
 
@@ -720,15 +652,6 @@ class Core:
                 unschedulable.append({**entry, "reason": cls.unschedulable,
                                       "since_s": now - cls.unschedulable_since})
         return waiting, unschedulable
-
-
-def _restored_needs(data: bytes) -> nd.Needs | None:
-    """Needs of a journaled task (accepted, so valid when written); None for a plain one."""
-    try:
-        n = nd.decode(data)
-    except p.ProtocolError:
-        return None
-    return None if n.plain else n
 
 
 def _executor_row(ex: ExecutorEntry, now: float) -> dict:
