@@ -22,6 +22,7 @@ from falconet.dispatcher import replay, states
 from falconet.dispatcher.entries import ClientEntry, Config, ExecutorEntry, ExecutorState, Task, caps_of
 from falconet.dispatcher.matching import Matcher, NeedsClass
 from falconet.dispatcher.records import Kind
+from falconet.dispatcher.status import Rate, status_map
 from falconet.protocol import TaskState
 
 log = logging.getLogger("falconet.dispatcher")
@@ -30,7 +31,6 @@ _PENDING, _DISPATCHED, _RUNNING = int(TaskState.PENDING), int(TaskState.DISPATCH
 _DONE, _FAILED, _CANCELLED = int(TaskState.DONE), int(TaskState.FAILED), int(TaskState.CANCELLED)
 _FINAL = frozenset({_DONE, _FAILED, _CANCELLED})
 _KINDS = frozenset(int(k) for k in p.TaskKind)
-_STATE_NAMES = {int(s): s.name.lower() for s in TaskState}
 _LEGAL = states.LEGAL
 _new = tuple.__new__  # builds a NamedTuple without its Python-level __new__
 
@@ -54,7 +54,7 @@ class Core:
         self.lost_total = 0
         self.stale_results = 0
         self.recent_lost: collections.deque[dict] = collections.deque(maxlen=20)
-        self._done_times: collections.deque[list[int]] = collections.deque()  # [second, count]
+        self.rate = Rate(config.rate_window_s)  #: completions, for the tasks/s figure
         self._next_tid = 1
         self._results_pending: dict[bytes, ClientEntry] = {}
         self.to_clients: list[tuple[bytes, Any]] = []
@@ -332,7 +332,7 @@ class Core:
                 accepted += 1
             ex.cpus_used -= plain
             ex.completed += accepted
-            self._note_done(now, accepted)
+            self.rate.note(now, accepted)
             if not tasks:
                 ex.idle_since = now
         if msg.credit > 0 and ex.state is ExecutorState.ACTIVE:
@@ -349,16 +349,6 @@ class Core:
                 if type(a) is int and type(b) is int and a > b:
                     self.cache_totals[k] += a - b
         ex.stats = stats
-
-    def _note_done(self, now: float, n: int) -> None:
-        """Count completions per second for the tasks/s figure; memory stays bounded."""
-        times = self._done_times
-        if times and times[-1][0] == int(now):
-            times[-1][1] += n
-        else:
-            times.append([int(now), n])
-            while times[0][0] < now - self.config.rate_window_s - 1:
-                times.popleft()
 
     def _drain(self, ex: ExecutorEntry, msg: p.Drain) -> None:
         if ex.state is ExecutorState.ACTIVE:
@@ -588,85 +578,9 @@ class Core:
 
     # ------------------------------------------------------------ statistics
 
-    def tasks_per_s(self, now_mono: float) -> float:
-        """Completions per second over the last rate window."""
-        window = self.config.rate_window_s
-        times = self._done_times
-        while times and times[0][0] < now_mono - window:
-            times.popleft()
-        if not times:
-            return 0.0
-        span = max(now_mono - times[0][0], 1.0)
-        return sum(n for _, n in times) / span
-
     def status(self, now: float, detail: bool = False, client: ClientEntry | None = None) -> dict:
-        """The dispatcher's statistics as a msgpack-friendly map."""
-        info: dict[str, Any] = {
-            "dispatcher_id": self.dispatcher_id,
-            "version": p.PROTOCOL_VERSION,
-            "uptime_s": self.wall() - self.started_wall,
-            "durability": "in-memory" if self.journal is None else "journal",
-            "journal": {},  # the server's reporter fills it when there is one
-            "unacknowledged_results": sum(len(c.unacked) for c in self.clients.values()),
-            "queued": self.counts[_PENDING],
-            "tasks": {_STATE_NAMES[s]: n for s, n in enumerate(self.counts)},
-            "submitted_total": self.submitted_total,
-            "tasks_per_s": self.tasks_per_s(now),
-            "executors": len(self.executors),
-            "slots": sum(ex.info.slots for ex in self.executors.values()),
-            "busy": sum(len(ex.tasks) for ex in self.executors.values()),
-            "lost_executors": self.lost_total,
-            "stale_results": self.stale_results,
-            "clients": len(self.clients),
-            "endpoints": self.endpoints,
-        }
-        for name, report in self.reporters.items():
-            info[name] = report()
-        info["waiting"], info["unschedulable"] = self._waiting(now)
-        info["input_cache"] = dict(self.cache_totals)
-        if client is not None:
-            info["client"] = {_STATE_NAMES[s]: n for s, n in enumerate(client.counts)}
-        if detail:
-            info["executor_table"] = [_executor_row(ex, now) for ex in self.executors.values()]
-            info["recent_lost"] = list(self.recent_lost)
-            if self.fleet is not None:
-                info["fleet"] = {**self.fleet, "reported_s": self.wall() - self.fleet_at}
-        return info
-
-    def _waiting(self, now: float) -> tuple[list[dict], list[dict]]:
-        """Queued tasks by needs (for the provisioner), and the classes no executor can run."""
-        wall = self.wall()
-        waiting, unschedulable = [], []
-        plain = self.counts[_PENDING] - sum(cls.pending for cls in self.classes.values())
-        if plain > 0:
-            head = next((t for t in self.queue if t.state == _PENDING), None)
-            waiting.append({"needs": nd.PLAIN.to_dict(), "count": plain,
-                            "oldest_s": wall - head.submitted if head else 0.0})
-        for cls in self.classes.values():
-            head = cls.head()
-            if head is None:
-                continue
-            entry = {"needs": cls.needs.to_dict(), "count": cls.pending, "oldest_s": wall - head.submitted}
-            waiting.append(entry)
-            if cls.unschedulable:
-                unschedulable.append({**entry, "reason": cls.unschedulable,
-                                      "since_s": now - cls.unschedulable_since})
-        return waiting, unschedulable
-
-
-def _executor_row(ex: ExecutorEntry, now: float) -> dict:
-    i = ex.info
-    running = sum(1 for t in ex.tasks.values() if t.state == _RUNNING)
-    return {
-        "id": i.executor_id, "host": i.hostname, "addresses": i.addresses, "pid": i.pid,
-        "cpus": i.cpus, "memory": i.memory, "memory_mb": i.memory >> 20, "platform": i.platform, "slots": i.slots,
-        "state": ex.state.value, "busy": running, "assigned": len(ex.tasks),
-        "completed": ex.completed, "last_seen_s": now - ex.last_seen,
-        "idle_s": 0.0 if ex.tasks else now - ex.idle_since,
-        "registered": ex.registered, "facts": i.facts,
-        "arch": ex.caps.arch, "site": ex.caps.site, "tags": sorted(ex.caps.tags),
-        "cpus_used": ex.cpus_used, "memory_used_mb": ex.memory_used, "stats": ex.stats,
-    }
+        """The dispatcher's statistics as a msgpack-friendly map (see :mod:`falconet.dispatcher.status`)."""
+        return status_map(self, now, detail, client)
 
 
 def _invalid(spec: p.TaskSpec, max_body: int) -> str:
