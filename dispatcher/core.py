@@ -4,6 +4,10 @@ The ZeroMQ loop in :mod:`falconet.dispatcher.server` feeds decoded messages in w
 peer's routing id and the monotonic time, calls :meth:`Core.tick` and
 :meth:`Core.dispatch`, and sends whatever :meth:`Core.take_outgoing` returns.  Tests drive
 the same object directly.
+
+The core is the event handler: sessions, the registry, the plain-task queue and its hot
+dispatch loop.  Tasks with needs are placed by :mod:`.matching`, the journal is replayed
+and snapshotted by :mod:`.replay`, and the status map is built by :mod:`.status`.
 """
 
 from __future__ import annotations
