@@ -4,24 +4,29 @@ The ZeroMQ loop in :mod:`falconet.dispatcher.server` feeds decoded messages in w
 peer's routing id and the monotonic time, calls :meth:`Core.tick` and
 :meth:`Core.dispatch`, and sends whatever :meth:`Core.take_outgoing` returns.  Tests drive
 the same object directly.
+
+The core is the event handler: sessions, the registry, the plain-task queue and its hot
+dispatch loop.  Tasks with needs are placed by :mod:`.matching`, the journal is replayed
+and snapshotted by :mod:`.replay`, and the status map is built by :mod:`.status`.
 """
 
 from __future__ import annotations
 
 import collections
-import enum
 import logging
 import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from falconet import needs as nd
 from falconet import protocol as p
-from falconet.dispatcher import states
-from falconet.dispatcher.journal import Kind
+from falconet.dispatcher import replay, states
+from falconet.dispatcher.entries import ClientEntry, Config, ExecutorEntry, ExecutorState, Task, caps_of
+from falconet.dispatcher.matching import Matcher, NeedsClass
+from falconet.dispatcher.records import Kind
+from falconet.dispatcher.status import Rate, status_map
 from falconet.protocol import TaskState
 
 log = logging.getLogger("falconet.dispatcher")
@@ -30,154 +35,8 @@ _PENDING, _DISPATCHED, _RUNNING = int(TaskState.PENDING), int(TaskState.DISPATCH
 _DONE, _FAILED, _CANCELLED = int(TaskState.DONE), int(TaskState.FAILED), int(TaskState.CANCELLED)
 _FINAL = frozenset({_DONE, _FAILED, _CANCELLED})
 _KINDS = frozenset(int(k) for k in p.TaskKind)
-_STATE_NAMES = {int(s): s.name.lower() for s in TaskState}
-_NO_LIMIT = 0.0
 _LEGAL = states.LEGAL
 _new = tuple.__new__  # builds a NamedTuple without its Python-level __new__
-_UNSET = object()
-
-
-@dataclass(frozen=True)
-class Config:
-    """Dispatcher settings; times in seconds."""
-
-    heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 10.0
-    max_submit_batch: int = 100_000  #: tasks in one Submit message
-    max_dispatch_batch: int = 2048  #: tasks in one Tasks message
-    max_results_batch: int = 4096  #: results in one Results message
-    rate_window_s: float = 10.0  #: window of the tasks/s figure
-    max_message_bytes: int = 256 << 20  #: ZeroMQ disconnects a peer that sends a larger one
-    max_task_bytes: int = 64 << 20  #: a task body larger than this fails at submission
-    max_output_bytes: int = 64 << 20  #: a result output larger than this fails the task
-    #: a task with needs that could not be placed for this long reserves an executor: it gets
-    #: no other work until the task fits, so large tasks never starve behind small ones
-    reserve_after_s: float = 1.0
-    fail_unschedulable_s: float = 0.0  #: fail tasks unschedulable for this long; 0: keep them queued
-    max_classes: int = 10_000  #: distinct sets of needs queued at once (each costs a scan per change)
-
-
-class Task:
-    """One accepted task; small on purpose (a queued task is its body plus these slots)."""
-
-    __slots__ = (
-        "tid", "client", "seq", "kind", "body", "retries", "walltime_s", "needs", "files",
-        "state", "attempt", "losses", "executor", "submitted",
-    )  # fmt: skip
-
-    def __init__(self, client, spec: p.TaskSpec, submitted: float, needs: nd.Needs | None = None):
-        self.tid = None  # given at first dispatch: a queued task needs none (memory)
-        self.client = client
-        self.seq = spec.seq
-        self.kind = spec.kind
-        self.body = spec.body
-        self.retries = spec.retries
-        self.walltime_s = spec.walltime_s or _NO_LIMIT  # one shared float for the usual case
-        self.needs = needs  # None for a plain task: one cpu, any executor (the fast path)
-        self.files = spec.files
-        self.state = _PENDING
-        self.attempt = 0  # number of times dispatched; results must name the current one
-        self.losses = 0  # attempts ended by a lost executor or dead slot
-        self.executor = None
-        self.submitted = submitted
-
-
-class ExecutorState(enum.Enum):
-    """Where a registered executor is in its life."""
-
-    ACTIVE = "active"  #: takes work as its credit allows
-    DRAINING = "draining"  #: finishing what it runs; gets no new work
-
-
-class ExecutorEntry:
-    """A registered executor as the dispatcher knows it."""
-
-    __slots__ = ("peer", "info", "caps", "state", "credit", "tasks", "last_seen", "last_sent", "registered",
-                 "completed", "idle_since", "cpus_used", "memory_used", "stats")
-
-    def __init__(self, peer: bytes, info: p.Register, now: float, wall: float):
-        self.peer = peer
-        self.info = info
-        self.caps = caps_of(info)
-        self.cpus_used = 0  #: cpus of the tasks it holds (a plain task counts one)
-        self.memory_used = 0  #: MB asked by the tasks it holds
-        self.stats: dict = {}  #: the executor's last reported statistics (input cache)
-        self.state = ExecutorState.ACTIVE
-        self.credit = 0
-        self.tasks: dict[int, Task] = {}
-        self.last_seen = now
-        self.last_sent = now
-        self.registered = wall
-        self.completed = 0
-        self.idle_since = now  #: when it last ran out of tasks (for the provisioner's idle release)
-
-
-def caps_of(info: p.Register) -> nd.Caps:
-    """An executor's capabilities from its registration; odd facts count as none."""
-    facts = info.facts
-    tags = facts.get("tags")
-    tags = [t for t in tags if type(t) is str] if type(tags) is list else []
-    site = "cloud" if facts.get("instance_id") else "local"
-    tagset = nd.executor_tags(tags, site)
-    arch = facts.get("arch")
-    try:
-        arch = nd.normalise_arch(arch) if type(arch) is str else ""
-    except ValueError:
-        arch = str(arch)
-    return nd.Caps(info.cpus, info.memory >> 20, arch, tagset, nd.site_of(tagset))
-
-
-class NeedsClass:
-    """The queued tasks that share one set of needs, in submission order."""
-
-    __slots__ = ("needs", "queue", "pending", "eligible", "gen", "blocked_since", "reserved",
-                 "unschedulable", "unschedulable_since", "checked")
-
-    def __init__(self, needs: nd.Needs):
-        self.needs = needs
-        self.queue: collections.deque[Task] = collections.deque()
-        self.pending = 0  #: tasks of the queue still PENDING
-        self.eligible: dict[bytes, ExecutorEntry] = {}  #: executors that satisfy the needs (by capacity)
-        self.gen = -1  #: the registry generation eligible was computed for
-        self.blocked_since: float | None = None  #: when a dispatch turn last placed none of it
-        self.reserved: bytes | None = None  #: the executor held for its head task
-        self.unschedulable = ""  #: why no connected or launchable executor can run it
-        self.unschedulable_since = 0.0
-        self.checked: tuple = ()  #: (registry generation, fleet reports) unschedulable was found for
-
-    def head(self) -> Task | None:
-        """The oldest pending task, dropping cancelled ones from the front."""
-        q = self.queue
-        while q and q[0].state != _PENDING:
-            q.popleft()
-        return q[0] if q else None
-
-
-class ClientEntry:
-    """A client session: its identity, name, per-state task counts and undelivered results."""
-
-    __slots__ = ("peer", "name", "counts", "results", "unacked", "welcomed", "batch_high", "batch_extra")
-
-    def __init__(self, peer: bytes, name: str, *, welcomed: bool = True):
-        self.peer = peer
-        self.name = name
-        self.counts = [0] * len(TaskState)
-        self.results: list[p.TaskResult] = []  #: finished this turn, not yet sent
-        self.unacked: dict[int, p.TaskResult] = {}  #: sent, kept until the client's Ack
-        self.welcomed = welcomed  #: False for a client known only from the journal: it must say Hello
-        self.batch_high = 0  #: every batch number from 1 up to this one was accepted
-        self.batch_extra: set[int] = set()  #: accepted batch numbers above batch_high
-
-    def first_time(self, batch: int) -> bool:
-        """Note batch as accepted; False if it was already (a re-sent Submit)."""
-        if 0 < batch <= self.batch_high or batch in self.batch_extra:
-            return False
-        self.batch_extra.add(batch)
-        extra = self.batch_extra
-        while self.batch_high + 1 in extra:
-            self.batch_high += 1
-            extra.remove(self.batch_high)
-        return True
 
 
 class Core:
@@ -189,18 +48,17 @@ class Core:
         self.dispatcher_id = uuid.uuid4().hex[:12]
         self.started_wall = wall()
         self.queue: collections.deque[Task] = collections.deque()  #: plain tasks
-        self.classes: dict[nd.Needs, NeedsClass] = {}  #: tasks with needs, by needs
-        self._gen = 0  #: bumped when an executor joins, leaves or changes: eligibility is recomputed
         self._reserved: set[bytes] = set()  #: executors held for a large task in the last turn
         self.executors: dict[bytes, ExecutorEntry] = {}
         self.ready: dict[bytes, ExecutorEntry] = {}  # executors with credit > 0, in turn order
+        self.matcher = Matcher(config, self.executors, self.ready, self._pop)  #: tasks with needs
         self.clients: dict[bytes, ClientEntry] = {}
         self.counts = [0] * len(TaskState)  # live tasks by state; final states are totals
         self.submitted_total = 0
         self.lost_total = 0
         self.stale_results = 0
         self.recent_lost: collections.deque[dict] = collections.deque(maxlen=20)
-        self._done_times: collections.deque[list[int]] = collections.deque()  # [second, count]
+        self.rate = Rate(config.rate_window_s)  #: completions, for the tasks/s figure
         self._next_tid = 1
         self._results_pending: dict[bytes, ClientEntry] = {}
         self.to_clients: list[tuple[bytes, Any]] = []
@@ -216,6 +74,11 @@ class Core:
         self.delivered_files: list[tuple[bytes, bytes, bytes]] = []
         self.cache_totals = {"hits": 0, "misses": 0, "bytes_fetched": 0}  #: executors' input caches, summed
         self.reporters: dict[str, Callable[[], Any]] = {}  #: more status entries, e.g. the server's security
+
+    @property
+    def classes(self) -> dict[nd.Needs, NeedsClass]:
+        """Queued tasks with needs, by needs (the matcher's)."""
+        return self.matcher.classes
 
     # ------------------------------------------------------------ state changes
 
@@ -330,7 +193,7 @@ class Core:
                     continue
                 cls = classes.get(spec.needs, False)
                 if cls is False:
-                    cls = classes[spec.needs] = self._class_of(spec.needs)
+                    cls = classes[spec.needs] = self.matcher.class_of(spec.needs)
                 if cls is None:
                     queue.append(Task(client, spec, wall))
                 elif type(cls) is str:
@@ -342,36 +205,12 @@ class Core:
                 self._finish(Task(client, spec, wall), _FAILED, b"", _invalid(spec, max_body), "", 0.0, wall)
         self.submitted_total += len(specs)
 
-    def _class_of(self, data: bytes) -> NeedsClass | str | None:
-        """The class for needs as sent (made if new), None for plain ones, or why they are invalid."""
-        try:
-            needs = nd.decode(data)
-        except p.ProtocolError as exc:
-            return str(exc)
-        if needs.plain:
-            return None
-        if needs not in self.classes and len(self.classes) >= self.config.max_classes:
-            for gone in [n for n, k in self.classes.items() if k.head() is None]:  # emptied by cancels
-                del self.classes[gone]
-            if len(self.classes) >= self.config.max_classes:
-                return (f"{len(self.classes)} different sets of requirements are queued already, the "
-                        "dispatcher's limit; give tasks fewer distinct requirements (tags are for "
-                        "capabilities, not task names)")
-        return self._class(needs)
-
-    def _class(self, needs: nd.Needs) -> NeedsClass:
-        """The class of these needs, made if new."""
-        cls = self.classes.get(needs)
-        if cls is None:
-            cls = self.classes[needs] = NeedsClass(needs)
-        return cls
-
     def _enqueue(self, task: Task, front: bool = False) -> None:
         """Queue a pending task: in its needs class, or a plain one in the plain queue."""
         if task.needs is None:
             queue = self.queue
         else:
-            cls = self._class(task.needs)
+            cls = self.matcher.class_for(task.needs)
             cls.pending += 1
             queue = cls.queue
         (queue.appendleft if front else queue.append)(task)
@@ -407,7 +246,7 @@ class Core:
                 ex.state = ExecutorState.DRAINING  # no new work from now on
                 ex.credit = 0
                 self.ready.pop(ex.peer, None)
-                self._gen += 1
+                self.matcher.gen += 1
                 self._send_executor(ex, p.Leave(reason))
 
     # ------------------------------------------------------------ executors
@@ -456,7 +295,7 @@ class Core:
             log.info("executor %s registered: host %s, %d slots, %d cpus, addresses %s, tags %s",
                      msg.executor_id, msg.hostname, msg.slots, msg.cpus, ",".join(msg.addresses),
                      ",".join(sorted(ex.caps.tags)))
-        self._gen += 1
+        self.matcher.gen += 1
         self._send_executor(ex, p.Registered(self.dispatcher_id, self.config.heartbeat_interval_s,
                                              self.config.heartbeat_timeout_s, self.config.max_message_bytes))
 
@@ -497,7 +336,7 @@ class Core:
                 accepted += 1
             ex.cpus_used -= plain
             ex.completed += accepted
-            self._note_done(now, accepted)
+            self.rate.note(now, accepted)
             if not tasks:
                 ex.idle_since = now
         if msg.credit > 0 and ex.state is ExecutorState.ACTIVE:
@@ -515,23 +354,13 @@ class Core:
                     self.cache_totals[k] += a - b
         ex.stats = stats
 
-    def _note_done(self, now: float, n: int) -> None:
-        """Count completions per second for the tasks/s figure; memory stays bounded."""
-        times = self._done_times
-        if times and times[-1][0] == int(now):
-            times[-1][1] += n
-        else:
-            times.append([int(now), n])
-            while times[0][0] < now - self.config.rate_window_s - 1:
-                times.popleft()
-
     def _drain(self, ex: ExecutorEntry, msg: p.Drain) -> None:
         if ex.state is ExecutorState.ACTIVE:
             log.info("executor %s is draining", ex.info.executor_id)
         ex.state = ExecutorState.DRAINING
         ex.credit = 0
         self.ready.pop(ex.peer, None)
-        self._gen += 1
+        self.matcher.gen += 1
         for tid, attempt in msg.returned:
             t = ex.tasks.get(tid)
             if t is not None and t.attempt == attempt:
@@ -565,7 +394,7 @@ class Core:
     def _remove(self, ex: ExecutorEntry, *, lost: bool, how: str = "") -> None:
         del self.executors[ex.peer]
         self.ready.pop(ex.peer, None)
-        self._gen += 1
+        self.matcher.gen += 1
         info = ex.info
         why = f"executor {info.executor_id} on {info.hostname} lost"
         for t in ex.tasks.values():
@@ -610,68 +439,9 @@ class Core:
             elif now - ex.last_sent >= interval:
                 ex.last_sent = now
                 self._send_executor(ex, p.Heartbeat())
-        if self.classes:
-            self._check_schedulable(now)
-
-    def _check_schedulable(self, now: float) -> None:
-        """Mark classes no connected or launchable executor can run; fail them past the limit."""
-        launchable: Any = _UNSET  # read once, and only if some class needs it
-        key = (self._gen, self.fleet_reports)
-        for cls in list(self.classes.values()):
-            if cls.checked == key:  # nothing changed since: only the clock below moves
-                why = cls.unschedulable
-            else:
-                self._eligible(cls)
-                if not cls.eligible and launchable is _UNSET:
-                    launchable = self._launchable()
-                why = "" if cls.eligible else self._why_unschedulable(cls.needs, launchable)
-                cls.checked = key
-            if not why:
-                cls.unschedulable = ""
-                continue
-            if not cls.unschedulable:
-                cls.unschedulable_since = now
-                log.warning("%d tasks needing %s are unschedulable: %s", cls.pending, cls.needs, why)
-            cls.unschedulable = why
-            limit = self.config.fail_unschedulable_s
-            if limit > 0 and now - cls.unschedulable_since >= limit:
-                waited = f" (failed after {limit:g}s, --fail-unschedulable)" if limit >= 1 else ""
-                self._fail_class(cls, f"unschedulable: {why}{waited}")
-
-    def _launchable(self) -> list[tuple[str, nd.Caps]] | None:
-        """What the provisioner says it can launch, or None when no provisioner reports."""
-        if not self.fleet or type(self.fleet.get("can_launch")) is not list:
-            return None
-        out = []
-        for t in self.fleet["can_launch"]:
-            try:
-                tags = frozenset(str(x) for x in t.get("tags", []))
-                out.append((str(t.get("type", "?")), nd.Caps(int(t["cpus"]), int(t["memory_mb"]), str(t.get("arch", "")),
-                                                              tags, str(t.get("site", nd.site_of(tags))))))
-            except (KeyError, TypeError, ValueError, AttributeError):
-                continue  # a malformed entry launches nothing
-        return out
-
-    def _why_unschedulable(self, need: nd.Needs, launchable: list | None) -> str:
-        """Empty if some connected executor or launchable type could run it, else why not."""
-        if not self.executors and launchable is None:
-            return ""  # nothing connected and no provisioner: executors may yet be started by hand
-        reasons: dict[str, int] = {}
-        for ex in self.executors.values():
-            why = ex.caps.why_not(need)
-            if not why:
-                return ""
-            reasons[why] = reasons.get(why, 0) + 1
-        for _name, caps in launchable or ():
-            why = caps.why_not(need)
-            if not why:
-                return ""
-            reasons[why] = reasons.get(why, 0) + 1
-        where = f"{len(self.executors)} executors connected"
-        if launchable is not None:
-            where += f", {len(launchable)} instance types launchable"
-        shown = "; ".join(f"{n}x {why}" for why, n in sorted(reasons.items(), key=lambda x: -x[1])[:3])
-        return f"needs {need}: no executor can run it ({where}: {shown or 'none'})"
+        if self.matcher.classes:
+            for cls, reason in self.matcher.check(now, self.fleet, self.fleet_reports):
+                self._fail_class(cls, reason)
 
     def _fail_class(self, cls: NeedsClass, reason: str) -> None:
         wall = self.wall()
@@ -680,13 +450,14 @@ class Core:
                 self._finish(t, _FAILED, b"", reason, "", 0.0, wall)
         cls.queue.clear()
         cls.pending = 0
-        del self.classes[cls.needs]
+        del self.matcher.classes[cls.needs]
 
     def dispatch(self, now: float) -> None:
         """Hand queued tasks to executors with credit: tasks with needs first, to executors
         that satisfy them and have their cpus free; then plain tasks, shared fairly."""
         # Reservations are found afresh each turn (each class remembers its own executor).
-        self._reserved = self._dispatch_needy(now) if self.classes and self.ready else set()
+        matcher = self.matcher
+        self._reserved = matcher.dispatch(now, self.to_executors) if matcher.classes and self.ready else set()
         queue, ready = self.queue, self.ready
         if not queue or not ready:
             return
@@ -741,99 +512,6 @@ class Core:
         self.counts[_DISPATCHED] += len(batch)
         return batch
 
-    # ------------------------------------------------------------ tasks with needs
-
-    def _dispatch_needy(self, now: float) -> set[bytes]:
-        """Place tasks with needs, oldest class first, best fit by free cpus; returns the
-        executors reserved, which plain tasks must leave alone this turn.
-
-        Anti-starvation: a class whose head could not be placed for reserve_after_s reserves
-        one executor that can hold it (the one with the most free cpus, kept from turn to
-        turn).  A reserved executor gets no other work, so as its tasks end its cpus free up
-        and the head is placed there: a large task waits for its cpus, never for ever.
-        """
-        reserved: dict[bytes, NeedsClass] = {}
-        live = []
-        for needs, cls in list(self.classes.items()):
-            head = cls.head()
-            if head is None:
-                del self.classes[needs]
-            else:
-                live.append((head.submitted, cls))
-        live.sort(key=lambda x: x[0])
-        for _, cls in live:
-            self._eligible(cls)
-            if self._place(cls, reserved, now):
-                cls.blocked_since = None
-                cls.reserved = None
-            elif cls.blocked_since is None:
-                cls.blocked_since = now
-            if cls.pending and cls.blocked_since is not None and now - cls.blocked_since >= self.config.reserve_after_s:
-                self._reserve(cls, reserved)
-        return set(reserved)
-
-    def _eligible(self, cls: NeedsClass) -> None:
-        """Refresh the executors that satisfy the class, once per change of the registry."""
-        if cls.gen != self._gen:
-            cls.eligible = {peer: ex for peer, ex in self.executors.items() if ex.caps.satisfies(cls.needs)}
-            cls.gen = self._gen
-
-    def _place(self, cls: NeedsClass, reserved: dict[bytes, NeedsClass], now: float) -> int:
-        """Give executors as many of the class's tasks as their credit and free cpus allow."""
-        need = cls.needs
-        # Only executors with credit can take a task: look through the fewer of the two.
-        ready, eligible = self.ready, cls.eligible
-        pool = [ex for peer, ex in ready.items() if peer in eligible] if len(ready) < len(eligible) \
-            else [ex for ex in eligible.values() if ex.peer in ready]
-        fits = [ex for ex in pool
-                if ex.credit > 0 and ex.state is ExecutorState.ACTIVE and reserved.get(ex.peer, cls) is cls
-                and ex.caps.cpus - ex.cpus_used >= need.cpus
-                and ex.caps.memory_mb - ex.memory_used >= need.memory_mb]
-        if not fits:
-            return 0
-        if need.prefer == "local":  # local executors first, the cloud only for what they cannot take
-            fits.sort(key=lambda ex: (ex.caps.site != "local", ex.caps.cpus - ex.cpus_used))
-        else:  # best fit: keep the large free blocks for the large tasks
-            fits.sort(key=lambda ex: ex.caps.cpus - ex.cpus_used)
-        placed = 0
-        limit = self.config.max_dispatch_batch
-        for ex in fits:
-            n = min(ex.credit, (ex.caps.cpus - ex.cpus_used) // need.cpus, cls.pending, limit)
-            if need.memory_mb:
-                n = min(n, (ex.caps.memory_mb - ex.memory_used) // need.memory_mb)
-            batch = self._take_class(cls, ex, n)
-            if batch:
-                placed += len(batch)
-                ex.last_sent = now
-                self.to_executors.append((ex.peer, p.Tasks(batch)))
-            if ex.credit <= 0:
-                self.ready.pop(ex.peer, None)
-            if not cls.pending:
-                break
-        return placed
-
-    def _take_class(self, cls: NeedsClass, ex: ExecutorEntry, n: int) -> list[p.Assignment]:
-        need = cls.needs
-        batch = self._pop(cls.queue, ex, n, need.cpus)
-        cls.pending -= len(batch)
-        ex.credit -= len(batch)
-        ex.cpus_used += need.cpus * len(batch)
-        ex.memory_used += need.memory_mb * len(batch)
-        return batch
-
-    def _reserve(self, cls: NeedsClass, reserved: dict[bytes, NeedsClass]) -> None:
-        """Hold one executor for the class's head task (see _dispatch_needy)."""
-        usable = [ex for ex in cls.eligible.values() if ex.state is ExecutorState.ACTIVE and ex.peer not in reserved]
-        if not usable:
-            return
-        kept = next((ex for ex in usable if ex.peer == cls.reserved), None)
-        ex = kept or max(usable, key=lambda e: (e.caps.cpus - e.cpus_used, -len(e.tasks)))
-        if kept is None:
-            log.info("executor %s reserved for tasks needing %s: they waited %.1fs for free cpus",
-                     ex.info.executor_id, cls.needs, self.config.reserve_after_s)
-        cls.reserved = ex.peer
-        reserved[ex.peer] = cls
-
     def take_outgoing(self) -> tuple[list[tuple[bytes, Any]], list[tuple[bytes, Any]]]:
         """Return and clear the messages to send: (to clients, to executors)."""
         journal = self.journal
@@ -880,21 +558,13 @@ class Core:
         Every accepted task without a result is queued again (tasks that were running when
         the last dispatcher died run again: at-least-once).  Returns the tasks queued.
         """
-        live: dict[tuple[bytes, int], Task] = {}
-        apply = {Kind.SUBMIT: self._restore_submit, Kind.TASKS: self._restore_tasks,
-                 Kind.RESULTS: self._restore_results, Kind.ACK: self._restore_ack,
-                 Kind.LOSSES: self._restore_losses, Kind.CLIENT: self._restore_client}
-        for kind, fields in records:
-            if kind in apply:
-                apply[kind](fields, live)
-            else:
-                log.warning("journal: skipped a record of unknown kind %s", kind)
+        live = replay.replay(records, self.clients)
         for client in self.clients.values():
             for r in client.unacked.values():
                 self.counts[r.state] += 1
                 client.counts[r.state] += 1
         max_body = self.config.max_task_bytes
-        for t in live.values():
+        for t in live:
             self.counts[_PENDING] += 1
             t.client.counts[_PENDING] += 1
             reason = _invalid(p.TaskSpec(t.seq, t.kind, t.body, t.retries, t.walltime_s, b"", t.files), max_body)
@@ -905,161 +575,16 @@ class Core:
         self.submitted_total += len(live)
         return len(live)
 
-    def _restore_submit(self, f: list, live: dict) -> None:
-        client = self._known_client(f[0], f[1])
-        client.first_time(f[2])
-        for spec in f[4]:
-            spec = p.TaskSpec._make(spec)
-            live[(client.peer, spec.seq)] = Task(client, spec, f[3], _restored_needs(spec.needs))
-
-    def _restore_tasks(self, f: list, live: dict) -> None:
-        client = self._known_client(f[0], "")
-        for seq, kind, body, retries, walltime_s, needs, files, submitted, losses in f[1]:
-            spec = p.TaskSpec(seq, kind, body, retries, walltime_s, needs, files)
-            t = live[(client.peer, seq)] = Task(client, spec, submitted, _restored_needs(needs))
-            t.losses = losses
-
-    def _restore_results(self, f: list, live: dict) -> None:
-        client = self._known_client(f[0], "")
-        for r in f[1]:
-            live.pop((client.peer, r[0]), None)
-            client.unacked[r[0]] = p.TaskResult._make(r)
-
-    def _restore_ack(self, f: list, live: dict) -> None:
-        unacked = self._known_client(f[0], "").unacked
-        for seq in f[1]:
-            unacked.pop(seq, None)
-
-    def _restore_losses(self, f: list, live: dict) -> None:
-        for seq, losses in f[1]:
-            t = live.get((f[0], seq))
-            if t is not None:
-                t.losses = losses
-
-    def _restore_client(self, f: list, live: dict) -> None:
-        client = self._known_client(f[0], f[1])
-        client.batch_high = max(client.batch_high, f[2])
-        client.batch_extra.update(b for b in f[3] if b > client.batch_high)
-
-    def _known_client(self, peer: bytes, name: str) -> ClientEntry:
-        client = self.clients.get(peer)
-        if client is None:
-            client = self.clients[peer] = ClientEntry(peer, name, welcomed=False)
-        elif name:
-            client.name = name
-        return client
-
     def snapshot(self) -> Any:
         """The live state as journal records: what compaction keeps."""
-        by_client: dict[ClientEntry, list[Task]] = collections.defaultdict(list)
-        for ex in self.executors.values():  # dispatched before anything still queued
-            for t in ex.tasks.values():
-                if t.state not in _FINAL:
-                    by_client[t.client].append(t)
-        for queue in [self.queue, *(cls.queue for cls in self.classes.values())]:
-            for t in queue:
-                if t.state == _PENDING:
-                    by_client[t.client].append(t)
-        for client in self.clients.values():
-            yield Kind.CLIENT, (client.peer, client.name, client.batch_high, sorted(client.batch_extra))
-            records = [(t.seq, t.kind, t.body, t.retries, t.walltime_s,
-                        b"" if t.needs is None else nd.encode(t.needs), t.files, t.submitted, t.losses)
-                       for t in by_client.get(client, [])]
-            for part in self._chunks(records, 2):
-                yield Kind.TASKS, (client.peer, part)
-            for part in self._chunks([*client.unacked.values(), *client.results], 2):
-                yield Kind.RESULTS, (client.peer, part)
+        queues = [self.queue, *(cls.queue for cls in self.classes.values())]
+        return replay.snapshot(self.clients.values(), self.executors.values(), queues, self._chunks)
 
     # ------------------------------------------------------------ statistics
 
-    def tasks_per_s(self, now_mono: float) -> float:
-        """Completions per second over the last rate window."""
-        window = self.config.rate_window_s
-        times = self._done_times
-        while times and times[0][0] < now_mono - window:
-            times.popleft()
-        if not times:
-            return 0.0
-        span = max(now_mono - times[0][0], 1.0)
-        return sum(n for _, n in times) / span
-
     def status(self, now: float, detail: bool = False, client: ClientEntry | None = None) -> dict:
-        """The dispatcher's statistics as a msgpack-friendly map."""
-        info: dict[str, Any] = {
-            "dispatcher_id": self.dispatcher_id,
-            "version": p.PROTOCOL_VERSION,
-            "uptime_s": self.wall() - self.started_wall,
-            "durability": "in-memory" if self.journal is None else "journal",
-            "journal": {},  # the server's reporter fills it when there is one
-            "unacknowledged_results": sum(len(c.unacked) for c in self.clients.values()),
-            "queued": self.counts[_PENDING],
-            "tasks": {_STATE_NAMES[s]: n for s, n in enumerate(self.counts)},
-            "submitted_total": self.submitted_total,
-            "tasks_per_s": self.tasks_per_s(now),
-            "executors": len(self.executors),
-            "slots": sum(ex.info.slots for ex in self.executors.values()),
-            "busy": sum(len(ex.tasks) for ex in self.executors.values()),
-            "lost_executors": self.lost_total,
-            "stale_results": self.stale_results,
-            "clients": len(self.clients),
-            "endpoints": self.endpoints,
-        }
-        for name, report in self.reporters.items():
-            info[name] = report()
-        info["waiting"], info["unschedulable"] = self._waiting(now)
-        info["input_cache"] = dict(self.cache_totals)
-        if client is not None:
-            info["client"] = {_STATE_NAMES[s]: n for s, n in enumerate(client.counts)}
-        if detail:
-            info["executor_table"] = [_executor_row(ex, now) for ex in self.executors.values()]
-            info["recent_lost"] = list(self.recent_lost)
-            if self.fleet is not None:
-                info["fleet"] = {**self.fleet, "reported_s": self.wall() - self.fleet_at}
-        return info
-
-    def _waiting(self, now: float) -> tuple[list[dict], list[dict]]:
-        """Queued tasks by needs (for the provisioner), and the classes no executor can run."""
-        wall = self.wall()
-        waiting, unschedulable = [], []
-        plain = self.counts[_PENDING] - sum(cls.pending for cls in self.classes.values())
-        if plain > 0:
-            head = next((t for t in self.queue if t.state == _PENDING), None)
-            waiting.append({"needs": nd.PLAIN.to_dict(), "count": plain,
-                            "oldest_s": wall - head.submitted if head else 0.0})
-        for cls in self.classes.values():
-            head = cls.head()
-            if head is None:
-                continue
-            entry = {"needs": cls.needs.to_dict(), "count": cls.pending, "oldest_s": wall - head.submitted}
-            waiting.append(entry)
-            if cls.unschedulable:
-                unschedulable.append({**entry, "reason": cls.unschedulable,
-                                      "since_s": now - cls.unschedulable_since})
-        return waiting, unschedulable
-
-
-def _restored_needs(data: bytes) -> nd.Needs | None:
-    """Needs of a journaled task (accepted, so valid when written); None for a plain one."""
-    try:
-        n = nd.decode(data)
-    except p.ProtocolError:
-        return None
-    return None if n.plain else n
-
-
-def _executor_row(ex: ExecutorEntry, now: float) -> dict:
-    i = ex.info
-    running = sum(1 for t in ex.tasks.values() if t.state == _RUNNING)
-    return {
-        "id": i.executor_id, "host": i.hostname, "addresses": i.addresses, "pid": i.pid,
-        "cpus": i.cpus, "memory": i.memory, "memory_mb": i.memory >> 20, "platform": i.platform, "slots": i.slots,
-        "state": ex.state.value, "busy": running, "assigned": len(ex.tasks),
-        "completed": ex.completed, "last_seen_s": now - ex.last_seen,
-        "idle_s": 0.0 if ex.tasks else now - ex.idle_since,
-        "registered": ex.registered, "facts": i.facts,
-        "arch": ex.caps.arch, "site": ex.caps.site, "tags": sorted(ex.caps.tags),
-        "cpus_used": ex.cpus_used, "memory_used_mb": ex.memory_used, "stats": ex.stats,
-    }
+        """The dispatcher's statistics as a msgpack-friendly map (see :mod:`falconet.dispatcher.status`)."""
+        return status_map(self, now, detail, client)
 
 
 def _invalid(spec: p.TaskSpec, max_body: int) -> str:

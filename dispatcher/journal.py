@@ -19,7 +19,6 @@ A ``lock`` file held with ``flock`` keeps a second dispatcher out of the same di
 
 from __future__ import annotations
 
-import enum
 import fcntl
 import logging
 import os
@@ -32,6 +31,7 @@ from typing import Any
 
 import msgpack
 
+from falconet.dispatcher.records import Kind as Kind  # re-exported: records name their kind
 from falconet.errors import JournalError
 
 log = logging.getLogger("falconet.dispatcher")
@@ -41,23 +41,6 @@ FORMAT_VERSION = 2  # 2: tasks carry needs and files (protocol 3)
 _HEADER = struct.Struct("<16sI")
 _RECORD = struct.Struct("<II")
 MAX_RECORD_BYTES = 1 << 31  # a larger length can only be garbage
-
-
-class Kind(enum.IntEnum):
-    """What a journal record holds; the fields follow in this order."""
-
-    #: client_id, name, batch, submitted (wall s), [TaskSpec...]: a batch accepted
-    SUBMIT = 1
-    #: client_id, [TaskResult...]: final outcomes, kept until the client acknowledges them
-    RESULTS = 2
-    #: client_id, [seq...]: the client has these results; they can be forgotten
-    ACK = 3
-    #: client_id, [[seq, losses]...]: attempts ended by a lost executor, for the retry limit
-    LOSSES = 4
-    #: client_id, name, batches high-water mark, [batch...] above it (compaction only)
-    CLIENT = 5
-    #: client_id, [[seq, kind, body, retries, walltime_s, needs, files, submitted, losses]...] (compaction only)
-    TASKS = 6
 
 
 class Journal:

@@ -558,38 +558,6 @@ def test_reconnect_keeps_held_tasks_and_requeues_the_rest_without_a_loss(h):
     assert [r.state for _, r in results(to_clients)] == [DONE]
 
 
-# ------------------------------------------------------------ status
-
-
-def test_status_keys_and_executor_table(h):
-    h.submit(spec(0), spec(1), spec(2, kind=9))
-    h.register(b"e1", slots=3, now=0.0)
-    h.report(b"e1", credit=1, now=0.0)
-    h.dispatch()
-    info = h.core.status(2.0)
-    assert info["queued"] == 1
-    assert info["tasks"] == {"pending": 1, "dispatched": 1, "running": 0, "done": 0, "failed": 1, "cancelled": 0}
-    assert info["executors"] == 1 and info["slots"] == 3 and info["busy"] == 1
-    assert info["submitted_total"] == 3 and info["clients"] == 1
-    assert info["version"] == p.PROTOCOL_VERSION
-    assert "executor_table" not in info
-
-    h.core.on_client(b"c1", p.StatusRequest(17, True), 2.0)
-    to_clients, _ = h.out()
-    ((peer, reply),) = to_clients
-    assert type(reply) is p.StatusReply and reply.req_id == 17
-    info = reply.info
-    assert info["client"]["pending"] == 1 and info["client"]["failed"] == 1
-    (row,) = info["executor_table"]
-    assert row["id"] == "e1" and row["host"] == "host-e1"
-    assert row["addresses"] == ["192.0.2.7", "fe80::7"]
-    assert (row["slots"], row["assigned"], row["busy"], row["state"]) == (3, 1, 0, "active")
-    assert row["last_seen_s"] == 2.0 and row["registered"] == WALL0
-    assert row["facts"] == {"instance_id": "i-0abc"}
-    assert info["recent_lost"] == []
-    p.decode(p.encode(reply))  # the whole map crosses the wire
-
-
 # ------------------------------------------------------------ size limits
 
 

@@ -10,7 +10,9 @@ import pytest
 from falconet import needs as nd
 from falconet import protocol as p
 from falconet.dispatcher.core import Config, Core
-from falconet.dispatcher.journal import Kind
+from falconet.dispatcher.entries import ClientEntry, ExecutorEntry, Task
+from falconet.dispatcher.matching import Matcher, NeedsClass, launchable_types, why_unschedulable
+from falconet.dispatcher.records import Kind
 
 WALL0 = 1_700_000_000.0
 DONE, FAILED = int(p.TaskState.DONE), int(p.TaskState.FAILED)
@@ -328,3 +330,97 @@ def test_a_journal_replay_queues_tasks_with_their_needs_in_their_classes():
     assert fresh.restore(records) == 3
     assert fresh.classes[nd.make(cpus=2, where="local")].pending == 2
     assert len(fresh.queue) == 1
+
+
+# ------------------------------------------------------------ the matching module on its own
+
+
+def _entry(peer: bytes, cpus: int = 4, memory_mb: int = 8192, credit: int = 10) -> ExecutorEntry:
+    ex = ExecutorEntry(peer, p.Register(p.PROTOCOL_VERSION, peer.decode(), "host", [], cpus, memory_mb << 20,
+                                        "linux", cpus, 1, {"arch": "x86_64"}, []), 0.0, WALL0)
+    ex.credit = credit
+    return ex
+
+
+def _queued(matcher: Matcher, needs: nd.Needs, n: int, submitted: float = 0.0) -> NeedsClass:
+    cls = matcher.class_for(needs)
+    client = ClientEntry(b"c", "c")
+    for seq in range(n):
+        cls.queue.append(Task(client, p.TaskSpec(seq, 1, b"x", 0, 0.0, nd.encode(needs)), submitted, needs))
+        cls.pending += 1
+    return cls
+
+
+def _pop(queue, ex, n, cpus):
+    """A stand-in for the core's hot loop: takes n tasks, no counts."""
+    batch = []
+    while queue and len(batch) < n:
+        t = queue.popleft()
+        batch.append(p.Assignment(len(batch), 1, t.kind, t.body, 0.0, cpus, b""))
+    return batch
+
+
+def _matcher(*entries: ExecutorEntry, **config) -> Matcher:
+    executors = {ex.peer: ex for ex in entries}
+    return Matcher(Config(**config), executors, dict(executors), _pop)
+
+
+def test_the_matcher_places_by_best_fit_and_sends_one_message_per_executor():
+    small, big = _entry(b"s", cpus=2), _entry(b"b", cpus=8)
+    m = _matcher(small, big)
+    _queued(m, nd.make(cpus=2), 3)
+    out: list = []
+    assert m.dispatch(0.0, out) == set()
+    assert [(peer, len(msg.tasks)) for peer, msg in out] == [(b"s", 1), (b"b", 2)]
+    assert (small.cpus_used, big.cpus_used, small.credit, big.credit) == (2, 4, 9, 8)
+    m.dispatch(0.0, [])
+    assert m.classes == {}, "an emptied class is dropped at the next turn"
+
+
+def test_the_matcher_reserves_the_executor_with_most_free_cpus_after_the_wait():
+    a, b = _entry(b"a", cpus=4), _entry(b"b", cpus=4)
+    a.cpus_used, b.cpus_used = 3, 2
+    m = _matcher(a, b, reserve_after_s=1.0)
+    _queued(m, nd.make(cpus=4), 1)
+    assert m.dispatch(0.0, []) == set()
+    assert m.dispatch(1.0, []) == {b"b"}
+    b.cpus_used = 3  # it stays reserved even once another has more free cpus
+    assert m.dispatch(2.0, []) == {b"b"}
+
+
+def test_the_matcher_recomputes_eligibility_only_when_the_registry_changes():
+    ex = _entry(b"e", cpus=2)
+    m = _matcher(ex)
+    cls = _queued(m, nd.make(cpus=4), 1)
+    m.eligible(cls)
+    assert cls.eligible == {}
+    ex.caps = nd.Caps(8, 8192, "x86_64", ex.caps.tags, ex.caps.site)
+    m.eligible(cls)
+    assert cls.eligible == {}, "unchanged generation: the cached answer stands"
+    m.gen += 1
+    m.eligible(cls)
+    assert cls.eligible == {b"e": ex}
+
+
+def test_check_returns_the_classes_past_the_limit_with_their_reason():
+    m = _matcher(_entry(b"e", cpus=2), fail_unschedulable_s=5.0)
+    _queued(m, nd.make(cpus=8), 2)
+    assert m.check(0.0, None, 0) == []
+    [(cls, reason)] = m.check(5.0, None, 0)
+    assert cls.needs == nd.make(cpus=8) and reason.startswith("unschedulable: needs") and "5s" in reason
+
+
+def test_launchable_types_skip_malformed_entries_and_need_a_report():
+    assert launchable_types(None) is None
+    assert launchable_types({"can_launch": "many"}) is None
+    got = launchable_types({"can_launch": [{"type": "big", "cpus": 8, "memory_mb": 1024, "tags": ["gpu"]},
+                                           {"type": "broken", "cpus": "eight"}, "junk"]})
+    assert [(name, caps.cpus, caps.site) for name, caps in got] == [("big", 8, "local")]
+
+
+def test_why_unschedulable_counts_the_reasons_and_names_the_fleet():
+    executors = {b"a": _entry(b"a", cpus=2), b"b": _entry(b"b", cpus=2)}
+    assert why_unschedulable(nd.make(cpus=2), executors, None) == ""
+    why = why_unschedulable(nd.make(cpus=4), executors, [])
+    assert "2 executors connected, 0 instance types launchable" in why and "2x needs 4 cpus, has 2" in why
+    assert why_unschedulable(nd.make(cpus=64), {}, None) == "", "nothing to judge by: no verdict"
