@@ -528,18 +528,19 @@ class Core:
         return out
 
     def _chunks(self, records: list, field: int) -> Any:
-        """records in runs of at most max_results_batch and about max_message_bytes / 2 of
+        """records in runs of at most max_results_batch and the protocol's record budget of
         their bytes field: each run is one message and one journal record, both bounded."""
-        step, budget = self.config.max_results_batch, self.config.max_message_bytes // 2
-        if len(records) <= step and sum([len(r[field]) for r in records]) + 64 * len(records) <= budget:
+        step, extra = self.config.max_results_batch, p.RECORD_OVERHEAD
+        budget = p.record_budget(self.config.max_message_bytes)
+        if len(records) <= step and sum([len(r[field]) for r in records]) + extra * len(records) <= budget:
             yield records  # the usual case: one run, no per-record loop in Python
             return
         start, size = 0, 0
         for i, r in enumerate(records):
-            size += len(r[field]) + 64
+            size += len(r[field]) + extra
             if i > start and (i - start >= step or size > budget):
                 yield records[start:i]
-                start, size = i, len(r[field]) + 64
+                start, size = i, len(r[field]) + extra
         if start < len(records):
             yield records[start:]
 

@@ -57,7 +57,7 @@ class Task:
         self.files = spec.files
         self.state = _PENDING
         self.attempt = 0  # number of times dispatched; results must name the current one
-        self.losses = 0  # attempts ended by a lost executor or dead slot
+        self.losses = 0  # attempts ended by a lost executor (a dead slot fails its task instead)
         self.executor = None
         self.submitted = submitted
 
