@@ -56,12 +56,10 @@ class Settings:
 
 
 def waiting_shapes(status: dict) -> dict[Shape, int]:
-    """Queued tasks by shape from the dispatcher's status; all plain if it sends no `waiting`."""
-    rows = status.get("waiting")
-    if rows is None:  # a dispatcher that predates task needs
-        return {Shape(): status["queued"]} if status["queued"] else {}
+    """Queued tasks by shape from the dispatcher's status (its version was checked when this
+    client connected, so `waiting` is always there)."""
     out: dict[Shape, int] = {}
-    for row in rows:
+    for row in status["waiting"]:
         d = row.get("needs", {})
         try:
             shape = needs.make(cpus=d.get("cpus", 1), memory=d.get("memory_mb", 0), arch=d.get("arch", ""),

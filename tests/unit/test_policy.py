@@ -425,8 +425,7 @@ def test_free_capacity_counts_cpus_used_where_reported(busy, cpus_used, launched
 def test_waiting_shapes_from_status():
     from falconet.provisioner.service import waiting_shapes
 
-    assert waiting_shapes({"queued": 4}) == {Shape(): 4}  # a dispatcher without `waiting`
-    assert waiting_shapes({"queued": 0}) == {}
+    assert waiting_shapes({"queued": 0, "waiting": []}) == {}
     row = {"cpus": 8, "memory_mb": 1000, "arch": "arm64", "tags": ["site=local", "gpu"], "where": "any",
            "prefer": ""}
     plain = {"cpus": 1, "memory_mb": 0, "arch": "", "tags": [], "where": "any", "prefer": ""}
