@@ -78,11 +78,13 @@ class Provisioner:
     """Grows and shrinks one fleet; call step() per round, or run() until stop()."""
 
     def __init__(self, settings: Settings, backend: Backend, client: Client, *,
-                 wall: Any = time.time):
+                 wall: Any = time.time, clock: Any = time.monotonic):
+        """wall: the wall clock (launch times, spend); clock: the monotonic one (backoff)."""
         self.settings = settings
         self.backend = backend
         self.client = client
         self.wall = wall
+        self.clock = clock
         self.run_id = uuid.uuid4().hex[:6]
         self.launch_seq = 0
         self.streak = 0
@@ -199,7 +201,7 @@ class Provisioner:
         snap = policy.Snapshot(
             waiting=waiting_shapes(status),
             nodes=nodes, spent_usd=self.spent(now), streak=self.streak,
-            backoff_s=max(0.0, self.backoff_until - time.monotonic()), backoff_reason=self.last_error)
+            backoff_s=max(0.0, self.backoff_until - self.clock()), backoff_reason=self.last_error)
         decision = policy.decide(snap, self.settings.params)
         self.empty = not nodes and not snap.waiting
         self.streak = decision.streak
@@ -296,7 +298,7 @@ class Provisioner:
     def _failed(self, why: str) -> None:
         self.failures += 1
         delay = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** (self.failures - 1))
-        self.backoff_until = time.monotonic() + delay
+        self.backoff_until = self.clock() + delay
         self.last_error = why
         log.warning("launch failure %d: %s; no launch for %.0fs", self.failures, why, delay)
 
@@ -364,7 +366,7 @@ class Provisioner:
             "can_launch": [t.describe() for t in p.types],  # for the dispatcher's unschedulable test
             "spent_usd": round(self.spent(now), 4), "budget_usd": p.budget_usd,
             "launch_failures": self.failures,
-            "backoff_s": max(0.0, math.ceil(self.backoff_until - time.monotonic())),
+            "backoff_s": max(0.0, math.ceil(self.backoff_until - self.clock())),
             "last_error": self.last_error, "api_calls": self.backend.api_calls(),
             "rounds": self.rounds,
         }

@@ -1,0 +1,162 @@
+"""provisioner/service.py: the provisioning loop against an in-memory backend and dispatcher.
+
+Both clocks are injected, so backoff, boot timeouts and scaling from zero are tested in
+microseconds without sleeping.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from falconet.errors import LaunchError
+from falconet.provisioner import service
+from falconet.provisioner.backend import Machine
+from falconet.provisioner.policy import InstanceType, Params, Strategy
+
+SMALL = InstanceType("small", vcpus=1, memory_mb=1000, arch="x86_64", site="local")
+PLAIN = {"cpus": 1, "memory_mb": 0, "arch": "", "tags": [], "where": "any", "prefer": ""}
+
+
+class Clock:
+    """A clock the test moves by hand (one object for the wall and the monotonic clock)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeBackend:
+    """Machines in a dict; start() fails while `failures` is above 0."""
+
+    name = "fake"
+
+    def __init__(self, clock: Clock, failures: int = 0):
+        self.clock, self.failures = clock, failures
+        self.machines: dict[str, Machine] = {}
+        self.starts = 0
+        self.stopped: list[str] = []
+
+    def types(self) -> tuple[InstanceType, ...]:
+        return (SMALL,)
+
+    def list(self) -> list[Machine]:
+        return list(self.machines.values())
+
+    def start(self, itype: InstanceType, count: int, token: str) -> list[Machine]:
+        self.starts += 1
+        if self.failures:
+            self.failures -= 1
+            raise LaunchError("no capacity")
+        made = [Machine(f"m{len(self.machines) + i}", itype.name, "running", self.clock(), token)
+                for i in range(count)]
+        self.machines.update((m.id, m) for m in made)
+        return made
+
+    def stop(self, ids: list[str]) -> None:
+        for mid in ids:
+            self.machines.pop(mid, None)
+        self.stopped += ids
+
+    def api_calls(self) -> dict[str, int]:
+        return {}
+
+
+class FakeDispatcher:
+    """The status the provisioner reads; what it releases and reports."""
+
+    def __init__(self) -> None:
+        self.queued = 0
+        self.rows: dict[str, dict] = {}
+        self.released: list[str] = []
+        self.reports: list[dict] = []
+
+    def status(self, detail: bool = False, timeout_s: float = 0.0) -> dict:
+        waiting = [{"needs": PLAIN, "count": self.queued, "oldest_s": 1.0}] if self.queued else []
+        return {"queued": self.queued, "waiting": waiting, "executor_table": list(self.rows.values())}
+
+    def register(self, mid: str, assigned: int = 0) -> None:
+        self.rows[mid] = {"id": mid, "state": "active", "assigned": assigned, "idle_s": 0.0, "cpus_used": assigned}
+
+    def release_executors(self, ids: list[str], why: str) -> None:
+        self.released += ids
+
+    def report_fleet(self, info: dict) -> None:
+        self.reports.append(info)
+
+
+def _provisioner(clock: Clock, backend: FakeBackend, dispatcher: FakeDispatcher, **params) -> service.Provisioner:
+    settings = service.Settings(params=Params(types=(SMALL,), **params), interval_s=5.0, boot_timeout_s=60.0,
+                                backoff_base_s=10.0, stop_grace_s=0.0)
+    return service.Provisioner(settings, backend, dispatcher, wall=clock, clock=clock)  # type: ignore[arg-type]
+
+
+def test_an_empty_fleet_rounds_fast_and_starts_at_the_first_task():
+    clock = Clock()
+    backend, dispatcher = FakeBackend(clock), FakeDispatcher()
+    prov = _provisioner(clock, backend, dispatcher, strategy=Strategy.ALL_AT_ONCE, max_executors=4)
+    prov.step()
+    assert backend.starts == 0 and prov._pause() == service.EMPTY_POLL_S
+    dispatcher.queued = 3
+    prov.step()
+    assert len(backend.machines) == 3 and prov._pause() == 5.0
+    prov.step()  # the next round sees them, none registered yet
+    assert backend.starts == 1 and dispatcher.reports[-1]["counts"]["booting"] == 3
+
+
+def test_launch_failures_back_off_exponentially_on_the_injected_clock():
+    clock = Clock()
+    backend, dispatcher = FakeBackend(clock, failures=2), FakeDispatcher()
+    prov = _provisioner(clock, backend, dispatcher, strategy=Strategy.ALL_AT_ONCE)
+    dispatcher.queued = 2
+    prov.step()
+    assert backend.starts == 1 and prov.last_error == "no capacity"
+    clock.now += 9.9
+    prov.step()
+    assert backend.starts == 1  # within the first backoff: 10 s
+    clock.now += 0.2
+    prov.step()
+    assert backend.starts == 2  # failed again: the next wait doubles
+    clock.now += 19.9
+    prov.step()
+    assert backend.starts == 2
+    clock.now += 0.2
+    prov.step()
+    assert backend.starts == 3 and len(backend.machines) == 2
+
+
+def test_a_machine_whose_executor_never_registers_is_stopped_after_the_boot_timeout():
+    clock = Clock()
+    backend, dispatcher = FakeBackend(clock), FakeDispatcher()
+    prov = _provisioner(clock, backend, dispatcher, strategy=Strategy.ONE_AT_A_TIME, max_executors=1)
+    dispatcher.queued = 1
+    prov.step()
+    (mid,) = backend.machines
+    clock.now += 59.0
+    prov.step()
+    assert backend.stopped == []
+    clock.now += 2.0
+    prov.step()
+    assert mid in backend.stopped and prov.failures == 1 and "registered no executor" in prov.last_error
+
+
+@pytest.mark.parametrize("now", [False, True])
+def test_stop_drains_through_the_dispatcher_unless_its_parent_is_gone(now):
+    clock = Clock()
+    backend, dispatcher = FakeBackend(clock), FakeDispatcher()
+    prov = _provisioner(clock, backend, dispatcher, strategy=Strategy.ALL_AT_ONCE, max_executors=2)
+    dispatcher.queued = 2
+    prov.step()
+    for mid in backend.machines:
+        dispatcher.register(mid, assigned=1)
+    ids = sorted(backend.machines)
+    if now:
+        prov.stop_now()
+    else:
+        prov.stop()
+    reports = len(dispatcher.reports)
+    prov.shutdown()
+    assert sorted(backend.stopped) == ids and not backend.machines
+    assert dispatcher.released == ([] if now else ids)  # no dispatcher left to drain through
+    assert len(dispatcher.reports) == reports + (0 if now else 1)
