@@ -37,6 +37,9 @@ _FINAL = frozenset({_DONE, _FAILED, _CANCELLED})
 _KINDS = frozenset(int(k) for k in p.TaskKind)
 _LEGAL = states.LEGAL
 _new = tuple.__new__  # builds a NamedTuple without its Python-level __new__
+#: the answer to a client that has not said Hello to this dispatcher (or to its last run)
+_HELLO_AGAIN = p.HelloAgain("this dispatcher does not know this client (it restarted, or the client "
+                            "skipped Hello): say Hello again")
 
 
 class Core:
@@ -122,7 +125,7 @@ class Core:
             if type(msg) in p.EXECUTOR_ONLY:
                 self.to_clients.append((peer, self._wrong_port("client")))
             else:
-                self.to_clients.append((peer, p.Refused(f"{p.HELLO_FIRST}: this dispatcher does not know this client")))
+                self.to_clients.append((peer, _HELLO_AGAIN))
             return
         if type(msg) is p.Submit:
             self._submit(client, msg)

@@ -286,9 +286,9 @@ class Server:
         known = (client is not None and client.welcomed) if port == "client" else peer in core.executors
         sock = self.client_sock if port == "client" else self.executor_sock
         if not known:
-            why = (f"{p.HELLO_FIRST}: this dispatcher does not know this client" if port == "client"
+            why = ("this dispatcher does not know this client: say Hello again" if port == "client"
                    else "unknown executor (declared lost, or the dispatcher restarted)")
-            self._send(sock, peer, p.Refused(why) if port == "client" else p.Reregister(why))
+            self._send(sock, peer, p.HelloAgain(why) if port == "client" else p.Reregister(why))
             return
         if type(msg) is p.PutBlob:
             self._put_blob(msg, peer, port, sock)

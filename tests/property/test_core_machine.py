@@ -205,7 +205,7 @@ class CoreMachine(RuleBasedStateMachine):
                 self.on_result(peer, r)
         elif kind is p.StatusReply:
             self.check_status(msg.info, self.expected_status.pop((peer, msg.req_id)))
-        elif kind is p.Refused:
+        elif kind in (p.Refused, p.HelloAgain):
             assert peer not in self.clients, f"client {peer!r} refused: {msg.reason}"
         else:
             raise AssertionError(f"unexpected {kind.__name__} to client {peer!r}")

@@ -99,8 +99,8 @@ def test_a_restored_client_must_say_hello_and_then_gets_its_results_again():
     farm.finish(farm.take(2))
     core = restored(farm.records)
     core.on_client(b"c1", p.StatusRequest(1, False), 0.0)
-    [(_, refused)] = core.take_outgoing()[0]
-    assert type(refused) is p.Refused and refused.reason.startswith(p.HELLO_FIRST)
+    [(_, answer)] = core.take_outgoing()[0]
+    assert type(answer) is p.HelloAgain
     core.on_client(b"c1", p.Hello(p.PROTOCOL_VERSION, "c1", "test"), 0.0)
     out = [m for _, m in core.take_outgoing()[0]]
     assert type(out[0]) is p.Welcome and out[0].limits["journal"] is True
