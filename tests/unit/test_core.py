@@ -49,7 +49,8 @@ class Harness:
         return self.out()
 
     def out(self):
-        return self.core.take_outgoing()
+        out = self.core.take_output()
+        return out.to_clients, out.to_executors
 
     def task_state(self, seq, peer=b"c1"):
         """The state of a live task by the client's seq, from the core's own places."""
