@@ -45,7 +45,7 @@ import zmq
 
 from falconet import spawn
 
-# Message tags and record layouts of falconet.protocol (PROTOCOL_VERSION 3), spelled out so
+# Message tags and record layouts of falconet.protocol (PROTOCOL_VERSION 4), spelled out so
 # the helper loops run without falconet code: the bytes on the wire are the same.  Records:
 #   TaskSpec   [seq, kind, body, retries, walltime_s, needs, files]                      (7)
 #   Assignment [tid, attempt, kind, body, walltime_s, cpus, files]                      (7)
@@ -55,10 +55,10 @@ from falconet import spawn
 # Messages: Register [20, version, executor_id, hostname, addresses, cpus, memory, platform,
 # slots, pid, facts, holding] (11 fields), Report [21, credit, started, results, stats] (4).
 _HELLO, _SUBMIT, _STATUS_REQUEST, _ACK = 1, 2, 4, 7
-_WELCOME, _ACCEPTED, _RESULTS, _STATUS_REPLY, _REFUSED = 10, 11, 12, 13, 14
+_WELCOME, _ACCEPTED, _RESULTS, _STATUS_REPLY, _REFUSED, _HELLO_AGAIN = 10, 11, 12, 13, 14, 15
 _REGISTER, _REPORT = 20, 21
 _REGISTERED, _TASKS, _REREGISTER, _HEARTBEAT = 30, 31, 33, 40
-_VERSION = 3
+_VERSION = 4
 _COMMAND, _DONE = 1, 3
 
 _BODY = bytes(40)  # bare_zmq: an Assignment body of about the size of a small command's
@@ -82,10 +82,10 @@ def _check_protocol() -> None:
     from falconet import protocol as p
 
     m = p.MsgType
-    ours = (_HELLO, _SUBMIT, _STATUS_REQUEST, _ACK, _WELCOME, _ACCEPTED, _RESULTS, _STATUS_REPLY, _REFUSED, _REGISTER,
-            _REPORT, _REGISTERED, _TASKS, _REREGISTER, _HEARTBEAT, _VERSION, _COMMAND, _DONE)
-    theirs = (m.HELLO, m.SUBMIT, m.STATUS_REQUEST, m.ACK, m.WELCOME, m.ACCEPTED, m.RESULTS, m.STATUS_REPLY, m.REFUSED, m.REGISTER,
-              m.REPORT, m.REGISTERED, m.TASKS, m.REREGISTER, m.HEARTBEAT, p.PROTOCOL_VERSION,
+    ours = (_HELLO, _SUBMIT, _STATUS_REQUEST, _ACK, _WELCOME, _ACCEPTED, _RESULTS, _STATUS_REPLY, _REFUSED,
+            _HELLO_AGAIN, _REGISTER, _REPORT, _REGISTERED, _TASKS, _REREGISTER, _HEARTBEAT, _VERSION, _COMMAND, _DONE)
+    theirs = (m.HELLO, m.SUBMIT, m.STATUS_REQUEST, m.ACK, m.WELCOME, m.ACCEPTED, m.RESULTS, m.STATUS_REPLY, m.REFUSED,
+              m.HELLO_AGAIN, m.REGISTER, m.REPORT, m.REGISTERED, m.TASKS, m.REREGISTER, m.HEARTBEAT, p.PROTOCOL_VERSION,
               p.TaskKind.COMMAND, p.TaskState.DONE)
     layouts = (len(p.Register._names), len(p.Report._names), len(p.TaskSpec._fields), len(p.Assignment._fields),
                len(p.ExecResult._fields), len(p.TaskResult._fields))
@@ -485,7 +485,7 @@ class _Client:
             self.sock.send(msgpack.packb([_ACK, [r[0] for r in results]]))
         elif kind == _ACCEPTED:
             self.accepted += msgpack.unpackb(frame)[2]
-        elif kind == _REFUSED:
+        elif kind in (_REFUSED, _HELLO_AGAIN):  # this client never outlives its dispatcher
             raise RuntimeError(f"the dispatcher refused: {msgpack.unpackb(frame)[1]}")
         return frame
 

@@ -2,8 +2,8 @@
 
 The ZeroMQ loop in :mod:`falconet.dispatcher.server` feeds decoded messages in with the
 peer's routing id and the monotonic time, calls :meth:`Core.tick` and
-:meth:`Core.dispatch`, and sends whatever :meth:`Core.take_outgoing` returns.  Tests drive
-the same object directly.
+:meth:`Core.dispatch`, and applies the :class:`TurnOutput` that :meth:`Core.take_output`
+returns: journal records first, then messages.  Tests drive the same object directly.
 
 The core is the event handler: sessions, the registry, the plain-task queue and its hot
 dispatch loop.  Tasks with needs are placed by :mod:`.matching`, the journal is replayed
@@ -18,7 +18,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from falconet import needs as nd
 from falconet import protocol as p
@@ -37,12 +37,31 @@ _FINAL = frozenset({_DONE, _FAILED, _CANCELLED})
 _KINDS = frozenset(int(k) for k in p.TaskKind)
 _LEGAL = states.LEGAL
 _new = tuple.__new__  # builds a NamedTuple without its Python-level __new__
+#: the answer to a client that has not said Hello to this dispatcher (or to its last run)
+_HELLO_AGAIN = p.HelloAgain("this dispatcher does not know this client (it restarted, or the client "
+                            "skipped Hello): say Hello again")
+#: the answer to an executor this dispatcher does not know
+_REREGISTER = p.Reregister("unknown executor (declared lost, or the dispatcher restarted)")
+
+
+class TurnOutput(NamedTuple):
+    """Everything one turn produced, taken at once so the loop can keep the order: write
+    and sync journal before sending any message."""
+
+    journal: list[tuple[int, tuple]]  #: (Kind, fields) records; empty without a journal
+    to_clients: list[tuple[bytes, Any]]  #: (peer, message)
+    to_executors: list[tuple[bytes, Any]]  #: (peer, message)
+    delivered_files: list[tuple[bytes, bytes, bytes]]  #: (client, executor, result files) accepted
+    departed: list[bytes]  #: executors removed this turn (lost or left)
 
 
 class Core:
     """Queue, executor registry and result routing, driven by events."""
 
-    def __init__(self, config: Config = Config(), wall: Callable[[], float] = time.time):
+    def __init__(self, config: Config = Config(), wall: Callable[[], float] = time.time, *,
+                 journal_id: str | None = None, reporters: dict[str, Callable[[], Any]] | None = None):
+        """journal_id, the state directory's identity, turns journaling on (None: no journal);
+        reporters add entries to the status map, e.g. the server's security."""
         self.config = config
         self.wall = wall
         self.dispatcher_id = uuid.uuid4().hex[:12]
@@ -68,12 +87,13 @@ class Core:
         self.fleet_at = 0.0
         self.fleet_reports = 0  #: FleetReports received; a new one may change what is launchable
         #: (Kind, fields) records for the journal; None when the dispatcher keeps no journal
-        self.journal: list[tuple[int, tuple]] | None = None
-        self.journal_id = ""  #: the state directory's identity, told to clients (the server sets it)
+        self.journal: list[tuple[int, tuple]] | None = None if journal_id is None else []
+        self.journal_id = journal_id or ""  #: the state directory's identity, told to clients
         #: (client, executor, result files) of results with files accepted this turn
         self.delivered_files: list[tuple[bytes, bytes, bytes]] = []
+        self.departed: list[bytes] = []  #: executors removed this turn
         self.cache_totals = {"hits": 0, "misses": 0, "bytes_fetched": 0}  #: executors' input caches, summed
-        self.reporters: dict[str, Callable[[], Any]] = {}  #: more status entries, e.g. the server's security
+        self.reporters: dict[str, Callable[[], Any]] = dict(reporters or {})  #: more status entries
 
     @property
     def classes(self) -> dict[nd.Needs, NeedsClass]:
@@ -110,6 +130,25 @@ class Core:
             task.seq, state, output, reason, executor, task.attempt, task.submitted, started, finished, files)))
         self._results_pending[client.peer] = client
 
+    # ------------------------------------------------------------ peers
+
+    def knows_client(self, peer: bytes) -> bool:
+        """True for a client that said Hello to this dispatcher."""
+        client = self.clients.get(peer)
+        return client is not None and client.welcomed
+
+    def knows_executor(self, peer: bytes) -> bool:
+        """True for a registered executor."""
+        return peer in self.executors
+
+    def answer_stranger(self, peer: bytes, port: str) -> None:
+        """Queue the answer to a peer this dispatcher does not know on port ("client" or
+        "executor"): HelloAgain for a client, Reregister for an executor."""
+        if port == "client":
+            self.to_clients.append((peer, _HELLO_AGAIN))
+        else:
+            self.to_executors.append((peer, _REREGISTER))
+
     # ------------------------------------------------------------ clients
 
     def on_client(self, peer: bytes, msg: Any, now: float) -> None:
@@ -122,7 +161,7 @@ class Core:
             if type(msg) in p.EXECUTOR_ONLY:
                 self.to_clients.append((peer, self._wrong_port("client")))
             else:
-                self.to_clients.append((peer, p.Refused(f"{p.HELLO_FIRST}: this dispatcher does not know this client")))
+                self.to_clients.append((peer, _HELLO_AGAIN))
             return
         if type(msg) is p.Submit:
             self._submit(client, msg)
@@ -261,7 +300,7 @@ class Core:
             if type(msg) in p.CLIENT_ONLY:
                 self.to_executors.append((peer, self._wrong_port("executor")))
             elif type(msg) is not p.Bye:
-                self.to_executors.append((peer, p.Reregister("unknown executor (declared lost, or the dispatcher restarted)")))
+                self.to_executors.append((peer, _REREGISTER))
             return
         ex.last_seen = now
         kind = type(msg)
@@ -393,6 +432,7 @@ class Core:
 
     def _remove(self, ex: ExecutorEntry, *, lost: bool, how: str = "") -> None:
         del self.executors[ex.peer]
+        self.departed.append(ex.peer)
         self.ready.pop(ex.peer, None)
         self.matcher.gen += 1
         info = ex.info
@@ -512,8 +552,10 @@ class Core:
         self.counts[_DISPATCHED] += len(batch)
         return batch
 
-    def take_outgoing(self) -> tuple[list[tuple[bytes, Any]], list[tuple[bytes, Any]]]:
-        """Return and clear the messages to send: (to clients, to executors)."""
+    def take_output(self) -> TurnOutput:
+        """Return and clear what this turn produced: journal records, messages, accepted
+        result files and departed executors.  The records must be on disk before any of
+        the messages is sent."""
         journal = self.journal
         for peer, client in self._results_pending.items():
             results, client.results = client.results, []
@@ -523,8 +565,10 @@ class Core:
                     journal.append((Kind.RESULTS, (peer, part)))
                 self.to_clients.append((peer, p.Results(part)))
         self._results_pending.clear()
-        out = self.to_clients, self.to_executors
-        self.to_clients, self.to_executors = [], []
+        out = TurnOutput(journal or [], self.to_clients, self.to_executors, self.delivered_files, self.departed)
+        if journal:
+            self.journal = []
+        self.to_clients, self.to_executors, self.delivered_files, self.departed = [], [], [], []
         return out
 
     def _chunks(self, records: list, field: int) -> Any:
@@ -543,13 +587,6 @@ class Core:
                 start, size = i, len(r[field]) + extra
         if start < len(records):
             yield records[start:]
-
-    def take_journal(self) -> list[tuple[int, tuple]]:
-        """Return and clear the records to journal before this turn's messages go out."""
-        records = self.journal or []
-        if self.journal is not None:
-            self.journal = []
-        return records
 
     # ------------------------------------------------------------ durability
 

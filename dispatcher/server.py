@@ -1,13 +1,15 @@
 """The dispatcher's ZeroMQ event loop: one thread, two ROUTER sockets, batched I/O.
 
 Each turn drains every waiting message from both ports, lets the core react, dispatches
-queued work against executor credit, and sends everything the core produced.  Nothing
-here knows the rules; :mod:`falconet.dispatcher.core` does.
+queued work against executor credit, and applies the core's output (:func:`apply_output`):
+journal first, then the messages.  Nothing here knows the rules;
+:mod:`falconet.dispatcher.core` does.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import ipaddress
 import logging
@@ -23,7 +25,7 @@ import zmq
 from falconet import keys, staging
 from falconet import protocol as p
 from falconet.dispatcher.blobs import BlobStore, Holds, Streams
-from falconet.dispatcher.core import Config, Core
+from falconet.dispatcher.core import Config, Core, TurnOutput
 from falconet.dispatcher.journal import Journal
 from falconet.errors import BindRefused, FalconetError, ProtocolError
 
@@ -66,6 +68,20 @@ class _RateLimitedLog:
         self.last, self.held = now, 0
 
 
+def apply_output(out: TurnOutput, commit: Callable[[list], None] | None,
+                 to_client: Callable[[bytes, Any], bool],
+                 to_executor: Callable[[bytes, Any], bool]) -> list[tuple[bytes, Any]]:
+    """Apply one turn's output: commit its journal records (written and synced) before any
+    message goes out, then send.  commit is None without a journal.  Returns the messages
+    no executor could be reached for; an unroutable client's results stay unacknowledged
+    and go out again after its next Hello."""
+    if commit is not None:
+        commit(out.journal)
+    for peer, msg in out.to_clients:
+        to_client(peer, msg)
+    return [(peer, msg) for peer, msg in out.to_executors if not to_executor(peer, msg)]
+
+
 class Server:
     """Binds the client and executor ports and runs the event loop."""
 
@@ -83,21 +99,23 @@ class Server:
         self.insecure = insecure and not keys_dir and not is_loopback(host)
         # Read before anything binds: a bad key file must stop the start, not half of it.
         self.server_pair = keys.load_secret(f"{keys_dir}/{keys.DISPATCHER}{keys.SECRET_SUFFIX}") if keys_dir else None
-        self.core = Core(config)
-        self.core.reporters["security"] = self._security
-        self.journal: Journal | None = None
+        self.journal = Journal(state_dir) if state_dir else None
+        reporters: dict[str, Callable[[], Any]] = {"security": self._security}
+        if self.journal is not None:
+            reporters["journal"] = self._journal_status
+        reporters["blobs"] = lambda: {**self.blobs.status(), **self.blob_counts}
+        self.core = Core(config, journal_id=self.journal.id if self.journal is not None else None,
+                         reporters=reporters)
         self.compact_bytes = compact_bytes
-        if state_dir:
-            self._open_journal(state_dir)
+        if self.journal is not None:
+            self._restore()
         # Staged files: kept with the journal when there is one, else in a temp dir of this run.
         self._blob_tmp = None if state_dir else tempfile.mkdtemp(prefix="falconet-blobs-")
         self.blobs = BlobStore(os.path.join(state_dir, "blobs") if state_dir else self._blob_tmp,
                                max_bytes=blob_store_bytes, durable=bool(state_dir))
         self.holds = Holds(self.blobs)
         self.streams = Streams(self.blobs, staging.FETCH_WINDOW, staging.CHUNK_BYTES, MAX_TRANSFERS_PER_PEER)
-        self._executor_peers: set[bytes] = set()  #: registered at the last settling, to see who left
         self.blob_counts = {"stored": 0, "fetches": 0, "bytes_sent": 0}  #: files in, fetches served, bytes out
-        self.core.reporters["blobs"] = lambda: {**self.blobs.status(), **self.blob_counts}
         # The queue holds millions of small tracked objects; CPython's default of a young
         # collection every 700 allocations makes the collector a large share of each turn.
         gc.set_threshold(100_000, 50, 1000)
@@ -110,6 +128,8 @@ class Server:
         self.client_address = self.client_sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.executor_address = self.executor_sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.core.endpoints = {"client": self.client_address, "executor": self.executor_address}
+        self._to_client = functools.partial(self._send, self.client_sock)  # (peer, msg) -> sent?
+        self._to_executor = functools.partial(self._send, self.executor_sock)
         self._stop = False
         self._bad = _RateLimitedLog()
         self._owners: dict[str, dict[bytes, str]] = {}  #: per port: routing id -> CURVE key
@@ -137,26 +157,22 @@ class Server:
         sock.bind(f"tcp://{host}:{port or '*'}")
         return sock
 
-    def _open_journal(self, state_dir: str) -> None:
-        """Replay the state directory's journal into the core; from now on, journal."""
+    def _restore(self) -> None:
+        """Replay the state directory's journal into the core (which journals from its start)."""
         t0 = time.monotonic()
-        self.journal = journal = Journal(state_dir)
-        queued = self.core.restore(journal.replay())
-        core = self.core
+        journal, core = self.journal, self.core
+        queued = core.restore(journal.replay())
         results = sum(len(c.unacked) for c in core.clients.values())
         log.info("journal %s: %d tasks queued again and %d results kept for %d clients, in %.2fs",
                  journal.path, queued, results, len(core.clients), time.monotonic() - t0)
-        core.journal = []
-        core.journal_id = journal.id
-        core.reporters["journal"] = self._journal_status
         if journal.size >= self.compact_bytes:
             self._compact()
         self._compact_at = max(self.compact_bytes, 2 * journal.size)
 
-    def _commit(self) -> None:
+    def _commit(self, records: list[tuple[int, tuple]]) -> None:
         """Journal this turn's records (one write, one fdatasync), compacting when it has grown."""
         journal = self.journal
-        for kind, fields in self.core.take_journal():
+        for kind, fields in records:
             journal.append(kind, *fields)
         if not journal.pending():
             return
@@ -282,14 +298,11 @@ class Server:
     def _blob(self, msg: Any, peer: bytes, port: str) -> None:
         """PutBlob, GetBlob and DropBlobs from a known client or executor."""
         core = self.core
-        client = core.clients.get(peer) if port == "client" else None
-        known = (client is not None and client.welcomed) if port == "client" else peer in core.executors
-        sock = self.client_sock if port == "client" else self.executor_sock
+        known = core.knows_client(peer) if port == "client" else core.knows_executor(peer)
         if not known:
-            why = (f"{p.HELLO_FIRST}: this dispatcher does not know this client" if port == "client"
-                   else "unknown executor (declared lost, or the dispatcher restarted)")
-            self._send(sock, peer, p.Refused(why) if port == "client" else p.Reregister(why))
+            core.answer_stranger(peer, port)  # sent with this turn's output
             return
+        sock = self.client_sock if port == "client" else self.executor_sock
         if type(msg) is p.PutBlob:
             self._put_blob(msg, peer, port, sock)
         elif type(msg) is p.GetBlob:
@@ -320,23 +333,22 @@ class Server:
         self.holds.add(peer if port == "client" else b"executor:" + peer, [msg.digest])
         self.blob_counts["stored"] += 1
 
-    def _settle_blobs(self) -> None:
+    def _settle_blobs(self, out: TurnOutput) -> None:
         """Hand executors' pins over to clients for the results accepted this turn; forget
         what executors that left were sending, being sent, or pinning."""
-        for client, executor, files in self.core.delivered_files:
+        for client, executor, files in out.delivered_files:
             try:
                 found = {info["blob"] for _, info in staging.decode_result_files(files) if "blob" in info}
             except FalconetError:
                 continue  # the client fails that task on its side
             self.holds.hand_over(b"executor:" + executor, client, found)
-        self.core.delivered_files.clear()
-        gone = {peer for peer in self._executor_peers if peer not in self.core.executors}
+        # One that left and registered again within the turn keeps what it had.
+        gone = {peer for peer in out.departed if not self.core.knows_executor(peer)}
         if gone:
             self.streams.forget(self.executor_sock, gone)
             for peer in gone:
                 self.blobs.forget_peer(b"executor:" + peer)
                 self.holds.drop_holder(b"executor:" + peer)
-        self._executor_peers = set(self.core.executors)
 
     def _pump_blobs(self) -> None:
         self.blob_counts["bytes_sent"] += self.streams.pump(BLOB_BYTES_PER_TURN, self._send, p.BlobData)
@@ -344,19 +356,16 @@ class Server:
     def _send_all(self) -> None:
         # An unreachable executor can produce more output (failed tasks), hence the loop;
         # it ends because an unreachable executor is removed.
+        commit = self._commit if self.journal is not None else None
         while True:
-            to_clients, to_executors = self.core.take_outgoing()
-            if self.core.delivered_files or len(self._executor_peers) != len(self.core.executors):
-                self._settle_blobs()
-            if self.journal is not None:  # nothing goes out before it is on disk
-                self._commit()
-            if not to_clients and not to_executors:
+            out = self.core.take_output()
+            if out.delivered_files or out.departed:
+                self._settle_blobs(out)
+            unreachable = apply_output(out, commit, self._to_client, self._to_executor)
+            if not unreachable:
                 return
-            for peer, msg in to_clients:  # an unroutable client's results stay unacknowledged
-                self._send(self.client_sock, peer, msg)  # and go out again after its next Hello
-            for peer, msg in to_executors:
-                if not self._send(self.executor_sock, peer, msg):
-                    self.core.executor_unreachable(peer, msg)
+            for peer, msg in unreachable:
+                self.core.executor_unreachable(peer, msg)
 
     @staticmethod
     def _send(sock: zmq.Socket, peer: bytes, msg: Any) -> bool:

@@ -481,10 +481,10 @@ class Client:
                 waiter.set_result(msg.info)
         elif kind is p.Welcome:
             self._welcomed(sock, msg)
+        elif kind is p.HelloAgain:  # a restarted dispatcher
+            self._hello(sock, time.monotonic())
         elif kind is p.Refused:
-            if msg.reason.startswith(p.HELLO_FIRST):  # a restarted dispatcher
-                self._hello(sock, time.monotonic())
-            elif not self._welcome.done():
+            if not self._welcome.done():
                 self._welcome.set_exception(RefusedError(p.refusal_text(msg.reason, self.address)))
             else:
                 log.error("the dispatcher refused a request: %s", msg.reason)
@@ -507,7 +507,7 @@ class Client:
             return
         if msg.dispatcher_id != self.dispatcher_id:
             self.dispatcher_id = msg.dispatcher_id
-            with self._lock:  # refused with HELLO_FIRST by the new dispatcher: ask again
+            with self._lock:  # answered HelloAgain by the new dispatcher: ask again
                 asked = list(self._status_asked.values())
             for req in asked:
                 sock.send(p.encode(req))

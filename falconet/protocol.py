@@ -18,6 +18,7 @@ Sequences
 Client::
 
     Hello -> Welcome | Refused          (version checked here; required before the rest)
+      <- HelloAgain(reason)             "I do not know you": say Hello again
     Submit(batch, tasks) -> Accepted(batch) ... Results(...) as tasks finish
     Ack(seqs)                           the client has these results; the dispatcher keeps
                                         each result until acknowledged and sends every
@@ -62,7 +63,11 @@ uploads a task's outputs for the client before the Report carrying its result.
 A client re-sends a Submit whose Accepted it did not see (the dispatcher restarted) with
 the same batch number; the dispatcher accepts each batch number of a client once.  A
 client that a restarted dispatcher knows from its journal must say Hello again before
-anything else (it is answered ``Refused(HELLO_FIRST...)`` until it does).
+anything else: every other message is answered ``HelloAgain`` until it does, which is how
+the client learns of the restart (the way ``Reregister`` tells an executor).
+
+``Refused`` keeps its one field in every version: it carries the version refusal, which a
+peer of another version must still be able to read.
 
 Malformed input of any kind raises :class:`ProtocolError` from :func:`decode`.
 """
@@ -78,10 +83,9 @@ import msgpack
 
 from falconet.errors import ProtocolError
 
-PROTOCOL_VERSION = 3  # 2: Ack, results kept until acknowledged; 3: needs, staging, blobs
-
-#: Refused.reason prefix for a client the dispatcher does not know: it should say Hello.
-HELLO_FIRST = "say Hello first"
+#: 2: Ack, results kept until acknowledged; 3: needs, staging, blobs; 4: HelloAgain, where a
+#: Refused reason starting "say Hello first" told a client of a restarted dispatcher
+PROTOCOL_VERSION = 4
 #: Refused.reason prefix for a message that belongs on the dispatcher's other port.
 WRONG_PORT = "wrong port: this is"
 #: Bytes of msgpack framing counted for each record when filling a message.
@@ -111,6 +115,7 @@ class MsgType(enum.IntEnum):
     RESULTS = 12
     STATUS_REPLY = 13
     REFUSED = 14
+    HELLO_AGAIN = 15
     # executor -> dispatcher
     REGISTER = 20
     REPORT = 21
@@ -451,6 +456,13 @@ class StatusReply:
 @_message(MsgType.REFUSED, _str)
 class Refused:
     """The peer's request was refused; reason says why and what to do."""
+
+    reason: str
+
+
+@_message(MsgType.HELLO_AGAIN, _str)
+class HelloAgain:
+    """The dispatcher does not know this client (it restarted, or had no Hello): say Hello."""
 
     reason: str
 

@@ -46,8 +46,8 @@ class Script:
                                   {"journal": bool(journal_id), "journal_id": journal_id}))
 
     def restart(self, peer, dispatcher_id: str, journal_id: str):
-        """Play a restarted dispatcher: refuse the client until it says Hello, then welcome it."""
-        self.send(peer, p.Refused(f"{p.HELLO_FIRST}: this dispatcher does not know this client"))
+        """Play a restarted dispatcher: ask the client to say Hello again, then welcome it."""
+        self.send(peer, p.HelloAgain("this dispatcher does not know this client"))
         self.expect(p.Hello)
         self.welcome(peer, dispatcher_id, journal_id)
 

@@ -154,7 +154,8 @@ class CoreMachine(RuleBasedStateMachine):
 
     def pump(self, expect_exec=(), *, tasks_ok=False, heartbeats_ok=False, cancels=None) -> list:
         """Take everything the core wants to send and check it against the model."""
-        to_clients, to_executors = self.core.take_outgoing()
+        out = self.core.take_output()
+        to_clients, to_executors = out.to_clients, out.to_executors
         for peer, msg in to_clients:
             self.on_client_msg(peer, msg)
         seen = collections.Counter()
@@ -205,7 +206,7 @@ class CoreMachine(RuleBasedStateMachine):
                 self.on_result(peer, r)
         elif kind is p.StatusReply:
             self.check_status(msg.info, self.expected_status.pop((peer, msg.req_id)))
-        elif kind is p.Refused:
+        elif kind in (p.Refused, p.HelloAgain):
             assert peer not in self.clients, f"client {peer!r} refused: {msg.reason}"
         else:
             raise AssertionError(f"unexpected {kind.__name__} to client {peer!r}")

@@ -82,7 +82,8 @@ class Run:
 
     def pump(self) -> None:
         self.core.dispatch(self.now)
-        to_clients, to_executors = self.core.take_outgoing()
+        out = self.core.take_output()
+        to_clients, to_executors = out.to_clients, out.to_executors
         for _, msg in to_clients:
             if type(msg) is p.Results:
                 self.finished.update(r.seq for r in msg.results if r.state == DONE)

@@ -49,7 +49,8 @@ class Harness:
         return self.out()
 
     def out(self):
-        return self.core.take_outgoing()
+        out = self.core.take_output()
+        return out.to_clients, out.to_executors
 
     def task_state(self, seq, peer=b"c1"):
         """The state of a live task by the client's seq, from the core's own places."""
@@ -357,7 +358,7 @@ def test_client_with_another_protocol_version_is_refused_naming_both_versions():
     assert peer == b"old" and type(msg) is p.Refused
     assert str(p.PROTOCOL_VERSION + 1) in msg.reason and str(p.PROTOCOL_VERSION) in msg.reason
     to_clients, _ = h.submit(spec(0), peer=b"old")
-    assert kinds(to_clients) == [(b"old", p.Refused)], "still unknown: it must say Hello first"
+    assert kinds(to_clients) == [(b"old", p.HelloAgain)], "still unknown: it must say Hello first"
     assert "Hello" in to_clients[0][1].reason
     assert h.core.submitted_total == 0
 

@@ -129,8 +129,7 @@ def test_damage_followed_by_whole_records_is_refused_and_the_file_kept(tmp_path)
 
 
 def test_results_are_journaled_and_sent_in_runs_bounded_by_bytes():
-    core = Core(Config(max_message_bytes=1 << 20), wall=lambda: WALL0)
-    core.journal = []
+    core = Core(Config(max_message_bytes=1 << 20), wall=lambda: WALL0, journal_id="j1")
     big = [p.TaskResult(i, 3, b"z" * (200 << 10), "", "e", 1, 0.0, 0.0, 0.0) for i in range(10)]
     parts = list(core._chunks(big, 2))
     assert [len(x) for x in parts] == [2, 2, 2, 2, 2]  # about 512 KiB each

@@ -21,9 +21,11 @@ DONE, FAILED = int(p.TaskState.DONE), int(p.TaskState.FAILED)
 class Harness:
     """A Core with a hand-moved clock; helpers speak for one client and many executors."""
 
-    def __init__(self, **config):
+    def __init__(self, journal_id=None, **config):
         self.now = 0.0
-        self.core = Core(Config(heartbeat_timeout_s=1e9, **config), wall=lambda: WALL0 + self.now)
+        self.core = Core(Config(heartbeat_timeout_s=1e9, **config), wall=lambda: WALL0 + self.now,
+                         journal_id=journal_id)
+        self.records: list = []  #: journal records taken so far (with a journal_id)
         self.core.on_client(b"c1", p.Hello(p.PROTOCOL_VERSION, "c1", "test"), 0.0)
         self.seq = 0
         self.batch = 0
@@ -66,7 +68,9 @@ class Harness:
             self.sent[peer].remove(a)
 
     def out(self) -> dict[bytes, list[p.Assignment]]:
-        to_clients, to_executors = self.core.take_outgoing()
+        out = self.core.take_output()
+        self.records += out.journal
+        to_clients, to_executors = out.to_clients, out.to_executors
         got: dict[bytes, list[p.Assignment]] = {}
         for peer, msg in to_executors:
             if type(msg) is p.Tasks:
@@ -321,11 +325,11 @@ def test_too_many_distinct_requirement_sets_fail_the_newest_with_the_reason():
 
 
 def test_a_journal_replay_queues_tasks_with_their_needs_in_their_classes():
-    h = Harness()
-    h.core.journal = []
+    h = Harness(journal_id="j1")
     h.submit(2, cpus=2, where="local")
     h.submit(1)
-    records = h.core.take_journal()
+    h.out()
+    records = h.records
     fresh = Core(Config(), wall=lambda: WALL0)
     assert fresh.restore(records) == 3
     assert fresh.classes[nd.make(cpus=2, where="local")].pending == 2

@@ -24,8 +24,7 @@ class Farm:
     """A journaling core, one client and one executor, driven by hand."""
 
     def __init__(self):
-        self.core = Core(Config(heartbeat_timeout_s=10.0), wall=lambda: WALL0)
-        self.core.journal = []
+        self.core = Core(Config(heartbeat_timeout_s=10.0), wall=lambda: WALL0, journal_id="j1")
         self.records: list = []
         self.batch = 0
         self.seq = 0
@@ -34,9 +33,9 @@ class Farm:
         self.flush()
 
     def flush(self):
-        out = self.core.take_outgoing()
-        self.records += self.core.take_journal()
-        return out
+        out = self.core.take_output()
+        self.records += out.journal
+        return out.to_clients, out.to_executors
 
     def submit(self, n):
         specs = [p.TaskSpec(self.seq + i + 1, 1, b"body-%d" % (self.seq + i + 1), 3, 0.0) for i in range(n)]
@@ -62,9 +61,8 @@ class Farm:
 
 
 def restored(records) -> Core:
-    core = Core(Config(), wall=lambda: WALL0)
+    core = Core(Config(), wall=lambda: WALL0, journal_id="j1")
     core.restore(list(_wire(records)))
-    core.journal = []
     return core
 
 
@@ -99,10 +97,10 @@ def test_a_restored_client_must_say_hello_and_then_gets_its_results_again():
     farm.finish(farm.take(2))
     core = restored(farm.records)
     core.on_client(b"c1", p.StatusRequest(1, False), 0.0)
-    [(_, refused)] = core.take_outgoing()[0]
-    assert type(refused) is p.Refused and refused.reason.startswith(p.HELLO_FIRST)
+    [(_, answer)] = core.take_output().to_clients
+    assert type(answer) is p.HelloAgain
     core.on_client(b"c1", p.Hello(p.PROTOCOL_VERSION, "c1", "test"), 0.0)
-    out = [m for _, m in core.take_outgoing()[0]]
+    out = [m for _, m in core.take_output().to_clients]
     assert type(out[0]) is p.Welcome and out[0].limits["journal"] is True
     assert sorted(r.seq for m in out[1:] for r in m.results) == [1, 2]
 
@@ -113,7 +111,7 @@ def test_a_batch_sent_again_after_a_restart_is_not_queued_twice():
     core = restored(farm.records)
     core.on_client(b"c1", p.Hello(p.PROTOCOL_VERSION, "c1", "test"), 0.0)
     core.on_client(b"c1", p.Submit(1, [p.TaskSpec(i, 1, b"", 3, 0.0) for i in (1, 2, 3)]), 0.0)
-    out = [m for _, m in core.take_outgoing()[0]]
+    out = [m for _, m in core.take_output().to_clients]
     assert p.Accepted(1, 3) in out
     assert live(core) == ([1, 2, 3], [])
 

@@ -33,7 +33,7 @@ def test_status_keys_and_executor_table():
     core.on_executor(b"e1", _register(b"e1", slots=3), 0.0)
     core.on_executor(b"e1", p.Report(1, [], []), 0.0)
     core.dispatch(0.0)
-    core.take_outgoing()
+    core.take_output()
     info = core.status(2.0)
     assert info["queued"] == 1
     assert info["tasks"] == {"pending": 1, "dispatched": 1, "running": 0, "done": 0, "failed": 1, "cancelled": 0}
@@ -43,7 +43,7 @@ def test_status_keys_and_executor_table():
     assert "executor_table" not in info
 
     core.on_client(b"c1", p.StatusRequest(17, True), 2.0)
-    to_clients, _ = core.take_outgoing()
+    to_clients = core.take_output().to_clients
     ((peer, reply),) = to_clients
     assert type(reply) is p.StatusReply and reply.req_id == 17
     info = reply.info

@@ -1,0 +1,125 @@
+"""The loop's side of a turn, without sockets: what the core hands over, and the order in
+which the server applies it (journal on disk before any message goes out)."""
+
+from __future__ import annotations
+
+from falconet import protocol as p
+from falconet.dispatcher.core import Config, Core, TurnOutput
+from falconet.dispatcher.records import Kind
+from falconet.dispatcher.server import apply_output
+
+WALL0 = 1_700_000_000.0
+
+
+def register(peer: bytes, slots: int = 2) -> p.Register:
+    return p.Register(p.PROTOCOL_VERSION, peer.decode(), "h", [], slots, 1 << 30, "linux", slots, 1, {}, [])
+
+
+def journaling_core() -> Core:
+    core = Core(Config(), wall=lambda: WALL0, journal_id="j1")
+    core.on_client(b"c1", p.Hello(p.PROTOCOL_VERSION, "c1", "test"), 0.0)
+    core.on_executor(b"e1", register(b"e1"), 0.0)
+    core.take_output()
+    return core
+
+
+class Recorder:
+    """A journal and two senders writing into one log, so the order of calls shows."""
+
+    def __init__(self, unreachable: frozenset[bytes] = frozenset()):
+        self.calls: list[tuple] = []
+        self.unreachable = unreachable
+
+    def commit(self, records: list) -> None:
+        self.calls.append(("commit", [kind for kind, _ in records]))
+
+    def to_client(self, peer: bytes, msg) -> bool:
+        self.calls.append(("client", peer, type(msg)))
+        return True
+
+    def to_executor(self, peer: bytes, msg) -> bool:
+        self.calls.append(("executor", peer, type(msg)))
+        return peer not in self.unreachable
+
+
+def test_journaling_is_set_at_construction_and_welcome_names_the_journal():
+    core = journaling_core()
+    core.on_client(b"c2", p.Hello(p.PROTOCOL_VERSION, "c2", "test"), 0.0)
+    welcome = core.take_output().to_clients[0][1]
+    assert welcome.limits["journal"] is True and welcome.limits["journal_id"] == "j1"
+    plain = Core(Config(), wall=lambda: WALL0, reporters={"extra": lambda: {"x": 1}})
+    plain.on_client(b"c1", p.Hello(p.PROTOCOL_VERSION, "c1", "test"), 0.0)
+    out = plain.take_output()
+    assert out.journal == [] and out.to_clients[0][1].limits["journal"] is False
+    assert plain.status(0.0)["extra"] == {"x": 1}
+
+
+def test_a_turn_of_work_is_one_output_with_its_records_and_its_messages():
+    core = journaling_core()
+    core.on_client(b"c1", p.Submit(1, [p.TaskSpec(1, 1, b"x", 0, 0.0)]), 0.0)
+    core.on_executor(b"e1", p.Report(1, [], []), 0.0)
+    core.dispatch(0.0)
+    out = core.take_output()
+    assert isinstance(out, TurnOutput)
+    assert [kind for kind, _ in out.journal] == [Kind.SUBMIT]
+    assert [type(m) for _, m in out.to_clients] == [p.Accepted]
+    assert [type(m) for _, m in out.to_executors] == [p.Tasks]
+    assert core.take_output() == TurnOutput([], [], [], [], [])  # taking it cleared it
+
+
+def test_nothing_is_sent_before_the_turn_is_journaled():
+    core = journaling_core()
+    core.on_client(b"c1", p.Submit(1, [p.TaskSpec(1, 1, b"x", 0, 0.0), p.TaskSpec(2, 1, b"y", 0, 0.0)]), 0.0)
+    core.on_executor(b"e1", p.Report(1, [], []), 0.0)
+    core.dispatch(0.0)
+    core.on_client(b"c1", p.Cancel([2]), 0.0)  # a result, journaled as RESULTS when taken
+    rec = Recorder()
+    assert apply_output(core.take_output(), rec.commit, rec.to_client, rec.to_executor) == []
+    assert rec.calls[0] == ("commit", [Kind.SUBMIT, Kind.RESULTS])
+    assert sorted(rec.calls[1:], key=str) == sorted([("client", b"c1", p.Accepted), ("client", b"c1", p.Results),
+                                                     ("executor", b"e1", p.Tasks)], key=str)
+
+
+def test_without_a_journal_the_output_is_only_sent():
+    rec = Recorder()
+    out = TurnOutput([], [(b"c1", p.Accepted(1, 1))], [(b"e1", p.Heartbeat())], [], [])
+    apply_output(out, None, rec.to_client, rec.to_executor)
+    assert rec.calls == [("client", b"c1", p.Accepted), ("executor", b"e1", p.Heartbeat)]
+
+
+def test_messages_for_unreachable_executors_come_back_and_the_core_takes_the_tasks_back():
+    core = journaling_core()
+    core.on_client(b"c1", p.Submit(1, [p.TaskSpec(1, 1, b"x", 0, 0.0)]), 0.0)
+    core.on_executor(b"e1", p.Report(1, [], []), 0.0)
+    core.dispatch(0.0)
+    rec = Recorder(unreachable=frozenset({b"e1"}))
+    unreachable = apply_output(core.take_output(), rec.commit, rec.to_client, rec.to_executor)
+    assert [(peer, type(m)) for peer, m in unreachable] == [(b"e1", p.Tasks)]
+    for peer, msg in unreachable:
+        core.executor_unreachable(peer, msg)
+    out = core.take_output()
+    assert out.departed == [b"e1"] and not core.knows_executor(b"e1")
+    assert core.status(0.0)["queued"] == 1  # never arrived: queued again, not counted lost
+
+
+def test_known_peers_and_the_answer_to_strangers():
+    core = journaling_core()
+    assert core.knows_client(b"c1") and not core.knows_client(b"c9")
+    assert core.knows_executor(b"e1") and not core.knows_executor(b"e9")
+    core.answer_stranger(b"c9", "client")
+    core.answer_stranger(b"e9", "executor")
+    out = core.take_output()
+    assert [(peer, type(m)) for peer, m in out.to_clients] == [(b"c9", p.HelloAgain)]
+    assert [(peer, type(m)) for peer, m in out.to_executors] == [(b"e9", p.Reregister)]
+
+
+def test_a_result_with_files_is_handed_over_in_the_output():
+    core = journaling_core()
+    core.on_client(b"c1", p.Submit(1, [p.TaskSpec(1, 1, b"x", 0, 0.0)]), 0.0)
+    core.on_executor(b"e1", p.Report(1, [], []), 0.0)
+    core.dispatch(0.0)
+    [(_, tasks)] = core.take_output().to_executors
+    a = tasks.tasks[0]
+    done = p.ExecResult(a.tid, a.attempt, int(p.TaskState.DONE), b"", "", 1.0, 2.0, b"files")
+    core.on_executor(b"e1", p.Report(0, [], [done]), 0.0)
+    assert core.take_output().delivered_files == [(b"c1", b"e1", b"files")]
