@@ -76,15 +76,15 @@ def _split(rest: str) -> tuple[str, str, str]:
         host, bracket, after = rest[1:].partition("]")
         if not bracket or (after and not after.startswith(":")):
             return host, "", f"{_BRACKETS}, before :PORT"
-        return host, after[1:], "" if _is_ipv6(host) else f"[{host}] is not an IPv6 address"
+        return host, after[1:], "" if _is_ip(host) else f"[{host}] is not an IPv6 address"
     host, colon, port = rest.rpartition(":")
     if not colon:
         return rest, "", ""
     if ":" not in host:
         return host, port, ""
-    if _is_ipv6(host):
+    if _is_ip(host):
         return host, port, _BRACKETS
-    if _is_ipv6(rest):
+    if _is_ip(rest):
         return rest, "", _BRACKETS
     return host, port, f"{host!r} is not a host name or IP address"
 
@@ -92,13 +92,13 @@ def _split(rest: str) -> tuple[str, str, str]:
 def _host_problem(host: str) -> str:
     if not host:
         return "it has no host"
-    if _is_ipv6(host):
+    if _is_ip(host):
         return ""
     if host == "*":
         return "'*' is for listening, not connecting: name the dispatcher's host"
     if not _HOST_NAME.fullmatch(host):
         return f"{host!r} is not a host name or IP address"
-    if _DOTTED.fullmatch(host) and not _is_ipv4(host):
+    if _DOTTED.fullmatch(host) and not _is_ip(host, ipaddress.IPv4Address):
         return f"{host} is not an IPv4 address"
     return ""
 
@@ -122,17 +122,10 @@ def _example(host: str, port: str) -> str:
     return Address(host, int(port)).url
 
 
-def _is_ipv4(text: str) -> bool:
+def _is_ip(text: str, kind: type = ipaddress.IPv6Address) -> bool:
+    """Whether text is an address of this kind (IPv6 unless told IPv4Address)."""
     try:
-        ipaddress.IPv4Address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        ipaddress.IPv6Address(text)
+        kind(text)
     except ValueError:
         return False
     return True
