@@ -26,8 +26,12 @@ from falconet.dispatcher import replay, states
 from falconet.dispatcher.entries import ClientEntry, Config, ExecutorEntry, ExecutorState, Task, caps_of
 from falconet.dispatcher.matching import Matcher, NeedsClass
 from falconet.dispatcher.records import Kind
-from falconet.dispatcher.status import Rate, status_map
+from falconet.dispatcher.status import Rate, status_report
+from falconet.errors import ProtocolError
 from falconet.protocol import TaskState
+from falconet.reports import Fleet
+
+REPORTED = frozenset({"security", "journal", "blobs"})  #: Status fields a reporter may fill
 
 log = logging.getLogger("falconet.dispatcher")
 
@@ -61,7 +65,10 @@ class Core:
     def __init__(self, config: Config = Config(), wall: Callable[[], float] = time.time, *,
                  journal_id: str | None = None, reporters: dict[str, Callable[[], Any]] | None = None):
         """journal_id, the state directory's identity, turns journaling on (None: no journal);
-        reporters add entries to the status map, e.g. the server's security."""
+        reporters fill status fields that the server knows: security, journal, blobs."""
+        unknown = set(reporters or ()) - REPORTED
+        if unknown:
+            raise ValueError(f"reporters can fill only {', '.join(sorted(REPORTED))}, not {', '.join(sorted(unknown))}")
         self.config = config
         self.wall = wall
         self.dispatcher_id = uuid.uuid4().hex[:12]
@@ -83,7 +90,7 @@ class Core:
         self.to_clients: list[tuple[bytes, Any]] = []
         self.to_executors: list[tuple[bytes, Any]] = []
         self.endpoints: dict[str, str] = {}  #: bound addresses, set by the server, shown in status
-        self.fleet: dict | None = None  #: the provisioner's last FleetReport
+        self.fleet: Fleet | None = None  #: the provisioner's last FleetReport
         self.fleet_at = 0.0
         self.fleet_reports = 0  #: FleetReports received; a new one may change what is launchable
         #: (Kind, fields) records for the journal; None when the dispatcher keeps no journal
@@ -174,10 +181,18 @@ class Core:
         elif type(msg) is p.Release:
             self._release(set(msg.executor_ids), msg.reason)
         elif type(msg) is p.FleetReport:
-            self.fleet, self.fleet_at = msg.info, self.wall()
-            self.fleet_reports += 1
+            self._fleet_report(peer, msg)
         else:
             self.to_clients.append((peer, p.Refused(f"{type(msg).__name__} is not a client message")))
+
+    def _fleet_report(self, peer: bytes, msg: p.FleetReport) -> None:
+        try:
+            self.fleet = Fleet.from_map(msg.info)
+        except ProtocolError as exc:
+            self.to_clients.append((peer, p.Refused(f"fleet report ignored: {exc}")))
+            return
+        self.fleet_at = self.wall()
+        self.fleet_reports += 1
 
     def _wrong_port(self, here: str) -> p.Refused:
         """The refusal for a peer of the other kind, naming the port it should use."""
@@ -621,8 +636,8 @@ class Core:
     # ------------------------------------------------------------ statistics
 
     def status(self, now: float, detail: bool = False, client: ClientEntry | None = None) -> dict:
-        """The dispatcher's statistics as a msgpack-friendly map (see :mod:`falconet.dispatcher.status`)."""
-        return status_map(self, now, detail, client)
+        """The dispatcher's statistics as a msgpack-friendly map (see :mod:`falconet.reports`)."""
+        return status_report(self, now, detail, client).to_map()
 
 
 def _invalid(spec: p.TaskSpec, max_body: int) -> str:

@@ -18,6 +18,7 @@ from falconet import needs as nd
 from falconet import protocol as p
 from falconet.dispatcher.entries import Config, ExecutorEntry, ExecutorState, Task
 from falconet.protocol import TaskState
+from falconet.reports import Fleet
 
 log = logging.getLogger("falconet.dispatcher")
 
@@ -196,7 +197,7 @@ class Matcher:
 
     # ------------------------------------------------------------ unschedulable tasks
 
-    def check(self, now: float, fleet: dict | None, fleet_reports: int) -> list[tuple[NeedsClass, str]]:
+    def check(self, now: float, fleet: Fleet | None, fleet_reports: int) -> list[tuple[NeedsClass, str]]:
         """Mark classes no connected or launchable executor can run; return those past the
         fail_unschedulable_s limit with the reason to fail their tasks with."""
         launchable: Any = _UNSET  # read once, and only if some class needs it
@@ -225,19 +226,11 @@ class Matcher:
         return doomed
 
 
-def launchable_types(fleet: dict | None) -> list[tuple[str, nd.Caps]] | None:
+def launchable_types(fleet: Fleet | None) -> list[tuple[str, nd.Caps]] | None:
     """What the provisioner's fleet report says it can launch, or None when no provisioner reports."""
-    if not fleet or type(fleet.get("can_launch")) is not list:
+    if fleet is None:
         return None
-    out = []
-    for t in fleet["can_launch"]:
-        try:
-            tags = frozenset(str(x) for x in t.get("tags", []))
-            out.append((str(t.get("type", "?")), nd.Caps(int(t["cpus"]), int(t["memory_mb"]), str(t.get("arch", "")),
-                                                          tags, str(t.get("site", nd.site_of(tags))))))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            continue  # a malformed entry launches nothing
-    return out
+    return [(t.type, t.caps) for t in fleet.can_launch]
 
 
 def why_unschedulable(need: nd.Needs, executors: dict[bytes, ExecutorEntry],

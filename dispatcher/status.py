@@ -1,4 +1,5 @@
-"""The dispatcher's statistics: the status map clients, the CLI and the provisioner read.
+"""The dispatcher's statistics: the status clients, the CLI and the provisioner read (typed in
+:mod:`falconet.reports`).
 
 Read-only: nothing here changes the core.  :class:`Rate` counts completions for the tasks/s
 figure (the core notes each report's count, once per report, not per task).
@@ -7,13 +8,15 @@ figure (the core notes each report's count, once per report, not per task).
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from falconet import needs as nd
 from falconet import protocol as p
 from falconet.dispatcher.entries import ClientEntry, ExecutorEntry, Task
 from falconet.protocol import TaskState
+from falconet.reports import ExecutorRow, Status, Waiting
 
 if TYPE_CHECKING:
     from falconet.dispatcher.core import Core
@@ -51,78 +54,75 @@ class Rate:
         return sum(n for _, n in times) / span
 
 
-def status_map(core: Core, now: float, detail: bool = False, client: ClientEntry | None = None) -> dict:
-    """The dispatcher's statistics as a msgpack-friendly map."""
+def status_report(core: Core, now: float, detail: bool = False, client: ClientEntry | None = None) -> Status:
+    """The dispatcher's statistics."""
     executors = core.executors.values()
-    info: dict[str, Any] = {
-        "dispatcher_id": core.dispatcher_id,
-        "version": p.PROTOCOL_VERSION,
-        "uptime_s": core.wall() - core.started_wall,
-        "durability": "in-memory" if core.journal is None else "journal",
-        "journal": {},  # the server's reporter fills it when there is one
-        "unacknowledged_results": sum(len(c.unacked) for c in core.clients.values()),
-        "queued": core.counts[_PENDING],
-        "tasks": {_STATE_NAMES[s]: n for s, n in enumerate(core.counts)},
-        "submitted_total": core.submitted_total,
-        "tasks_per_s": core.rate.per_s(now),
-        "executors": len(core.executors),
-        "slots": sum(ex.info.slots for ex in executors),
-        "busy": sum(len(ex.tasks) for ex in executors),
-        "lost_executors": core.lost_total,
-        "stale_results": core.stale_results,
-        "clients": len(core.clients),
-        "endpoints": core.endpoints,
-    }
-    for name, report in core.reporters.items():
-        info[name] = report()
-    info["waiting"], info["unschedulable"] = waiting(
-        core.counts[_PENDING], core.queue, core.classes.values(), core.wall(), now)
-    info["input_cache"] = dict(core.cache_totals)
+    waits, unschedulable = waiting(core.counts[_PENDING], core.queue, core.classes.values(), core.wall(), now)
+    extra = {name: report() for name, report in core.reporters.items()}  # security, journal, blobs
     if client is not None:
-        info["client"] = {_STATE_NAMES[s]: n for s, n in enumerate(client.counts)}
+        extra["client"] = {_STATE_NAMES[s]: n for s, n in enumerate(client.counts)}
     if detail:
-        info["executor_table"] = [executor_row(ex, now) for ex in executors]
-        info["recent_lost"] = list(core.recent_lost)
+        extra["detail"] = True
+        extra["executor_table"] = tuple(executor_row(ex, now) for ex in executors)
+        extra["recent_lost"] = tuple(core.recent_lost)
         if core.fleet is not None:
-            info["fleet"] = {**core.fleet, "reported_s": core.wall() - core.fleet_at}
-    return info
+            extra["fleet"] = dataclasses.replace(core.fleet, reported_s=core.wall() - core.fleet_at)
+    return Status(
+        dispatcher_id=core.dispatcher_id,
+        version=p.PROTOCOL_VERSION,
+        uptime_s=core.wall() - core.started_wall,
+        durability="in-memory" if core.journal is None else "journal",
+        unacknowledged_results=sum(len(c.unacked) for c in core.clients.values()),
+        queued=core.counts[_PENDING],
+        tasks={_STATE_NAMES[s]: n for s, n in enumerate(core.counts)},
+        submitted_total=core.submitted_total,
+        tasks_per_s=core.rate.per_s(now),
+        executors=len(core.executors),
+        slots=sum(ex.info.slots for ex in executors),
+        busy=sum(len(ex.tasks) for ex in executors),
+        lost_executors=core.lost_total,
+        stale_results=core.stale_results,
+        clients=len(core.clients),
+        endpoints=core.endpoints,
+        waiting=waits,
+        unschedulable=unschedulable,
+        input_cache=dict(core.cache_totals),
+        **extra,
+    )
 
 
 def waiting(pending: int, plain_queue: Iterable[Task], classes: Iterable[NeedsClass], wall: float,
-            now: float) -> tuple[list[dict], list[dict]]:
+            now: float) -> tuple[tuple[Waiting, ...], tuple[Waiting, ...]]:
     """Queued tasks by needs (for the provisioner), and the classes no executor can run.
 
     pending counts every queued task; the plain ones are what the classes do not hold."""
     classes = list(classes)
-    waiting, unschedulable = [], []
+    waits, unschedulable = [], []
     plain = pending - sum(cls.pending for cls in classes)
     if plain > 0:
         head = next((t for t in plain_queue if t.state == _PENDING), None)
-        waiting.append({"needs": nd.PLAIN.to_dict(), "count": plain,
-                        "oldest_s": wall - head.submitted if head else 0.0})
+        waits.append(Waiting(nd.PLAIN, plain, wall - head.submitted if head else 0.0))
     for cls in classes:
         head = cls.head()
         if head is None:
             continue
-        entry = {"needs": cls.needs.to_dict(), "count": cls.pending, "oldest_s": wall - head.submitted}
-        waiting.append(entry)
+        entry = Waiting(cls.needs, cls.pending, wall - head.submitted)
+        waits.append(entry)
         if cls.unschedulable:
-            unschedulable.append({**entry, "reason": cls.unschedulable,
-                                  "since_s": now - cls.unschedulable_since})
-    return waiting, unschedulable
+            unschedulable.append(dataclasses.replace(entry, reason=cls.unschedulable,
+                                                     since_s=now - cls.unschedulable_since))
+    return tuple(waits), tuple(unschedulable)
 
 
-def executor_row(ex: ExecutorEntry, now: float) -> dict:
+def executor_row(ex: ExecutorEntry, now: float) -> ExecutorRow:
     """One executor's line of the status's executor table."""
     i = ex.info
-    running = sum(1 for t in ex.tasks.values() if t.state == _RUNNING)
-    return {
-        "id": i.executor_id, "host": i.hostname, "addresses": i.addresses, "pid": i.pid,
-        "cpus": i.cpus, "memory": i.memory, "memory_mb": i.memory >> 20, "platform": i.platform, "slots": i.slots,
-        "state": ex.state.value, "busy": running, "assigned": len(ex.tasks),
-        "completed": ex.completed, "last_seen_s": now - ex.last_seen,
-        "idle_s": 0.0 if ex.tasks else now - ex.idle_since,
-        "registered": ex.registered, "facts": i.facts,
-        "arch": ex.caps.arch, "site": ex.caps.site, "tags": sorted(ex.caps.tags),
-        "cpus_used": ex.cpus_used, "memory_used_mb": ex.memory_used, "stats": ex.stats,
-    }
+    return ExecutorRow(
+        id=i.executor_id, host=i.hostname, addresses=tuple(i.addresses), pid=i.pid,
+        cpus=i.cpus, memory_mb=ex.caps.memory_mb, platform=i.platform, slots=i.slots,
+        state=ex.state.value, busy=sum(1 for t in ex.tasks.values() if t.state == _RUNNING),
+        assigned=len(ex.tasks), completed=ex.completed, last_seen_s=now - ex.last_seen,
+        idle_s=0.0 if ex.tasks else now - ex.idle_since, registered=ex.registered,
+        arch=ex.caps.arch, site=ex.caps.site, tags=tuple(sorted(ex.caps.tags)),
+        cpus_used=ex.cpus_used, memory_used_mb=ex.memory_used, facts=i.facts, stats=ex.stats,
+    )

@@ -41,6 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from falconet.needs import Caps, Needs, executor_tags, site_of
+from falconet.reports import Launchable
 
 
 class Strategy(str, enum.Enum):
@@ -95,11 +96,10 @@ class InstanceType:
         """True when its executor could ever run a task of this shape."""
         return self.caps.satisfies(shape)
 
-    def describe(self) -> dict:
+    def launchable(self) -> Launchable:
         """The type as the provisioner reports it (`can_launch` in the fleet report)."""
         caps = self.caps
-        return {"type": self.name, "cpus": caps.cpus, "memory_mb": caps.memory_mb, "arch": caps.arch,
-                "tags": sorted(caps.tags), "site": caps.site}
+        return Launchable(self.name, caps.cpus, caps.memory_mb, caps.arch, tuple(sorted(caps.tags)), caps.site)
 
 
 class NodeState(str, enum.Enum):

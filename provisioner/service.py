@@ -19,6 +19,7 @@ Launch failures back off exponentially (``backoff_base_s`` doubling up to
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import threading
@@ -27,12 +28,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from falconet import needs
 from falconet.client import Client
 from falconet.errors import FalconetError, LaunchError
 from falconet.provisioner import policy
 from falconet.provisioner.backend import Backend, Machine
 from falconet.provisioner.policy import Node, NodeState, Params, Shape
+from falconet.reports import Decision, ExecutorRow, Fleet, FleetNode, Status
 
 log = logging.getLogger("falconet.provisioner")
 
@@ -55,22 +56,12 @@ class Settings:
     stop_grace_s: float = 30.0  #: on stop, time for executors to drain before their machines stop
 
 
-def waiting_shapes(status: dict) -> dict[Shape, int]:
-    """Queued tasks by shape from the dispatcher's status (its version was checked when this
-    client connected, so `waiting` is always there)."""
+def waiting_shapes(status: Status) -> dict[Shape, int]:
+    """Queued tasks by shape from the dispatcher's status."""
     out: dict[Shape, int] = {}
-    for row in status["waiting"]:
-        d = row.get("needs", {})
-        try:
-            shape = needs.make(cpus=d.get("cpus", 1), memory=d.get("memory_mb", 0), arch=d.get("arch", ""),
-                               tags=d.get("tags", ()), where=d.get("where", "any"),
-                               prefer=d.get("prefer", ""))
-        except (ValueError, TypeError) as exc:
-            log.warning("ignoring %s waiting tasks with needs the provisioner cannot read (%s): %s",
-                        row.get("count"), exc, d)
-            continue
-        if row.get("count", 0) > 0:
-            out[shape] = out.get(shape, 0) + row["count"]
+    for w in status.waiting:
+        if w.count > 0:
+            out[w.needs] = out.get(w.needs, 0) + w.count
     return out
 
 
@@ -95,10 +86,10 @@ class Provisioner:
         self.registered_once: set[str] = set()  # machines whose executor has registered
         self.releasing: dict[str, float] = {}  # machine id -> when it was released
         self.ledger: dict[str, list] = {}  # machine id -> [launched, ended or None, $/h]
-        self.decisions: collections.deque[dict] = collections.deque(maxlen=20)
+        self.decisions: collections.deque[Decision] = collections.deque(maxlen=20)
         self.first_registered_at: float | None = None
         self.rounds = 0
-        self.last_info: dict = {}
+        self.last_info: Fleet | None = None
         self._stop = threading.Event()
         self._drain = True  # on stop, let executors finish (False: stop_now)
         self.empty = False  # the last round saw no machine and no waiting work
@@ -180,7 +171,7 @@ class Provisioner:
         try:
             self.client.release_executors(ids, "the provisioner is stopping")
             while time.monotonic() < deadline:
-                live = {r["id"] for r in self.client.status(detail=True, timeout_s=5)["executor_table"]}
+                live = {r.id for r in self._status(5.0).executor_table}
                 if not live & set(ids):
                     break
                 time.sleep(min(1.0, self.settings.interval_s))  # not _stop.wait: it is set, so it would spin
@@ -192,10 +183,10 @@ class Provisioner:
     def step(self) -> policy.Decision:
         """One round: observe, settle, decide, act, report."""
         self.rounds += 1
-        status = self.client.status(detail=True, timeout_s=max(5.0, self.settings.interval_s))
+        status = self._status(max(5.0, self.settings.interval_s))
         machines = self.backend.list()
         now = self.wall()
-        rows = {r["id"]: r for r in status.get("executor_table", [])}
+        rows = {r.id: r for r in status.executor_table}
         machines = self._settle(machines, rows, now)
         nodes = tuple(self._node(m, rows.get(m.id), now) for m in machines)
         snap = policy.Snapshot(
@@ -218,7 +209,10 @@ class Provisioner:
         self._report(now, machines, rows, decision)
         return decision
 
-    def _settle(self, machines: list[Machine], rows: dict, now: float) -> list[Machine]:
+    def _status(self, timeout_s: float) -> Status:
+        return Status.from_map(self.client.status(detail=True, timeout_s=timeout_s))
+
+    def _settle(self, machines: list[Machine], rows: dict[str, ExecutorRow], now: float) -> list[Machine]:
         """Stop machines that failed to boot, whose executor left, or that were released."""
         gone, why = [], []
         for m in machines:
@@ -262,19 +256,19 @@ class Provisioner:
                 self.registered_once.discard(mid)
         return [m for m in machines if m.id in live]
 
-    def _node(self, m: Machine, row: dict | None, now: float) -> Node:
+    def _node(self, m: Machine, row: ExecutorRow | None, now: float) -> Node:
         itype = self._types.get(m.itype) or policy.InstanceType(m.itype, 1, 0, "", 0.0)
         if m.id in self.releasing:
             state = NodeState.RELEASING
         elif row is None:
             state = NodeState.BOOTING
-        elif row["state"] == "draining":
+        elif row.draining:
             state = NodeState.RELEASING
         else:
-            state = NodeState.BUSY if row["assigned"] else NodeState.IDLE
-        return Node(m.id, itype, state, busy=row["assigned"] if row else 0,
-                    idle_s=row["idle_s"] if row else 0.0, age_s=now - m.launched,
-                    cpus_used=row.get("cpus_used") if row else None)
+            state = NodeState.BUSY if row.assigned else NodeState.IDLE
+        return Node(m.id, itype, state, busy=row.assigned if row else 0,
+                    idle_s=row.idle_s if row else 0.0, age_s=now - m.launched,
+                    cpus_used=row.cpus_used if row else None)
 
     def _launch(self, launch: policy.Launch, now: float) -> list[str]:
         itype, count = launch.itype, launch.count
@@ -307,10 +301,10 @@ class Provisioner:
         log.error("round failed: %s", why)
         self._note(self.wall(), [f"round failed: {why}"])
         if self.last_info:  # status shows the failure, not a silently stale picture
-            info = {**self.last_info, "last_error": why, "rounds": self.rounds,
-                    "decisions": list(self.decisions)[-10:]}
+            info = dataclasses.replace(self.last_info, last_error=why, rounds=self.rounds,
+                                       decisions=tuple(self.decisions)[-10:])
             try:
-                self.client.report_fleet(info)
+                self.client.report_fleet(info.to_map())
             except FalconetError:
                 pass
 
@@ -337,41 +331,37 @@ class Provisioner:
 
     def _note(self, now: float, lines: list[str]) -> None:
         last = self.decisions[-1] if self.decisions else None
-        if last is not None and last["reasons"] == lines:  # the same hold, round after round
-            last["at"], last["repeats"] = now, last.get("repeats", 1) + 1
+        if last is not None and last.reasons == tuple(lines):  # the same hold, round after round
+            self.decisions[-1] = dataclasses.replace(last, at=now, repeats=max(last.repeats, 1) + 1)
             return
         for line in lines:
             log.info("%s", line)
-        self.decisions.append({"at": now, "reasons": lines})
+        self.decisions.append(Decision(now, tuple(lines)))
 
-    def _report(self, now: float, machines: list[Machine], rows: dict,
+    def _report(self, now: float, machines: list[Machine], rows: dict[str, ExecutorRow],
                 decision: policy.Decision | None) -> None:
         nodes = [self._node(m, rows.get(m.id), now) for m in machines]
         counts = collections.Counter(n.state.value for n in nodes)
         counts["requested"] = sum(1 for m in machines if m.state == "pending")
         counts["booting"] -= counts["requested"]
         p = self.settings.params
-        info = {
-            "backend": self.backend.name, "cluster": self.settings.cluster,
-            "policy": p.strategy.value, "min_executors": p.min_executors,
-            "max_executors": p.max_executors, "interval_s": self.settings.interval_s,
-            "counts": {k: counts.get(k, 0) for k in
-                       ("requested", "booting", "idle", "busy", "releasing")},
-            "registered": counts.get("idle", 0) + counts.get("busy", 0),
-            "nodes": [{"id": n.id, "type": n.itype.name, "state": n.state.value,
-                       "age_s": round(n.age_s, 1), "address": m.address}
-                      for n, m in zip(nodes[:MAX_NODES_REPORTED], machines)],
-            "decisions": list(self.decisions)[-10:],
-            "unschedulable": list(decision.unschedulable) if decision else [],
-            "can_launch": [t.describe() for t in p.types],  # for the dispatcher's unschedulable test
-            "spent_usd": round(self.spent(now), 4), "budget_usd": p.budget_usd,
-            "launch_failures": self.failures,
-            "backoff_s": max(0.0, math.ceil(self.backoff_until - self.clock())),
-            "last_error": self.last_error, "api_calls": self.backend.api_calls(),
-            "rounds": self.rounds,
-        }
+        info = Fleet(
+            backend=self.backend.name, cluster=self.settings.cluster, policy=p.strategy.value,
+            min_executors=p.min_executors, max_executors=p.max_executors, interval_s=self.settings.interval_s,
+            counts={k: counts.get(k, 0) for k in ("requested", "booting", "idle", "busy", "releasing")},
+            registered=counts.get("idle", 0) + counts.get("busy", 0),
+            nodes=tuple(FleetNode(n.id, n.itype.name, n.state.value, round(n.age_s, 1), m.address)
+                        for n, m in zip(nodes[:MAX_NODES_REPORTED], machines)),
+            decisions=tuple(self.decisions)[-10:],
+            unschedulable=tuple(decision.unschedulable) if decision else (),
+            can_launch=tuple(t.launchable() for t in p.types),  # for the dispatcher's unschedulable test
+            spent_usd=round(self.spent(now), 4), budget_usd=p.budget_usd,
+            launch_failures=self.failures,
+            backoff_s=max(0.0, math.ceil(self.backoff_until - self.clock())),
+            last_error=self.last_error, api_calls=self.backend.api_calls(), rounds=self.rounds,
+        )
         self.last_info = info
         try:
-            self.client.report_fleet(info)
+            self.client.report_fleet(info.to_map())
         except FalconetError as exc:
             log.warning("could not report the fleet to the dispatcher: %s", exc)

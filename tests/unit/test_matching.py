@@ -9,6 +9,7 @@ import pytest
 
 from falconet import needs as nd
 from falconet import protocol as p
+from falconet import reports
 from falconet.dispatcher.core import Config, Core
 from falconet.dispatcher.entries import ClientEntry, ExecutorEntry, Task
 from falconet.dispatcher.matching import Matcher, NeedsClass, launchable_types, why_unschedulable
@@ -204,19 +205,36 @@ def test_unschedulable_tasks_are_reported_with_the_reason_and_failed_after_the_l
     assert h.core.status(h.now)["unschedulable"] == []
 
 
+def _fleet(*types: reports.Launchable) -> p.FleetReport:
+    return p.FleetReport(reports.Fleet("ec2", "test", "greedy", 0, 4, 5.0, {}, 0, can_launch=types).to_map())
+
+
 def test_a_type_the_provisioner_can_launch_makes_a_task_schedulable():
     h = Harness()
     h.executor(b"e", cpus=2)
     h.submit(1, cpus=8)
-    h.core.on_client(b"c1", p.FleetReport({"can_launch": [
-        {"type": "c5.2xlarge", "cpus": 8, "memory_mb": 16384, "arch": "x86_64", "tags": [], "site": "cloud"}]}), 0.0)
+    h.core.on_client(b"c1", _fleet(reports.Launchable("c5.2xlarge", 8, 16384, "x86_64", (), "cloud")), 0.0)
     h.core.tick(0.0)
     assert h.core.status(0.0)["unschedulable"] == []
-    h.core.on_client(b"c1", p.FleetReport({"can_launch": [
-        {"type": "c5.large", "cpus": 2, "memory_mb": 4096, "arch": "x86_64", "tags": [], "site": "cloud"}]}), 0.0)
+    h.core.on_client(b"c1", _fleet(reports.Launchable("c5.large", 2, 4096, "x86_64", (), "cloud")), 0.0)
     h.core.tick(0.0)
     [u] = h.core.status(0.0)["unschedulable"]
     assert "1 instance types launchable" in u["reason"]
+
+
+def test_a_malformed_fleet_report_is_refused_and_the_last_good_one_kept():
+    h = Harness()
+    h.executor(b"e", cpus=2)
+    h.submit(1, cpus=8)
+    h.core.on_client(b"c1", _fleet(reports.Launchable("c5.2xlarge", 8, 16384, "x86_64", (), "cloud")), 0.0)
+    h.core.take_output()
+    bad = _fleet().info | {"can_launch": [{"type": "c5.large", "cpus": "two"}]}
+    h.core.on_client(b"c1", p.FleetReport(bad), 0.0)
+    [(peer, refused)] = h.core.take_output().to_clients
+    assert peer == b"c1" and type(refused) is p.Refused
+    assert refused.reason.startswith("fleet report ignored: Launchable")
+    h.core.tick(0.0)
+    assert h.core.status(0.0)["unschedulable"] == []  # the good report still counts
 
 
 def test_with_no_executor_and_no_provisioner_nothing_is_called_unschedulable():
@@ -414,12 +432,11 @@ def test_check_returns_the_classes_past_the_limit_with_their_reason():
     assert cls.needs == nd.make(cpus=8) and reason.startswith("unschedulable: needs") and "5s" in reason
 
 
-def test_launchable_types_skip_malformed_entries_and_need_a_report():
+def test_launchable_types_need_a_report():
     assert launchable_types(None) is None
-    assert launchable_types({"can_launch": "many"}) is None
-    got = launchable_types({"can_launch": [{"type": "big", "cpus": 8, "memory_mb": 1024, "tags": ["gpu"]},
-                                           {"type": "broken", "cpus": "eight"}, "junk"]})
-    assert [(name, caps.cpus, caps.site) for name, caps in got] == [("big", 8, "local")]
+    fleet = reports.Fleet.from_map(_fleet(reports.Launchable("big", 8, 1024, "", ("gpu",), "local")).info)
+    assert [(name, caps.cpus, caps.tags, caps.site) for name, caps in launchable_types(fleet)] == [
+        ("big", 8, frozenset({"gpu"}), "local")]
 
 
 def test_why_unschedulable_counts_the_reasons_and_names_the_fleet():

@@ -364,8 +364,9 @@ def test_instance_type_caps_agree_with_the_shared_rule():
     local = InstanceType("local", 8, 8192, "x86_64", site="local")
     assert local.caps.site == "local" and "site=local" in local.caps.tags
     assert InstanceType("one", 8, 8192, "x86_64", slots=1).caps.cpus == 1  # slots bound it, as they do nodes
-    assert gpu.describe() == {"type": "g", "cpus": 4, "memory_mb": 8192, "arch": "x86_64",
-                              "tags": ["gpu", "site=cloud", "zone=a"], "site": "cloud"}
+    assert gpu.launchable().to_map() == {"type": "g", "cpus": 4, "memory_mb": 8192, "arch": "x86_64",
+                                         "tags": ["gpu", "site=cloud", "zone=a"], "site": "cloud"}
+    assert gpu.launchable().caps == gpu.caps  # the dispatcher judges by what the policy does
 
 
 @pytest.mark.parametrize(("shape", "cloud", "local"), [
@@ -424,16 +425,15 @@ def test_free_capacity_counts_cpus_used_where_reported(busy, cpus_used, launched
 
 def test_waiting_shapes_from_status():
     from falconet.provisioner.service import waiting_shapes
+    from falconet.reports import Status, Waiting
 
-    assert waiting_shapes({"queued": 0, "waiting": []}) == {}
-    row = {"cpus": 8, "memory_mb": 1000, "arch": "arm64", "tags": ["site=local", "gpu"], "where": "any",
-           "prefer": ""}
-    plain = {"cpus": 1, "memory_mb": 0, "arch": "", "tags": [], "where": "any", "prefer": ""}
-    status = {"queued": 9, "waiting": [{"needs": row, "count": 3, "oldest_s": 2.0},
-                                       {"needs": plain, "count": 6, "oldest_s": 0.5},
-                                       {"needs": {**plain, "where": "nowhere"}, "count": 1, "oldest_s": 0.1}]}
-    assert waiting_shapes(status) == {
-        Shape(cpus=8, memory_mb=1000, arch="arm64", tags=("gpu", "site=local")): 3, Shape(): 6}
+    def status(*waiting: Waiting) -> Status:
+        return Status("d", 0, 1.0, "in-memory", 9, {}, 9, 0.0, 0, 0, 0, 0, 0, 1, 0, waiting=waiting)
+
+    assert waiting_shapes(status()) == {}
+    big = Shape(cpus=8, memory_mb=1000, arch="arm64", tags=("gpu", "site=local"))
+    assert waiting_shapes(status(Waiting(big, 3, 2.0), Waiting(Shape(), 6, 0.5), Waiting(big, 1, 0.1),
+                                 Waiting(Shape(cpus=2), 0, 0.0))) == {big: 4, Shape(): 6}
 
 
 @pytest.mark.parametrize(("words", "expected"), [

@@ -3,6 +3,8 @@ which the server applies it (journal on disk before any message goes out)."""
 
 from __future__ import annotations
 
+import pytest
+
 from falconet import protocol as p
 from falconet.dispatcher.core import Config, Core, TurnOutput
 from falconet.dispatcher.records import Kind
@@ -47,11 +49,13 @@ def test_journaling_is_set_at_construction_and_welcome_names_the_journal():
     core.on_client(b"c2", p.Hello(p.PROTOCOL_VERSION, "c2", "test"), 0.0)
     welcome = core.take_output().to_clients[0][1]
     assert welcome.limits["journal"] is True and welcome.limits["journal_id"] == "j1"
-    plain = Core(Config(), wall=lambda: WALL0, reporters={"extra": lambda: {"x": 1}})
+    plain = Core(Config(), wall=lambda: WALL0, reporters={"blobs": lambda: {"x": 1}})
     plain.on_client(b"c1", p.Hello(p.PROTOCOL_VERSION, "c1", "test"), 0.0)
     out = plain.take_output()
     assert out.journal == [] and out.to_clients[0][1].limits["journal"] is False
-    assert plain.status(0.0)["extra"] == {"x": 1}
+    assert plain.status(0.0)["blobs"] == {"x": 1}
+    with pytest.raises(ValueError, match="colour"):
+        Core(Config(), reporters={"colour": dict})
 
 
 def test_a_turn_of_work_is_one_output_with_its_records_and_its_messages():

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 
+from falconet import needs, reports
 from falconet.errors import LaunchError
 from falconet.provisioner import service
 from falconet.provisioner.backend import Machine
 from falconet.provisioner.policy import InstanceType, Params, Strategy
 
 SMALL = InstanceType("small", vcpus=1, memory_mb=1000, arch="x86_64", site="local")
-PLAIN = {"cpus": 1, "memory_mb": 0, "arch": "", "tags": [], "where": "any", "prefer": ""}
 
 
 class Clock:
@@ -68,16 +68,23 @@ class FakeDispatcher:
 
     def __init__(self) -> None:
         self.queued = 0
-        self.rows: dict[str, dict] = {}
+        self.rows: dict[str, reports.ExecutorRow] = {}
         self.released: list[str] = []
         self.reports: list[dict] = []
 
     def status(self, detail: bool = False, timeout_s: float = 0.0) -> dict:
-        waiting = [{"needs": PLAIN, "count": self.queued, "oldest_s": 1.0}] if self.queued else []
-        return {"queued": self.queued, "waiting": waiting, "executor_table": list(self.rows.values())}
+        waiting = (reports.Waiting(needs.PLAIN, self.queued, 1.0),) if self.queued else ()
+        return reports.Status(
+            dispatcher_id="d", version=0, uptime_s=1.0, durability="in-memory", queued=self.queued, tasks={},
+            submitted_total=0, tasks_per_s=0.0, executors=len(self.rows), slots=len(self.rows), busy=0,
+            lost_executors=0, stale_results=0, clients=1, unacknowledged_results=0, waiting=waiting,
+            detail=detail, executor_table=tuple(self.rows.values())).to_map()
 
     def register(self, mid: str, assigned: int = 0) -> None:
-        self.rows[mid] = {"id": mid, "state": "active", "assigned": assigned, "idle_s": 0.0, "cpus_used": assigned}
+        self.rows[mid] = reports.ExecutorRow(
+            id=mid, host="h", addresses=(), pid=1, cpus=1, memory_mb=1000, platform="linux", slots=1,
+            state="active", busy=assigned, assigned=assigned, completed=0, last_seen_s=0.0, idle_s=0.0,
+            registered=0.0, arch="x86_64", site="local", tags=("site=local",), cpus_used=assigned, memory_used_mb=0)
 
     def release_executors(self, ids: list[str], why: str) -> None:
         self.released += ids

@@ -40,7 +40,7 @@ def test_status_keys_and_executor_table():
     assert info["executors"] == 1 and info["slots"] == 3 and info["busy"] == 1
     assert info["submitted_total"] == 3 and info["clients"] == 1
     assert info["version"] == p.PROTOCOL_VERSION
-    assert "executor_table" not in info
+    assert "executor_table" not in info and "fleet" not in info  # detail only when asked
 
     core.on_client(b"c1", p.StatusRequest(17, True), 2.0)
     to_clients = core.take_output().to_clients
@@ -83,17 +83,17 @@ def test_waiting_counts_plain_tasks_apart_from_the_classes_and_lists_the_unsched
     big.unschedulable, big.unschedulable_since = "needs 64 cpus: no executor can run it", 6.0
     empty = NeedsClass(nd.make(cpus=2))
     waiting, unschedulable = status.waiting(3, plain, [big, empty], 10.0, 9.0)
-    assert [(w["needs"]["cpus"], w["count"], w["oldest_s"]) for w in waiting] == [(1, 2, 8.0), (64, 1, 6.0)]
+    assert [(w.needs.cpus, w.count, w.oldest_s, w.reason) for w in waiting] == [(1, 2, 8.0, ""), (64, 1, 6.0, "")]
     [u] = unschedulable
-    assert u["reason"].startswith("needs 64 cpus") and u["since_s"] == 3.0 and u["count"] == 1
+    assert u.reason.startswith("needs 64 cpus") and u.since_s == 3.0 and u.count == 1
 
 
 def test_an_executor_row_counts_running_tasks_and_idle_time_only_when_idle():
     ex = ExecutorEntry(b"e", _register(b"e"), 0.0, WALL0)
-    assert status.executor_row(ex, 5.0)["idle_s"] == 5.0
+    assert status.executor_row(ex, 5.0).idle_s == 5.0
     client = ClientEntry(b"c", "c")
     t1, t2 = _task(client, 1, 0.0), _task(client, 2, 0.0)
     t1.state, t2.state = int(p.TaskState.DISPATCHED), RUNNING
     ex.tasks = {1: t1, 2: t2}
     row = status.executor_row(ex, 5.0)
-    assert (row["busy"], row["assigned"], row["idle_s"], row["memory_mb"]) == (1, 2, 0.0, 16 << 10)
+    assert (row.busy, row.assigned, row.idle_s, row.memory_mb) == (1, 2, 0.0, 16 << 10)
