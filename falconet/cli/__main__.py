@@ -1,0 +1,3 @@
+from falconet.cli import main
+
+main()
