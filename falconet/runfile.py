@@ -25,6 +25,7 @@ from falconet import needs as nd
 from falconet import staging, tasks
 from falconet.client import Client, TaskFuture
 from falconet.errors import DispatcherUnavailable, FalconetError, TaskFileError
+from falconet.reports import Status
 from falconet.taskfile import Options, TaskLine
 
 SHOW_FAILURES = 10
@@ -293,23 +294,22 @@ class Progress:
         if now - self.last_status >= 1.0:
             self.last_status = now
             try:
-                self._observe(client.status(timeout_s=2))
+                self._observe(Status.from_map(client.status(timeout_s=2)))
             except DispatcherUnavailable:
                 pass
         if now - self.last_draw >= (0.2 if self.tty else 10.0):
             self.last_draw = now
             self._draw(end="" if self.tty else "\n")
 
-    def _observe(self, status: dict) -> None:
-        counts = status.get("client", {})
-        self.tally.running = counts.get("running", 0)  # started ones: not those held for a slot
-        if not status.get("executors") and self.tally.finished < self.tally.total:
+    def _observe(self, status: Status) -> None:
+        self.tally.running = status.client.get("running", 0)  # started ones: not those held for a slot
+        if not status.executors and self.tally.finished < self.tally.total:
             if self.provisioned:
                 self.note("starting executors: the provisioner adds them while work waits")
             elif time.monotonic() - self.tally.started_at >= NO_EXECUTOR_NOTE_S:
                 self.note("waiting for executors: none is connected to the dispatcher yet")
-        for u in status.get("unschedulable", []):
-            self.note(f"unschedulable: {u['count']} tasks can never run here: {u['reason']}", key=u["reason"])
+        for u in status.unschedulable:
+            self.note(f"unschedulable: {u.count} tasks can never run here: {u.reason}", key=u.reason)
 
     def above(self, write: Callable[[], Any]) -> None:
         """Call write (which prints elsewhere, e.g. on stdout) with the bar out of its way."""

@@ -14,6 +14,7 @@ from falconet.provisioner import prices
 from falconet.provisioner.backend import executor_tag_map
 from falconet.provisioner.policy import Params, Strategy
 from falconet.provisioner.service import Provisioner, Settings
+from falconet.reports import Status
 
 log = logging.getLogger("falconet.provisioner")
 
@@ -67,8 +68,8 @@ def build(o: Options) -> Provisioner:
     """Connect to the dispatcher, set up the backend, adopt what the cluster already runs."""
     client = Client(o.dispatcher, name=f"provisioner-{o.cluster}", connect_timeout_s=10)
     try:
-        status = client.status(timeout_s=10)
-        executor_address = o.executor_address or status.get("endpoints", {}).get("executor", "")
+        status = Status.from_map(client.status(timeout_s=10))
+        executor_address = o.executor_address or status.endpoints.get("executor", "")
         if not executor_address:
             raise FalconetError("the dispatcher did not report its executor address; "
                                 "pass --executor-address tcp://HOST:PORT")

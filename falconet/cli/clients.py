@@ -24,6 +24,7 @@ from falconet.cli.options import (
 )
 from falconet.cli.signals import interrupted_status, stop_like_ctrl_c
 from falconet.errors import FalconetError, TaskFileError
+from falconet.reports import Status
 
 # ---------------------------------------------------------------- run
 
@@ -272,14 +273,23 @@ def _print_result(rec: dict, as_json: bool, output_cap: int) -> None:
 # ---------------------------------------------------------------- queries
 
 
-def _status(address: str, detail: bool) -> dict:
+def _status(address: str) -> dict:
+    """The dispatcher's status map (with the executor table), or exit 1 saying why not."""
     from falconet.client import Client
 
     try:
         with Client(address, name="falconet-status", connect_timeout_s=5) as client:
-            return client.status(detail=detail, timeout_s=5)
+            return client.status(detail=True, timeout_s=5)
     except FalconetError as exc:
         click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+def _typed(info: dict) -> Status:
+    try:
+        return Status.from_map(info)
+    except FalconetError as exc:
+        click.echo(f"error: the dispatcher's status is not what this falconet reads: {exc}", err=True)
         sys.exit(1)
 
 
@@ -289,11 +299,11 @@ def _status(address: str, detail: bool) -> dict:
 @as_json
 def status(dispatcher: str, as_json: bool) -> None:
     """Queue depth, tasks by state, tasks/s and the executors of a dispatcher."""
-    info = _status(dispatcher, detail=True)
+    info = _status(dispatcher)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
-    show.status(info)
+    show.status(_typed(info))
 
 
 @click.command()
@@ -302,9 +312,9 @@ def status(dispatcher: str, as_json: bool) -> None:
 @as_json
 def executors(dispatcher: str, as_json: bool) -> None:
     """The executors registered with a dispatcher."""
-    rows = _status(dispatcher, detail=True).get("executor_table", [])
+    rows = _typed(_status(dispatcher)).executor_table
     if as_json:
-        click.echo(json.dumps(rows, indent=2, default=str))
+        click.echo(json.dumps([r.to_map() for r in rows], indent=2, default=str))
     elif not rows:
         click.echo("no executors registered")
     else:
