@@ -81,6 +81,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from falconet import fields as f
 from falconet.errors import ProtocolError
 
 #: 2: Ack, results kept until acknowledged; 3: needs, staging, blobs; 4: HelloAgain, where a
@@ -227,122 +228,11 @@ class TaskResult(NamedTuple):
 _STATE_VALUES = frozenset(int(s) for s in TaskState)
 
 
-# ---------------------------------------------------------------- field checkers
-
-
-def _int(v: Any) -> int:
-    if type(v) is not int:
-        raise ProtocolError(f"expected an integer, got {type(v).__name__}")
-    return v
-
-
-def _float(v: Any) -> float:
-    if type(v) is float:
-        return v
-    if type(v) is int:
-        return float(v)
-    raise ProtocolError(f"expected a number, got {type(v).__name__}")
-
-
-def _str(v: Any) -> str:
-    if type(v) is not str:
-        raise ProtocolError(f"expected a string, got {type(v).__name__}")
-    return v
-
-
-def _bytes(v: Any) -> bytes:
-    if type(v) is not bytes:
-        raise ProtocolError(f"expected bytes, got {type(v).__name__}")
-    return v
-
-
-def _bool(v: Any) -> bool:
-    if type(v) is not bool:
-        raise ProtocolError(f"expected a boolean, got {type(v).__name__}")
-    return v
-
-
-_DATA = (type(None), bool, int, float, str, bytes)
-
-
-def _plain_data(v: Any, depth: int = 0) -> None:
-    """Maps carry plain data only: no Timestamp (msgpack decodes that extension itself)."""
-    t = type(v)
-    if t in _DATA:
-        return
-    if depth > 32:
-        raise ProtocolError("a map is nested too deeply")
-    if t is list:
-        for x in v:
-            _plain_data(x, depth + 1)
-    elif t is dict:
-        for x in v.values():
-            _plain_data(x, depth + 1)
-    else:
-        raise ProtocolError(f"{t.__name__} values are not part of the protocol")
-
-
-def _dict(v: Any) -> dict:
-    if type(v) is not dict:
-        raise ProtocolError(f"expected a map, got {type(v).__name__}")
-    _plain_data(v)
-    return v
-
-
-def _list_of(item: Callable[[Any], Any]) -> Callable[[Any], list]:
-    def check(v: Any) -> list:
-        if type(v) is not list:
-            raise ProtocolError(f"expected an array, got {type(v).__name__}")
-        return [item(x) for x in v]
-
-    return check
-
-
-_EXACT = {_int: int, _float: float, _str: str, _bytes: bytes, _bool: bool}
-
-
-def _record(cls: type, checks: tuple) -> Callable[[Any], Any]:
-    n = len(checks)
-    exact = tuple(_EXACT[c] for c in checks)  # what our own encoders always produce
-    new = tuple.__new__
-
-    def check(v: Any) -> Any:
-        if type(v) is not list or len(v) != n:
-            raise ProtocolError(f"malformed {cls.__name__}: expected an array of {n}")
-        if tuple(map(type, v)) == exact:  # the hot path: one comparison per record
-            return new(cls, v)
-        return cls._make([c(x) for c, x in zip(checks, v)])  # precise checks and errors
-
-    return check
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    if type(v) is not list or len(v) != 2 or type(v[0]) is not int or type(v[1]) is not int:
-        raise ProtocolError("expected a [tid, attempt] pair")
-    return (v[0], v[1])
-
-
-def _records(cls: type, checks: tuple) -> Callable[[Any], list]:
-    """An array of records: one pass of exact type checks, the precise checker on a miss."""
-    one = _record(cls, checks)
-    exact = tuple(_EXACT[c] for c in checks)
-    new = tuple.__new__
-
-    def check(v: Any) -> list:
-        if type(v) is not list:
-            raise ProtocolError(f"expected an array, got {type(v).__name__}")
-        if all([type(r) is list and tuple(map(type, r)) == exact for r in v]):
-            return [new(cls, r) for r in v]
-        return [one(r) for r in v]
-
-    return check
-
-
-_task_specs = _records(TaskSpec, (_int, _int, _bytes, _int, _float, _bytes, _bytes))
-_assignments = _records(Assignment, (_int, _int, _int, _bytes, _float, _int, _bytes))
-_exec_results = _records(ExecResult, (_int, _int, _int, _bytes, _str, _float, _float, _bytes))
-_task_results = _records(
-    TaskResult, (_int, _int, _bytes, _str, _str, _int, _float, _float, _float, _bytes)
+_task_specs = f.records(TaskSpec, (f.integer, f.integer, f.blob, f.integer, f.number, f.blob, f.blob))
+_assignments = f.records(Assignment, (f.integer, f.integer, f.integer, f.blob, f.number, f.integer, f.blob))
+_exec_results = f.records(ExecResult, (f.integer, f.integer, f.integer, f.blob, f.string, f.number, f.number, f.blob))
+_task_results = f.records(
+    TaskResult, (f.integer, f.integer, f.blob, f.string, f.string, f.integer, f.number, f.number, f.number, f.blob)
 )
 
 # ---------------------------------------------------------------- messages
@@ -355,7 +245,7 @@ def _message(tag: MsgType, *checks: Callable[[Any], Any]):
 
     def wrap(cls: type) -> type:
         cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
+        names = [field.name for field in dataclasses.fields(cls)]
         if len(names) != len(checks):  # a programming error, caught at import
             raise TypeError(f"{cls.__name__}: {len(names)} fields, {len(checks)} checkers")
         cls.TYPE = tag
@@ -366,7 +256,7 @@ def _message(tag: MsgType, *checks: Callable[[Any], Any]):
     return wrap
 
 
-@_message(MsgType.HELLO, _int, _str, _str)
+@_message(MsgType.HELLO, f.integer, f.string, f.string)
 class Hello:
     """A client introduces itself; required before any other client message."""
 
@@ -375,7 +265,7 @@ class Hello:
     name: str
 
 
-@_message(MsgType.SUBMIT, _int, _task_specs)
+@_message(MsgType.SUBMIT, f.integer, _task_specs)
 class Submit:
     """A batch of tasks; acknowledged by Accepted(batch)."""
 
@@ -383,21 +273,21 @@ class Submit:
     tasks: list
 
 
-@_message(MsgType.CANCEL, _list_of(_int))
+@_message(MsgType.CANCEL, f.list_of(f.integer))
 class Cancel:
     """Cancel the client's tasks with these seqs, if they have not started."""
 
     seqs: list
 
 
-@_message(MsgType.ACK, _list_of(_int))
+@_message(MsgType.ACK, f.list_of(f.integer))
 class Ack:
     """The client received the results of these seqs; the dispatcher may forget them."""
 
     seqs: list
 
 
-@_message(MsgType.STATUS_REQUEST, _int, _bool)
+@_message(MsgType.STATUS_REQUEST, f.integer, f.boolean)
 class StatusRequest:
     """Ask for the dispatcher's statistics; detail adds the executor table."""
 
@@ -405,7 +295,7 @@ class StatusRequest:
     detail: bool
 
 
-@_message(MsgType.RELEASE, _list_of(_str), _str)
+@_message(MsgType.RELEASE, f.list_of(f.string), f.string)
 class Release:
     """Ask these executors (by id) to finish what they run and leave: the provisioner's
     way to shrink the fleet without killing work.  Unknown ids are ignored."""
@@ -414,14 +304,14 @@ class Release:
     reason: str
 
 
-@_message(MsgType.FLEET_REPORT, _dict)
+@_message(MsgType.FLEET_REPORT, f.plain_map)
 class FleetReport:
     """The provisioner's view of the fleet, kept by the dispatcher for `falconet status`."""
 
     info: dict
 
 
-@_message(MsgType.WELCOME, _int, _str, _dict)
+@_message(MsgType.WELCOME, f.integer, f.string, f.plain_map)
 class Welcome:
     """The dispatcher accepts a client; limits holds the batch and size limits."""
 
@@ -430,7 +320,7 @@ class Welcome:
     limits: dict
 
 
-@_message(MsgType.ACCEPTED, _int, _int)
+@_message(MsgType.ACCEPTED, f.integer, f.integer)
 class Accepted:
     """Every task of the batch is queued (invalid ones come back as failed results)."""
 
@@ -445,7 +335,7 @@ class Results:
     results: list
 
 
-@_message(MsgType.STATUS_REPLY, _int, _dict)
+@_message(MsgType.STATUS_REPLY, f.integer, f.plain_map)
 class StatusReply:
     """Statistics: see falconet.dispatcher.core.Core.status for the keys."""
 
@@ -453,14 +343,14 @@ class StatusReply:
     info: dict
 
 
-@_message(MsgType.REFUSED, _str)
+@_message(MsgType.REFUSED, f.string)
 class Refused:
     """The peer's request was refused; reason says why and what to do."""
 
     reason: str
 
 
-@_message(MsgType.HELLO_AGAIN, _str)
+@_message(MsgType.HELLO_AGAIN, f.string)
 class HelloAgain:
     """The dispatcher does not know this client (it restarted, or had no Hello): say Hello."""
 
@@ -469,17 +359,17 @@ class HelloAgain:
 
 @_message(
     MsgType.REGISTER,
-    _int,
-    _str,
-    _str,
-    _list_of(_str),
-    _int,
-    _int,
-    _str,
-    _int,
-    _int,
-    _dict,
-    _list_of(_pair),
+    f.integer,
+    f.string,
+    f.string,
+    f.list_of(f.string),
+    f.integer,
+    f.integer,
+    f.string,
+    f.integer,
+    f.integer,
+    f.plain_map,
+    f.list_of(f.pair),
 )
 class Register:
     """An executor joins; holding lists tasks it still runs from before a reconnect."""
@@ -497,7 +387,7 @@ class Register:
     holding: list
 
 
-@_message(MsgType.REPORT, _int, _list_of(_pair), _exec_results, _dict)
+@_message(MsgType.REPORT, f.integer, f.list_of(f.pair), _exec_results, f.plain_map)
 class Report:
     """Executor progress: more credit, tasks started, attempts finished; stats (such as
     the input cache's hits) only when they changed, else an empty map."""
@@ -508,7 +398,7 @@ class Report:
     stats: dict = dataclasses.field(default_factory=dict)
 
 
-@_message(MsgType.DRAIN, _list_of(_pair))
+@_message(MsgType.DRAIN, f.list_of(f.pair))
 class Drain:
     """The executor takes no more work; returned tasks were never started."""
 
@@ -520,7 +410,7 @@ class Bye:
     """The executor is leaving; every result it had has been sent."""
 
 
-@_message(MsgType.REGISTERED, _str, _float, _float, _int)
+@_message(MsgType.REGISTERED, f.string, f.number, f.number, f.integer)
 class Registered:
     """The dispatcher accepts an executor and tells it the heartbeat rules.
 
@@ -541,21 +431,21 @@ class Tasks:
     tasks: list
 
 
-@_message(MsgType.CANCEL_TASKS, _list_of(_int))
+@_message(MsgType.CANCEL_TASKS, f.list_of(f.integer))
 class CancelTasks:
     """Drop these tasks if they have not started."""
 
     tids: list
 
 
-@_message(MsgType.REREGISTER, _str)
+@_message(MsgType.REREGISTER, f.string)
 class Reregister:
     """The dispatcher does not know this executor: register again."""
 
     reason: str
 
 
-@_message(MsgType.LEAVE, _str)
+@_message(MsgType.LEAVE, f.string)
 class Leave:
     """Finish the running tasks, hand back the rest, and leave (as on SIGTERM)."""
 
@@ -567,7 +457,7 @@ class Heartbeat:
     """A sign of life, sent when nothing else was sent for an interval."""
 
 
-@_message(MsgType.PUT_BLOB, _str, _int, _int, _bytes)
+@_message(MsgType.PUT_BLOB, f.string, f.integer, f.integer, f.blob)
 class PutBlob:
     """One chunk of a file for the dispatcher's blob store, in order from offset 0; the
     blob is stored once total bytes arrived and their sha256 is digest."""
@@ -578,7 +468,7 @@ class PutBlob:
     data: bytes
 
 
-@_message(MsgType.GET_BLOB, _str, _int)
+@_message(MsgType.GET_BLOB, f.string, f.integer)
 class GetBlob:
     """Send this blob from offset on, as BlobData chunks."""
 
@@ -586,7 +476,7 @@ class GetBlob:
     offset: int
 
 
-@_message(MsgType.BLOB_DATA, _str, _int, _int, _bytes, _str)
+@_message(MsgType.BLOB_DATA, f.string, f.integer, f.integer, f.blob, f.string)
 class BlobData:
     """One chunk of a blob; error (with no data) when it cannot be sent or was not stored."""
 
@@ -597,7 +487,7 @@ class BlobData:
     error: str
 
 
-@_message(MsgType.DROP_BLOBS, _list_of(_str))
+@_message(MsgType.DROP_BLOBS, f.list_of(f.string))
 class DropBlobs:
     """The client no longer needs these blobs (inputs of finished tasks, fetched outputs)."""
 
