@@ -183,21 +183,35 @@ class Decision:
 def decide(snap: Snapshot, params: Params) -> Decision:
     """The decision for one round; see the module docstring for the rules."""
     reasons: list[str] = []
-    release: list[str] = []
     live = [n for n in snap.nodes if n.state is not NodeState.RELEASING]
+    release = _leases_over(live, params, reasons)
+    live = [n for n in live if n.id not in release]
+    deficits, unschedulable = _deficits(snap, params, live)
+    launches = _launches(snap, params, len(live), deficits, reasons)
+    if not launches:
+        release += _idle_release(snap, params, live, reasons)
+    streak = snap.streak + 1 if launches else 0
+    return Decision(tuple(launches), tuple(release), tuple(reasons), tuple(unschedulable), streak)
 
-    # 1. lease
-    if params.max_lifetime_s > 0:
-        for n in live:
-            if n.age_s >= params.max_lifetime_s:
-                release.append(n.id)
-                reasons.append(f"release {n.id}: lease of {params.max_lifetime_s:g}s is over "
-                               f"(age {n.age_s:.0f}s); it drains first")
-        live = [n for n in live if n.id not in release]
 
-    # 2. demand, largest shapes first so they get the big free blocks
+Deficit = tuple[InstanceType, int, Shape, str]  #: (type, nodes of it wanted, for what shape, why)
+
+
+def _leases_over(live: list[Node], params: Params, reasons: list[str]) -> list[str]:
+    """1. Nodes whose lease (--max-lifetime) is over."""
+    if params.max_lifetime_s <= 0:
+        return []
+    over = [n for n in live if n.age_s >= params.max_lifetime_s]
+    reasons += [f"release {n.id}: lease of {params.max_lifetime_s:g}s is over (age {n.age_s:.0f}s); it drains first"
+                for n in over]
+    return [n.id for n in over]
+
+
+def _deficits(snap: Snapshot, params: Params, live: list[Node]) -> tuple[list[Deficit], list[str]]:
+    """2. Demand: what the waiting tasks need beyond the live nodes' free room, largest shapes
+    first so they get the big free blocks; and the shapes no type can run."""
     free = {n.id: n.free for n in live}
-    deficits: list[tuple[InstanceType, int, Shape, str]] = []
+    deficits: list[Deficit] = []
     unschedulable: list[str] = []
     for shape in sorted((s for s, w in snap.waiting.items() if w > 0), reverse=True):
         waiting = snap.waiting[shape]
@@ -217,16 +231,21 @@ def decide(snap: Snapshot, params: Params) -> Decision:
             cheapest = min(fitting, key=lambda t: (t.price_per_hour, t.vcpus, t.name))
             per_node = cheapest.capacity // shape.cpus
             deficits.append((cheapest, math.ceil(want / per_node), shape, f"{waiting} tasks need {shape}"))
+    return deficits, unschedulable
 
-    # 3. growth
+
+def _launches(snap: Snapshot, params: Params, n_live: int, deficits: list[Deficit],
+              reasons: list[str]) -> list[Launch]:
+    """3. Growth: the deficits (and the minimum) within the strategy's step, the room under
+    --max-executors, the backoff and the budget."""
     launches: list[Launch] = []
-    room = params.max_executors - len(live)
+    room = params.max_executors - n_live
     spend = snap.spent_usd
     wanted = sum(d[1] for d in deficits)
-    short = params.min_executors - len(live) - wanted
+    short = params.min_executors - n_live - wanted
     if short > 0:
         cheapest = min(params.types, key=lambda t: (t.price_per_hour, t.vcpus, t.name))
-        deficits.append((cheapest, short, Shape(), f"--min-executors is {params.min_executors}"))
+        deficits = [*deficits, (cheapest, short, Shape(), f"--min-executors is {params.min_executors}")]
         wanted += short
     step = params.strategy.step(snap.streak)
     allowed = min(step, room)
@@ -251,25 +270,25 @@ def decide(snap: Snapshot, params: Params) -> Decision:
         launches.append(Launch(itype, n, shape))
         reasons.append(f"launch {n} {itype.name}: {why}; {count} wanted, "
                        f"{params.strategy.value} allows {_fmt(step)} this round")
+    return launches
 
-    # 4. shrink: idle past the limit, useless to every waiting task, above the minimum
-    if not launches:
-        keep = params.min_executors
-        waiting_shapes = [s for s, w in snap.waiting.items() if w > 0]
-        idle = sorted((n for n in live if n.state is NodeState.IDLE
-                       and n.idle_s >= params.idle_release_s), key=lambda n: -n.idle_s)
-        count = len(live)
-        for n in idle:
-            if count <= keep:
-                break
-            if any(n.itype.fits(s) for s in waiting_shapes):
-                continue
-            release.append(n.id)
-            count -= 1
-            reasons.append(f"release {n.id}: idle {n.idle_s:.0f}s (limit {params.idle_release_s:g}s)")
 
-    streak = snap.streak + 1 if launches else 0
-    return Decision(tuple(launches), tuple(release), tuple(reasons), tuple(unschedulable), streak)
+def _idle_release(snap: Snapshot, params: Params, live: list[Node], reasons: list[str]) -> list[str]:
+    """4. Shrink: nodes idle past the limit, useless to every waiting task, above the minimum."""
+    waiting_shapes = [s for s, w in snap.waiting.items() if w > 0]
+    idle = sorted((n for n in live if n.state is NodeState.IDLE and n.idle_s >= params.idle_release_s),
+                  key=lambda n: -n.idle_s)
+    release: list[str] = []
+    count = len(live)
+    for n in idle:
+        if count <= params.min_executors:
+            break
+        if any(n.itype.fits(s) for s in waiting_shapes):
+            continue
+        release.append(n.id)
+        count -= 1
+        reasons.append(f"release {n.id}: idle {n.idle_s:.0f}s (limit {params.idle_release_s:g}s)")
+    return release
 
 
 def _unschedulable(shape: Shape, waiting: int, types: tuple[InstanceType, ...]) -> str:
