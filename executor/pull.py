@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from falconet import protocol as p
-from falconet.executor.pipes import EXEC_RESULT_FIELDS, SlotTask
+from falconet.executor.pipes import EXEC_RESULT_FIELDS, SlotResult, SlotTask
 
 log = logging.getLogger("falconet.executor")
 
@@ -39,6 +39,8 @@ COMMAND_GRACE_S = 5.0  # a command's own slot enforces its wall time; this is th
 FIRST_COMPLAINT_S = 5.0  # not registered after this long: say why in the log...
 COMPLAINT_EVERY_S = 30.0  # ...and again this often while it lasts
 FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.1, 5.0  # between registration attempts
+# Fields of a SlotResult record as it comes out of the pipe (a list: indexed, not rebuilt)
+_FILES, _CACHE, _UPLOADS = (SlotResult._fields.index(f) for f in ("files", "cache", "uploads"))
 
 
 class Phase(enum.Enum):
@@ -63,7 +65,7 @@ class Run(NamedTuple):
     Pull.on_run_failed."""
 
     slot: int
-    tasks: list[SlotTask]
+    tasks: list[tuple]  #: SlotTask records; plain tuples of its fields for chunks (speed)
 
 
 class Kill(NamedTuple):
@@ -316,11 +318,11 @@ class Pull:
         for r in records:
             tid = r[0]
             chunk.pop(tid, None)
-            if r[8] is not None:  # SlotResult.cache: a staged task's input cache counts
-                for k, v in r[8].items():
+            if r[_CACHE] is not None:  # a staged task's input cache counts
+                for k, v in r[_CACHE].items():
                     self.cache_counts[k] = self.cache_counts.get(k, 0) + v
-            if r[9]:  # SlotResult.uploads
-                self.to_upload[tid] = r[7]
+            if r[_UPLOADS]:
+                self.to_upload[tid] = r[_FILES]
             result = p.ExecResult._make(r[:EXEC_RESULT_FIELDS])
             results.append(result)
             took = max(result.finished - result.started, 0.0)
@@ -341,13 +343,14 @@ class Pull:
     def on_run_failed(self, run: Run, code: int | None) -> None:
         """The chunk of `run` could not be written (its slot had died; it was replaced):
         the chunk goes back to the front of the queue, unstarted."""
-        sent = {t.tid for t in run.tasks}
+        tasks = [SlotTask._make(t) for t in run.tasks]
+        sent = {t.tid for t in tasks}
         self.started = [s for s in self.started if s[0] not in sent]
         slot = self.slots[run.slot]
         unsent = [a for tid, a in slot.chunk.items() if tid in sent]
         slot.chunk = {tid: a for tid, a in slot.chunk.items() if tid not in sent}
         self.on_slot_died(run.slot, code)  # what it ran before died with it
-        for t in run.tasks:
+        for t in tasks:
             if t.prefetched:
                 self.prefetched[t.tid] = t.prefetched
         self.queue.extendleft(reversed(unsent))
@@ -468,7 +471,7 @@ class Pull:
             if chunk[0].walltime_s == 0:  # wall-time tasks go alone, so the clock is exact
                 while len(chunk) < size and queue and queue[0].walltime_s == 0 and _plain(queue[0]):
                     chunk.append(queue.popleft())
-            tasks = [SlotTask(*a, _NOTHING) for a in chunk]
+            tasks = [a + _NO_INPUTS for a in chunk]  # SlotTask's fields: a NamedTuple costs 4x more
         slot.chunk.update((a.tid, a) for a in chunk)
         self.started += [(a.tid, a.attempt) for a in chunk]
         self.out.append(Run(i, tasks))
@@ -609,7 +612,7 @@ class Pull:
         return n + min(backlog, MAX_BACKLOG)
 
 
-_NOTHING: list = []  # no prefetched inputs (shared: never changed, only sent)
+_NO_INPUTS: tuple = ([],)  # SlotTask.prefetched of a task without files (shared: only sent)
 
 
 def _plain(a: p.Assignment) -> bool:

@@ -15,7 +15,7 @@ import sys
 import time
 
 from falconet.executor import pipes, runner
-from falconet.executor.pipes import SlotResult, SlotTask
+from falconet.executor.pipes import SlotTask
 
 FLUSH_S = 0.002
 
@@ -30,19 +30,19 @@ def serve(rfd: int, wfd: int, stage: Stage | None = None) -> None:
         unsent: list = []
         oldest = 0.0
         for i, rec in enumerate(chunk):
-            task = SlotTask._make(rec)
+            tid, attempt, kind, body, walltime_s, _cpus, files, _prefetched = rec  # a SlotTask's fields
             started = time.time()
-            files, counts, uploads = task.files, None, False
+            counts, uploads = None, False
             if files and stage is not None:
-                state, output, reason, files, counts = stage.run(task, functions)
+                state, output, reason, files, counts = stage.run(SlotTask._make(rec), functions)
                 uploads = _has_outbox_paths(files)
             else:
-                state, output, reason = runner.run(task.kind, task.body, task.walltime_s, functions)
+                state, output, reason = runner.run(kind, body, walltime_s, functions)
             finished = time.time()
             if not unsent:
                 oldest = time.monotonic()
-            unsent.append(SlotResult(task.tid, task.attempt, state, output, reason, started, finished,
-                                     files, counts, uploads))
+            # A SlotResult's fields, as a plain tuple: this is the per-task path.
+            unsent.append((tid, attempt, state, output, reason, started, finished, files, counts, uploads))
             # A long task's result goes at once; short ones share a write.
             if i == len(chunk) - 1 or finished - started >= FLUSH_S or time.monotonic() - oldest >= FLUSH_S:
                 pipes.write_frame(wfd, unsent)

@@ -5,6 +5,7 @@ runs against a model dispatcher that honours credit and model slots."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import msgpack
 import pytest
@@ -12,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from falconet import protocol as p
+from falconet import tasks
+from falconet.executor import pipes, slot
 from falconet.executor import pull as pl
 from falconet.executor.pipes import EXEC_RESULT_FIELDS, SlotResult, SlotTask
 from falconet.executor.pull import Phase, Pull
@@ -50,9 +53,10 @@ def task(tid: int, *, attempt: int = 1, kind: int = COMMAND, walltime_s: float =
     return p.Assignment(tid, attempt, kind, b"body", walltime_s, cpus, files)
 
 
-def result(t: SlotTask | p.Assignment, *, state: int = DONE, took: float = 0.001, output: bytes = b"",
+def result(t: tuple, *, state: int = DONE, took: float = 0.001, output: bytes = b"",
            files: bytes = b"", cache: dict | None = None, uploads: bool = False) -> list:
-    """A SlotResult as it comes out of the pipe: a list."""
+    """The SlotResult of task t (a SlotTask's fields) as it comes out of the pipe: a list."""
+    t = SlotTask._make(t)
     return list(SlotResult(t.tid, t.attempt, state, output, "", 1024.0, 1024.0 + took, files, cache, uploads))
 
 
@@ -62,6 +66,10 @@ def of(actions: list, kind: type) -> list:
 
 def sent(actions: list, kind: type) -> list:
     return [a.msg for a in actions if type(a) is pl.Send and type(a.msg) is kind]
+
+
+def tids(run: pl.Run) -> list[int]:
+    return [SlotTask._make(t).tid for t in run.tasks]
 
 
 def turn(pull: Pull) -> list:
@@ -81,6 +89,35 @@ def test_slot_records_cross_the_pipe_as_arrays_of_their_fields():
     assert SlotTask._make(msgpack.unpackb(msgpack.packb([t]))[0]) == t
     r = SlotResult(7, 1, DONE, b"out", "", 1.0, 2.0, b"", {"hits": 1}, False)
     assert SlotResult._make(msgpack.unpackb(msgpack.packb([r]))[0]) == r
+
+
+def test_a_slot_answers_a_chunk_with_slot_results_pull_reads():
+    """slot.serve in this process, over real pipes: what Pull hands a slot in a Run, and
+    what the slot writes back, have the records' shapes."""
+    to_slot_r, to_slot_w = os.pipe()
+    from_slot_r, from_slot_w = os.pipe()
+    pull, _ = make(slots=1)
+    pull.mean_s = 0.0001
+    pull.on_message(p.Tasks([p.Assignment(1, 1, COMMAND, tasks.encode_command("echo hi"), 0.0, 1, b""),
+                             p.Assignment(2, 3, PYTHON, b"not a python body", 0.0, 1, b"")]))
+    (run,) = of(pull.turn(), pl.Run)
+    pipes.write_frame(to_slot_w, run.tasks)
+    os.close(to_slot_w)
+    slot.serve(to_slot_r, from_slot_w)
+    os.close(from_slot_w)
+    frames = []
+    while (frame := pipes.read_frame(from_slot_r)) is not None:
+        frames.append(frame)
+    os.close(to_slot_r)
+    os.close(from_slot_r)
+    records = [SlotResult._make(r) for f in frames for r in f]
+    assert [(r.tid, r.attempt, r.state, r.cache, r.uploads) for r in records] == [
+        (1, 1, DONE, None, False), (2, 3, FAILED, None, False)]
+    assert tasks.decode_command_output(records[0].output)[1] == "hi\n"
+    for f in frames:
+        pull.on_slot_results(0, f)
+    assert [(r.tid, r.state) for r in pull.results] == [(1, DONE), (2, FAILED)]
+    assert not pull.slots[0].chunk
 
 
 # ---------------------------------------------------------------- registration and time
@@ -172,7 +209,7 @@ def test_first_tasks_go_one_per_slot_and_are_reported_started():
     pull.on_message(p.Tasks([task(1), task(2), task(3)]))
     actions = turn(pull)
     runs = of(actions, pl.Run)
-    assert [(r.slot, [t.tid for t in r.tasks]) for r in runs] == [(0, [1]), (1, [2])]
+    assert [(r.slot, tids(r)) for r in runs] == [(0, [1]), (1, [2])]
     assert runs[0].tasks[0] == SlotTask(*task(1), [])
     assert sent(actions, p.Report)[0].started == [(1, 1), (2, 1)]
     assert [a.tid for a in pull.queue] == [3]
@@ -197,7 +234,7 @@ def test_long_tasks_wait_for_a_free_slot():
     run = of(turn(pull), pl.Run)[0]
     pull.on_slot_results(0, [result(run.tasks[0], took=0.5)])
     run = of(pull.turn(), pl.Run)[0]
-    assert [t.tid for t in run.tasks] == [2], "one at a time"
+    assert tids(run) == [2], "one at a time"
     assert not of(pull.turn(), pl.Run), "no pipelining for long tasks"
 
 
@@ -206,7 +243,7 @@ def test_wall_time_and_multi_cpu_and_staged_tasks_go_alone():
     pull.mean_s = 0.0001
     pull.on_message(p.Tasks([task(1, walltime_s=5.0), task(2), task(3), task(4, cpus=2), task(5), task(6)]))
     runs = of(pull.turn(), pl.Run)
-    assert [[t.tid for t in r.tasks] for r in runs] == [[1], [2, 3], [4]]
+    assert [tids(r) for r in runs] == [[1], [2, 3], [4]]
     assert [a.tid for a in pull.queue] == [5, 6], "task 5 waits: the 2-cpu task and the two others hold 4 cpus"
 
 
@@ -214,10 +251,10 @@ def test_a_large_task_waits_for_its_cpus_and_nothing_overtakes_it():
     pull, _ = make(slots=4, cpus=4)
     pull.on_message(p.Tasks([task(1), task(2, cpus=4), task(3)]))
     runs = of(pull.turn(), pl.Run)
-    assert [[t.tid for t in r.tasks] for r in runs] == [[1]]
+    assert [tids(r) for r in runs] == [[1]]
     pull.on_slot_results(0, [result(runs[0].tasks[0], took=1.0)])
     runs = of(pull.turn(), pl.Run)
-    assert [[t.tid for t in r.tasks] for r in runs] == [[2]]
+    assert [tids(r) for r in runs] == [[2]]
 
 
 def test_credit_tops_up_to_slots_plus_a_prefetch_of_ten_milliseconds():
@@ -270,7 +307,7 @@ def test_a_dead_slot_fails_its_task_and_requeues_the_rest_of_its_chunk():
     pull.mean_s = 0.0001
     pull.on_message(p.Tasks([task(1), task(2), task(3)]))
     run = of(pull.turn(), pl.Run)[0]
-    assert [t.tid for t in run.tasks] == [1, 2, 3]
+    assert tids(run) == [1, 2, 3]
     pull.on_slot_died(0, -9)
     assert [a.tid for a in pull.queue] == [2, 3]
     r = pull.results[0]
@@ -370,7 +407,7 @@ def test_tasks_with_files_wait_for_their_inputs():
     assert [a.tid for a in pull.queue] == [4, 2]
     pull.on_inputs("d1", "")
     runs = of(pull.turn(), pl.Run)
-    assert [(r.tasks[0].tid, r.tasks[0].prefetched) for r in runs] == [(4, []), (2, [])]
+    assert [(t.tid, t.prefetched) for t in (SlotTask._make(r.tasks[0]) for r in runs)] == [(4, []), (2, [])]
     assert [a.tid for a in pull.queue] == [1]
 
 
@@ -448,7 +485,7 @@ class Model:
         for a in actions:
             if type(a) is pl.Run:
                 assert 1 <= len(a.tasks) <= pl.MAX_CHUNK
-                self.running[a.slot] += a.tasks
+                self.running[a.slot] += [SlotTask._make(t) for t in a.tasks]
             elif type(a) is pl.Send:
                 self.receive(a.msg)
 
