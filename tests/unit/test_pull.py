@@ -528,6 +528,8 @@ class Model:
         assert pull.asked == self.credit or pull.phase is not Phase.ACTIVE
         for s, running in zip(pull.slots, self.running):
             assert list(s.chunk) == [t.tid for t in running], "Pull and the slot agree on what it runs"
+        held = [tid for tid, _ in pull.holding()]
+        assert sorted(held) == sorted(set(self.given) - set(self.reported)), "it holds what it has not reported"
 
 
 events = st.one_of(
@@ -536,6 +538,7 @@ events = st.one_of(
     st.tuples(st.just("die"), st.integers(0, 3)),
     st.tuples(st.just("cancel"), st.integers(0, 60), st.integers(0, 60)),
     st.tuples(st.just("tick"), st.floats(0, 3)),
+    st.tuples(st.just("lost")),  # the dispatcher went quiet for longer than the timeout, then answered
     st.tuples(st.just("drain")),
 )
 
@@ -547,6 +550,8 @@ def test_random_runs_keep_the_pull_invariants(slots, prefetch, script):
     model = Model(pull, prefetch)
     model.apply(pull.flush())
     for event in script:
+        if pull.done:  # the agent's loop has ended
+            break
         kind = event[0]
         if kind == "tasks":
             model.send_tasks(event[1], event[2])
@@ -559,6 +564,13 @@ def test_random_runs_keep_the_pull_invariants(slots, prefetch, script):
         elif kind == "tick":
             clock.t += event[1]
             pull.on_message(p.Heartbeat())
+        elif kind == "lost":
+            clock.t += 10.5
+            actions = pull.turn()
+            model.apply(actions)
+            assert not pull.registered and sent(actions, p.Register)
+            pull.on_message(p.Registered("disp-1", 1.0, 10.0, 4_000))
+            model.credit = 0  # the dispatcher starts its credit again at 0
         elif not pull.drain_requested:  # a second request would stop at once, dropping work
             pull.request_drain()
         model.apply(pull.turn())
