@@ -26,6 +26,7 @@ from falconet.dispatcher import replay, states
 from falconet.dispatcher.entries import ClientEntry, Config, ExecutorEntry, ExecutorState, Task, caps_of
 from falconet.dispatcher.matching import Matcher, NeedsClass
 from falconet.dispatcher.records import Kind
+from falconet.dispatcher.states import move_executor
 from falconet.dispatcher.status import Rate, status_report
 from falconet.errors import ProtocolError
 from falconet.protocol import TaskState
@@ -295,9 +296,8 @@ class Core:
     def _release(self, ids: set[str], reason: str) -> None:
         for ex in self.executors.values():
             if ex.info.executor_id in ids:
-                if ex.state is ExecutorState.ACTIVE:
+                if move_executor(ex, ExecutorState.DRAINING):  # no new work from now on
                     log.info("executor %s released: %s", ex.info.executor_id, reason)
-                ex.state = ExecutorState.DRAINING  # no new work from now on
                 ex.credit = 0
                 self.ready.pop(ex.peer, None)
                 self.matcher.gen += 1
@@ -341,7 +341,8 @@ class Core:
             held = {tid for tid, _ in msg.holding}
             for tid in [tid for tid in ex.tasks if tid not in held]:
                 self._requeue(self._unhold(ex, tid), loss=False)
-            ex.info, ex.state, ex.credit, ex.last_seen = msg, ExecutorState.ACTIVE, 0, now
+            move_executor(ex, ExecutorState.ACTIVE)
+            ex.info, ex.credit, ex.last_seen = msg, 0, now
             ex.caps = caps_of(msg)
             self.ready.pop(peer, None)
         else:
@@ -409,9 +410,8 @@ class Core:
         ex.stats = stats
 
     def _drain(self, ex: ExecutorEntry, msg: p.Drain) -> None:
-        if ex.state is ExecutorState.ACTIVE:
+        if move_executor(ex, ExecutorState.DRAINING):
             log.info("executor %s is draining", ex.info.executor_id)
-        ex.state = ExecutorState.DRAINING
         ex.credit = 0
         self.ready.pop(ex.peer, None)
         self.matcher.gen += 1
@@ -447,6 +447,7 @@ class Core:
 
     def _remove(self, ex: ExecutorEntry, *, lost: bool, how: str = "") -> None:
         del self.executors[ex.peer]
+        move_executor(ex, ExecutorState.GONE)
         self.departed.append(ex.peer)
         self.ready.pop(ex.peer, None)
         self.matcher.gen += 1

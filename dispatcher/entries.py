@@ -63,10 +63,11 @@ class Task:
 
 
 class ExecutorState(enum.Enum):
-    """Where a registered executor is in its life."""
+    """Where a registered executor is in its life; legal moves in states.EXECUTOR_TRANSITIONS."""
 
     ACTIVE = "active"  #: takes work as its credit allows
-    DRAINING = "draining"  #: finishing what it runs; gets no new work
+    DRAINING = "draining"  #: finishing what it runs; gets no new work (it sent Drain, or was released)
+    GONE = "gone"  #: lost or said Bye; out of the registry (a later Register makes a new entry)
 
 
 class ExecutorEntry:

@@ -1,14 +1,52 @@
-"""Length-prefixed msgpack frames over the pipes between an executor and its slots."""
+"""The pipes between an executor and its slots: length-prefixed msgpack frames and the
+two record types they carry.
+
+A frame to a slot is a list of :class:`SlotTask` (a chunk, run in order); a frame from a
+slot is a list of :class:`SlotResult`.  Both are NamedTuples, so msgpack sends them as
+arrays of their fields in this order, and each side rebuilds them with ``_make``.
+"""
 
 from __future__ import annotations
 
 import os
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
 _HEADER = struct.Struct("<I")
+
+
+class SlotTask(NamedTuple):
+    """One task handed to a slot: the dispatcher's Assignment and what staging needs."""
+
+    tid: int
+    attempt: int
+    kind: int
+    body: bytes
+    walltime_s: float
+    cpus: int
+    files: bytes  #: the staging spec, b"" for a task without files
+    prefetched: list  #: blobs fetched from the dispatcher for this task (its cache misses)
+
+
+class SlotResult(NamedTuple):
+    """One finished task, from a slot: the ExecResult's fields, then the slot's notes."""
+
+    tid: int
+    attempt: int
+    state: int
+    output: bytes
+    reason: str
+    started: float
+    finished: float
+    files: bytes  #: result files (protocol.ExecResult.files)
+    cache: dict | None  #: a staged task's input-cache counts {"hits", "misses", "bytes_fetched"}
+    uploads: bool  #: files name outbox paths, to send to the dispatcher before the result
+
+
+#: how many of SlotResult's leading fields are protocol.ExecResult's
+EXEC_RESULT_FIELDS = 8
 
 
 def write_frame(fd: int, obj: Any) -> None:

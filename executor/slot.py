@@ -15,6 +15,7 @@ import sys
 import time
 
 from falconet.executor import pipes, runner
+from falconet.executor.pipes import SlotTask
 
 FLUSH_S = 0.002
 
@@ -29,23 +30,30 @@ def serve(rfd: int, wfd: int, stage: Stage | None = None) -> None:
         unsent: list = []
         oldest = 0.0
         for i, rec in enumerate(chunk):
-            tid, attempt, kind, body, walltime_s, _cpus, files = rec[:7]
+            tid, attempt, kind, body, walltime_s, _cpus, files, _prefetched = rec  # a SlotTask's fields
             started = time.time()
+            counts, uploads = None, False
             if files and stage is not None:
-                state, output, reason, files, counts = stage.run(files, rec[7], kind, body, walltime_s, functions)
+                state, output, reason, files, counts = stage.run(SlotTask._make(rec), functions)
+                uploads = _has_outbox_paths(files)
             else:
-                (state, output, reason), counts = runner.run(kind, body, walltime_s, functions), None
+                state, output, reason = runner.run(kind, body, walltime_s, functions)
             finished = time.time()
-            record = [tid, attempt, state, output, reason, started, finished, files]
-            if counts is not None:  # a staged task's record ends with its input cache's counts
-                record.append(counts)
             if not unsent:
                 oldest = time.monotonic()
-            unsent.append(record)
+            # A SlotResult's fields, as a plain tuple: this is the per-task path.
+            unsent.append((tid, attempt, state, output, reason, started, finished, files, counts, uploads))
             # A long task's result goes at once; short ones share a write.
             if i == len(chunk) - 1 or finished - started >= FLUSH_S or time.monotonic() - oldest >= FLUSH_S:
                 pipes.write_frame(wfd, unsent)
                 unsent = []
+
+
+def _has_outbox_paths(files: bytes) -> bool:
+    """Whether a staged task's result files wait in the outbox to be sent to the dispatcher."""
+    from falconet import staging  # staged tasks only: plain slots skip the import
+
+    return any("path" in info for _, info in staging.decode_result_files(files))
 
 
 class Stage:
@@ -57,14 +65,13 @@ class Stage:
         self.work_root, self.outbox = work_root, outbox
         self.cache = InputCache(cache_dir, cache_bytes)
 
-    def run(self, files: bytes, prefetched: list, kind: int, body: bytes, walltime_s: float,
-            functions: runner.FunctionCache) -> tuple:
+    def run(self, task: SlotTask, functions: runner.FunctionCache) -> tuple:
         """(state, output, reason, result files, cache counts) of one staged task."""
         from falconet.executor.workspace import run_staged
 
-        return run_staged(files, work_root=self.work_root, cache=self.cache, outbox=self.outbox,
-                          prefetched=prefetched,
-                          run=lambda cwd, streams: runner.run(kind, body, walltime_s, functions,
+        return run_staged(task.files, work_root=self.work_root, cache=self.cache, outbox=self.outbox,
+                          prefetched=task.prefetched,
+                          run=lambda cwd, streams: runner.run(task.kind, task.body, task.walltime_s, functions,
                                                               cwd=cwd, streams=streams))
 
 

@@ -168,14 +168,20 @@ def _close(ex: agent.Executor) -> None:
     shutil.rmtree(ex.temp_root, ignore_errors=True)
 
 
+def _turn_at(ex: agent.Executor, now: float) -> None:
+    """One turn's rules with the executor's clock reading `now` (no poll)."""
+    ex.pull.clock = lambda: now
+    ex._end_turn()
+
+
 def test_complaints_come_after_five_seconds_then_every_thirty(caplog):
     ex = _executor(f"tcp://127.0.0.1:{free_port()}")
     try:
-        t0 = ex.unregistered_since
+        t0 = ex.pull.unregistered_since
         with caplog.at_level(logging.WARNING, logger="falconet.executor"):
             for dt in (0.0, 1.0, 4.9, 5.0, 5.1, 20.0, 34.9, 35.0, 36.0, 64.9, 65.0):
                 caplog.clear()
-                ex._housekeeping(t0 + dt)
+                _turn_at(ex, t0 + dt)
                 said = [r.getMessage() for r in caplog.records if "still not registered" in r.getMessage()]
                 assert len(said) == (dt in (5.0, 35.0, 65.0)), (dt, said)
         assert said[0].startswith(f"still not registered with {ex.target.url} after 65s: ")
@@ -191,7 +197,7 @@ def test_an_executor_whose_key_was_refused_gets_in_once_it_is_authorised(cluster
         wait_until(lambda: ex.link.update() is Link.KEY_REFUSED, timeout_s=30, what="the refusal")
         authorised = keys.authorized_dir(keydir, "executor") / "late-client.key"
         shutil.copyfile(keydir / "client.key", authorised)
-        ex._housekeeping(ex.next_complaint)  # complains, and connects again: libzmq would not
+        _turn_at(ex, ex.pull.next_complaint)  # complains, and connects again: libzmq would not
         wait_until(lambda: ex.link.update() is Link.UP, timeout_s=30, what="the key let in")
     finally:
         _close(ex)

@@ -1,4 +1,5 @@
-"""The task state machine: the table of legal transitions and the check that applies it."""
+"""The dispatcher's state machines (tasks, executors): the tables of legal transitions and
+the functions that apply them."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from falconet import protocol as p
 from falconet.dispatcher import states
-from falconet.dispatcher.states import TRANSITIONS
+from falconet.dispatcher.core import Config, Core
+from falconet.dispatcher.entries import ExecutorEntry, ExecutorState
+from falconet.dispatcher.states import EXECUTOR_TRANSITIONS, TRANSITIONS
 from falconet.errors import IllegalTransition
 from falconet.protocol import FINAL_STATES, TaskState
 
@@ -99,3 +103,73 @@ def test_check_agrees_with_the_table(old, new):
         with pytest.raises(IllegalTransition):
             states.check(old, new)
 
+
+
+# ---------------------------------------------------------------- executors
+
+ACTIVE, DRAINING, GONE = ExecutorState.ACTIVE, ExecutorState.DRAINING, ExecutorState.GONE
+
+
+def _entry(state: ExecutorState = ACTIVE) -> ExecutorEntry:
+    info = p.Register(p.PROTOCOL_VERSION, "ex-1", "host-1", [], 2, 4 << 30, "linux-x86_64", 2, 1, {}, [])
+    ex = ExecutorEntry(b"ex-1", info, 0.0, 0.0)
+    ex.state = state
+    return ex
+
+
+def test_executor_table_covers_every_state_and_only_states():
+    assert set(EXECUTOR_TRANSITIONS) == set(ExecutorState)
+    for targets in EXECUTOR_TRANSITIONS.values():
+        assert targets <= set(ExecutorState)
+        assert GONE in targets or targets == frozenset()
+
+
+def test_a_gone_executor_never_comes_back():
+    assert EXECUTOR_TRANSITIONS[GONE] == frozenset()
+    for new in (ACTIVE, DRAINING):
+        with pytest.raises(IllegalTransition) as info:
+            states.move_executor(_entry(GONE), new)
+        assert "GONE" in str(info.value) and new.name in str(info.value) and "ex-1" in str(info.value)
+
+
+@pytest.mark.parametrize(("old", "new"), [(ACTIVE, DRAINING), (DRAINING, ACTIVE), (ACTIVE, GONE), (DRAINING, GONE)])
+def test_legal_executor_moves_change_the_state(old, new):
+    ex = _entry(old)
+    assert states.move_executor(ex, new) is True
+    assert ex.state is new
+
+
+@pytest.mark.parametrize("state", list(ExecutorState))
+def test_staying_put_is_not_a_move(state):
+    ex = _entry(state)
+    assert states.move_executor(ex, state) is False
+    assert ex.state is state
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(ExecutorState), st.sampled_from(ExecutorState))
+def test_move_executor_agrees_with_the_table(old, new):
+    ex = _entry(old)
+    if old is new or new in EXECUTOR_TRANSITIONS[old]:
+        states.move_executor(ex, new)
+        assert ex.state is new
+    else:
+        with pytest.raises(IllegalTransition):
+            states.move_executor(ex, new)
+        assert ex.state is old
+
+
+def test_the_core_moves_an_executor_through_its_life():
+    core = Core(Config())
+    info = _entry().info
+    core.on_executor(b"ex-1", info, 0.0)
+    ex = core.executors[b"ex-1"]
+    assert ex.state is ACTIVE
+    core.on_client(b"c1", p.Hello(p.PROTOCOL_VERSION, "c1", "prov"), 0.0)
+    core.on_client(b"c1", p.Release(["ex-1"], "idle"), 0.0)
+    assert ex.state is DRAINING
+    core.on_executor(b"ex-1", p.Drain([]), 0.0)  # a second Drain: staying put
+    core.on_executor(b"ex-1", info, 1.0)  # reconnected: registered again
+    assert ex.state is ACTIVE
+    core.on_executor(b"ex-1", p.Bye(), 2.0)
+    assert ex.state is GONE and b"ex-1" not in core.executors
