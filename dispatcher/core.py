@@ -23,11 +23,20 @@ from typing import Any, NamedTuple
 from falconet import needs as nd
 from falconet import protocol as p
 from falconet.dispatcher import replay, states
-from falconet.dispatcher.entries import ClientEntry, Config, ExecutorEntry, ExecutorState, Task, caps_of
+from falconet.dispatcher.entries import (
+    KINDS,
+    ClientEntry,
+    Config,
+    ExecutorEntry,
+    ExecutorState,
+    Task,
+    caps_of,
+    invalid_spec,
+)
 from falconet.dispatcher.matching import Matcher, NeedsClass
 from falconet.dispatcher.records import Kind
 from falconet.dispatcher.states import move_executor
-from falconet.dispatcher.status import Rate, status_report
+from falconet.dispatcher.status import Rate, note_stats, status_report
 from falconet.errors import ProtocolError
 from falconet.protocol import TaskState
 from falconet.reports import Fleet
@@ -39,7 +48,6 @@ log = logging.getLogger("falconet.dispatcher")
 _PENDING, _DISPATCHED, _RUNNING = int(TaskState.PENDING), int(TaskState.DISPATCHED), int(TaskState.RUNNING)
 _DONE, _FAILED, _CANCELLED = int(TaskState.DONE), int(TaskState.FAILED), int(TaskState.CANCELLED)
 _FINAL = frozenset({_DONE, _FAILED, _CANCELLED})
-_KINDS = frozenset(int(k) for k in p.TaskKind)
 _LEGAL = states.LEGAL
 _new = tuple.__new__  # builds a NamedTuple without its Python-level __new__
 #: the answer to a client that has not said Hello to this dispatcher (or to its last run)
@@ -242,7 +250,7 @@ class Core:
         max_body = self.config.max_task_bytes
         classes: dict[bytes, NeedsClass | str | None] = {}  # needs as sent -> its class, once per batch
         for spec in specs:
-            if spec.kind in _KINDS and spec.retries >= 0 and spec.walltime_s >= 0 and len(spec.body) <= max_body:
+            if spec.kind in KINDS and spec.retries >= 0 and spec.walltime_s >= 0 and len(spec.body) <= max_body:
                 if not spec.needs:
                     queue.append(Task(client, spec, wall))  # (NaN fails the walltime test)
                     continue
@@ -257,7 +265,7 @@ class Core:
                     cls.queue.append(Task(client, spec, wall, cls.needs))
                     cls.pending += 1
             else:
-                self._finish(Task(client, spec, wall), _FAILED, b"", _invalid(spec, max_body), "", 0.0, wall)
+                self._finish(Task(client, spec, wall), _FAILED, b"", invalid_spec(spec, max_body), "", 0.0, wall)
         self.submitted_total += len(specs)
 
     def _enqueue(self, task: Task, front: bool = False) -> None:
@@ -361,7 +369,7 @@ class Core:
             if t is not None and t.attempt == attempt and t.state == _DISPATCHED:
                 self._move(t, _RUNNING)
         if msg.stats:
-            self._note_stats(ex, msg.stats)
+            note_stats(self.cache_totals, ex, msg.stats)
         if msg.results:
             eid = ex.info.executor_id
             accepted = plain = 0
@@ -397,17 +405,6 @@ class Core:
         if msg.credit > 0 and ex.state is ExecutorState.ACTIVE:
             ex.credit += msg.credit
             self.ready[ex.peer] = ex
-
-    def _note_stats(self, ex: ExecutorEntry, stats: dict) -> None:
-        """Keep an executor's statistics and add its new input-cache counts to the totals."""
-        old, new = ex.stats.get("cache"), stats.get("cache")
-        old = old if type(old) is dict else {}
-        if type(new) is dict:
-            for k in self.cache_totals:
-                a, b = new.get(k, 0), old.get(k, 0)
-                if type(a) is int and type(b) is int and a > b:
-                    self.cache_totals[k] += a - b
-        ex.stats = stats
 
     def _drain(self, ex: ExecutorEntry, msg: p.Drain) -> None:
         if move_executor(ex, ExecutorState.DRAINING):
@@ -588,21 +585,8 @@ class Core:
         return out
 
     def _chunks(self, records: list, field: int) -> Any:
-        """records in runs of at most max_results_batch and the protocol's record budget of
-        their bytes field: each run is one message and one journal record, both bounded."""
-        step, extra = self.config.max_results_batch, p.RECORD_OVERHEAD
-        budget = p.record_budget(self.config.max_message_bytes)
-        if len(records) <= step and sum([len(r[field]) for r in records]) + extra * len(records) <= budget:
-            yield records  # the usual case: one run, no per-record loop in Python
-            return
-        start, size = 0, 0
-        for i, r in enumerate(records):
-            size += len(r[field]) + extra
-            if i > start and (i - start >= step or size > budget):
-                yield records[start:i]
-                start, size = i, len(r[field]) + extra
-        if start < len(records):
-            yield records[start:]
+        """records in runs that each fit one message and one journal record (protocol.runs)."""
+        return p.runs(records, field, self.config.max_results_batch, self.config.max_message_bytes)
 
     # ------------------------------------------------------------ durability
 
@@ -621,7 +605,7 @@ class Core:
         for t in live:
             self.counts[_PENDING] += 1
             t.client.counts[_PENDING] += 1
-            reason = _invalid(p.TaskSpec(t.seq, t.kind, t.body, t.retries, t.walltime_s, b"", t.files), max_body)
+            reason = invalid_spec(p.TaskSpec(t.seq, t.kind, t.body, t.retries, t.walltime_s, b"", t.files), max_body)
             if reason:  # limits may be lower than the last dispatcher's
                 self._finish(t, _FAILED, b"", reason, "", 0.0, self.wall())
             else:
@@ -640,17 +624,3 @@ class Core:
         """The dispatcher's statistics as a msgpack-friendly map (see :mod:`falconet.reports`)."""
         return status_report(self, now, detail, client).to_map()
 
-
-def _invalid(spec: p.TaskSpec, max_body: int) -> str:
-    """Why a task spec cannot be queued, or an empty string."""
-    if len(spec.body) > max_body:
-        return (f"the task is {len(spec.body)} bytes, more than the dispatcher's limit of {max_body} "
-                "(--max-task-bytes); pass large data through files or object storage")
-    if spec.kind not in _KINDS:
-        return (f"unknown task kind {spec.kind}: this dispatcher runs "
-                + ", ".join(f"{k.name.lower()} ({int(k)})" for k in p.TaskKind))
-    if spec.retries < 0:
-        return f"retries must be 0 or more, not {spec.retries}"
-    if spec.walltime_s < 0 or math.isnan(spec.walltime_s):
-        return f"walltime must be 0 (no limit) or positive, not {spec.walltime_s}"
-    return ""

@@ -7,6 +7,7 @@ them, and the matching, replay and status modules read or build them.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 from falconet import needs as nd
@@ -133,3 +134,20 @@ class ClientEntry:
             self.batch_high += 1
             extra.remove(self.batch_high)
         return True
+
+KINDS = frozenset(int(k) for k in p.TaskKind)  #: task kinds this dispatcher runs
+
+
+def invalid_spec(spec: p.TaskSpec, max_body: int) -> str:
+    """Why a task spec cannot be queued, or an empty string."""
+    if len(spec.body) > max_body:
+        return (f"the task is {len(spec.body)} bytes, more than the dispatcher's limit of {max_body} "
+                "(--max-task-bytes); pass large data through files or object storage")
+    if spec.kind not in KINDS:
+        return (f"unknown task kind {spec.kind}: this dispatcher runs "
+                + ", ".join(f"{k.name.lower()} ({int(k)})" for k in p.TaskKind))
+    if spec.retries < 0:
+        return f"retries must be 0 or more, not {spec.retries}"
+    if spec.walltime_s < 0 or math.isnan(spec.walltime_s):
+        return f"walltime must be 0 (no limit) or positive, not {spec.walltime_s}"
+    return ""

@@ -126,3 +126,15 @@ def executor_row(ex: ExecutorEntry, now: float) -> ExecutorRow:
         arch=ex.caps.arch, site=ex.caps.site, tags=tuple(sorted(ex.caps.tags)),
         cpus_used=ex.cpus_used, memory_used_mb=ex.memory_used, facts=i.facts, stats=ex.stats,
     )
+
+
+def note_stats(totals: dict[str, int], ex: ExecutorEntry, stats: dict) -> None:
+    """Keep an executor's statistics and add its new input-cache counts to the totals."""
+    old, new = ex.stats.get("cache"), stats.get("cache")
+    old = old if type(old) is dict else {}
+    if type(new) is dict:
+        for k in totals:
+            a, b = new.get(k, 0), old.get(k, 0)
+            if type(a) is int and type(b) is int and a > b:
+                totals[k] += a - b
+    ex.stats = stats

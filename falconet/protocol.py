@@ -76,7 +76,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import msgpack
@@ -97,6 +97,23 @@ def record_budget(max_message_bytes: int) -> int:
     """Bytes of records one message may carry: half the receiver's limit, leaving room for
     the framing of many records.  A record larger than this can never be sent."""
     return max_message_bytes // 2
+
+
+def runs(records: list, field: int, max_count: int, max_message_bytes: int) -> Iterator[list]:
+    """records in runs of at most max_count and the record budget of their bytes field (index
+    field, plus RECORD_OVERHEAD each): each run fits one message (and one journal record)."""
+    budget = record_budget(max_message_bytes)
+    if len(records) <= max_count and sum([len(r[field]) for r in records]) + RECORD_OVERHEAD * len(records) <= budget:
+        yield records  # the usual case: one run, no per-record loop in Python
+        return
+    start, size = 0, 0
+    for i, r in enumerate(records):
+        size += len(r[field]) + RECORD_OVERHEAD
+        if i > start and (i - start >= max_count or size > budget):
+            yield records[start:i]
+            start, size = i, len(r[field]) + RECORD_OVERHEAD
+    if start < len(records):
+        yield records[start:]
 
 
 class MsgType(enum.IntEnum):
