@@ -270,7 +270,7 @@ class _NullExecutors(_Dealers):
         self.unconnected = self.socks[::-1]
         facts = {"arch": platform.machine(), "tags": list(tags or [])}
         self.register = {
-            s: msgpack.packb([_REGISTER, _VERSION, eid, "bench-host", ["127.0.0.1"], cpus or credit, 1 << 30,
+            s: msgpack.packb([_REGISTER, _VERSION, eid, "bench-host", ["127.0.0.1"], cpus or credit, 1024,
                               "linux", credit, os.getpid(), facts, []])
             for s, eid in zip(self.socks, self.ids)
         }

@@ -106,7 +106,7 @@ def caps_of(info: p.Register) -> nd.Caps:
         arch = nd.normalise_arch(arch) if type(arch) is str else ""
     except ValueError:
         arch = str(arch)
-    return nd.Caps(info.cpus, info.memory >> 20, arch, tagset, nd.site_of(tagset))
+    return nd.Caps(info.cpus, info.memory_mb, arch, tagset, nd.site_of(tagset))
 
 
 class ClientEntry:

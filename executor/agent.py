@@ -142,11 +142,11 @@ class Executor:
         f = {**host.facts(), **self.config.facts}
         f["tags"] = sorted({*self.config.tags, *f.get("tags", [])})
         if self.config.memory_mb:
-            f["memory"] = self.config.memory_mb << 20
+            f["memory_mb"] = self.config.memory_mb
         return p.Register(
-            p.PROTOCOL_VERSION, self.id, f["hostname"], f["addresses"], self.cpus, f["memory"],
+            p.PROTOCOL_VERSION, self.id, f["hostname"], f["addresses"], self.cpus, f["memory_mb"],
             f["platform"], self.config.slots, os.getpid(),
-            {k: v for k, v in f.items() if k not in ("hostname", "addresses", "cpus", "memory", "platform")},
+            {k: v for k, v in f.items() if k not in ("hostname", "addresses", "cpus", "memory_mb", "platform")},
             [],
         )
 

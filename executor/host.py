@@ -38,12 +38,12 @@ def cpus() -> int:
 
 
 def facts() -> dict:
-    """hostname, addresses, cpus, memory (bytes) and platform."""
+    """hostname, addresses, cpus, memory_mb and platform."""
     return {
         "hostname": socket.gethostname(),
         "addresses": addresses(),
         "cpus": cpus(),
-        "memory": psutil.virtual_memory().total,
+        "memory_mb": psutil.virtual_memory().total >> 20,
         "platform": f"{platform.system()}-{platform.machine()} python-{platform.python_version()}",
         "arch": needs.machine_arch(),
     }

@@ -85,8 +85,9 @@ from falconet import fields as f
 from falconet.errors import ProtocolError
 
 #: 2: Ack, results kept until acknowledged; 3: needs, staging, blobs; 4: HelloAgain, where a
-#: Refused reason starting "say Hello first" told a client of a restarted dispatcher
-PROTOCOL_VERSION = 4
+#: Refused reason starting "say Hello first" told a client of a restarted dispatcher; 5: Register's
+#: memory in MB
+PROTOCOL_VERSION = 5
 #: Refused.reason prefix for a message that belongs on the dispatcher's other port.
 WRONG_PORT = "wrong port: this is"
 #: Bytes of msgpack framing counted for each record when filling a message.
@@ -396,7 +397,7 @@ class Register:
     hostname: str
     addresses: list
     cpus: int
-    memory: int  #: bytes
+    memory_mb: int  #: MB, as in task needs
     platform: str
     slots: int
     pid: int

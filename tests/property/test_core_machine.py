@@ -284,7 +284,7 @@ class CoreMachine(RuleBasedStateMachine):
             self.submit_batch(client, data.draw(st.lists(valid, max_size=6)))
 
     def send_register(self, ex: MExec, slots: int, holding: list, version=p.PROTOCOL_VERSION) -> None:
-        msg = p.Register(version, ex.eid, f"host-{ex.eid}", ["10.0.0.1", "fe80::1"], 4, 1 << 30,
+        msg = p.Register(version, ex.eid, f"host-{ex.eid}", ["10.0.0.1", "fe80::1"], 4, 1024,
                          "linux", slots, 100, {"instance_type": "t3.micro"}, holding)
         self.core.on_executor(ex.peer, msg, self.now)
         if version != p.PROTOCOL_VERSION:

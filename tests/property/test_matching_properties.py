@@ -57,7 +57,7 @@ class Run:
             peer = b"e%d" % i
             facts = {"arch": e["arch"], "tags": e["tags"], **({"instance_id": f"i-{i}"} if e["cloud"] else {})}
             self.core.on_executor(peer, p.Register(p.PROTOCOL_VERSION, peer.decode(), "h", [], e["cpus"],
-                                                   e["memory_mb"] << 20, "linux", e["cpus"], 1, facts, []), 0.0)
+                                                   e["memory_mb"], "linux", e["cpus"], 1, facts, []), 0.0)
             self.core.on_executor(peer, p.Report(2 * e["cpus"], [], []), 0.0)
             self.peers.append(peer)
             self.held[peer] = []

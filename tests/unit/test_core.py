@@ -36,7 +36,7 @@ class Harness:
     # executors
     def register(self, peer, slots=2, *, version=p.PROTOCOL_VERSION, holding=(), now=0.0):
         msg = p.Register(version, peer.decode(), f"host-{peer.decode()}", ["192.0.2.7", "fe80::7"], 8,
-                         16 << 30, "linux-x86_64", slots, 4242, {"instance_id": "i-0abc"}, list(holding))
+                         16 << 10, "linux-x86_64", slots, 4242, {"instance_id": "i-0abc"}, list(holding))
         self.core.on_executor(peer, msg, now)
         return self.out()
 
@@ -390,7 +390,7 @@ def test_message_from_an_unknown_executor_gets_reregister(msg):
 
 
 def _register_msg(peer: bytes) -> p.Register:
-    return p.Register(p.PROTOCOL_VERSION, peer.decode(), "h", [], 1, 1 << 30, "linux", 1, 1, {}, [])
+    return p.Register(p.PROTOCOL_VERSION, peer.decode(), "h", [], 1, 1024, "linux", 1, 1, {}, [])
 
 
 @pytest.mark.parametrize("msg", [_register_msg(b"ex"), p.Heartbeat(), p.Report(1, [], [])])

@@ -38,7 +38,7 @@ class Harness:
         facts = {"arch": arch, "tags": list(tags)}
         if cloud:
             facts["instance_id"] = "i-" + peer.decode()
-        msg = p.Register(p.PROTOCOL_VERSION, peer.decode(), "host", [], cpus, memory_mb << 20,
+        msg = p.Register(p.PROTOCOL_VERSION, peer.decode(), "host", [], cpus, memory_mb,
                          "linux", cpus, 1, facts, [])
         self.core.on_executor(peer, msg, self.now)
         self.core.on_executor(peer, p.Report(credit, [], []), self.now)
@@ -358,7 +358,7 @@ def test_a_journal_replay_queues_tasks_with_their_needs_in_their_classes():
 
 
 def _entry(peer: bytes, cpus: int = 4, memory_mb: int = 8192, credit: int = 10) -> ExecutorEntry:
-    ex = ExecutorEntry(peer, p.Register(p.PROTOCOL_VERSION, peer.decode(), "host", [], cpus, memory_mb << 20,
+    ex = ExecutorEntry(peer, p.Register(p.PROTOCOL_VERSION, peer.decode(), "host", [], cpus, memory_mb,
                                         "linux", cpus, 1, {"arch": "x86_64"}, []), 0.0, WALL0)
     ex.credit = credit
     return ex

@@ -22,7 +22,7 @@ from falconet.executor.pull import Phase, Pull
 WALL = 1_700_000_000.0
 DONE, FAILED, CANCELLED = int(p.TaskState.DONE), int(p.TaskState.FAILED), int(p.TaskState.CANCELLED)
 COMMAND, PYTHON = int(p.TaskKind.COMMAND), int(p.TaskKind.PYTHON)
-REGISTER = p.Register(p.PROTOCOL_VERSION, "ex-1", "host-1", ["192.0.2.7"], 2, 4 << 30, "linux-x86_64",
+REGISTER = p.Register(p.PROTOCOL_VERSION, "ex-1", "host-1", ["192.0.2.7"], 2, 4096, "linux-x86_64",
                       2, 4242, {}, [])
 
 

@@ -14,7 +14,7 @@ WALL0 = 1_700_000_000.0
 
 
 def register(peer: bytes, slots: int = 2) -> p.Register:
-    return p.Register(p.PROTOCOL_VERSION, peer.decode(), "h", [], slots, 1 << 30, "linux", slots, 1, {}, [])
+    return p.Register(p.PROTOCOL_VERSION, peer.decode(), "h", [], slots, 1024, "linux", slots, 1, {}, [])
 
 
 def journaling_core() -> Core:

@@ -111,7 +111,7 @@ ACTIVE, DRAINING, GONE = ExecutorState.ACTIVE, ExecutorState.DRAINING, ExecutorS
 
 
 def _entry(state: ExecutorState = ACTIVE) -> ExecutorEntry:
-    info = p.Register(p.PROTOCOL_VERSION, "ex-1", "host-1", [], 2, 4 << 30, "linux-x86_64", 2, 1, {}, [])
+    info = p.Register(p.PROTOCOL_VERSION, "ex-1", "host-1", [], 2, 4096, "linux-x86_64", 2, 1, {}, [])
     ex = ExecutorEntry(b"ex-1", info, 0.0, 0.0)
     ex.state = state
     return ex

@@ -19,7 +19,7 @@ def _spec(seq, kind=p.TaskKind.COMMAND):
 
 def _register(peer: bytes, slots: int = 2) -> p.Register:
     return p.Register(p.PROTOCOL_VERSION, peer.decode(), f"host-{peer.decode()}", ["192.0.2.7", "fe80::7"], 8,
-                      16 << 30, "linux-x86_64", slots, 4242, {"instance_id": "i-0abc"}, [])
+                      16 << 10, "linux-x86_64", slots, 4242, {"instance_id": "i-0abc"}, [])
 
 
 def _task(client: ClientEntry, seq: int, submitted: float, needs: nd.Needs | None = None) -> Task:
