@@ -40,24 +40,29 @@ class TaskFuture(cf.Future):
 
     def cancel(self) -> bool:
         """Cancel locally and ask the dispatcher to drop the task if it has not started."""
-        if self.cancel_here():
+        if self._cancel_once():
             self._client._cancel(self.seq)
             return True
-        return False
+        return self.cancelled()
 
     def cancel_here(self) -> bool:
         """Mark the future cancelled, telling no one (a task that was never sent)."""
-        if super().cancel():
+        return self._cancel_once() or self.cancelled()
+
+    def _cancel_once(self) -> bool:
+        """Cancel and notify waiters; True only for the call that did it (a second cancel()
+        must not notify again: concurrent.futures raises on that)."""
+        with self._condition:  # reentrant: cancel() and the notify take it too
+            if self.cancelled() or not super().cancel():
+                return False
             self.set_running_or_notify_cancel()  # wakes wait() and as_completed()
             return True
-        return False
 
 
 def settle(fut: TaskFuture, r: p.TaskResult) -> None:
     """Set a future from its result (raises InvalidStateError if it was just cancelled)."""
     if r.state == _CANCELLED:
-        cf.Future.cancel(fut)
-        fut.set_running_or_notify_cancel()
+        fut.cancel_here()
         return
     try:
         if fut.kind == p.TaskKind.COMMAND:
