@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 from falconet import protocol as p
 from falconet import staging
-from falconet.client_outputs import OutputFetches
+from falconet.client_files import InputRefs, OutputFetches
 from falconet.errors import DispatcherUnavailable, FalconetError, RefusedError, TaskError
 from falconet.futures import TaskFuture, settle
 
@@ -66,7 +66,7 @@ class ClientSession:
         self._control: list[Any] = []  # StatusRequest, Release, FleetReport messages to send
         self._cancels: list[int] = []
         self._uploads: list[tuple[str, str]] = []  # (sha256, path) of inputs to send before the tasks
-        self._blob_refs: dict[str, int] = {}  # uploaded input -> unfinished tasks that need it
+        self._inputs = InputRefs()  # uploaded, with the unfinished tasks that name them
         self._drops: list[str] = []  # blobs the dispatcher may forget (once per hold)
         self._awake = False  # the I/O thread was woken and has not flushed since
         self._status_waiters: dict[int, cf.Future] = {}
@@ -99,11 +99,14 @@ class ClientSession:
             if blobs:
                 self._hold_inputs(blobs, len(queued), copies or {}, spool)
             self._outbox += queued
-            return self._wake_needed()
+            if self._awake:  # _wake_needed() inlined: this runs once per submit
+                return False
+            self._awake = True
+            return True
 
     def holds_input(self, digest: str) -> bool:
         """True if an unfinished task already uploaded this input (a hint, read without the lock)."""
-        return digest in self._blob_refs
+        return digest in self._inputs
 
     def cancel(self, seq: int) -> bool:
         """Ask the dispatcher to drop a task; True when the I/O thread must be woken."""
@@ -158,14 +161,14 @@ class ClientSession:
                      spool: Callable[[str, str], str] | None) -> None:
         """Under lock: count the tasks holding each input; queue a new one for upload."""
         for digest, path in blobs.items():
-            if self._blob_refs.get(digest, 0) == 0:
+            if digest not in self._inputs:
                 copy = copies.pop(digest, None)
                 if copy is None:  # released since the caller looked
                     if spool is None:
                         raise ValueError(f"input {path} needs a copy to upload: pass copies or spool")
                     copy = spool(digest, path)
                 self._uploads.append((digest, copy))
-            self._blob_refs[digest] = self._blob_refs.get(digest, 0) + tasks
+            self._inputs.hold(digest, tasks)
 
     # ------------------------------------------------------------ the I/O thread's
 
@@ -216,10 +219,13 @@ class ClientSession:
         """One decoded message from the dispatcher."""
         kind = type(msg)
         if kind is p.Results:
-            acks = self._acks
-            for r in msg.results:
-                self._result(r, now)  # a duplicate (re-sent after a restart) resolves nothing
-                acks.append(r.seq)
+            held, resolve = self.fetches.held, self._resolve
+            for r in msg.results:  # a duplicate (re-sent after a restart) resolves nothing
+                if r.files or r.seq in held:
+                    self._result_with_files(r, now)
+                else:
+                    resolve(r)
+            self._acks += [r.seq for r in msg.results]
         elif kind is p.BlobData:
             self._on_blob(msg, now)
         elif kind is p.Accepted:
@@ -263,13 +269,9 @@ class ClientSession:
     def fail_all(self, exc: BaseException) -> None:
         """Fail every task sent and not finished, and abort the fetches of their outputs."""
         for seq, fut in list(self.futures.items()):
-            self._unref(fut)
             if seq not in self.fetches:
                 self._abandoned.add(seq)  # a result still to come releases its outputs
-            try:
-                fut.set_exception(exc)
-            except cf.InvalidStateError:
-                pass  # done or cancelled already
+            self._fail(fut, exc)
         self.futures.clear()
         self.unaccepted.clear()
         drops = self.fetches.abort_all()
@@ -279,11 +281,7 @@ class ClientSession:
     def fail_unsent(self, exc: BaseException) -> None:
         """Fail the tasks still in the outbox (submitted while closing: never sent)."""
         for _, fut in self._outbox:
-            self._unref(fut)
-            try:
-                fut.set_exception(exc)
-            except cf.InvalidStateError:
-                pass
+            self._fail(fut, exc)
         self._outbox = []
 
     # ------------------------------------------------------------ sending
@@ -301,10 +299,7 @@ class ClientSession:
         for spec, fut in outbox:
             n = len(spec.body) + overhead
             if n > budget:
-                self._unref(fut)
-                if fut.done():  # cancelled meanwhile
-                    continue
-                fut.set_exception(ValueError(
+                self._fail(fut, ValueError(
                     f"task of {len(spec.body)} bytes is larger than the dispatcher accepts "
                     f"({budget} bytes); pass large data through files or object storage"))
                 continue
@@ -365,7 +360,7 @@ class ClientSession:
 
     # ------------------------------------------------------------ results
 
-    def _result(self, r: p.TaskResult, now: float) -> None:
+    def _result_with_files(self, r: p.TaskResult, now: float) -> None:
         """Resolve a task's future, once its outputs for this machine are fetched."""
         if r.seq in self.fetches:
             return  # sent again while its outputs are being fetched
@@ -418,13 +413,16 @@ class ClientSession:
     def _give_up(self, seq: int, exc: BaseException) -> None:
         """Fail one task's future and release what it held."""
         fut = self.futures.pop(seq, None)
-        if fut is None:
-            return
+        if fut is not None:
+            self._fail(fut, exc)
+
+    def _fail(self, fut: TaskFuture, exc: BaseException) -> None:
+        """Release what a task held and fail its future, unless it is done (cancelled) already."""
         self._unref(fut)
         try:
             fut.set_exception(exc)
         except cf.InvalidStateError:
-            pass  # cancelled meanwhile
+            pass  # done, or cancelled by a user thread a moment ago
 
     def _resolve(self, r: p.TaskResult) -> None:
         fut = self.futures.pop(r.seq, None)
@@ -449,10 +447,4 @@ class ClientSession:
             return
         digests, fut.blobs = fut.blobs, ()
         with self.lock:
-            for d in digests:
-                n = self._blob_refs.get(d, 0) - 1
-                if n <= 0:
-                    self._blob_refs.pop(d, None)
-                    self._drops.append(d)
-                else:
-                    self._blob_refs[d] = n
+            self._drops += self._inputs.release(digests)

@@ -1,4 +1,8 @@
-"""Output files of finished tasks on their way to this machine (the client's side of staging).
+"""The client's side of staging: inputs it uploaded, outputs on their way to this machine.
+
+Inputs (``inputs=[...]``) are uploaded to the dispatcher's blob store once per content,
+ahead of the first task that names them, and released (DropBlobs) when the last
+unfinished task that names them is over: :class:`InputRefs` counts them.
 
 A task that asked for outputs here (``outputs=[...]`` naming a local path, or a command's
 ``stdout=``/``stderr=`` file) finishes at the dispatcher with its outputs in the blob store.
@@ -17,6 +21,33 @@ from falconet import protocol as p
 from falconet import staging
 
 
+class InputRefs:
+    """Inputs uploaded to the dispatcher, counted by the unfinished tasks that name them."""
+
+    def __init__(self) -> None:
+        self._refs: dict[str, int] = {}  # sha256 -> unfinished tasks that need it
+
+    def __contains__(self, digest: str) -> bool:
+        """True while some unfinished task holds this input (it is at the dispatcher)."""
+        return digest in self._refs
+
+    def hold(self, digest: str, tasks: int) -> None:
+        """These many more tasks name this input."""
+        self._refs[digest] = self._refs.get(digest, 0) + tasks
+
+    def release(self, digests: tuple[str, ...]) -> list[str]:
+        """A task that named these inputs is over; returns those no task holds any more."""
+        unneeded = []
+        for d in digests:
+            n = self._refs.get(d, 0) - 1
+            if n <= 0:
+                self._refs.pop(d, None)
+                unneeded.append(d)
+            else:
+                self._refs[d] = n
+        return unneeded
+
+
 class Released(NamedTuple):
     """A held result whose files have all ended: resolve it, or fail it with error."""
 
@@ -29,11 +60,11 @@ class OutputFetches:
 
     def __init__(self) -> None:
         self.downloads = staging.Downloads()  # output blobs on their way here
-        self._held: dict[int, list] = {}  # seq -> [result, outputs still to fetch, error]
+        self.held: dict[int, list] = {}  #: seq -> [result, outputs still to fetch, error]
         self._waiting: dict[str, list[tuple[int, str]]] = {}  # output blob -> [(seq, destination)]
 
     def __contains__(self, seq: int) -> bool:
-        return seq in self._held
+        return seq in self.held
 
     def __len__(self) -> int:
         """Blobs being fetched."""
@@ -41,7 +72,7 @@ class OutputFetches:
 
     def hold(self, r: p.TaskResult, fetch: set[tuple[str, str]], now: float) -> list[p.GetBlob]:
         """Hold r until each (blob, destination) in fetch is written; returns what to ask for."""
-        self._held[r.seq] = [r, len(fetch), ""]
+        self.held[r.seq] = [r, len(fetch), ""]
         asks = []
         for digest, dest in sorted(fetch):
             ask = self.downloads.begin(
@@ -63,14 +94,14 @@ class OutputFetches:
         drops = [msg.digest] * len({seq for seq, _ in waiting})  # one release per result that held it
         released = []
         for seq, dest in waiting:
-            held = self._held.get(seq)
+            held = self.held.get(seq)
             if held is None:
                 continue
             held[1] -= 1
             if error and not held[2]:
                 held[2] = f"output for {dest} could not be fetched from the dispatcher: {error}"
             if held[1] <= 0:
-                del self._held[seq]
+                del self.held[seq]
                 released.append(Released(held[0], held[2]))
         return asks, drops, released
 
@@ -80,7 +111,7 @@ class OutputFetches:
 
     def abort_all(self) -> list[str]:
         """Drop every partial file and every held result; returns the blobs to release."""
-        self._held.clear()
+        self.held.clear()
         drops = []
         for digest in self.downloads.abort_all():
             drops += [digest] * len({seq for seq, _ in self._waiting.pop(digest)})

@@ -1,11 +1,11 @@
-"""Output files fetched to the client: results held until their files are written."""
+"""The client's side of staging: inputs counted by the tasks that hold them, outputs held until written."""
 
 from __future__ import annotations
 
 import hashlib
 
 from falconet import protocol as p
-from falconet.client_outputs import OutputFetches, Released
+from falconet.client_files import InputRefs, OutputFetches, Released
 
 DONE = int(p.TaskState.DONE)
 
@@ -57,3 +57,14 @@ def test_stalled_fetches_are_asked_again_and_abort_releases_everything(tmp_path)
     assert f.abort_all() == [digest]
     assert 1 not in f and len(f) == 0
     assert f.feed(p.BlobData(digest, 0, 1, b"x", ""), now=0.0) == ([], [], [])  # a late chunk
+
+
+def test_an_input_is_needed_until_the_last_task_naming_it_is_over():
+    refs = InputRefs()
+    assert "d1" not in refs
+    refs.hold("d1", 2)
+    refs.hold("d2", 1)
+    assert "d1" in refs
+    assert refs.release(("d1", "d2")) == ["d2"]
+    assert refs.release(("d1",)) == ["d1"]
+    assert "d1" not in refs and refs.release(("d1",)) == ["d1"]  # released twice: still once unneeded
