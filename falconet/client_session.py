@@ -186,9 +186,8 @@ class ClientSession:
             uploads, self._uploads = self._uploads, []
             self._awake = False
         self._upload_queue += uploads
-        out = self._out
+        out, futures = self._out, self.futures
         for part in self._batches(outbox):
-            futures = self.futures
             for spec, fut in part:
                 futures[spec.seq] = fut
             batch = next(self._batch)
