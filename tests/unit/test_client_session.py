@@ -437,3 +437,13 @@ def test_cf_wait_sees_cancellation_of_unsent_futures():
     h.s.cancel_all()
     done_, _ = cf.wait([fut], timeout=0)
     assert done_ == {fut}
+
+
+def test_the_outputs_of_a_task_given_up_here_are_released_when_its_result_comes():
+    h = Harness()
+    [fut] = h.submit("a")
+    h.s.fail_all(RuntimeError("closed"))
+    digest = "cd" * 32
+    files = staging.encode_result_files([("o", {"blob": digest, "size": 1, "client": "/tmp/o"})])
+    assert h.deliver(p.Results([done(fut)._replace(files=files)])) == [p.Ack([fut.seq]), p.DropBlobs([digest])]
+    assert h.deliver(p.Results([done(fut)._replace(files=files)])) == [p.Ack([fut.seq])]  # released once
