@@ -52,13 +52,13 @@ from falconet import spawn
 #   ExecResult [tid, attempt, state, output, reason, started, finished, files]          (8)
 #   TaskResult [seq, state, output, reason, executor, attempts, submitted, started,
 #               finished, files]                                                        (10)
-# Messages: Register [20, version, executor_id, hostname, addresses, cpus, memory, platform,
+# Messages: Register [20, version, executor_id, hostname, addresses, cpus, memory_mb, platform,
 # slots, pid, facts, holding] (11 fields), Report [21, credit, started, results, stats] (4).
 _HELLO, _SUBMIT, _STATUS_REQUEST, _ACK = 1, 2, 4, 7
 _WELCOME, _ACCEPTED, _RESULTS, _STATUS_REPLY, _REFUSED, _HELLO_AGAIN = 10, 11, 12, 13, 14, 15
 _REGISTER, _REPORT = 20, 21
 _REGISTERED, _TASKS, _REREGISTER, _HEARTBEAT = 30, 31, 33, 40
-_VERSION = 4
+_VERSION = 5
 _COMMAND, _DONE = 1, 3
 
 _BODY = bytes(40)  # bare_zmq: an Assignment body of about the size of a small command's
