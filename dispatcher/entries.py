@@ -135,6 +135,7 @@ class ClientEntry:
             extra.remove(self.batch_high)
         return True
 
+
 KINDS = frozenset(int(k) for k in p.TaskKind)  #: task kinds this dispatcher runs
 
 
