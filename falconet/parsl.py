@@ -38,7 +38,9 @@ log = logging.getLogger("falconet.parsl")
 #: Parsl's usual keys (those of its Work Queue and TaskVine executors) and falconet's own.
 PARSL_KEYS = frozenset({"cores", "memory", "disk", "running_time_min"})
 FALCONET_KEYS = frozenset({"tags", "where", "arch", "prefer"})
-STOP_TIMEOUT_S = 5.0  #: an embedded cluster's executors get this long to end after shutdown()
+STOP_TIMEOUT_S = 5.0  #: an embedded cluster's executors get this long to drain after shutdown()
+#: ... and this long when shutdown() abandoned running tasks: their results would go nowhere
+ABANDON_TIMEOUT_S = 1.0
 
 
 def task_options(spec: dict[str, Any] | None) -> dict[str, Any]:
@@ -64,7 +66,7 @@ def task_options(spec: dict[str, Any] | None) -> dict[str, Any]:
         nd.make(**placement)  # the one check of values, so a bad one fails at submit
     except (TypeError, ValueError) as exc:
         raise InvalidResourceSpecification(set(spec) & (PARSL_KEYS | FALCONET_KEYS), str(exc)) from None
-    options: dict[str, Any] = {k: v for k, v in placement.items() if not _default(k, v)}
+    options: dict[str, Any] = dict(placement)  # defaults (memory=0, cores=1) still make a plain task
     if "running_time_min" in spec:
         minutes = spec["running_time_min"]
         if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or minutes < 0:
@@ -72,12 +74,6 @@ def task_options(spec: dict[str, Any] | None) -> dict[str, Any]:
                 {"running_time_min"}, f"running_time_min is minutes, 0 or more, not {minutes!r}")
         options["walltime_s"] = float(minutes) * 60.0
     return options
-
-
-def _default(key: str, value: Any) -> bool:
-    """A value that asks for nothing (Parsl configs often pass memory=0, disk=0)."""
-    return (key, value) in {("memory", 0), ("cpus", 1), ("where", "any"), ("prefer", ""), ("arch", "")} \
-        or (key == "tags" and not value)
 
 
 class FalconetExecutor(ParslExecutor, RepresentationMixin):
@@ -162,16 +158,18 @@ class FalconetExecutor(ParslExecutor, RepresentationMixin):
     def shutdown(self) -> None:
         """Cancel what has not finished, disconnect, and stop an embedded cluster."""
         client, self.client = self.client, None
+        unfinished: list[TaskFuture] = []
         if client is not None:
             with self._lock:
                 unfinished = list(self._futures.values())
             for fut in unfinished:
                 fut.cancel()  # not started: dropped by the dispatcher; running: its result is ignored
             client.close(cancel=True)
-        self._stop_cluster()
+        self._stop_cluster(ABANDON_TIMEOUT_S if unfinished else STOP_TIMEOUT_S)
         super().shutdown()
 
-    def _stop_cluster(self) -> None:
+    def _stop_cluster(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Drain and stop the embedded cluster; what still runs after timeout_s is killed."""
         cluster, self.cluster = self.cluster, None
         if cluster is not None:
-            cluster.stop(timeout_s=STOP_TIMEOUT_S)
+            cluster.stop(timeout_s=timeout_s)
