@@ -31,17 +31,19 @@ if [ "$(id -u)" = 0 ]; then
 fi
 DESELECT=()
 while read -r test_id; do
-    DESELECT+=(--deselect "$PARSL_TESTS/$test_id")
+    DESELECT+=(--deselect "$test_id")  # node ids are relative to --rootdir, below
 done < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' tests/parsl/exclusions.txt | grep -v '^$')
 
 suite() {  # suite NAME CONFIG [PYTEST ARGS...]: Parsl's suite on one config, a JUnit file in $OUT
     local name=$1 config=$2
     shift 2
     echo "== Parsl's test suite on $name ($config)"
-    # Run where its scratch folder (pytest-parsl/) goes to $OUT; the exit status is the
+    # Run where its scratch folder (pytest-parsl/) goes to $OUT, with Parsl's folder as the
+    # root and no ini file (not falconet's pyproject.toml).  The exit status is the
     # comparison's to judge, as a test may fail on both configs for reasons of the machine.
     (cd "$OUT" && "../$VENV/bin/pytest" "$PARSL_TESTS" --config "$config" -k "$SELECT" -q \
-        -p no:cacheprovider --timeout 120 --junitxml "$name.xml" "$@") || true
+        --rootdir "$PARSL_TESTS" -c /dev/null -p no:cacheprovider --timeout 120 \
+        --junitxml "$name.xml" "$@") || true
 }
 suite threads "$PARSL_TESTS/configs/local_threads.py"
 suite falconet "$PWD/tests/parsl/falconet_config.py" "${DESELECT[@]}"

@@ -5,7 +5,8 @@
 Every test that passes on Parsl's ThreadPoolExecutor must pass on falconet, unless
 exclusions.txt lists it with its reason (those are deselected from the falconet run).
 Prints the counts of both runs and each difference; exits 1 when falconet fails a test
-the threads pass, or when the two runs did not select the same tests.
+the threads pass, when the two runs did not select the same tests, or when an excluded
+test ran all the same.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def compare(threads: dict[str, str], falconet: dict[str, str], excluded: dict[st
         elif outcome == PASSED and falconet[test_id] != PASSED:
             problems.append(f"{test_id}: passed on threads, {falconet[test_id]} on falconet")
     problems += [f"{t}: ran on falconet, not on threads" for t in sorted(set(falconet) - set(threads))]
+    problems += [f"{t}: excluded, yet it ran on falconet (is its id right?)" for t in sorted(excluded)
+                 if t in falconet]
     return problems
 
 
