@@ -7,7 +7,8 @@
 #     latter without the tests listed in tests/parsl/exclusions.txt;
 #  3. the comparison: every test that passes on threads must pass on falconet (one that
 #     does not runs again once, as a few of Parsl's tests are timing-sensitive);
-#  4. falconet's own Parsl tests, tests/integration/test_parsl.py.
+#  4. falconet's own Parsl tests, tests/unit/test_parsl_options.py and
+#     tests/integration/test_parsl.py.
 # About 3 minutes on 2 cores, most of it the install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,4 +67,4 @@ fi
 
 echo "== falconet's own Parsl tests"
 # The venv's pytest, not python -m pytest: the installed falconet, not the source folder.
-"$VENV/bin/pytest" tests/integration/test_parsl.py -q -p no:cacheprovider
+"$VENV/bin/pytest" tests/unit/test_parsl_options.py tests/integration/test_parsl.py -q -p no:cacheprovider
