@@ -9,7 +9,7 @@
 #     does not runs again once, as a few of Parsl's tests are timing-sensitive);
 #  4. falconet's own Parsl tests, tests/unit/test_parsl_options.py and
 #     tests/integration/test_parsl.py.
-# About 3 minutes on 2 cores, most of it the install.
+# About 1.5 to 3 minutes on 2 cores, most of it the install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
