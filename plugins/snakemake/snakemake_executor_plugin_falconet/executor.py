@@ -106,7 +106,8 @@ class Executor(RemoteExecutor):
         """Tell Snakemake, with the end of stderr in the message and the whole output in a log."""
         aux_logs = []
         if result.log:
-            path = os.path.join(LOG_DIR, f"{self.get_jobname(job_info.job)}.attempt{job_info.job.attempt}.log")
+            name = self.get_jobname(job_info.job).removesuffix(".sh")
+            path = os.path.join(LOG_DIR, f"{name}.attempt{job_info.job.attempt}.log")
             try:
                 os.makedirs(LOG_DIR, exist_ok=True)
                 with open(path, "w") as fh:
