@@ -29,6 +29,7 @@ from snakemake_executor_plugin_falconet import jobs
 LOG_DIR = os.path.join(".snakemake", "falconet_logs")  #: failed jobs' output, one file per attempt
 SAFETY_WAKE_S = 5.0  #: the status thread looks again after this long even if no future woke it
 CANCEL_STOP_S = 2.0  #: on cancel, running jobs get this long before the embedded cluster is killed
+DRAIN_S = 10.0  #: at the end of a run, the embedded cluster's time to leave before it is killed
 
 
 class Executor(RemoteExecutor):
@@ -119,6 +120,8 @@ class Executor(RemoteExecutor):
 
     async def sleep(self) -> None:
         """Until a future completes (or, as a safety net, the status-check interval passes)."""
+        if not self.wait:  # shutdown() set this before it woke us: it may have woken us too early
+            return
         interval_s = self.workflow.remote_execution_settings.seconds_between_status_checks
         await asyncio.to_thread(self._changed.wait, interval_s or SAFETY_WAKE_S)
 
@@ -136,8 +139,9 @@ class Executor(RemoteExecutor):
             self.wait = False
         self._wake()  # the status thread is asleep until something wakes it
         super().shutdown()
-        self._client.close(cancel=self._cancelling)
-        self._stop_cluster(CANCEL_STOP_S if self._cancelling else 10.0)
+        # Whatever has no result now, Snakemake no longer waits for: the dispatcher drops it.
+        self._client.close(cancel=True)
+        self._stop_cluster(CANCEL_STOP_S if self._cancelling else DRAIN_S)
 
     def _stop_cluster(self, timeout_s: float) -> None:
         """Drain the embedded executor (running jobs get timeout_s, then are killed)."""
