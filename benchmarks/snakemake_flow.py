@@ -74,7 +74,7 @@ def available(python: str | None = None) -> str | None:
 
 def run(samples: int = 70, cores: int = 2, python: str | None = None, group_components: int = 35) -> dict:
     """Run the workflow each way; {"jobs", "local_s", "falconet_s"[, "falconet_grouped_s"]}."""
-    python = python or sys.executable
+    python = _resolve(python or sys.executable)
     if available(python) is None:
         raise RuntimeError(f"{python} cannot import snakemake and snakemake_executor_plugin_falconet; "
                            "install them there: pip install snakemake ./plugins/snakemake")
@@ -88,6 +88,11 @@ def run(samples: int = 70, cores: int = 2, python: str | None = None, group_comp
     for name, args in runs.items():
         result[name] = round(_timed_run(python, [*args, *common], samples), 2)
     return result
+
+
+def _resolve(python: str) -> str:
+    """An interpreter path that still works from the runs' own directories."""
+    return os.path.abspath(python) if os.sep in python else (shutil.which(python) or python)
 
 
 def _timed_run(python: str, args: list[str], samples: int) -> float:

@@ -94,3 +94,14 @@ def _alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_tags_reach_the_dispatcher_and_a_job_no_executor_can_run_fails_with_the_reason(tmp_path: Path) -> None:
+    workdir = copy_workflow("needs", tmp_path)
+    run = run_snakemake(workdir, "--executor", "falconet", "--jobs", "2", "--falconet-slots", "2", "--keep-going")
+    log = run.stdout + run.stderr
+    assert run.returncode == 1, log
+    assert (workdir / "cpu.txt").exists()  # site=local: every executor here has it
+    assert not (workdir / "gpu.txt").exists()
+    assert "Error in rule gpu" in log and "falconet could not run the job:" in log, log
+    assert "gpu" in log.split("falconet could not run the job:")[1].splitlines()[0], log
