@@ -21,7 +21,7 @@ start and stop):
                        group_components > 0
 
 Snakemake runs every job of a remote executor as its own ``python -m snakemake`` process
-(about a second of CPU before the rule's command starts), which is what the ungrouped run
+(about 2 s of CPU before the rule's command starts), which is what the ungrouped run
 pays per job; grouping is Snakemake's way to amortise it.  Only the standard library is
 imported here: Snakemake runs in the interpreter given as ``python`` (default: this one).
 """

@@ -27,7 +27,7 @@ def copy_workflow(name: str, tmp_path: Path) -> Path:
 
 def test_a_few_hundred_jobs_with_a_failing_rule_and_retries(tmp_path: Path) -> None:
     workdir = copy_workflow("farm", tmp_path)
-    # Each job runs as its own `python -m snakemake` (about a second of CPU before the rule
+    # Each job runs as its own `python -m snakemake` (about 2 s of CPU before the rule
     # starts), so most jobs are grouped, as one does with tiny jobs on any remote executor:
     # each sample's three jobs form a component, 30 components one falconet task.
     run = run_snakemake(workdir, "--executor", "falconet", "--jobs", "8", "--falconet-slots", "2",
