@@ -185,7 +185,7 @@ def session(address: str, **client_options: Any) -> Iterator[Client]:
     try:
         yield client
     except BaseException:
-        client.close(cancel=True)
+        client.close(cancel=True, wait=False)
         raise
     finally:
         client.close()
