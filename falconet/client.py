@@ -294,11 +294,13 @@ class Client:
             if now - at < max_age_s:
                 return count
             try:
-                count = max(1, int(self.status()["slots"]))
+                found = int(self.status()["slots"])
             except DispatcherUnavailable:
-                pass  # the last count (1 before any) until the dispatcher answers
-            self._slots = (count, time.monotonic())
-            return count
+                return count  # the last count (1 before any) until the dispatcher answers
+            if found < 1:
+                return 1  # no executor yet: ask again next time
+            self._slots = (found, time.monotonic())
+            return found
 
     # ------------------------------------------------------------ the I/O thread
 
