@@ -366,14 +366,19 @@ class Core:
     def _report(self, ex: ExecutorEntry, msg: p.Report, now: float) -> None:
         tasks = ex.tasks
         if msg.started:
-            started = self._started_pending
+            # A task that also finishes in this report needs no Started: its result says more.
+            ending = {r.tid for r in msg.results} if msg.results else ()
+            last = None
             for tid, attempt in msg.started:
                 t = tasks.get(tid)
                 if t is not None and t.attempt == attempt and t.state == _DISPATCHED:
                     self._move(t, _RUNNING)
+                    if tid in ending:
+                        continue
                     client = t.client
                     client.started.append(t.seq)  # told in one Started per client per turn
-                    started[client.peer] = client
+                    if client is not last:
+                        self._started_pending[client.peer] = last = client
         if msg.stats:
             note_stats(self.cache_totals, ex, msg.stats)
         if msg.results:

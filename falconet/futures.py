@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from falconet.client import Client
 
 _CANCELLED = int(p.TaskState.CANCELLED)
-_PENDING_STATE = cf._base.PENDING  # the stdlib's state string for a future not yet running
+# The standard library's state strings (concurrent.futures._base), for mark_running
+_PENDING_STATE, _RUNNING_STATE = cf._base.PENDING, cf._base.RUNNING
 
 
 class TaskFuture(cf.Future):
@@ -64,10 +65,11 @@ class TaskFuture(cf.Future):
 
     def mark_running(self) -> bool:
         """The task started: mark the future running, unless it is cancelled or done."""
-        with self._condition:
+        with self._condition:  # set_running_or_notify_cancel() on a pending future, inlined
             if self._state != _PENDING_STATE:
                 return False
-            return self.set_running_or_notify_cancel()
+            self._state = _RUNNING_STATE
+            return True
 
     def _cancel_once(self) -> bool:
         """Cancel and notify waiters; True only for the call that did it (a second cancel()
