@@ -13,6 +13,8 @@ import concurrent.futures as cf
 import gc
 import itertools
 import os
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -411,6 +413,43 @@ def test_leaving_a_client_block_waits_for_its_work(local_cluster, gates, tmp_pat
     Gates.open(gate)
     leaver.join(RESULT_S)
     assert futures[0].result(0) == "finished" and (tmp_path / "done").read_text() == "finished"
+
+
+_SCRIPT = """
+import os, sys, time
+import falconet
+
+def task(started, gate, out):
+    open(started, "w").close()
+    while not os.path.exists(gate):
+        time.sleep(0.005)
+    open(out, "w").write("done")
+
+client = falconet.Client(sys.argv[1])
+client.submit(task, *sys.argv[2:5])
+print("submitted", flush=True)
+# the script ends here, its client open and its task running
+"""
+
+
+def test_a_script_that_ends_with_a_client_open_waits_for_its_work(local_cluster, gates, tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(_SCRIPT)
+    started, gate, out = tmp_path / "started", gates.new(), tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), local_cluster.client_address, str(started), gate,
+                             str(out)], stdout=subprocess.PIPE, cwd=tmp_path)
+    try:
+        assert proc.stdout.readline() == b"submitted\n"
+        wait_until(started.exists, what="the script's task to start")
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(0.3)  # its main code is over: it waits for the task
+        Gates.open(gate)
+        assert proc.wait(RESULT_S) == 0
+        assert out.read_text() == "done"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 def test_close_without_wait_returns_at_once_and_fails_what_is_left(local_cluster, gates):
