@@ -413,7 +413,9 @@ class Client:
         the work they submitted.  cancel first cancels every task not yet started (those
         running finish).  wait=False returns at once: the futures still unfinished fail
         here, and their tasks (cancelled or not) are no longer this client's concern.
-        Ctrl-C while waiting cancels what has not started and closes without waiting.
+        Ctrl-C while waiting cancels what has not started and closes without waiting.  A
+        dispatcher that stays silent fails the tasks out after dispatcher_timeout_s, which
+        ends the wait.
         """
         if self._closed:
             return
