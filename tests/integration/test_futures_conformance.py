@@ -197,12 +197,20 @@ def test_cancel_of_a_running_task_returns_false_and_it_finishes(pool, gates):
     assert fut.result(RESULT_S) == "held-0"
 
 
-def test_cancel_of_a_waiting_task_succeeds_twice_and_it_never_runs(pool, gates, tmp_path):
+def cancelled_at_the_dispatcher(client) -> int:
+    return client.status()["tasks"]["cancelled"]
+
+
+def test_cancel_of_a_waiting_task_succeeds_twice_and_it_never_runs(client, pool, gates, tmp_path):
     held = fill_slots(pool, gates)
     marker = tmp_path / "ran"
+    before = cancelled_at_the_dispatcher(client)
     waiting = pool.submit(write_after, gates.new(), str(marker), 1)
     assert waiting.cancel() is True and waiting.cancel() is True  # a second cancel is harmless
     assert waiting.cancelled() and waiting.done() and not waiting.running()
+    # The cancel travels to the dispatcher (and maybe the executor) while the slots stay
+    # held; freeing one first would race it, as the README says.
+    wait_until(lambda: cancelled_at_the_dispatcher(client) == before + 1, what="the cancel to take effect")
     with pytest.raises(cf.CancelledError):
         waiting.result(0)
     with pytest.raises(cf.CancelledError):
