@@ -45,7 +45,7 @@ import zmq
 
 from falconet import spawn
 
-# Message tags and record layouts of falconet.protocol (PROTOCOL_VERSION 4), spelled out so
+# Message tags and record layouts of falconet.protocol (PROTOCOL_VERSION 6), spelled out so
 # the helper loops run without falconet code: the bytes on the wire are the same.  Records:
 #   TaskSpec   [seq, kind, body, retries, walltime_s, needs, files]                      (7)
 #   Assignment [tid, attempt, kind, body, walltime_s, cpus, files]                      (7)
@@ -55,10 +55,10 @@ from falconet import spawn
 # Messages: Register [20, version, executor_id, hostname, addresses, cpus, memory_mb, platform,
 # slots, pid, facts, holding] (11 fields), Report [21, credit, started, results, stats] (4).
 _HELLO, _SUBMIT, _STATUS_REQUEST, _ACK = 1, 2, 4, 7
-_WELCOME, _ACCEPTED, _RESULTS, _STATUS_REPLY, _REFUSED, _HELLO_AGAIN = 10, 11, 12, 13, 14, 15
+_WELCOME, _ACCEPTED, _RESULTS, _STATUS_REPLY, _REFUSED, _HELLO_AGAIN, _STARTED = 10, 11, 12, 13, 14, 15, 16
 _REGISTER, _REPORT = 20, 21
 _REGISTERED, _TASKS, _REREGISTER, _HEARTBEAT = 30, 31, 33, 40
-_VERSION = 5
+_VERSION = 6
 _COMMAND, _DONE = 1, 3
 
 _BODY = bytes(40)  # bare_zmq: an Assignment body of about the size of a small command's
@@ -83,10 +83,11 @@ def _check_protocol() -> None:
 
     m = p.MsgType
     ours = (_HELLO, _SUBMIT, _STATUS_REQUEST, _ACK, _WELCOME, _ACCEPTED, _RESULTS, _STATUS_REPLY, _REFUSED,
-            _HELLO_AGAIN, _REGISTER, _REPORT, _REGISTERED, _TASKS, _REREGISTER, _HEARTBEAT, _VERSION, _COMMAND, _DONE)
+            _HELLO_AGAIN, _STARTED, _REGISTER, _REPORT, _REGISTERED, _TASKS, _REREGISTER, _HEARTBEAT, _VERSION,
+            _COMMAND, _DONE)
     theirs = (m.HELLO, m.SUBMIT, m.STATUS_REQUEST, m.ACK, m.WELCOME, m.ACCEPTED, m.RESULTS, m.STATUS_REPLY, m.REFUSED,
-              m.HELLO_AGAIN, m.REGISTER, m.REPORT, m.REGISTERED, m.TASKS, m.REREGISTER, m.HEARTBEAT, p.PROTOCOL_VERSION,
-              p.TaskKind.COMMAND, p.TaskState.DONE)
+              m.HELLO_AGAIN, m.STARTED, m.REGISTER, m.REPORT, m.REGISTERED, m.TASKS, m.REREGISTER, m.HEARTBEAT,
+              p.PROTOCOL_VERSION, p.TaskKind.COMMAND, p.TaskState.DONE)
     layouts = (len(p.Register._names), len(p.Report._names), len(p.TaskSpec._fields), len(p.Assignment._fields),
                len(p.ExecResult._fields), len(p.TaskResult._fields))
     if ours != theirs or layouts != (11, 4, 7, 7, 8, 10):
@@ -494,7 +495,7 @@ class _Client:
         deadline = time.monotonic() + timeout
         while True:
             frame = self._recv(max(0.01, deadline - time.monotonic()))
-            if frame[1] in (_RESULTS, _ACCEPTED):
+            if frame[1] in (_RESULTS, _ACCEPTED, _STARTED):
                 continue
             msg = msgpack.unpackb(frame)
             if done(msg[0], msg):

@@ -183,7 +183,7 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
-WORKLOADS = ("throughput", "sleep", "latency", "dispatch", "memory", "scale", "peers", "provisioning")
+WORKLOADS = ("throughput", "sleep", "latency", "dispatch", "memory", "scale", "peers", "provisioning", "engines")
 
 
 def run(quick: bool = False, only: tuple[str, ...] = (), log: Callable[[str], None] = print) -> dict:
@@ -201,6 +201,7 @@ def run(quick: bool = False, only: tuple[str, ...] = (), log: Callable[[str], No
                                                    runs=plan.scale_runs) for n in plan.scale_executors],
         "peers": lambda: peers(plan),
         "provisioning": lambda: _provisioning(plan),
+        "engines": lambda: _engines().run(quick),  # workflow engines on falconet vs their own
     }
     for name in chosen:
         t0 = time.perf_counter()
@@ -214,6 +215,12 @@ def _dispatch_module() -> Any:
     from falconet.benchmarks import dispatch
 
     return dispatch
+
+
+def _engines() -> Any:
+    from falconet.benchmarks import engines
+
+    return engines
 
 
 def _provisioning(plan: Plan) -> list[dict]:
@@ -375,6 +382,8 @@ def table(r: dict) -> str:
                      f"({min(x['all_registered_s'] for x in row['runs']):.1f}-"
                      f"{max(x['all_registered_s'] for x in row['runs']):.1f}), "
                      f"{row['total_api_calls']} EC2 API calls ({calls})")
+    if "engines" in r:
+        lines += _engines().lines(r["engines"])
     lines.append("")
     lines.append("target | required | measured | met")
     for name, need, got, met in targets(r):

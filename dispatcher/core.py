@@ -96,6 +96,7 @@ class Core:
         self.rate = Rate(config.rate_window_s)  #: completions, for the tasks/s figure
         self._next_tid = 1
         self._results_pending: dict[bytes, ClientEntry] = {}
+        self._started_pending: dict[bytes, ClientEntry] = {}  # clients with tasks started this turn
         self.to_clients: list[tuple[bytes, Any]] = []
         self.to_executors: list[tuple[bytes, Any]] = []
         self.endpoints: dict[str, str] = {}  #: bound addresses, set by the server, shown in status
@@ -364,10 +365,20 @@ class Core:
 
     def _report(self, ex: ExecutorEntry, msg: p.Report, now: float) -> None:
         tasks = ex.tasks
-        for tid, attempt in msg.started:
-            t = tasks.get(tid)
-            if t is not None and t.attempt == attempt and t.state == _DISPATCHED:
-                self._move(t, _RUNNING)
+        if msg.started:
+            # A task that also finishes in this report needs no Started: its result says more.
+            ending = {r.tid for r in msg.results} if msg.results else ()
+            last = None
+            for tid, attempt in msg.started:
+                t = tasks.get(tid)
+                if t is not None and t.attempt == attempt and t.state == _DISPATCHED:
+                    self._move(t, _RUNNING)
+                    if tid in ending:
+                        continue
+                    client = t.client
+                    client.started.append(t.seq)  # told in one Started per client per turn
+                    if client is not last:
+                        self._started_pending[client.peer] = last = client
         if msg.stats:
             note_stats(self.cache_totals, ex, msg.stats)
         if msg.results:
@@ -570,6 +581,11 @@ class Core:
         result files and departed executors.  The records must be on disk before any of
         the messages is sent."""
         journal = self.journal
+        if self._started_pending:  # before the Results: a task starts before it finishes
+            for peer, client in self._started_pending.items():
+                self.to_clients.append((peer, p.Started(client.started)))
+                client.started = []
+            self._started_pending.clear()
         for peer, client in self._results_pending.items():
             results, client.results = client.results, []
             client.unacked.update([(r[0], r) for r in results])

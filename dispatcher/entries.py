@@ -112,13 +112,15 @@ def caps_of(info: p.Register) -> nd.Caps:
 class ClientEntry:
     """A client session: its identity, name, per-state task counts and undelivered results."""
 
-    __slots__ = ("peer", "name", "counts", "results", "unacked", "welcomed", "batch_high", "batch_extra")
+    __slots__ = ("peer", "name", "counts", "results", "started", "unacked", "welcomed", "batch_high",
+                 "batch_extra")
 
     def __init__(self, peer: bytes, name: str, *, welcomed: bool = True):
         self.peer = peer
         self.name = name
         self.counts = [0] * len(TaskState)
         self.results: list[p.TaskResult] = []  #: finished this turn, not yet sent
+        self.started: list[int] = []  #: seqs that started running this turn, not yet sent
         self.unacked: dict[int, p.TaskResult] = {}  #: sent, kept until the client's Ack
         self.welcomed = welcomed  #: False for a client known only from the journal: it must say Hello
         self.batch_high = 0  #: every batch number from 1 up to this one was accepted

@@ -440,12 +440,20 @@ class Pull:
         # waits for this loop between tasks.  Long ones: a slot takes work only when free,
         # so work is not tied to a busy slot while another frees up.
         pipeline = self.mean_s is not None and self.mean_s < PIPELINE_BELOW_S
-        used = sum(s.cpus for s in self.slots)
-        for i, slot in enumerate(self.slots):
+        slots = self.slots
+        used = sum(s.cpus for s in slots)
+        # Idle slots first: a task must not wait behind a running one while a slot is free.
+        order = [i for i, s in enumerate(slots) if not s.chunk]
+        if pipeline and len(order) < len(slots):
+            order += [i for i, s in enumerate(slots) if s.chunk]
+        for i in order:
+            slot = slots[i]
             if not queue:
                 return
             head = queue[0]
-            alone = head.cpus > 1 or bool(head.files)  # multi-cpu and staged tasks go alone
+            # Multi-cpu, staged and wall-time tasks go alone, and never wait behind another
+            # task in a slot (a wall-time clock starts when the task is handed over).
+            alone = head.cpus > 1 or bool(head.files) or head.walltime_s > 0
             if slot.chunk and (alone or slot.cpus > 1 or not (pipeline and len(slot.chunk) == 1)):
                 continue
             if not slot.chunk:

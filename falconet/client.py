@@ -13,6 +13,7 @@ executor are in :mod:`falconet.futures`.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures as cf
 import itertools
 import logging
@@ -22,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -41,6 +43,7 @@ __all__ = ["DEFAULT_RETRIES", "HELLO_AGAIN_S", "PING_S", "Client", "FalconetExec
 log = logging.getLogger("falconet.client")
 
 DEFAULT_RETRIES = 3
+SLOTS_MAX_AGE_S = 1.0  #: how long Client.slots() trusts its last count
 
 
 def _session_attribute(name: str, doc: str) -> property:
@@ -81,11 +84,14 @@ class Client:
         self._spool_dir = ""  # copies of inputs waiting to be uploaded
         self._wake_r, self._wake_w = os.pipe()
         self._closed = False
+        self._slots = (1, -SLOTS_MAX_AGE_S)  # (count, when read) for slots()
+        self._slots_lock = threading.Lock()
         self._link = link.Link.UNKNOWN  # what connecting came to, until the Welcome
         self._ctx = zmq.Context()
         self._thread = threading.Thread(target=self._io_loop, name="falconet-client", daemon=True)
         self._thread.start()
         self._wait_for_welcome(connect_timeout_s)
+        _OPEN.add(self)
 
     def _wait_for_welcome(self, timeout_s: float) -> None:
         """Return once the dispatcher welcomed this client; else close and raise why not."""
@@ -148,8 +154,17 @@ class Client:
     def map(self, fn: Callable[..., Any], *iterables: Iterable, timeout: float | None = None,
             chunksize: int = 1, retries: int | None = None, walltime_s: float | None = None,
             **placement: Any) -> Iterator[Any]:
-        """Like concurrent.futures.Executor.map: results in order; fn is pickled once.
+        """Like concurrent.futures.Executor.map: every call is submitted now, results come in
+        order, the timeout counts from this call; fn is pickled once.
         placement: requirements and files for every call, as for submit_python."""
+        deadline_from = time.monotonic()
+        futures = self.map_futures(fn, *iterables, retries=retries, walltime_s=walltime_s, **placement)
+        left = None if timeout is None else timeout - (time.monotonic() - deadline_from)
+        return results_in_order(futures, left)
+
+    def map_futures(self, fn: Callable[..., Any], *iterables: Iterable, retries: int | None = None,
+                    walltime_s: float | None = None, **placement: Any) -> list[TaskFuture]:
+        """Submit fn over the iterables (as map does) and return the futures, in order."""
         extra = self._placement(placement)
         fn_data = tasks.pickle_function(fn)
         name = _name(fn)
@@ -161,7 +176,7 @@ class Client:
                 futures += self._enqueue(batch, retries, walltime_s, *extra)
                 batch = []
         futures += self._enqueue(batch, retries, walltime_s, *extra)
-        return results_in_order(futures, timeout)
+        return futures
 
     def check_output_cap(self, output_cap: int) -> None:
         """Raise RefusedError for a raised output cap over the dispatcher's --max-output-bytes
@@ -267,8 +282,25 @@ class Client:
             os.write(self._wake_w, b"x")
 
     def executor(self) -> FuturesExecutor:
-        """A concurrent.futures.Executor over this client."""
+        """A concurrent.futures.Executor over this client (its shutdown leaves the client open)."""
         return FuturesExecutor(self)
+
+    def slots(self, max_age_s: float = SLOTS_MAX_AGE_S) -> int:
+        """Slots of the executors connected to the dispatcher now (at least 1): how many tasks
+        run at once.  Read from status, and cached for max_age_s."""
+        now = time.monotonic()
+        with self._slots_lock:
+            count, at = self._slots
+            if now - at < max_age_s:
+                return count
+            try:
+                found = int(self.status()["slots"])
+            except DispatcherUnavailable:
+                return count  # the last count (1 before any) until the dispatcher answers
+            if found < 1:
+                return 1  # no executor yet: ask again next time
+            self._slots = (found, time.monotonic())
+            return found
 
     # ------------------------------------------------------------ the I/O thread
 
@@ -373,16 +405,42 @@ class Client:
 
     # ------------------------------------------------------------ closing
 
-    def close(self, cancel: bool = False) -> None:
-        """Stop the I/O thread; with cancel, ask the dispatcher to drop the unfinished tasks.
+    def close(self, cancel: bool = False, wait: bool = True) -> None:
+        """Wait for the tasks submitted to finish, then stop the I/O thread.
 
-        Without cancel, tasks already submitted keep running at the dispatcher.
+        As concurrent.futures' ``shutdown(wait=True)``: a ``with Client(...)`` or
+        ``falconet.local()`` block, and a script that ends with a client open, wait for
+        the work they submitted.  cancel first cancels every task not yet started (those
+        running finish).  wait=False returns at once: the futures still unfinished fail
+        here, and their tasks (cancelled or not) are no longer this client's concern.
+        Ctrl-C while waiting cancels what has not started and closes without waiting.  A
+        dispatcher that stays silent fails the tasks out after dispatcher_timeout_s, which
+        ends the wait.
         """
-        if cancel and not self._closed:
-            self._session.cancel_all()
         if self._closed:
             return
+        if cancel:
+            self._session.cancel_unstarted()
+        if wait and self._thread.is_alive() and threading.current_thread() is not self._thread:
+            try:
+                self._wait_outstanding()
+            except BaseException:
+                self._session.cancel_unstarted()
+                self.close(wait=False)
+                raise
+        self._close_now()
+
+    def _wait_outstanding(self) -> None:
+        """Wait until every task submitted so far has finished (or was cancelled)."""
+        while True:
+            futures = self._session.outstanding()
+            if not futures:
+                return
+            cf.wait(futures)
+
+    def _close_now(self) -> None:
         self._closed = True
+        _OPEN.discard(self)
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             os.write(self._wake_w, b"x")
             self._thread.join()
@@ -401,8 +459,23 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        """Wait for the work submitted; after an error, cancel what has not started instead."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.close(cancel=True, wait=False)
+
+
+#: Clients not yet closed: a script that ends with one open waits for its work, as
+#: concurrent.futures does for its executors.
+_OPEN: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_clients() -> None:
+    for client in list(_OPEN):
+        client.close()
 
 
 _PLACEMENT = frozenset({"cpus", "memory", "arch", "tags", "where", "prefer", "inputs", "outputs"})

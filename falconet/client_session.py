@@ -63,6 +63,7 @@ class ClientSession:
         self.lock = threading.Lock()
         # Shared with user threads, under lock:
         self._outbox: list[Queued] = []
+        self._flushing: list[Queued] = []  # taken from the outbox, not yet in futures
         self._control: list[Any] = []  # StatusRequest, Release, FleetReport messages to send
         self._cancels: list[int] = []
         self._uploads: list[tuple[str, str]] = []  # (sha256, path) of inputs to send before the tasks
@@ -137,14 +138,21 @@ class ClientSession:
             self._status_waiters.pop(req, None)
             self._status_asked.pop(req, None)
 
-    def cancel_all(self) -> None:
-        """Ask the dispatcher to drop every unfinished task; the unsent are cancelled here."""
+    def outstanding(self) -> list[TaskFuture]:
+        """The futures of every task submitted and not finished (some may be done by now)."""
         with self.lock:
-            self._cancels += [seq for seq, f in list(self.futures.items()) if not f.done()]
+            queued = [f for _, f in self._outbox] + [f for _, f in self._flushing]
+        return [f for f in queued + list(self.futures.values()) if not f.done()]
+
+    def cancel_unstarted(self) -> None:
+        """Cancel every task that has not started (here, and at the dispatcher)."""
+        with self.lock:
             dropped, self._outbox = self._outbox, []
         for _, fut in dropped:  # never sent: cancelled here, and their inputs released
             self._unref(fut)
             fut.cancel_here()
+        for fut in self.outstanding():
+            fut.cancel()  # False for a running one: it finishes
 
     def pending(self) -> int:
         """Tasks submitted that have no result yet."""
@@ -185,6 +193,7 @@ class ClientSession:
             cancels, self._cancels = self._cancels, []
             uploads, self._uploads = self._uploads, []
             self._awake = False
+            self._flushing = outbox  # outstanding() sees them until they are in futures
         self._upload_queue += uploads
         out, futures = self._out, self.futures
         for part in self._batches(outbox):
@@ -193,6 +202,7 @@ class ClientSession:
             batch = next(self._batch)
             self.unaccepted[batch] = specs = [s for s, _ in part]
             out.append(p.Submit(batch, specs))
+        self._flushing = []
         if cancels:  # after the submits, so a cancel never overtakes its task
             out.append(p.Cancel(cancels))
         out += control
@@ -225,6 +235,12 @@ class ClientSession:
                 else:
                     resolve(r)
             self._acks += [r.seq for r in msg.results]
+        elif kind is p.Started:
+            futures = self.futures
+            for seq in msg.seqs:
+                fut = futures.get(seq)
+                if fut is not None:
+                    fut.mark_running()
         elif kind is p.BlobData:
             self._on_blob(msg, now)
         elif kind is p.Accepted:

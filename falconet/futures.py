@@ -9,6 +9,7 @@ calls on falconet's executors.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -22,10 +23,17 @@ if TYPE_CHECKING:
     from falconet.client import Client
 
 _CANCELLED = int(p.TaskState.CANCELLED)
+# The standard library's state strings (concurrent.futures._base), for mark_running
+_PENDING_STATE, _RUNNING_STATE = cf._base.PENDING, cf._base.RUNNING
 
 
 class TaskFuture(cf.Future):
-    """A Future for one task; ``info`` holds the dispatcher's record once it finished."""
+    """A Future for one task; ``info`` holds the dispatcher's record once it finished.
+
+    It is *running* once the dispatcher reports that an executor handed the task to a slot
+    (a ``Started`` message); from then on :meth:`cancel` returns False, as with the
+    standard library's executors.
+    """
 
     def __init__(self, client: Client, seq: int, kind: int, label: str = ""):
         super().__init__()
@@ -39,7 +47,13 @@ class TaskFuture(cf.Future):
         self._client = client
 
     def cancel(self) -> bool:
-        """Cancel locally and ask the dispatcher to drop the task if it has not started."""
+        """Cancel a task that has not started; False once it runs or finished.
+
+        The dispatcher drops the task if it has not been dispatched, the executor if it has
+        not started it.  A cancel that crosses the task's start on the wire (the future was
+        not yet marked running) returns True, and the task may still run: its result is
+        discarded.  Calling it again is harmless.
+        """
         if self._cancel_once():
             self._client._cancel(self.seq)
             return True
@@ -48,6 +62,14 @@ class TaskFuture(cf.Future):
     def cancel_here(self) -> bool:
         """Mark the future cancelled, telling no one (a task that was never sent)."""
         return self._cancel_once() or self.cancelled()
+
+    def mark_running(self) -> bool:
+        """The task started: mark the future running, unless it is cancelled or done."""
+        with self._condition:  # set_running_or_notify_cancel() on a pending future, inlined
+            if self._state != _PENDING_STATE:
+                return False
+            self._state = _RUNNING_STATE
+            return True
 
     def _cancel_once(self) -> bool:
         """Cancel and notify waiters; True only for the call that did it (a second cancel()
@@ -62,7 +84,8 @@ class TaskFuture(cf.Future):
 def settle(fut: TaskFuture, r: p.TaskResult) -> None:
     """Set a future from its result (raises InvalidStateError if it was just cancelled)."""
     if r.state == _CANCELLED:
-        fut.cancel_here()
+        if not fut.cancel_here():  # it was reported running: it can no longer be cancelled
+            fut.set_exception(cf.CancelledError(r.reason or "cancelled"))
         return
     try:
         if fut.kind == p.TaskKind.COMMAND:
@@ -83,47 +106,86 @@ def settle(fut: TaskFuture, r: p.TaskResult) -> None:
 
 def results_in_order(futures: list[TaskFuture], timeout: float | None,
                      clock: Callable[[], float] = time.monotonic) -> Iterator[Any]:
-    """The futures' values in order, as Executor.map gives them; the rest are cancelled
-    when the caller stops early or a result raises."""
+    """The futures' values in order, as Executor.map gives them.
+
+    As the standard library's: the timeout counts from this call, each future is dropped
+    once its value is yielded (so the iterator keeps no result alive), and the rest are
+    cancelled when the caller stops early or a result raises.  Takes ownership of the list.
+    """
     deadline = None if timeout is None else clock() + timeout
+    futures.reverse()  # popped from the end, in submission order
+    return _in_order(futures, deadline, clock)
+
+
+def _in_order(futures: list[TaskFuture], deadline: float | None, clock: Callable[[], float]) -> Iterator[Any]:
     try:
-        for fut in futures:
-            yield fut.result(None if deadline is None else max(0.0, deadline - clock()))
+        while futures:
+            # The popped future lives only in this call: nothing here holds it after the yield.
+            yield _result_or_cancel(futures.pop(), None if deadline is None else max(0.0, deadline - clock()))
     finally:
         for fut in futures:
             fut.cancel()
 
 
+def _result_or_cancel(fut: TaskFuture, timeout: float | None) -> Any:
+    try:
+        return fut.result(timeout)
+    finally:
+        fut.cancel()  # a no-op once it is done; a timeout cancels it
+
+
 class FuturesExecutor(cf.Executor):
     """A concurrent.futures.Executor whose calls run on a falconet Client's executors.
+
+    It behaves as the standard library's executors: futures run once an executor starts
+    them, ``map`` submits every call at once, ``shutdown(wait=True)`` waits for every call
+    made through it (``map``'s too, iterated or not), and ``cancel_futures`` cancels only
+    those not started.  ``max_workers`` (and ``_max_workers``, which Dask reads) is the
+    number of slots the dispatcher's executors have now.  Leaving a ``with`` block shuts it
+    down and waits; the client stays open.
 
     Not an executor process (that is `falconet executor`): the name says which kind it is.
     """
 
     def __init__(self, client: Client):
         self._client = client
-        self._futures: weakref.WeakSet[TaskFuture] = weakref.WeakSet()
+        self._futures: weakref.WeakSet[TaskFuture] = weakref.WeakSet()  # done ones fall out
+        self._lock = threading.Lock()
         self._shutdown = False
+
+    @property
+    def max_workers(self) -> int:
+        """Slots of the executors connected now (at least 1), refreshed at most once a second."""
+        return self._client.slots()
+
+    _max_workers = max_workers  # the name ThreadPoolExecutor uses, and engines such as Dask read
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
         """Run fn(*args, **kwargs) through the client."""
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        fut = self._client.submit(fn, *args, **kwargs)
-        self._futures.add(fut)
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            fut = self._client.submit(fn, *args, **kwargs)
+            self._futures.add(fut)
         return fut
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable, timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
-        """Client.map: results in order."""
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        return self._client.map(fn, *iterables, timeout=timeout)
+        """Submit every call now; yield the results in order (see :func:`results_in_order`)."""
+        deadline_from = time.monotonic()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            futures = self._client.map_futures(fn, *iterables)
+            self._futures.update(futures)
+        left = None if timeout is None else timeout - (time.monotonic() - deadline_from)
+        return results_in_order(futures, left)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Refuse new calls; cancel_futures cancels those not finished; wait waits for the rest."""
-        self._shutdown = True
-        futures = list(self._futures)
+        """Refuse new calls; cancel_futures cancels those not started; wait waits for the rest."""
+        with self._lock:
+            self._shutdown = True
+            futures = list(self._futures)
         if cancel_futures:
             for f in futures:
                 f.cancel()

@@ -40,6 +40,7 @@ class LocalCluster:
         self.own_log_dir = log_dir is None  #: removed by a clean stop(), kept after a failure
         self.dispatcher: subprocess.Popen | None = None
         self.executors: list[subprocess.Popen] = []
+        self.slots_of: list[int] = []  #: slots of each executor started here
         try:
             extra = ["--host", host] + (["--insecure"] if insecure else [])
             if fail_unschedulable_s is None:
@@ -73,7 +74,18 @@ class LocalCluster:
             *(extra or []),
         ])
         self.executors.append(proc)
+        self.slots_of.append(slots or self.slots)
         return proc
+
+    def wait_for_slots(self, client: Client, timeout_s: float = 30.0) -> None:
+        """Return once the executors started here have registered with the dispatcher."""
+        want = sum(self.slots_of)
+        deadline = time.monotonic() + timeout_s
+        while client.slots(max_age_s=0.0) < want:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.executors):
+                raise FalconetError(f"the local executors did not register within {timeout_s:g}s; "
+                                    f"see the logs in {self.log_dir}")
+            time.sleep(0.01)
 
     def stop(self, timeout_s: float = 10.0, keep_logs: bool = False) -> None:
         """Drain the executors (SIGTERM), then stop the dispatcher; SIGKILL what lingers.
@@ -173,8 +185,14 @@ def _wait_all(procs: list[subprocess.Popen], timeout_s: float) -> None:
 
 @contextlib.contextmanager
 def local(slots: int | None = None, executors: int = 1, **client_options: Any) -> Iterator[Client]:
-    """An embedded dispatcher with local executors, and a Client connected to it."""
+    """An embedded dispatcher with local executors, and a Client connected to it once they
+    have registered (so ``client.slots()`` counts them all from the start).
+
+    Leaving the block waits for the tasks submitted, as ``concurrent.futures`` executors
+    do; leaving it by an exception cancels those not started instead.
+    """
     with LocalCluster(slots, executors) as cluster, session(cluster.client_address, **client_options) as client:
+        cluster.wait_for_slots(client)
         yield client
 
 
@@ -185,7 +203,7 @@ def session(address: str, **client_options: Any) -> Iterator[Client]:
     try:
         yield client
     except BaseException:
-        client.close(cancel=True)
+        client.close(cancel=True, wait=False)
         raise
     finally:
         client.close()

@@ -19,7 +19,8 @@ Client::
 
     Hello -> Welcome | Refused          (version checked here; required before the rest)
       <- HelloAgain(reason)             "I do not know you": say Hello again
-    Submit(batch, tasks) -> Accepted(batch) ... Results(...) as tasks finish
+    Submit(batch, tasks) -> Accepted(batch) ... Started(seqs) as they start,
+                                        Results(...) as they finish
     Ack(seqs)                           the client has these results; the dispatcher keeps
                                         each result until acknowledged and sends every
                                         unacknowledged one again after a Hello
@@ -86,8 +87,8 @@ from falconet.errors import ProtocolError
 
 #: 2: Ack, results kept until acknowledged; 3: needs, staging, blobs; 4: HelloAgain, where a
 #: Refused reason starting "say Hello first" told a client of a restarted dispatcher; 5: Register's
-#: memory in MB
-PROTOCOL_VERSION = 5
+#: memory in MB; 6: Started, which tells a client which of its tasks began running
+PROTOCOL_VERSION = 6
 #: Refused.reason prefix for a message that belongs on the dispatcher's other port.
 WRONG_PORT = "wrong port: this is"
 #: Bytes of msgpack framing counted for each record when filling a message.
@@ -135,6 +136,7 @@ class MsgType(enum.IntEnum):
     STATUS_REPLY = 13
     REFUSED = 14
     HELLO_AGAIN = 15
+    STARTED = 16
     # executor -> dispatcher
     REGISTER = 20
     REPORT = 21
@@ -351,6 +353,14 @@ class Results:
     """Final outcomes of some of the client's tasks."""
 
     results: list
+
+
+@_message(MsgType.STARTED, f.list_of(f.integer))
+class Started:
+    """These tasks of the client were handed to a slot: they can no longer be cancelled.
+    One per client per turn, before that turn's Results; never sent again."""
+
+    seqs: list
 
 
 @_message(MsgType.STATUS_REPLY, f.integer, f.plain_map)

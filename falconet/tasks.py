@@ -16,11 +16,13 @@ The dispatcher never looks inside these bytes.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
 import sys
 import sysconfig
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,12 +215,29 @@ def _plain(obj: Any, depth: int = 0) -> bool:
     return False
 
 
+class _ArgumentPickler(cloudpickle.Pickler):
+    """cloudpickle, shipping by value the user's own modules of the functions and classes
+    found inside the arguments too (a workflow engine such as Dask passes the user's
+    functions as arguments of its own)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (types.FunctionType, type)):
+            _ship_module_by_value(obj)
+        return super().reducer_override(obj)
+
+
 def pickle_arguments(args: tuple, kwargs: dict) -> bytes:
     """Serialise call arguments; plain data takes the fast C pickler."""
     payload = (args, kwargs)
     if _plain(args) and (not kwargs or _plain(kwargs)):
         return pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-    return cloudpickle.dumps(payload)
+    return _cloudpickle_arguments(payload)
+
+
+def _cloudpickle_arguments(payload: Any) -> bytes:
+    buffer = io.BytesIO()
+    _ArgumentPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(payload)
+    return buffer.getvalue()
 
 
 def encode_python(fn_pickle: bytes, args_pickle: bytes) -> bytes:

@@ -169,7 +169,7 @@ def _client(dispatcher: str | None, provision: str | None, provision_config: str
         try:
             yield client
         except KeyboardInterrupt:
-            client.close(cancel=True)  # do not leave the rest queued on a shared dispatcher
+            client.close(cancel=True, wait=False)  # do not leave the rest queued on a shared dispatcher
             raise
         finally:
             client.close()
@@ -242,7 +242,7 @@ def submit(command: tuple[str, ...], dispatcher: str, outputs: tuple[str, ...], 
                 rec = runfile.submit_one(client, cmd, options, outputs=outs, retries=retries, walltime_s=walltime,
                                          output_cap=output_cap, stdout=stdout_file, stderr=stderr_file)
             except KeyboardInterrupt:
-                client.close(cancel=True)
+                client.close(cancel=True, wait=False)
                 raise
     except FalconetError as exc:
         click.echo(f"error: {exc}", err=True)

@@ -16,7 +16,7 @@ from falconet.errors import FalconetError
               type=click.Path(file_okay=False), help="Folder for results.json, summary.txt and plots.")
 @click.option("--only", multiple=True, show_envvar=True,
               type=click.Choice(["throughput", "sleep", "latency", "dispatch", "memory", "scale", "peers",
-                                 "provisioning"]),
+                                 "provisioning", "engines"]),
               help="Run only these workloads (repeatable).")
 def bench(quick: bool, out_dir: str, only: tuple[str, ...]) -> None:
     """Measure throughput, efficiency, latency, the dispatcher's ceiling, memory, scale, and

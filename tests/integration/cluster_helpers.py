@@ -79,6 +79,18 @@ def read_addresses(dispatcher: subprocess.Popen) -> tuple[str, str]:
     return found["client"], found["executor"]
 
 
+class LeavingClient(falconet.Client):
+    """A client whose block, when left, cancels what has not started and does not wait.
+
+    These tests leave work behind on purpose (tasks no executor can run, fleets being torn
+    down); a plain Client waits for it, as tests/integration/test_futures_conformance.py
+    checks.
+    """
+
+    def __exit__(self, *exc) -> None:
+        self.close(cancel=True, wait=False)
+
+
 class Cluster:
     """A dispatcher process and executor processes, each in its own process group."""
 
@@ -114,7 +126,7 @@ class Cluster:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")
 
     def client(self, **kw) -> falconet.Client:
-        return falconet.Client(self.client_address, **kw)
+        return LeavingClient(self.client_address, **kw)
 
     def registered(self, client: falconet.Client) -> set[str]:
         return {row["id"] for row in client.status(detail=True)["executor_table"]}

@@ -103,7 +103,7 @@ def test_batches_keep_order_and_the_dispatchers_limits_and_only_oversized_tasks_
 
 
 class SessionMachine(RuleBasedStateMachine):
-    """Submits, flushes, results (copies too), Accepted, cancels and journaled restarts."""
+    """Submits, flushes, starts, results (copies too), Accepted, cancels and journaled restarts."""
 
     def __init__(self):
         super().__init__()
@@ -114,6 +114,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.futures: dict[int, TaskFuture] = {}
         self.results: set[int] = set()  # seqs whose result was delivered
         self.cancelled_first: set[int] = set()  # cancelled here before any result
+        self.running: set[int] = set()  # told started while pending here
         self.calls: Counter = Counter()
         self.batches: dict[int, list[int]] = {}  # sent, not accepted
         self.dispatcher = 1
@@ -146,6 +147,15 @@ class SessionMachine(RuleBasedStateMachine):
         assert ack.seqs == seqs
         self.results |= set(seqs)
 
+    @precondition(lambda self: self.sent)
+    @rule(data=st.data())
+    def start(self, data):
+        """Started for some sent tasks, in any state here (finished, cancelled, told before)."""
+        seqs = data.draw(st.lists(st.sampled_from(sorted(self.sent)), min_size=1, max_size=5))
+        self.s.handle(p.Started(seqs), self.now)
+        assert self.s.take_output().messages == [], "Started is not answered"
+        self.running |= {q for q in seqs if q not in self.results and q not in self.cancelled_first}
+
     @precondition(lambda self: self.batches)
     @rule(data=st.data())
     def accept(self, data):
@@ -156,7 +166,10 @@ class SessionMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def cancel(self, data):
         fut = self.futures[data.draw(st.sampled_from(sorted(self.futures)))]
-        if fut.cancel() and fut.seq not in self.results:
+        cancelled = fut.cancel()
+        if fut.seq in self.running:
+            assert not cancelled, "a running task cannot be cancelled"
+        elif cancelled and fut.seq not in self.results:
             self.cancelled_first.add(fut.seq)
 
     @rule()
@@ -173,6 +186,12 @@ class SessionMachine(RuleBasedStateMachine):
     def outstanding_until_the_result(self):
         assert set(self.s.futures) == set(self.sent) - self.results
         assert self.s.pending() == len(self.s.futures) + len(self.queued)
+
+    @invariant()
+    def running_until_the_result_and_outstanding_until_done(self):
+        for seq, fut in self.futures.items():
+            assert fut.running() == (seq in self.running and seq not in self.results)
+        assert set(self.s.outstanding()) == {f for f in self.futures.values() if not f.done()}
 
     @invariant()
     def each_future_resolves_once_with_its_value(self):

@@ -97,6 +97,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.next_batch = 0
         self.next_req = 0
         self.expected_accepts: list[tuple[bytes, int, int]] = []
+        self.expected_started: set[tuple[bytes, int]] = set()  # (client, seq) to be told started
         self.expected_welcomes: list[bytes] = []
         self.expected_status: dict[tuple[bytes, int], bool] = {}
         self.stale = 0
@@ -179,6 +180,7 @@ class CoreMachine(RuleBasedStateMachine):
             expected.update((peer, p.CancelTasks) for peer in cancels)
         assert seen == expected, f"executor messages {dict(seen)} != expected {dict(expected)}"
         assert not self.expected_accepts, f"no Accepted for {self.expected_accepts}"
+        assert not self.expected_started, f"no Started for {self.expected_started}"
         assert not self.expected_welcomes, f"no Welcome for {self.expected_welcomes}"
         assert not self.expected_status, f"no StatusReply for {self.expected_status}"
         missing = [(t.client, t.spec.seq) for t in self.tasks.values() if t.expect is not None]
@@ -201,6 +203,9 @@ class CoreMachine(RuleBasedStateMachine):
             self.expected_welcomes.remove(peer)
         elif kind is p.Accepted:
             self.expected_accepts.remove((peer, msg.batch, msg.count))
+        elif kind is p.Started:  # each start told once, to its own client, in the same turn
+            for seq in msg.seqs:
+                self.expected_started.remove((peer, seq))
         elif kind is p.Results:
             for r in msg.results:
                 self.on_result(peer, r)
@@ -444,6 +449,7 @@ class CoreMachine(RuleBasedStateMachine):
             started.insert(data.draw(st.integers(0, len(started))), (others[0].tid, others[0].attempt + 5))
         for t in chosen:
             t.started = True
+            self.expected_started.add((t.client, t.spec.seq))
         self.touch(ex)
         self.core.on_executor(ex.peer, p.Report(0, started, []), self.now)
         self.pump()
@@ -458,7 +464,7 @@ class CoreMachine(RuleBasedStateMachine):
         started, results = [], []
         for t in chosen:
             start_now = not t.started and data.draw(st.booleans())
-            if start_now:
+            if start_now:  # started and finished in one report: the Results alone tell the client
                 started.append((t.tid, t.attempt))
             states = [DONE, FAILED] if (t.started or start_now) else [DONE, FAILED, CANCELLED]
             state = data.draw(st.sampled_from(states))

@@ -65,6 +65,7 @@ def _field_strategies(floats: st.SearchStrategy, min_size: int) -> dict[type, tu
         p.StatusReply: (INTS, maps),
         p.Refused: (TEXT,),
         p.HelloAgain: (TEXT,),
+        p.Started: (lists(INTS),),
         p.Register: (
             INTS, TEXT, TEXT, lists(TEXT), INTS, INTS, TEXT, INTS, INTS, maps, lists(pairs)
         ),

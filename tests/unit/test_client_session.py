@@ -232,14 +232,60 @@ def test_a_cancel_is_sent_after_the_submits_of_the_same_flush():
     assert [type(m) for m in h.out()] == [p.Submit, p.Cancel]
 
 
-def test_cancel_all_cancels_the_unsent_here_and_asks_the_dispatcher_for_the_sent():
+def test_cancel_unstarted_cancels_here_and_asks_the_dispatcher_but_spares_running_tasks():
     h = Harness()
-    sent = h.submit("a")[0]
+    sent, running = h.submit("a", "r")
     unsent = h.queue("b")[0]
-    h.s.cancel_all()
-    assert unsent.cancelled() and not sent.done()
+    h.deliver(p.Started([running.seq]))
+    h.s.cancel_unstarted()
+    assert unsent.cancelled() and sent.cancelled()
+    assert running.running() and not running.done()
     h.s.flush()
-    assert h.out() == [p.Cancel([sent.seq])]
+    assert h.out() == [p.Cancel([sent.seq])]  # the unsent one was never sent: nothing to ask
+
+
+# ---------------------------------------------------------------- started, outstanding
+
+
+def test_started_marks_futures_running_and_then_cancel_returns_false():
+    h = Harness()
+    a, b = h.submit("a", "b")
+    assert h.deliver(p.Started([a.seq])) == []
+    assert a.running() and not b.running()
+    assert not a.cancel() and not a.cancelled()
+    assert b.cancel() and b.cancel() and b.cancelled()  # a second cancel is harmless
+    h.deliver(p.Results([done(a)]))
+    assert a.result(0) == a.seq * 10 and not a.running()
+
+
+def test_started_ignores_unknown_done_and_cancelled_tasks():
+    h = Harness()
+    a, b = h.submit("a", "b")
+    b.cancel()
+    h.deliver(p.Results([done(a)]))
+    h.deliver(p.Started([a.seq, b.seq, 999]))  # a start and its result in one turn: Started first
+    assert a.result(0) == a.seq * 10 and b.cancelled()
+
+
+def test_a_cancelled_result_for_a_running_task_fails_its_future_with_cancelled_error():
+    h = Harness()
+    [a] = h.submit("a")
+    h.deliver(p.Started([a.seq]))
+    h.deliver(p.Results([p.TaskResult(a.seq, CANCELLED, b"", "dropped", "ex1", 1, 0.0, 0.0, 0.0)]))
+    with pytest.raises(cf.CancelledError, match="dropped"):
+        a.result(0)
+
+
+def test_outstanding_lists_unsent_and_sent_unfinished_futures():
+    h = Harness()
+    a, b = h.submit("a", "b")
+    c = h.queue("c")[0]
+    assert set(h.s.outstanding()) == {a, b, c}
+    h.deliver(p.Results([done(a)]))
+    b.cancel()
+    assert h.s.outstanding() == [c]
+    h.s.flush()
+    assert h.s.outstanding() == [c]
 
 
 def test_fail_all_and_fail_unsent_fail_every_future_once():
@@ -434,7 +480,7 @@ def test_a_stalled_fetch_is_asked_again_from_zero(tmp_path):
 def test_cf_wait_sees_cancellation_of_unsent_futures():
     h = Harness()
     [fut] = h.queue("a")
-    h.s.cancel_all()
+    h.s.cancel_unstarted()
     done_, _ = cf.wait([fut], timeout=0)
     assert done_ == {fut}
 

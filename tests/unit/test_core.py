@@ -210,6 +210,25 @@ def test_results_go_to_the_client_that_submitted_with_executor_and_attempts():
     assert status["tasks"]["running"] == 0
 
 
+def test_clients_are_told_which_of_their_tasks_started_once_per_turn_before_results(h):
+    h.hello(b"alice")
+    h.hello(b"bob")
+    h.submit(spec(1), spec(2), spec(3), peer=b"alice")
+    h.submit(spec(9), peer=b"bob")
+    h.register(b"e1", slots=4)
+    h.report(b"e1", credit=4)
+    sent = {a.tid: a for a in assignments(h.dispatch()[1])[b"e1"]}
+    a1, a2, a3, b9 = sorted(sent.values(), key=lambda a: a.tid)
+    to_clients, _ = h.report(b"e1", started=[(a.tid, a.attempt) for a in (a1, a2, b9)], results=[done(a2)])
+    kinds = [(peer, type(m)) for peer, m in to_clients]
+    assert kinds.index((b"alice", p.Started)) < kinds.index((b"alice", p.Results))
+    told = {peer: m.seqs for peer, m in to_clients if type(m) is p.Started}
+    assert told == {b"alice": [1], b"bob": [9]}, "a task that finished in the same report is not told started"
+    assert h.task_state(1, b"alice") == int(TaskState.RUNNING)
+    to_clients, _ = h.report(b"e1", started=[(a1.tid, a1.attempt), (a3.tid, a3.attempt + 1)])
+    assert [m for _, m in to_clients if type(m) is p.Started] == [], "a start is told once; a stale one never"
+
+
 def test_only_the_current_attempt_counts_even_from_the_executor_holding_the_task(h):
     h.submit(spec(0))
     h.register(b"e1")

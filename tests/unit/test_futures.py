@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import gc
+import threading
+import weakref
 
 import pytest
 
@@ -28,6 +31,12 @@ class Recorder:
     def submit(self, fn, *args, **kwargs) -> TaskFuture:
         self.seq += 1
         return TaskFuture(self, self.seq, PYTHON, fn.__name__)
+
+    def map_futures(self, fn, *iterables) -> list[TaskFuture]:
+        return [self.submit(fn, *args) for args in zip(*iterables)]
+
+    def slots(self) -> int:
+        return 12
 
 
 def result(seq, state=DONE, output=b"", reason=""):
@@ -93,7 +102,7 @@ def test_results_in_order_times_out_on_the_injected_clock_and_cancels_the_rest()
         now[0] += 5.0  # each look at the clock costs 5 s
         return now[0]
 
-    values = results_in_order(futures, timeout=4.0, clock=clock)
+    values = results_in_order(list(futures), timeout=4.0, clock=clock)
     assert next(values) == "a"
     with pytest.raises(cf.TimeoutError):
         next(values)  # the deadline passed: waits 0 s
@@ -111,3 +120,67 @@ def test_futures_executor_submits_through_the_client_and_shutdown_cancels():
         ex.submit(abs, 1)
     assert FalconetExecutor is FuturesExecutor
 
+
+
+def test_shutdown_cancels_only_futures_not_started_and_tolerates_a_user_cancel():
+    client = Recorder()
+    ex = FuturesExecutor(client)
+    running, cancelled, waiting = ex.submit(abs, -1), ex.submit(abs, -2), ex.submit(abs, -3)
+    assert running.mark_running() and cancelled.cancel()
+    done = threading.Timer(0.05, running.set_result, (1,))  # the running one finishes later
+    done.start()
+    ex.shutdown(wait=True, cancel_futures=True)  # no RuntimeError for the one cancelled before
+    assert running.result(0) == 1 and waiting.cancelled() and client.cancels == [2, 3]
+
+
+def test_mark_running_only_moves_a_pending_future():
+    client = Recorder()
+    a, b, c = (TaskFuture(client, seq, PYTHON) for seq in (1, 2, 3))
+    assert a.mark_running() and a.running() and not a.cancel() and not a.mark_running()
+    b.cancel()
+    c.set_result(3)
+    assert not b.mark_running() and not c.mark_running() and b.cancelled() and c.result(0) == 3
+
+
+def test_executor_map_futures_are_awaited_by_shutdown_even_when_not_iterated():
+    client = Recorder()
+    ex = FuturesExecutor(client)
+    values = ex.map(abs, [-1, -2])
+    futures = list(ex._futures)
+    assert len(futures) == 2
+    threading.Timer(0.05, lambda: [f.set_result(f.seq) for f in futures]).start()
+    ex.shutdown(wait=True)
+    assert all(f.done() for f in futures) and list(values) == [1, 2]
+
+
+class Box:
+    """A result that can be weakly referenced."""
+
+
+def test_map_drops_each_future_and_its_result_once_yielded():
+    client = Recorder()
+    futures = [TaskFuture(client, seq, PYTHON) for seq in (1, 2)]
+    for f in futures:
+        f.set_result(Box())
+    first = weakref.ref(futures[0].result(0))
+    values = results_in_order(futures, timeout=None)  # takes the list
+    futures = None
+    next(values)  # the value is thrown away at once
+    gc.collect()
+    assert first() is None
+    assert isinstance(next(values), Box)
+
+
+def test_map_timeout_counts_from_the_call_not_from_the_first_next():
+    client = Recorder()
+    now = [100.0]
+    futures = [TaskFuture(client, 1, PYTHON)]
+    values = results_in_order(futures, timeout=3.0, clock=lambda: now[0])
+    now[0] += 5.0  # the caller looks at the iterator later than the timeout
+    with pytest.raises(cf.TimeoutError):
+        next(values)
+
+
+def test_the_executor_reports_the_clients_slots_as_its_max_workers():
+    ex = FuturesExecutor(Recorder())
+    assert ex.max_workers == ex._max_workers == 12

@@ -228,6 +228,23 @@ def test_short_tasks_come_in_chunks_of_about_two_milliseconds_and_are_pipelined(
     assert not of(pull.turn(), pl.Run), "a slot with two chunks' worth waits"
 
 
+def test_a_free_slot_is_fed_before_work_is_pipelined_behind_a_running_task():
+    pull, _ = make(slots=2)
+    pull.on_message(p.Tasks([task(1), task(2)]))
+    runs = of(turn(pull), pl.Run)
+    pull.on_slot_results(1, [result(runs[1].tasks[0], took=0.0001)])  # slot 0 still runs task 1
+    pull.on_message(p.Tasks([task(3)]))
+    assert [(r.slot, tids(r)) for r in of(pull.turn(), pl.Run)] == [(1, [3])]
+
+
+def test_wall_time_tasks_are_not_pipelined_behind_a_running_task():
+    pull, _ = make(slots=1)
+    pull.mean_s = 0.0001
+    pull.on_message(p.Tasks([task(1), task(2, walltime_s=5.0)]))
+    assert [tids(r) for r in of(pull.turn(), pl.Run)] == [[1]]
+    assert not of(pull.turn(), pl.Run), "task 2 waits for the slot to be free"
+
+
 def test_long_tasks_wait_for_a_free_slot():
     pull, _ = make(slots=1)
     pull.on_message(p.Tasks([task(1), task(2), task(3)]))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import copyreg
 import pickle
+import sys
 import threading
-import types
 
+import cloudpickle
 import msgpack
 import pytest
 
@@ -238,7 +241,10 @@ def _unpicklable() -> Exception:
 @pytest.mark.parametrize(
     "exc", [_unpicklable(), NeedsTwoArgs("a", "b")], ids=["will-not-pickle", "will-not-unpickle"]
 )
-def test_python_error_that_will_not_travel_falls_back_to_its_traceback(exc):
+def test_python_error_that_will_not_travel_falls_back_to_its_traceback(exc, monkeypatch):
+    # tblib's pickling support (which dask.multiprocessing installs, once imported by an
+    # earlier test in this process) would carry these exceptions anyway: not under test here.
+    monkeypatch.delitem(copyreg.dispatch_table, type(exc), raising=False)
     output = tasks.encode_python_error(_raised(exc), "the remote traceback")
     with pytest.raises(RuntimeError, match="could not be pickled") as info:
         tasks.decode_python_output(output)
@@ -255,17 +261,32 @@ def test_python_output_garbage_is_refused(output):
 # ---------------------------------------------------------------- arguments
 
 
+@pytest.fixture(autouse=True)
+def forget_modules_shipped_by_value():
+    """Shipping a module by value is process-wide: undo what a test caused, so this file's
+    own module keeps pickling by reference for the tests that rely on it."""
+    before = set(tasks._by_value_checked)
+    yield
+    for name in tasks._by_value_checked - before:
+        module = sys.modules.get(name)
+        if module is not None:
+            with contextlib.suppress(ValueError):
+                cloudpickle.unregister_pickle_by_value(module)
+    tasks._by_value_checked.intersection_update(before)
+
+
 @pytest.fixture
 def cloudpickle_calls(monkeypatch):
-    """Record every call falconet.tasks makes to cloudpickle.dumps, still pickling for real."""
+    """Record every time falconet.tasks falls back to cloudpickle for arguments, still
+    pickling for real."""
     calls = []
-    real = tasks.cloudpickle
+    real = tasks._cloudpickle_arguments
 
-    def dumps(obj, *args, **kwargs):
+    def dumps(obj):
         calls.append(obj)
-        return real.dumps(obj, *args, **kwargs)
+        return real(obj)
 
-    monkeypatch.setattr(tasks, "cloudpickle", types.SimpleNamespace(dumps=dumps))
+    monkeypatch.setattr(tasks, "_cloudpickle_arguments", dumps)
     return calls
 
 
@@ -289,6 +310,20 @@ def test_arguments_with_a_lambda_fall_back_to_cloudpickle(cloudpickle_calls, whe
     args_back, kwargs_back = pickle.loads(data)
     loaded = {"args": lambda: args_back[0], "kwargs": lambda: kwargs_back["f"], "nested": lambda: args_back[0][0]["f"]}
     assert loaded[where]()(1) == 2
+
+
+def test_functions_inside_arguments_go_by_value_when_their_module_is_the_users(tmp_path, monkeypatch):
+    """A workflow engine passes the user's functions as arguments of its own: the executor
+    may not have the user's module, so its code goes along."""
+    (tmp_path / "users_helpers_xyz.py").write_text("def twice(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import users_helpers_xyz
+
+    data = tasks.pickle_arguments(([users_helpers_xyz.twice],), {})
+    monkeypatch.delitem(sys.modules, "users_helpers_xyz")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    (args, _), = [pickle.loads(data)]
+    assert args[0][0](21) == 42
 
 
 def test_deeply_nested_plain_arguments_load_back():

@@ -1,0 +1,96 @@
+"""Workflow engines on falconet against their own schedulers: the same graph, the same work.
+
+`falconet bench --only engines` runs :func:`run`.  Each engine has one self-contained
+function (it imports its engine itself) that returns its figures, or ``{"skipped": why}``
+when the engine is not installed, and one line of text in :func:`lines`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from typing import Any
+
+
+def run(quick: bool) -> dict:
+    """Every engine's figures (the harness's `engines` workload)."""
+    return {"dask": dask_graph(1000 if quick else 10_000)}
+
+
+def lines(r: dict) -> list[str]:
+    """The summary lines of run()'s figures."""
+    out = []
+    d = r.get("dask")
+    if d is not None:
+        if "skipped" in d:
+            out.append(f"dask: skipped ({d['skipped']})")
+        else:
+            out.append(f"dask {d['version']}, delayed graph of {d['tasks']:,} tasks on {d['slots']} slots: "
+                       f"falconet {d['falconet_tasks_per_s']:,.0f} tasks/s ({d['falconet_s']:.2f}s), "
+                       f"distributed.LocalCluster {d['distributed_tasks_per_s']:,.0f} tasks/s "
+                       f"({d['distributed_s']:.2f}s); start-up {d['falconet_startup_s']:.2f}s vs "
+                       f"{d['distributed_startup_s']:.2f}s")
+    return out
+
+
+# ---------------------------------------------------------------- Dask
+
+
+def _leaf(i: int) -> int:
+    """One unit of the graph's work: tiny, so the figure is the scheduling cost."""
+    return i * 2
+
+
+def _total(values: list[int]) -> int:
+    return sum(values)
+
+
+def _dask_graph_of(n_tasks: int) -> Any:
+    """n_tasks - 1 independent leaves and the one task that sums them."""
+    import dask
+
+    return dask.delayed(_total)([dask.delayed(_leaf)(i) for i in range(n_tasks - 1)])
+
+
+def dask_graph(n_tasks: int = 10_000, slots: int = 2) -> dict:
+    """One delayed graph of n_tasks tasks, computed through falconet (falconet.local(slots)
+    and ``scheduler=client.executor()``) and through Dask's own
+    ``distributed.LocalCluster(n_workers=slots, threads_per_worker=1)`` (processes).
+    Start-up is timed apart from the compute; both answers are checked."""
+    if importlib.util.find_spec("dask") is None or importlib.util.find_spec("distributed") is None:
+        return {"skipped": "dask and distributed are not installed: pip install 'falconet[dask]'"}
+    import dask
+    import distributed
+
+    import falconet
+
+    expected = sum(2 * i for i in range(n_tasks - 1))
+    out: dict[str, Any] = {"version": dask.__version__, "tasks": n_tasks, "slots": slots}
+
+    t0 = time.perf_counter()
+    with falconet.local(slots=slots) as client:
+        pool = client.executor()
+        out["falconet_startup_s"] = time.perf_counter() - t0
+        graph = _dask_graph_of(n_tasks)
+        t1 = time.perf_counter()
+        (got,) = dask.compute(graph, scheduler=pool)
+        out["falconet_s"] = time.perf_counter() - t1
+    if got != expected:
+        raise RuntimeError(f"dask on falconet computed {got}, not {expected}")
+
+    t0 = time.perf_counter()
+    with distributed.LocalCluster(n_workers=slots, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+            distributed.Client(cluster) as dclient:
+        out["distributed_startup_s"] = time.perf_counter() - t0
+        graph = _dask_graph_of(n_tasks)
+        t1 = time.perf_counter()
+        (got,) = dask.compute(graph, scheduler=dclient)
+        out["distributed_s"] = time.perf_counter() - t1
+    if got != expected:
+        raise RuntimeError(f"dask.distributed computed {got}, not {expected}")
+
+    out["falconet_tasks_per_s"] = n_tasks / out["falconet_s"]
+    out["distributed_tasks_per_s"] = n_tasks / out["distributed_s"]
+    return out
