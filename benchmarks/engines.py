@@ -15,7 +15,30 @@ from typing import Any
 
 def run(quick: bool) -> dict:
     """Every engine's figures (the harness's `engines` workload)."""
-    return {"dask": dask_graph(1000 if quick else 10_000)}
+    return {"dask": dask_graph(1000 if quick else 10_000),
+            "parsl": parsl_perf((100, 300) if quick else (500, 2000)),
+            "snakemake": snakemake_flow(4 if quick else 70)}
+
+
+def parsl_perf(iterate: tuple[int, ...]) -> dict:
+    """parsl-perf on falconet and on Parsl's HighThroughputExecutor (benchmarks/parsl_perf.py)."""
+    if importlib.util.find_spec("parsl") is None:
+        return {"skipped": "parsl is not installed: pip install 'falconet[parsl]'"}
+    from falconet.benchmarks import parsl_perf as pp
+
+    r = pp.parsl_perf(workers=2, iterate=iterate)
+    return {k: r[k] for k in ("falconet", "htex", "parsl", "workers", "iterate")}
+
+
+def snakemake_flow(samples: int) -> dict:
+    """A Snakemake workflow on falconet and on `snakemake --cores 2` (benchmarks/snakemake_flow.py)."""
+    from falconet.benchmarks import snakemake_flow as sf
+
+    version = sf.available()
+    if version is None:
+        return {"skipped": "snakemake and its falconet plugin are not installed here: "
+                           "pip install snakemake ./plugins/snakemake"}
+    return {"version": version, **sf.run(samples, cores=2, group_components=max(1, samples // 2))}
 
 
 def lines(r: dict) -> list[str]:
@@ -31,6 +54,16 @@ def lines(r: dict) -> list[str]:
                        f"distributed.LocalCluster {d['distributed_tasks_per_s']:,.0f} tasks/s "
                        f"({d['distributed_s']:.2f}s); start-up {d['falconet_startup_s']:.2f}s vs "
                        f"{d['distributed_startup_s']:.2f}s")
+    p = r.get("parsl")
+    if p is not None:
+        out.append(f"parsl: skipped ({p['skipped']})" if "skipped" in p else
+                   f"parsl-perf (parsl {p['parsl']}, {p['workers']} workers, batches {p['iterate']}): "
+                   f"falconet {p['falconet']:,.0f} tasks/s, HighThroughputExecutor {p['htex']:,.0f} tasks/s")
+    m = r.get("snakemake")
+    if m is not None:
+        out.append(f"snakemake: skipped ({m['skipped']})" if "skipped" in m else
+                   f"snakemake {m['version']}, workflow of {m['jobs']} jobs: --cores {m['cores']} {m['local_s']:.1f}s, "
+                   f"falconet {m['falconet_s']:.1f}s, falconet grouped {m.get('falconet_grouped_s', 0):.1f}s")
     return out
 
 

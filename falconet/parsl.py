@@ -164,7 +164,7 @@ class FalconetExecutor(ParslExecutor, RepresentationMixin):
                 unfinished = list(self._futures.values())
             for fut in unfinished:
                 fut.cancel()  # not started: dropped by the dispatcher; running: its result is ignored
-            client.close(cancel=True)
+            client.close(cancel=True, wait=False)  # what still runs is abandoned, not awaited
         self._stop_cluster(ABANDON_TIMEOUT_S if unfinished else STOP_TIMEOUT_S)
         super().shutdown()
 

@@ -140,7 +140,7 @@ class Executor(RemoteExecutor):
         self._wake()  # the status thread is asleep until something wakes it
         super().shutdown()
         # Whatever has no result now, Snakemake no longer waits for: the dispatcher drops it.
-        self._client.close(cancel=True)
+        self._client.close(cancel=True, wait=False)
         self._stop_cluster(CANCEL_STOP_S if self._cancelling else DRAIN_S)
 
     def _stop_cluster(self, timeout_s: float) -> None:
