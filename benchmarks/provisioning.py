@@ -64,7 +64,7 @@ def scale_out(moto: MotoEc2, policy: str, executors: int, interval_s: float = 0.
                       "run_instances": calls.get("RunInstances", 0), "rounds": fleet["rounds"],
                       "launches": launches, "first_round": first["rounds"]}
         finally:
-            client.close(cancel=True)
+            client.close(cancel=True, wait=False)  # the sleeps die with their machines
             prov.send_signal(signal.SIGTERM)
             try:
                 prov.wait(60)
