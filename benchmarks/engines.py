@@ -23,7 +23,7 @@ def run(quick: bool) -> dict:
 def parsl_perf(iterate: tuple[int, ...]) -> dict:
     """parsl-perf on falconet and on Parsl's HighThroughputExecutor (benchmarks/parsl_perf.py)."""
     if importlib.util.find_spec("parsl") is None:
-        return {"skipped": "parsl is not installed: pip install 'falconet[parsl]'"}
+        return {"skipped": "parsl is not installed: pip install '.[parsl]'"}
     from falconet.benchmarks import parsl_perf as pp
 
     r = pp.parsl_perf(workers=2, iterate=iterate)
@@ -92,7 +92,7 @@ def dask_graph(n_tasks: int = 10_000, slots: int = 2) -> dict:
     ``distributed.LocalCluster(n_workers=slots, threads_per_worker=1)`` (processes).
     Start-up is timed apart from the compute; both answers are checked."""
     if importlib.util.find_spec("dask") is None or importlib.util.find_spec("distributed") is None:
-        return {"skipped": "dask and distributed are not installed: pip install 'falconet[dask]'"}
+        return {"skipped": "dask and distributed are not installed: pip install '.[dask]'"}
     import dask
     import distributed
 

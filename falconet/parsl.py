@@ -11,7 +11,7 @@ function too, running its command line in the slot.  Each becomes one falconet P
 task, and the TaskFuture is the Future Parsl waits on.
 
 A ``parsl_resource_specification`` maps onto a task's needs (see :func:`task_options`).
-Import this module only with Parsl installed (``pip install 'falconet[parsl]'``).
+Import this module only with Parsl installed (``pip install '.[parsl]'``).
 """
 
 from __future__ import annotations
