@@ -405,6 +405,7 @@ class _Dispatcher:
         try:
             self.client_address = _expect(self.proc, "client:", 30).split()[1]
             self.executor_address = _expect(self.proc, "executor:", 30).split()[1]
+            self.http_url = _expect(self.proc, "http:", 30).split()[1] if "--http-port" in options else ""
             self.ps = psutil.Process(self.proc.pid)
         except BaseException:
             self.close()
@@ -628,7 +629,8 @@ def bare_zmq(n_records: int, executors: int, batch: int = 256, procs: int = 2) -
 
 
 def dispatch(n_tasks: int, executors: int, credit: int = 64, procs: int = 2, journal: bool = False,
-             needs: bytes = b"", cpus: int = 0, tags: tuple[str, ...] = ("gpu",)) -> dict:
+             needs: bytes = b"", cpus: int = 0, tags: tuple[str, ...] = ("gpu",), events: bool = True,
+             watched: bool = False) -> dict:
     """Throughput of the real dispatcher: a bulk client, `executors` null executors.
 
     The client submits n_tasks `/bin/true` commands in Submit messages of 10,000 and counts
@@ -645,17 +647,59 @@ def dispatch(n_tasks: int, executors: int, credit: int = 64, procs: int = 2, jou
     arch and facts["tags"] = `tags`.  With cpus = credit a task needing one cpu is limited by
     credit alone (a null executor answers at once, so it never holds more than its credit);
     a task needing c cpus by free cpus: at most credit / c of them in flight per executor.
+
+    `events` False starts the dispatcher with --event-history 0 (no task events recorded);
+    `watched` serves HTTP and runs a watcher process for the whole run: it scrapes /metrics
+    every 100 ms and fetches /api/dashboard every second, as Prometheus and an open
+    dashboard page do.
     """
     with tempfile.TemporaryDirectory(prefix="falconet-bench-journal-") as state:
         options = ("--state-dir", state) if journal else ()
-        with _Cluster(executors, credit, min(procs, 2), *options, cpus=cpus, tags=tags) as c:
+        options += () if events else ("--event-history", "0")
+        options += ("--http-port", "0") if watched else ()
+        with _Cluster(executors, credit, min(procs, 2), *options, cpus=cpus, tags=tags) as c, \
+                _watcher(c.disp.http_url) as scrapes:
             c.client.wait_executors(executors, 60.0)
             time.sleep(0.2)  # let the opening credit reports land
             run = _run_tasks(c.client, c.disp, n_tasks, f"dispatch-{executors}{'-journal' * journal}"
                              f"{'-needs-' + needs.hex() if needs else ''}", needs=needs)
             journal_bytes = c.client.status().get("journal", {}).get("journal_bytes", 0)
     return {**run, "tasks_per_message": n_tasks / max(1, _stats(c.stats).get("messages", 0)),
-            "journal_bytes": journal_bytes}
+            "journal_bytes": journal_bytes, "scrapes": scrapes.get("scrapes", 0)}
+
+
+_WATCHER_MAIN = """
+import sys, time, urllib.request
+url = sys.argv[1]
+n, next_page = 0, 0.0
+while True:
+    urllib.request.urlopen(url + "/metrics", timeout=10).read()
+    n += 1
+    if time.monotonic() >= next_page:
+        urllib.request.urlopen(url + "/api/dashboard", timeout=10).read()
+        next_page = time.monotonic() + 1.0
+    print(n, flush=True)
+    time.sleep(0.1)
+"""
+
+
+@contextlib.contextmanager
+def _watcher(url: str) -> Iterator[dict]:
+    """A process polling url's /metrics every 100 ms and /api/dashboard every second (nothing
+    without a url); the dict it yields gets the number of scrapes when the block ends."""
+    out: dict = {}
+    if not url:
+        yield out
+        return
+    proc = subprocess.Popen(spawn.code(_WATCHER_MAIN, url), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield out
+    finally:
+        proc.kill()
+        lines = proc.stdout.read().split()
+        proc.wait()
+        out["scrapes"] = int(lines[-1]) if lines else 0
 
 
 class _Cluster:

@@ -243,7 +243,24 @@ def _dispatch(plan: Plan, dispatch: Any) -> dict:
         journal.append(dispatch.dispatch(plan.dispatch_tasks, 10, journal=True)["tasks_per_s"])
     return {"rows": rows, "bare_zmq_10": bare,
             "journal_10": {"in_memory": stats(memory), "journal": stats(journal)},
-            "needs_10": needs_matching(plan, dispatch)}
+            "needs_10": needs_matching(plan, dispatch), "observed_10": observed(plan, dispatch)}
+
+
+def observed(plan: Plan, dispatch: Any) -> dict:
+    """What watching costs the dispatcher: 10 null executors, without task events
+    (--event-history 0), with them (the default), and watched (HTTP on, /metrics scraped
+    every 100 ms and /api/dashboard fetched every second by another process); the variants
+    run in turn, round after round, so drift hits them all."""
+    variants = {"no events": {"events": False}, "events": {}, "watched": {"watched": True}}
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(plan.repeat):
+        for name, kw in variants.items():
+            runs[name].append(dispatch.dispatch(plan.dispatch_tasks, 10, **kw)["tasks_per_s"])
+    out = {name: {"tasks_per_s": stats(rates)} for name, rates in runs.items()}
+    for name, base in (("events", "no events"), ("watched", "events")):
+        out[name]["ratio"] = statistics.median(runs[name]) / statistics.median(runs[base])
+        out[name]["round_ratio"] = stats([a / b for a, b in zip(runs[name], runs[base])])
+    return out
 
 
 def needs_matching(plan: Plan, dispatch: Any, executors: int = 10, credit: int = 64) -> dict:
@@ -312,6 +329,12 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
             if name != "plain":  # matching may cost, but not the fast path's order of magnitude
                 ratio = v["ratio_to_plain"]
                 out.append((f"dispatch(10) {name} / plain", ">= 0.7", f"{ratio:.2f}", ratio >= 0.7))
+        obs = d.get("observed_10")
+        if obs:
+            ratio = obs["watched"]["ratio"]
+            out.append(("dispatch(10) watched / not", ">= 0.95", f"{ratio:.2f}", ratio >= 0.95))
+            ratio = obs["events"]["ratio"]
+            out.append(("dispatch(10) with events / without", ">= 0.9", f"{ratio:.2f}", ratio >= 0.9))
     lat = r.get("latency")
     if lat:
         out.append(("latency p50", "<= 1 ms", f"{lat['p50_ms']:.2f} ms", lat["p50_ms"] <= 1))
@@ -369,6 +392,9 @@ def table(r: dict) -> str:
                 lines.append(f"dispatch, {nm['executors']} null executors (cpus {nm['credit']}, tag gpu), {name} tasks: "
                              f"{fmt(v['tasks_per_s'])}, {fmt(v['cpu_us_per_task'], ' us', 1)} dispatcher CPU "
                              f"per task{vs}")
+        for name, v in r["dispatch"].get("observed_10", {}).items():
+            vs = f", {v['ratio']:.2f}x the row above (per round {fmt(v['round_ratio'], 'x', 2)})" if "ratio" in v else ""
+            lines.append(f"dispatch, 10 null executors, {name}: {fmt(v['tasks_per_s'])}{vs}")
     if "memory" in r:
         lines.append(f"memory: {r['memory']['bytes_per_task']:.0f} bytes per queued task")
     for row in r.get("scale", []):

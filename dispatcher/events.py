@@ -18,6 +18,7 @@ import bisect
 import collections
 import contextlib
 import logging
+import operator
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -52,6 +53,7 @@ FIELDS = {
     "terminated": ("node", "type", "detail"),
 }
 _OUTCOMES = {int(s): s.name.lower() for s in TaskState}
+_SEQ = operator.itemgetter(0)
 
 
 def as_map(event: tuple | list) -> dict:
@@ -70,28 +72,47 @@ def fleet_changes(old: Fleet | None, new: Fleet, wall: float) -> list[tuple]:
     return out
 
 
-def expand(raw: tuple) -> Iterator[tuple]:
-    """The per-task (or per-executor) events of one raw record, without their numbers."""
-    code, at = raw[0], raw[1]
+def compact(raw: tuple) -> tuple:
+    """A raw record without what the history need not keep (task bodies, outputs), cheaply:
+    the per-task work is C-level (a transpose, an itemgetter), as this runs for every task."""
+    code = raw[0]
+    if code == FINISHED:  # columns: seq, state, reason, executor, attempts, submitted, started, finished
+        cols = tuple(zip(*raw[3]))
+        return (FINISHED, raw[1], raw[2], (cols[0], cols[1], *cols[3:9])) if cols else (FINISHED, raw[1], raw[2], ())
+    if code == SUBMITTED:
+        return (SUBMITTED, raw[1], raw[2], list(map(_SEQ, raw[3])))
+    return raw  # STARTED holds small tuples already; EXECUTOR and FLEET are one event each
+
+
+def count(record: tuple) -> int:
+    """Events in a (compact) record."""
+    if record[0] == FINISHED:
+        return len(record[3][0]) if record[3] else 0
+    return len(record[3]) if record[0] <= STARTED else 1
+
+
+def expand(record: tuple) -> Iterator[tuple]:
+    """The per-task (or per-executor) events of one compact record, without their numbers."""
+    code, at = record[0], record[1]
     if code == FINISHED:
-        client = raw[2]
-        for r in raw[3]:
-            outcome = _OUTCOMES.get(r.state, str(r.state))
-            ran = r.started > 0
-            yield ("finished", at, client, r.seq, r.executor, r.attempts, outcome,
-                   max(0.0, r.started - r.submitted) if ran else None,
-                   max(0.0, r.finished - r.started) if ran else None,
-                   r.reason[:REASON_CHARS])
+        client = record[2]
+        if not record[3]:
+            return
+        for seq, state, reason, executor, attempts, submitted, started, finished in zip(*record[3]):
+            ran = started > 0
+            yield ("finished", at, client, seq, executor, attempts, _OUTCOMES.get(state, str(state)),
+                   max(0.0, started - submitted) if ran else None,
+                   max(0.0, finished - started) if ran else None, reason[:REASON_CHARS])
     elif code == STARTED:
-        executor = raw[2]
-        for client, seq, attempt in raw[3]:
+        executor = record[2]
+        for client, seq, attempt in record[3]:
             yield ("started", at, client, seq, executor, attempt)
     elif code == SUBMITTED:
-        client = raw[2]
-        for spec in raw[3]:
-            yield ("submitted", at, client, spec.seq)
+        client = record[2]
+        for seq in record[3]:
+            yield ("submitted", at, client, seq)
     else:  # EXECUTOR, FLEET: (code, at, what, id, host or type, detail)
-        yield (raw[2], at, raw[3], raw[4], raw[5])
+        yield (record[2], at, record[3], record[4], record[5])
 
 
 def failure(r: Any, client: str, at: float) -> dict:
@@ -106,16 +127,17 @@ def failure(r: Any, client: str, at: float) -> dict:
 
 
 class History:
-    """The latest `keep` events in memory, numbered from 1 up, in chunks (one per drain), and
-    on disk when given a folder: segments of about keep/2 events, the newest two kept.
+    """The latest `keep` events in memory, numbered from 1 up, as compact records (see
+    :func:`compact`; expanded only when read), and on disk when given a folder: segments
+    of about keep/2 events, the newest two kept, read back at the next start.
 
-    Thread-safe: the observer appends, the loop reads for EventsRequest.
+    Thread-safe: the observer adds, the loop reads for EventsRequest.
     """
 
     def __init__(self, keep: int, folder: str | os.PathLike | None = None):
         self.keep = keep
         self.lock = threading.Lock()
-        self.chunks: collections.deque[tuple[int, list[tuple]]] = collections.deque()  # (first number, events)
+        self.chunks: collections.deque[tuple[int, int, tuple]] = collections.deque()  # (first number, events, record)
         self.count = 0  #: events held
         self.next = 1  #: the number the next event gets
         self.dropped = 0  #: events the observer could not keep up with (counted by it)
@@ -127,29 +149,34 @@ class History:
 
     # ------------------------------------------------------------ writing (observer thread)
 
-    def add(self, events: Iterable[tuple]) -> int:
-        """Number and keep events (tuples without their number); returns how many."""
+    def add(self, records: Iterable[tuple]) -> int:
+        """Number and keep compact records' events; returns how many."""
+        added = []
         with self.lock:
-            n = self.next
-            chunk = [(n + i, *e) for i, e in enumerate(events)]
-            if not chunk:
-                return 0
-            self.chunks.append((n, chunk))
-            self.next = n + len(chunk)
-            self.count += len(chunk)
-            while self.count - len(self.chunks[0][1]) >= self.keep:
-                self.count -= len(self.chunks.popleft()[1])
-        if self.folder is not None:
-            self._write(chunk)
-        return len(chunk)
+            for record in records:
+                n = count(record)
+                if n:
+                    added.append((self.next, n, record))
+                    self.next += n
+            self.chunks.extend(added)
+            total = sum(c[1] for c in added)
+            self.count += total
+            self._trim()
+        if self.folder is not None and added:
+            self._write(added, total)
+        return total
 
-    def _write(self, chunk: list[tuple]) -> None:
+    def _trim(self) -> None:
+        while self.chunks and self.count - self.chunks[0][1] >= self.keep:
+            self.count -= self.chunks.popleft()[1]
+
+    def _write(self, added: list[tuple], total: int) -> None:
         try:
             if self._segment is None or self._segment_events >= max(1, self.keep // 2):
-                self._rotate(chunk[0][0])
-            self._segment.write(msgpack.packb(chunk, use_bin_type=True))
+                self._rotate(added[0][0])
+            self._segment.write(msgpack.packb(added, use_bin_type=True))
             self._segment.flush()  # no fsync: the history is best-effort, the journal is not
-            self._segment_events += len(chunk)
+            self._segment_events += total
         except OSError as exc:
             log.warning("event history in %s not written: %s", self.folder, exc)
 
@@ -174,16 +201,16 @@ class History:
         for path in self._segments()[-2:]:
             try:
                 with open(path, "rb") as fh:
-                    for chunk in msgpack.Unpacker(fh, use_list=False, raw=False):
-                        chunk = [tuple(e) for e in chunk]
-                        self.chunks.append((chunk[0][0], chunk))
-                        self.count += len(chunk)
-                        self.next = chunk[-1][0] + 1
-                        loaded += len(chunk)
-            except (OSError, ValueError, msgpack.UnpackException, IndexError) as exc:
+                    for added in msgpack.Unpacker(fh, use_list=False, raw=False):
+                        for first, n, record in added:
+                            if first >= self.next:
+                                self.chunks.append((first, n, record))
+                                self.count += n
+                                self.next = first + n
+                                loaded += n
+            except (OSError, ValueError, TypeError, msgpack.UnpackException) as exc:
                 log.warning("event history %s: read up to a damaged part (%s)", path, exc)
-        while self.chunks and self.count - len(self.chunks[0][1]) >= self.keep:
-            self.count -= len(self.chunks.popleft()[1])
+        self._trim()
         if loaded:
             log.info("event history: %d events from %s, numbering goes on at %d", loaded, self.folder, self.next)
 
@@ -199,21 +226,23 @@ class History:
         most limit; with next, the number to ask after next time."""
         out: list[dict] = []
         with self.lock:
-            chunks = list(self.chunks)  # chunk lists are never changed once added
+            chunks = list(self.chunks)  # records are never changed once added
             first = chunks[0][0] if chunks else self.next
             nxt, dropped = self.next, self.dropped
         starts = [c[0] for c in chunks]
         i = max(0, bisect.bisect_right(starts, after) - 1)
         last = after
-        for _, chunk in chunks[i:]:
-            for e in chunk:
-                if e[0] <= after or e[2] < since:
-                    last = max(last, e[0])
+        for start, n, record in chunks[i:]:
+            if start + n - 1 <= after or record[1] < since:  # every event of a record has its time
+                last = max(last, start + n - 1)
+                continue
+            for number, e in enumerate(expand(record), start):
+                if number <= after:
                     continue
                 if len(out) >= limit:
                     return {"events": out, "next": last, "first": first, "dropped": dropped, "more": True}
-                out.append(as_map(e))
-                last = e[0]
+                out.append(as_map((number, *e)))
+                last = number
         # With nothing new, next is the newest number: a follower whose dispatcher restarted
         # without its history (numbers from 1 again) goes on from there.
         return {"events": out, "next": last if out else nxt - 1, "first": first, "dropped": dropped,

@@ -147,7 +147,7 @@ class Server:
         self.http_address = ""
         if event_history > 0 or http is not None:
             folder = os.path.join(state_dir, "events") if state_dir and event_history > 0 else None
-            self.observer = Observer(event_history, folder)
+            self.observer = Observer(event_history, folder, timings=http is not None)
             if event_history > 0:
                 self.core.events = []
                 self.core.event_source = self.observer.events

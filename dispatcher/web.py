@@ -159,11 +159,11 @@ class WebServer:
         except ValueError:
             return _response(400, b"malformed request\n", "text/plain", close=True), False
         keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        if "content-length" in headers or "transfer-encoding" in headers:
+        if method not in ("GET", "HEAD"):  # and its body, if any, is not read: close
+            return _response(405, b"read-only: only GET and HEAD\n", "text/plain", close=True,
+                             extra="Allow: GET, HEAD\r\n"), False
+        if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
             return _response(400, b"requests here have no body\n", "text/plain", close=True), False
-        if method not in ("GET", "HEAD"):
-            return _response(405, b"read-only: only GET and HEAD\n", "text/plain", close=not keep,
-                             extra="Allow: GET, HEAD\r\n"), keep
         url = urllib.parse.urlsplit(target)
         if self.token and not self._authorised(headers, url.query):
             if url.path == "/":
