@@ -79,7 +79,7 @@ def _strategies() -> list:
               help="Every HTTP request must carry it ('Authorization: Bearer TOKEN', or ?token=TOKEN "
                    "once in the dashboard's address); prefer the environment variable to the command line.")
 @click.option("--event-history", type=click.IntRange(min=0), default=100_000, show_envvar=True,
-              metavar="N", help="Task, executor and fleet events kept for 'falconet events' (about 150 "
+              metavar="N", help="Task, executor and fleet events kept for 'falconet events' (about 120 "
                                 "bytes each in memory; with --state-dir also on disk, at most 1.5 N); 0: none.")
 @log_level
 @parent_pid

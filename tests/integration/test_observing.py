@@ -110,6 +110,19 @@ def test_http_is_read_only_and_answers_bad_requests_with_their_reason(cluster):
     assert get(url + "/metrics")[0] == 200  # still serving
 
 
+def test_a_client_that_never_finishes_its_request_is_cut_off(cluster):
+    """Slowloris: a request head still unfinished after HEAD_TIMEOUT_S loses its connection."""
+    from falconet.dispatcher.web import HEAD_TIMEOUT_S
+
+    cluster.start_dispatcher(extra=("--http-port", "0"))
+    host, port = cluster.http_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=HEAD_TIMEOUT_S * 4) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: 1\r\n")
+        t0 = time.monotonic()
+        assert s.recv(100) == b""  # closed by the server, not by our timeout (that would raise)
+        assert time.monotonic() - t0 < HEAD_TIMEOUT_S * 3
+
+
 def test_a_token_protects_every_route(cluster):
     cluster.start_dispatcher(extra=("--http-port", "0", "--http-token", "s3cret"))
     url = cluster.http_url
