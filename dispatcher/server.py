@@ -238,7 +238,9 @@ class Server:
         if zap is not None:
             poller.register(zap, zmq.POLLIN)
         next_tick = time.monotonic()
-        observer, turns, clock = self.observer, self.turns, time.perf_counter
+        # Snapshots and the turn histogram are for the HTTP side; events need neither.
+        observer = self.observer if self.web is not None else None
+        turns, clock = self.turns, time.perf_counter
         try:
             while not self._stop:
                 # Blob chunks still to send: poll without waiting.

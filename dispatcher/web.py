@@ -10,8 +10,9 @@ Hostile or slow clients are bounded: at most :data:`MAX_CONNECTIONS` at once (mo
 connection is closed after :data:`IDLE_S`.
 
 Routes: ``/`` (the dashboard), ``/static/NAME``, ``/metrics``, ``/api/status``,
-``/api/dashboard``.  With a token every request needs ``Authorization: Bearer TOKEN``
-or ``?token=TOKEN``; anything but loopback needs a token or ``insecure``.
+``/api/dashboard``.  With a token every request but the page's static files needs
+``Authorization: Bearer TOKEN`` or ``?token=TOKEN``; anything but loopback needs a token
+or ``insecure``.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ class WebServer:
         if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
             return _response(400, b"requests here have no body\n", "text/plain", close=True), False
         url = urllib.parse.urlsplit(target)
-        if self.token and not self._authorised(headers, url.query):
+        # The page's script and style hold no data, and a browser sends no token for them.
+        if self.token and not url.path.startswith("/static/") and not self._authorised(headers, url.query):
             if url.path == "/":
                 return _response(401, _TOKEN_PAGE, _TYPES[".html"], close=not keep), keep
             return _response(401, b"this dispatcher's HTTP side needs its token: send 'Authorization: "
@@ -251,8 +253,9 @@ class _Collector:
         for state in ("active", "draining"):
             g.add_metric([state], snap.executors_by_state.get(state, 0))
         yield g
-        slots, busy = s.get("slots", 0), s.get("busy", 0)
-        g = GaugeMetricFamily("falconet_slots", "Task slots of the registered executors.", labels=["state"])
+        slots, busy = s.get("slots", 0), min(s.get("slots", 0), tasks.get("running", 0))
+        g = GaugeMetricFamily("falconet_slots", "Task slots of the registered executors: busy (running a "
+                              "task) or idle.", labels=["state"])
         g.add_metric(["busy"], busy)
         g.add_metric(["idle"], max(0, slots - busy))
         yield g

@@ -47,6 +47,13 @@ def test_fleet_grows_with_the_queue_and_shrinks_when_idle(cluster):
         assert any(r.startswith("launch 3 local") for r in reasons), reasons
         assert any(r.startswith("release ") and "idle" in r for r in reasons), reasons
         assert client.status()["lost_executors"] == 0  # released by drain, not killed
+        # The fleet's story as events: three launched, three joined, released and gone.
+        events = client.events(limit=5000)["events"]
+        counts = {k: sum(e["event"] == k for e in events) for k in ("launched", "joined", "released", "left")}
+        assert counts["launched"] == counts["joined"] == 3, counts
+        assert counts["released"] == counts["left"] == 3, counts
+        launched = {e["node"] for e in events if e["event"] == "launched"}
+        assert launched == {e["executor"] for e in events if e["event"] == "joined"}
     shown = subprocess.run([*spawn.falconet(), "status", "--dispatcher", cluster.client_address],
                            capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
