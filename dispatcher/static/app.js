@@ -202,7 +202,8 @@ function takeTokenFromUrl() {
   history.replaceState(history.state, "", url.pathname + url.search + url.hash);
 }
 
-function showLogin() {
+function showLogin(refused) {
+  $("#login-refused").hidden = !refused;
   $("#data").hidden = true;
   $("#banner").hidden = true;
   $("#updated-at").textContent = "token needed";
@@ -245,11 +246,12 @@ async function poll() {
   if (token) headers.Authorization = `Bearer ${token}`;
   try {
     const reply = await fetch("api/dashboard", { headers, cache: "no-store", signal: AbortSignal.timeout(TIMEOUT_S * 1000) });
-    if (reply.status === 401) return showLogin();  // polling resumes when a token is given
+    if (reply.status === 401) return showLogin(Boolean(token));  // polling resumes with a token
     if (!reply.ok) throw new Error(`HTTP ${reply.status}`);
     render(await reply.json());
   } catch (err) {
-    showDown(err.name === "TimeoutError" ? "no reply" : err.message);
+    const why = { TimeoutError: `no reply in ${TIMEOUT_S} s`, TypeError: "no connection" }[err.name];
+    showDown(why || err.message);
   }
   setTimeout(poll, POLL_S * 1000);
 }
