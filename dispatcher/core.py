@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 from falconet import needs as nd
 from falconet import protocol as p
+from falconet.dispatcher import events as ev
 from falconet.dispatcher import replay, states
 from falconet.dispatcher.entries import (
     KINDS,
@@ -66,6 +67,7 @@ class TurnOutput(NamedTuple):
     to_executors: list[tuple[bytes, Any]]  #: (peer, message)
     delivered_files: list[tuple[bytes, bytes, bytes]]  #: (client, executor, result files) accepted
     departed: list[bytes]  #: executors removed this turn (lost or left)
+    events: list[tuple]  #: raw event records (falconet.dispatcher.observe); empty unless observed
 
 
 class Core:
@@ -111,6 +113,10 @@ class Core:
         self.departed: list[bytes] = []  #: executors removed this turn
         self.cache_totals = {"hits": 0, "misses": 0, "bytes_fetched": 0}  #: executors' input caches, summed
         self.reporters: dict[str, Callable[[], Any]] = dict(reporters or {})  #: more status entries
+        #: raw event records for the observer (falconet.dispatcher.observe); None: not observed
+        self.events: list[tuple] | None = None
+        #: answers an EventsRequest: (after, since, limit) -> reply map; set with the events
+        self.event_source: Callable[[int, float, int], dict] | None = None
 
     @property
     def classes(self) -> dict[nd.Needs, NeedsClass]:
@@ -192,10 +198,21 @@ class Core:
             self._release(set(msg.executor_ids), msg.reason)
         elif type(msg) is p.FleetReport:
             self._fleet_report(peer, msg)
+        elif type(msg) is p.EventsRequest:
+            self._events_request(peer, msg)
         else:
             self.to_clients.append((peer, p.Refused(f"{type(msg).__name__} is not a client message")))
 
+    def _events_request(self, peer: bytes, msg: p.EventsRequest) -> None:
+        if self.event_source is None:
+            self.to_clients.append((peer, p.StatusReply(msg.req_id, {
+                "error": "this dispatcher keeps no events: it was started with --event-history 0"})))
+            return
+        limit = max(1, min(msg.limit, ev.MAX_PER_REQUEST))
+        self.to_clients.append((peer, p.StatusReply(msg.req_id, self.event_source(msg.after, msg.since, limit))))
+
     def _fleet_report(self, peer: bytes, msg: p.FleetReport) -> None:
+        old = self.fleet
         try:
             self.fleet = Fleet.from_map(msg.info)
         except ProtocolError as exc:
@@ -203,6 +220,8 @@ class Core:
             return
         self.fleet_at = self.wall()
         self.fleet_reports += 1
+        if self.events is not None:
+            self.events += ev.fleet_changes(old, self.fleet, self.fleet_at)
 
     def _wrong_port(self, here: str) -> p.Refused:
         """The refusal for a peer of the other kind, naming the port it should use."""
@@ -242,6 +261,8 @@ class Core:
         if self.journal is not None:
             self.journal.append((Kind.SUBMIT, (client.peer, client.name, msg.batch, wall, msg.tasks)))
         self._queue(client, msg.tasks, wall)
+        if self.events is not None:
+            self.events.append((ev.SUBMITTED, wall, client.label, msg.tasks))
         self.to_clients.append((client.peer, p.Accepted(msg.batch, len(msg.tasks))))
 
     def _queue(self, client: ClientEntry, specs: list[p.TaskSpec], wall: float) -> None:
@@ -307,6 +328,7 @@ class Core:
             if ex.info.executor_id in ids:
                 if move_executor(ex, ExecutorState.DRAINING):  # no new work from now on
                     log.info("executor %s released: %s", ex.info.executor_id, reason)
+                    self._executor_event("released", ex, reason)
                 ex.credit = 0
                 self.ready.pop(ex.peer, None)
                 self.matcher.gen += 1
@@ -359,6 +381,7 @@ class Core:
             log.info("executor %s registered: host %s, %d slots, %d cpus, addresses %s, tags %s",
                      msg.executor_id, msg.hostname, msg.slots, msg.cpus, ",".join(msg.addresses),
                      ",".join(sorted(ex.caps.tags)))
+            self._executor_event("joined", ex, f"{msg.slots} slots, {msg.cpus} cpus, {','.join(msg.addresses)}")
         self.matcher.gen += 1
         self._send_executor(ex, p.Registered(self.dispatcher_id, self.config.heartbeat_interval_s,
                                              self.config.heartbeat_timeout_s, self.config.max_message_bytes))
@@ -369,16 +392,21 @@ class Core:
             # A task that also finishes in this report needs no Started: its result says more.
             ending = {r.tid for r in msg.results} if msg.results else ()
             last = None
+            seen = None if self.events is None else []
             for tid, attempt in msg.started:
                 t = tasks.get(tid)
                 if t is not None and t.attempt == attempt and t.state == _DISPATCHED:
                     self._move(t, _RUNNING)
+                    if seen is not None:
+                        seen.append((t.client.label, t.seq, attempt))
                     if tid in ending:
                         continue
                     client = t.client
                     client.started.append(t.seq)  # told in one Started per client per turn
                     if client is not last:
                         self._started_pending[client.peer] = last = client
+            if seen:
+                self.events.append((ev.STARTED, self.wall(), ex.info.executor_id, seen))
         if msg.stats:
             note_stats(self.cache_totals, ex, msg.stats)
         if msg.results:
@@ -420,6 +448,7 @@ class Core:
     def _drain(self, ex: ExecutorEntry, msg: p.Drain) -> None:
         if move_executor(ex, ExecutorState.DRAINING):
             log.info("executor %s is draining", ex.info.executor_id)
+            self._executor_event("drained", ex, "it asked to drain")
         ex.credit = 0
         self.ready.pop(ex.peer, None)
         self.matcher.gen += 1
@@ -469,9 +498,15 @@ class Core:
                                      "tasks": len(ex.tasks), "at": self.wall()})
             how = how or f"no message for {self.config.heartbeat_timeout_s:.1f}s"
             log.warning("%s (%s); %d tasks go back to the queue", why, how, len(ex.tasks))
+            self._executor_event("lost", ex, f"{how}; {len(ex.tasks)} tasks back to the queue")
         else:
             log.info("executor %s left", info.executor_id)
+            self._executor_event("left", ex, "")
         ex.tasks = {}
+
+    def _executor_event(self, what: str, ex: ExecutorEntry, detail: str) -> None:
+        if self.events is not None:
+            self.events.append((ev.EXECUTOR, self.wall(), what, ex.info.executor_id, ex.info.hostname, detail))
 
     def executor_unreachable(self, peer: bytes, msg: Any) -> None:
         """The loop could not route msg to this executor: it is gone."""
@@ -586,17 +621,24 @@ class Core:
                 self.to_clients.append((peer, p.Started(client.started)))
                 client.started = []
             self._started_pending.clear()
+        events = self.events
+        wall = self.wall() if events is not None and self._results_pending else 0.0
         for peer, client in self._results_pending.items():
             results, client.results = client.results, []
+            if events is not None:
+                events.append((ev.FINISHED, wall, client.label, results))
             client.unacked.update([(r[0], r) for r in results])
             for part in self._chunks(results, 2):
                 if journal is not None:
                     journal.append((Kind.RESULTS, (peer, part)))
                 self.to_clients.append((peer, p.Results(part)))
         self._results_pending.clear()
-        out = TurnOutput(journal or [], self.to_clients, self.to_executors, self.delivered_files, self.departed)
+        out = TurnOutput(journal or [], self.to_clients, self.to_executors, self.delivered_files, self.departed,
+                         events or [])
         if journal:
             self.journal = []
+        if events:
+            self.events = []
         self.to_clients, self.to_executors, self.delivered_files, self.departed = [], [], [], []
         return out
 

@@ -112,12 +112,13 @@ def caps_of(info: p.Register) -> nd.Caps:
 class ClientEntry:
     """A client session: its identity, name, per-state task counts and undelivered results."""
 
-    __slots__ = ("peer", "name", "counts", "results", "started", "unacked", "welcomed", "batch_high",
+    __slots__ = ("peer", "name", "label", "counts", "results", "started", "unacked", "welcomed", "batch_high",
                  "batch_extra")
 
     def __init__(self, peer: bytes, name: str, *, welcomed: bool = True):
         self.peer = peer
         self.name = name
+        self.label = name or peer[:8].hex()  #: how events and the dashboard name it
         self.counts = [0] * len(TaskState)
         self.results: list[p.TaskResult] = []  #: finished this turn, not yet sent
         self.started: list[int] = []  #: seqs that started running this turn, not yet sent

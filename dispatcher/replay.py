@@ -86,7 +86,7 @@ class _Replay:
         if client is None:
             client = self.clients[peer] = ClientEntry(peer, name, welcomed=False)
         elif name:
-            client.name = name
+            client.name = client.label = name
         return client
 
 

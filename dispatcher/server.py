@@ -12,6 +12,7 @@ import errno
 import functools
 import gc
 import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -27,6 +28,9 @@ from falconet import protocol as p
 from falconet.dispatcher.blobs import BlobStore, Holds, Streams
 from falconet.dispatcher.core import Config, Core, TurnOutput
 from falconet.dispatcher.journal import Journal
+from falconet.dispatcher.observe import TURN_BUCKETS, Histogram, Observer, Snapshot
+from falconet.dispatcher.status import status_report
+from falconet.dispatcher.web import WebOptions, WebServer
 from falconet.errors import BindRefused, FalconetError, ProtocolError
 
 log = logging.getLogger("falconet.dispatcher")
@@ -88,7 +92,10 @@ class Server:
     def __init__(self, host: str = "127.0.0.1", client_port: int = 0, executor_port: int = 0,
                  config: Config = Config(), *, insecure: bool = False, state_dir: str | None = None,
                  compact_bytes: int = 64 << 20, keys_dir: str | None = None,
-                 blob_store_bytes: int = 4 << 30):
+                 blob_store_bytes: int = 4 << 30, event_history: int = 100_000,
+                 http: WebOptions | None = None):
+        """event_history: task and fleet events kept (0: none); http: serve metrics, the
+        dashboard and the JSON status from a thread of this process (see web.py)."""
         if not is_loopback(host) and not insecure and not keys_dir:
             raise BindRefused(
                 f"refusing to listen on {host} without authentication: make keys with 'falconet keys "
@@ -133,6 +140,24 @@ class Server:
         self._stop = False
         self._bad = _RateLimitedLog()
         self._owners: dict[str, dict[bytes, str]] = {}  #: per port: routing id -> CURVE key
+        self.messages = {("client", "in"): 0, ("client", "out"): 0, ("executor", "in"): 0, ("executor", "out"): 0}
+        self.turns = Histogram(TURN_BUCKETS)
+        self.observer: Observer | None = None
+        self.web: WebServer | None = None
+        self.http_address = ""
+        if event_history > 0 or http is not None:
+            folder = os.path.join(state_dir, "events") if state_dir and event_history > 0 else None
+            self.observer = Observer(event_history, folder)
+            if event_history > 0:
+                self.core.events = []
+                self.core.event_source = self.observer.events
+        if http is not None:
+            try:
+                self.web = WebServer(self.observer, http)
+            except BaseException:
+                self.close()
+                raise
+            self.http_address = self.web.url
 
     def _router(self, host: str, port: int, max_bytes: int, role: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -213,11 +238,13 @@ class Server:
         if zap is not None:
             poller.register(zap, zmq.POLLIN)
         next_tick = time.monotonic()
+        observer, turns, clock = self.observer, self.turns, time.perf_counter
         try:
             while not self._stop:
                 # Blob chunks still to send: poll without waiting.
                 wait_ms = 0 if self.streams else max(0.0, next_tick - time.monotonic()) * 1000
                 ready = dict(poller.poll(wait_ms))
+                t0 = clock()
                 now = time.monotonic()
                 if zap is not None and zap in ready:
                     self.zap.handle()
@@ -232,8 +259,23 @@ class Server:
                 self._send_all()
                 if self.streams:
                     self._pump_blobs()
+                if observer is not None:
+                    turns.observe(clock() - t0)
+                    if now >= observer.next_snapshot:
+                        self._publish(now)
         finally:
             self.close()
+
+    def _publish(self, now: float) -> None:
+        """Hand the observers a snapshot of the status and counters (about once a second)."""
+        t0 = time.perf_counter()
+        by_state: dict[str, int] = {}
+        for ex in self.core.executors.values():
+            by_state[ex.state.value] = by_state.get(ex.state.value, 0) + 1
+        status = status_report(self.core, now, detail=True).to_map()
+        encoded = json.dumps(status, default=str).encode()
+        self.observer.publish(Snapshot(time.time(), status, encoded, by_state, dict(self.messages),
+                                       self.turns.copy(), time.perf_counter() - t0), now)
 
     def _receive(self, sock: zmq.Socket, handle: Callable[[bytes, Any, float], None],
                  now: float, port: str) -> None:
@@ -271,6 +313,7 @@ class Server:
 
     def _handle(self, frames: list[bytes], handle: Callable[[bytes, Any, float], None],
                 now: float, port: str) -> None:
+        self.messages[port, "in"] += 1
         if len(frames) != 2:
             self._bad.warn("dropped a %d-frame message on the %s port: falconet messages "
                            "are one frame", len(frames) - 1, port)
@@ -361,6 +404,10 @@ class Server:
             out = self.core.take_output()
             if out.delivered_files or out.departed:
                 self._settle_blobs(out)
+            if out.events:
+                self.observer.note(out.events)
+            self.messages["client", "out"] += len(out.to_clients)
+            self.messages["executor", "out"] += len(out.to_executors)
             unreachable = apply_output(out, commit, self._to_client, self._to_executor)
             if not unreachable:
                 return
@@ -380,6 +427,12 @@ class Server:
 
     def close(self) -> None:
         """Close both sockets and the context without waiting for unsent messages."""
+        if self.web is not None:
+            self.web.stop()
+            self.web = None
+        if self.observer is not None:
+            self.observer.close()
+            self.observer = None
         self.client_sock.close(0)
         self.executor_sock.close(0)
         if self.zap is not None:

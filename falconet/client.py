@@ -75,6 +75,8 @@ class Client:
                                "client address) or set FALCONET_DISPATCHER")
         self._target = addresses.parse(address)  # AddressError before any thread
         self.address = self._target.url
+        #: the dispatcher's dashboard, for a client of falconet.local(dashboard=True) ("" otherwise)
+        self.dashboard_url = ""
         self._credentials = keys.credentials(dispatcher_key, key)  # KeyFileError before any thread
         self.id = uuid.uuid4().hex
         self.name = name or f"pid-{os.getpid()}"
@@ -258,14 +260,26 @@ class Client:
 
     def status(self, detail: bool = False, timeout_s: float = 10.0) -> dict:
         """The dispatcher's statistics (detail adds the executor table)."""
-        req, fut, wake = self._session.ask_status(detail)
+        return self._ask(lambda req: p.StatusRequest(req, detail), "a status request", timeout_s)
+
+    def events(self, after: int = 0, since: float = 0.0, limit: int = 1000, timeout_s: float = 10.0) -> dict:
+        """The dispatcher's events numbered above after and at or after wall time since (at most
+        limit, oldest first): {"events": [maps], "next": N, "first": N, "dropped": N, "more": bool}.
+        Ask again with after=next for the following ones (docs/observing.md)."""
+        info = self._ask(lambda req: p.EventsRequest(req, after, since, limit), "an events request", timeout_s)
+        if "error" in info:
+            raise RefusedError(info["error"])
+        return info
+
+    def _ask(self, make: Any, what: str, timeout_s: float) -> dict:
+        req, fut, wake = self._session.ask(make)
         if wake:
             os.write(self._wake_w, b"x")
         try:
             return fut.result(timeout=timeout_s)
         except cf.TimeoutError:
-            raise DispatcherUnavailable(f"the dispatcher at {self.address} did not answer a status "
-                                        f"request within {timeout_s:g}s") from None
+            raise DispatcherUnavailable(f"the dispatcher at {self.address} did not answer {what} "
+                                        f"within {timeout_s:g}s") from None
         finally:
             self._session.forget_status(req)
 

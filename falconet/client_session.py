@@ -123,9 +123,14 @@ class ClientSession:
 
     def ask_status(self, detail: bool) -> tuple[int, cf.Future, bool]:
         """Queue a StatusRequest: (its id, the future of its answer, must the thread be woken)."""
+        return self.ask(lambda req: p.StatusRequest(req, detail))
+
+    def ask(self, make: Callable[[int], Any]) -> tuple[int, cf.Future, bool]:
+        """Queue a request answered by a StatusReply (StatusRequest, EventsRequest): make builds
+        it from its id.  Returns (its id, the future of its answer, must the thread be woken)."""
         req = next(self._req)
         fut: cf.Future = cf.Future()
-        msg = p.StatusRequest(req, detail)
+        msg = make(req)
         with self.lock:
             self._status_waiters[req] = fut
             self._status_asked[req] = msg

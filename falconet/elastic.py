@@ -37,7 +37,7 @@ class ElasticCluster:
 
     def __init__(self, backend: str = "local", *, dispatcher: str | None = None,
                  host: str = "127.0.0.1", insecure: bool = False, log_dir: str | None = None,
-                 start_timeout_s: float = 60.0, **options: Any):
+                 start_timeout_s: float = 60.0, dashboard: bool = False, **options: Any):
         if dispatcher is not None:
             dispatcher = address.parse(dispatcher).url  # AddressError here, not in the child's log
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="falconet-elastic-")
@@ -47,7 +47,10 @@ class ElasticCluster:
         self.stop_grace_s = float(options.get("stop_grace", 30.0))
         try:
             if dispatcher is None:
-                self.local = LocalCluster(executors=0, host=host, insecure=insecure, log_dir=self.log_dir)
+                self.local = LocalCluster(executors=0, host=host, insecure=insecure, log_dir=self.log_dir,
+                                          dashboard=dashboard)
+            #: the embedded dispatcher's dashboard (dashboard=True), else ""
+            self.dashboard_url = self.local.dashboard_url if self.local is not None else ""
             self.client_address = dispatcher or self.local.client_address  # type: ignore[union-attr]
             self.provisioner = start_child(self.log_dir, "provisioner", [
                 "provisioner", "--dispatcher", self.client_address, "--backend", backend,
@@ -103,4 +106,5 @@ def provision(backend: str = "local", *, dispatcher: str | None = None, client_n
     """A Client on a fleet that grows with its queue and shrinks when idle; stopped on exit."""
     with ElasticCluster(backend, dispatcher=dispatcher, **options) as cluster, \
             session(cluster.client_address, name=client_name) as client:
+        client.dashboard_url = cluster.dashboard_url
         yield client

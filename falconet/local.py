@@ -32,17 +32,23 @@ class LocalCluster:
     def __init__(self, slots: int | None = None, executors: int = 1, *,
                  heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float = 10.0,
                  log_dir: str | None = None, start_timeout_s: float = 30.0,
-                 host: str = "127.0.0.1", insecure: bool = False, fail_unschedulable_s: float | None = None):
+                 host: str = "127.0.0.1", insecure: bool = False, fail_unschedulable_s: float | None = None,
+                 dashboard: bool = False):
         """fail_unschedulable_s: fail tasks no executor here can run after this long (default:
-        at once when the cluster has executors of its own, as no other will join; else never)."""
+        at once when the cluster has executors of its own, as no other will join; else never).
+        dashboard: serve the live dashboard and /metrics on a free loopback port, at
+        dashboard_url (else dashboard_url is "")."""
         self.slots = slots or os.cpu_count() or 1
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="falconet-local-")
         self.own_log_dir = log_dir is None  #: removed by a clean stop(), kept after a failure
         self.dispatcher: subprocess.Popen | None = None
         self.executors: list[subprocess.Popen] = []
         self.slots_of: list[int] = []  #: slots of each executor started here
+        self.dashboard_url = ""  #: the dispatcher's HTTP side, with dashboard=True
         try:
             extra = ["--host", host] + (["--insecure"] if insecure else [])
+            if dashboard:
+                extra += ["--http-port", "0"]
             if fail_unschedulable_s is None:
                 fail_unschedulable_s = AT_ONCE_S if executors else 0.0
             extra += ["--fail-unschedulable", str(fail_unschedulable_s)]
@@ -62,8 +68,10 @@ class LocalCluster:
             "dispatcher", "--client-port", "0", "--executor-port", "0",
             "--heartbeat-interval", str(interval_s), "--heartbeat-timeout", str(timeout_s), *extra,
         ], stdout=subprocess.PIPE)
-        found = read_lines(self.dispatcher, ("client", "executor"), "dispatcher", self.log_dir, start_timeout_s)
+        wanted = ("client", "executor", "http") if "--http-port" in extra else ("client", "executor")
+        found = read_lines(self.dispatcher, wanted, "dispatcher", self.log_dir, start_timeout_s)
         self.client_address, self.executor_address = found["client"], found["executor"]
+        self.dashboard_url = found.get("http", "")
 
     def add_executor(self, slots: int | None = None, name: str | None = None,
                      extra: list[str] | None = None) -> subprocess.Popen:
@@ -184,14 +192,19 @@ def _wait_all(procs: list[subprocess.Popen], timeout_s: float) -> None:
 
 
 @contextlib.contextmanager
-def local(slots: int | None = None, executors: int = 1, **client_options: Any) -> Iterator[Client]:
+def local(slots: int | None = None, executors: int = 1, *, dashboard: bool = False,
+          **client_options: Any) -> Iterator[Client]:
     """An embedded dispatcher with local executors, and a Client connected to it once they
     have registered (so ``client.slots()`` counts them all from the start).
 
     Leaving the block waits for the tasks submitted, as ``concurrent.futures`` executors
-    do; leaving it by an exception cancels those not started instead.
+    do; leaving it by an exception cancels those not started instead.  With dashboard=True
+    the dispatcher serves its live dashboard and /metrics on a free loopback port, and the
+    client's ``dashboard_url`` says where.
     """
-    with LocalCluster(slots, executors) as cluster, session(cluster.client_address, **client_options) as client:
+    with LocalCluster(slots, executors, dashboard=dashboard) as cluster, \
+            session(cluster.client_address, **client_options) as client:
+        client.dashboard_url = cluster.dashboard_url
         cluster.wait_for_slots(client)
         yield client
 

@@ -26,6 +26,7 @@ Client::
                                         unacknowledged one again after a Hello
     Cancel(seqs)       -> Results with state CANCELLED for tasks not yet started
     StatusRequest(req) -> StatusReply(req, info)
+    EventsRequest(req, after, since, limit) -> StatusReply(req, {events, next, first, dropped})
 
 Executor::
 
@@ -88,7 +89,7 @@ from falconet.errors import ProtocolError
 #: 2: Ack, results kept until acknowledged; 3: needs, staging, blobs; 4: HelloAgain, where a
 #: Refused reason starting "say Hello first" told a client of a restarted dispatcher; 5: Register's
 #: memory in MB; 6: Started, which tells a client which of its tasks began running
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 #: Refused.reason prefix for a message that belongs on the dispatcher's other port.
 WRONG_PORT = "wrong port: this is"
 #: Bytes of msgpack framing counted for each record when filling a message.
@@ -129,6 +130,7 @@ class MsgType(enum.IntEnum):
     RELEASE = 5
     FLEET_REPORT = 6
     ACK = 7
+    EVENTS_REQUEST = 8
     # dispatcher -> client
     WELCOME = 10
     ACCEPTED = 11
@@ -313,6 +315,19 @@ class StatusRequest:
 
     req_id: int
     detail: bool
+
+
+@_message(MsgType.EVENTS_REQUEST, f.integer, f.integer, f.number, f.integer)
+class EventsRequest:
+    """Ask for the dispatcher's recent events numbered above after (and at or after wall time
+    since), at most limit of them; answered by a StatusReply with the same req_id whose info
+    holds events, next (the number to ask after next time), first (the oldest number kept)
+    and dropped (events lost to the bounds), or error."""
+
+    req_id: int
+    after: int
+    since: float
+    limit: int
 
 
 @_message(MsgType.RELEASE, f.list_of(f.string), f.string)
@@ -523,7 +538,7 @@ class DropBlobs:
 
 
 BLOB_MESSAGES = frozenset({PutBlob, GetBlob, DropBlobs})
-CLIENT_TO_DISPATCHER = frozenset({Hello, Submit, Cancel, Ack, StatusRequest, Release, FleetReport,
+CLIENT_TO_DISPATCHER = frozenset({Hello, Submit, Cancel, Ack, StatusRequest, EventsRequest, Release, FleetReport,
                                   *BLOB_MESSAGES})
 EXECUTOR_TO_DISPATCHER = frozenset({Register, Report, Drain, Bye, Heartbeat, PutBlob, GetBlob})
 CLIENT_ONLY = CLIENT_TO_DISPATCHER - EXECUTOR_TO_DISPATCHER - BLOB_MESSAGES  #: refused on the executor port

@@ -7,7 +7,7 @@ options every client reads also take the names falconet.Client reads: FALCONET_D
 (a client address), FALCONET_DISPATCHER_KEY and FALCONET_KEY; the command's own name wins.
 Each --help shows the names.
 
-The commands live by concern: `clients` (run, submit, status, executors), `services`
+The commands live by concern: `clients` (run, submit, status, executors), `watch` (events), `services`
 (dispatcher, executor, provisioner) and `tools` (keys, bench); `options` holds what several
 share, `signals` how they stop, `show` the text of status.  This module gathers them under
 `main` and names their variables.
@@ -22,9 +22,10 @@ from falconet.cli.options import ByteSize, OneLineError
 from falconet.cli.services import dispatcher, executor, provisioner
 from falconet.cli.signals import Stopped
 from falconet.cli.tools import bench, keys
+from falconet.cli.watch import events
 
 __all__ = ["main", "variable_names", "SHARED_VARIABLES", "NOT_CLIENTS", "ByteSize", "OneLineError", "Stopped",
-           "run", "submit", "status", "executors", "dispatcher", "executor", "provisioner", "bench", "keys",
+           "run", "submit", "status", "executors", "events", "dispatcher", "executor", "provisioner", "bench", "keys",
            "_one_place"]
 
 CONTEXT = {"auto_envvar_prefix": "FALCONET", "show_default": True, "help_option_names": ["-h", "--help"]}
@@ -36,7 +37,7 @@ def main() -> None:
     """falconet: run many short tasks fast on a fleet of executors."""
 
 
-for _command in (run, submit, dispatcher, executor, provisioner, bench, keys, status, executors):
+for _command in (run, submit, dispatcher, executor, provisioner, bench, keys, status, executors, events):
     main.add_command(_command)
 
 #: Shared names of options that every client takes, as falconet.Client reads them.

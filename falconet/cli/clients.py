@@ -57,11 +57,14 @@ from falconet.reports import Status
               help="Print each task's stdout on stdout as it finishes, every line prefixed with "
                    "[LINE], the task's line number in TASKFILE.")
 @click.option("--quiet", "-q", is_flag=True, show_envvar=True, help="No progress bar.")
+@click.option("--dashboard", is_flag=True, show_envvar=True,
+              help="With --local or --provision: the embedded dispatcher serves its live dashboard "
+                   "and /metrics on a free loopback port, printed as 'dashboard: URL'.")
 @requirement_options(" Lines under a #falconet directive use the directive's instead.")
 @client_keys
 def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provision: str | None,
         provision_config: str | None, results: Any, retries: int, walltime: float, output_cap: int,
-        output_dir: str | None, show_output: bool, quiet: bool, **requirements: Any) -> None:
+        output_dir: str | None, show_output: bool, quiet: bool, dashboard: bool, **requirements: Any) -> None:
     """Run every line of TASKFILE as a shell command ('-' reads standard input).
 
     \b
@@ -83,6 +86,9 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
 
     local_slots, dispatcher, provision = _one_place(local_slots=local_slots, dispatcher=dispatcher,
                                                     provision=provision)
+    if dashboard and dispatcher:
+        raise click.UsageError("--dashboard starts with an embedded dispatcher (--local, --provision); "
+                               "start your own dispatcher with --http-port to see its dashboard")
     defaults = task_options(**requirements)
     _check_output_dir(output_dir)
     lines = _read_tasks(taskfile, defaults)
@@ -90,7 +96,9 @@ def run(taskfile: str, local_slots: int | None, dispatcher: str | None, provisio
     tally = runfile.Tally(len(lines))
     stop_like_ctrl_c()
     try:
-        with _client(dispatcher, provision, provision_config, local_slots) as client:
+        with _client(dispatcher, provision, provision_config, local_slots, dashboard) as client:
+            if client.dashboard_url:
+                click.echo(f"dashboard: {client.dashboard_url}", err=True)
             runfile.run_tasks(client, lines, tally, results=results, progress=progress, retries=retries,
                               walltime_s=walltime, output_cap=output_cap, output_dir=output_dir,
                               defaults=defaults, show_output=sys.stdout if show_output else None,
@@ -159,7 +167,7 @@ def _read_tasks(taskfile: str, defaults: Any) -> list:
 
 @contextmanager
 def _client(dispatcher: str | None, provision: str | None, provision_config: str | None,
-            local_slots: int | None) -> Iterator[Any]:
+            local_slots: int | None, dashboard: bool = False) -> Iterator[Any]:
     """A client of the one place chosen: an existing dispatcher, a provisioned or a local cluster."""
     from falconet.client import Client
     from falconet.local import local as local_cluster
@@ -176,10 +184,10 @@ def _client(dispatcher: str | None, provision: str | None, provision_config: str
     elif provision:
         from falconet.elastic import provision as elastic
 
-        with elastic(provision, config=provision_config, client_name="falconet-run") as client:
+        with elastic(provision, config=provision_config, client_name="falconet-run", dashboard=dashboard) as client:
             yield client
     else:
-        with local_cluster(slots=local_slots or os.cpu_count(), name="falconet-run") as client:
+        with local_cluster(slots=local_slots or os.cpu_count(), dashboard=dashboard, name="falconet-run") as client:
             yield client
 
 

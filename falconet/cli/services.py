@@ -70,16 +70,30 @@ def _strategies() -> list:
                    "executor: it gets no other work until the task fits (no starvation).")
 @click.option("--max-blob-store-mb", type=click.IntRange(min=1), default=4096, show_envvar=True,
               help="Room for staged files routed through the dispatcher (inputs and outputs).")
+@click.option("--http-port", type=click.IntRange(0, 65535), default=None, show_envvar=True,
+              help="Serve /metrics (Prometheus), the live dashboard at / and /api/status on this "
+                   "port (0: any free port; printed as 'http: URL') [default: no HTTP].")
+@click.option("--http-host", default="127.0.0.1", show_envvar=True,
+              help="Address of the HTTP side; anything but loopback needs --http-token or --insecure.")
+@click.option("--http-token", default="", show_envvar=True, metavar="TOKEN",
+              help="Every HTTP request must carry it ('Authorization: Bearer TOKEN', or ?token=TOKEN "
+                   "once in the dashboard's address); prefer the environment variable to the command line.")
+@click.option("--event-history", type=click.IntRange(min=0), default=100_000, show_envvar=True,
+              metavar="N", help="Task, executor and fleet events kept for 'falconet events' (about 150 "
+                                "bytes each in memory; with --state-dir also on disk, at most 1.5 N); 0: none.")
 @log_level
 @parent_pid
 def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interval: float,
                heartbeat_timeout: float, max_message_bytes: int, max_task_bytes: int,
                max_output_bytes: int, max_submit_batch: int, state_dir: str | None, compact_mb: int,
                keys_dir: str | None, insecure: bool, fail_unschedulable: float, reserve_after: float,
-               max_blob_store_mb: int, log_level: str, parent_pid: int | None) -> None:
-    """Run a dispatcher; prints 'client: ADDR' and 'executor: ADDR', then serves."""
+               max_blob_store_mb: int, http_port: int | None, http_host: str, http_token: str,
+               event_history: int, log_level: str, parent_pid: int | None) -> None:
+    """Run a dispatcher; prints 'client: ADDR' and 'executor: ADDR' (and 'http: URL' with
+    --http-port), then serves."""
     from falconet.dispatcher import server
     from falconet.dispatcher.core import Config
+    from falconet.dispatcher.web import WebOptions
 
     _logging(log_level)
     if heartbeat_timeout <= heartbeat_interval:
@@ -91,7 +105,8 @@ def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interv
     try:
         srv = server.Server(host, client_port, executor_port, config, insecure=insecure,
                             state_dir=state_dir, compact_bytes=compact_mb << 20, keys_dir=keys_dir,
-                            blob_store_bytes=max_blob_store_mb << 20)
+                            blob_store_bytes=max_blob_store_mb << 20, event_history=event_history,
+                            http=None if http_port is None else WebOptions(http_host, http_port, http_token, insecure))
     except (FalconetError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -100,6 +115,8 @@ def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interv
     watch_parent(parent_pid, srv.stop)
     click.echo(f"client: {srv.client_address}")
     click.echo(f"executor: {srv.executor_address}")
+    if srv.http_address:
+        click.echo(f"http: {srv.http_address}")
     sys.stdout.flush()
     srv.serve()
 

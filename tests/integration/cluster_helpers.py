@@ -115,6 +115,10 @@ class Cluster:
             "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S), "--log-level", "debug", *extra,
         ], stdout=subprocess.PIPE)
         self.client_address, self.executor_address = read_addresses(self.dispatcher)
+        if "--http-port" in extra:  # its third line: 'http: URL'
+            line = self.dispatcher.stdout.readline().decode().strip()
+            assert line.startswith("http: "), f"dispatcher printed {line!r}"
+            self.http_url = line.removeprefix("http: ")
 
     def start_executor(self, name: str, slots: int = 2, *extra: str, dispatcher: str = "") -> subprocess.Popen:
         """An executor of this dispatcher (or of another address, to test mistakes)."""

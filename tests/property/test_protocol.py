@@ -57,6 +57,7 @@ def _field_strategies(floats: st.SearchStrategy, min_size: int) -> dict[type, tu
         p.Cancel: (lists(INTS),),
         p.Ack: (lists(INTS),),
         p.StatusRequest: (INTS, st.booleans()),
+        p.EventsRequest: (INTS, INTS, FLOATS, INTS),
         p.Release: (lists(TEXT), TEXT),
         p.FleetReport: (maps,),
         p.Welcome: (INTS, TEXT, maps),

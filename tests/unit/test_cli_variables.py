@@ -45,7 +45,7 @@ def test_every_option_is_named_by_the_rule():
 
 def test_client_commands_take_falconet_dispatcher_and_the_executor_does_not():
     takers = {path[-1] for path, cmd in _commands() for o in _options(cmd) if "FALCONET_DISPATCHER" in _variables(o)}
-    assert takers == {"run", "submit", "status", "executors", "provisioner"}
+    assert takers == {"run", "submit", "status", "executors", "events", "provisioner"}
 
 
 def _value_for(option: click.Option, tmp_path: Path) -> tuple[str, object]:

@@ -68,7 +68,7 @@ def test_a_turn_of_work_is_one_output_with_its_records_and_its_messages():
     assert [kind for kind, _ in out.journal] == [Kind.SUBMIT]
     assert [type(m) for _, m in out.to_clients] == [p.Accepted]
     assert [type(m) for _, m in out.to_executors] == [p.Tasks]
-    assert core.take_output() == TurnOutput([], [], [], [], [])  # taking it cleared it
+    assert core.take_output() == TurnOutput([], [], [], [], [], [])  # taking it cleared it
 
 
 def test_nothing_is_sent_before_the_turn_is_journaled():
@@ -86,7 +86,7 @@ def test_nothing_is_sent_before_the_turn_is_journaled():
 
 def test_without_a_journal_the_output_is_only_sent():
     rec = Recorder()
-    out = TurnOutput([], [(b"c1", p.Accepted(1, 1))], [(b"e1", p.Heartbeat())], [], [])
+    out = TurnOutput([], [(b"c1", p.Accepted(1, 1))], [(b"e1", p.Heartbeat())], [], [], [])
     apply_output(out, None, rec.to_client, rec.to_executor)
     assert rec.calls == [("client", b"c1", p.Accepted), ("executor", b"e1", p.Heartbeat)]
 
