@@ -240,20 +240,28 @@ function render(data) {
   $("#updated-at").textContent = `at ${clock(data.at)}`;
 }
 
-async function poll() {
-  const headers = {};
-  const token = sessionStorage.getItem(TOKEN_KEY);
-  if (token) headers.Authorization = `Bearer ${token}`;
+// The dashboard's JSON; null on a 401; an Error saying why the dispatcher did not answer.
+async function fetchDashboard(token) {
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
   try {
     const reply = await fetch("api/dashboard", { headers, cache: "no-store", signal: AbortSignal.timeout(TIMEOUT_S * 1000) });
-    if (reply.status === 401) return showLogin(Boolean(token));  // polling resumes with a token
-    if (!reply.ok) throw new Error(`HTTP ${reply.status}`);
-    render(await reply.json());
+    if (reply.status === 401) return null;
+    if (!reply.ok) return new Error(`HTTP ${reply.status}`);
+    return await reply.json();
   } catch (err) {
     const why = { TimeoutError: `no reply in ${TIMEOUT_S} s`, TypeError: "no connection" }[err.name];
-    showDown(why || err.message);
+    return new Error(why || err.message);
   }
-  setTimeout(poll, POLL_S * 1000);
+}
+
+async function poll() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const data = await fetchDashboard(token);
+  if (data === null) return showLogin(Boolean(token));  // polling resumes once a token is given
+  setTimeout(poll, POLL_S * 1000);  // first, so that a page bug in render does not stop polling
+  if (data instanceof Error) showDown(data.message);
+  else if (!data.status || !data.status.tasks) $("#updated-at").textContent = "waiting for the first snapshot";
+  else render(data);
 }
 
 $("#login").addEventListener("submit", (event) => {
