@@ -27,6 +27,14 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
+// A bar filled to part/whole; its width is set through the CSSOM, which the server's
+// Content-Security-Policy allows (it blocks style attributes).
+function bar(cls, part, whole) {
+  const fill = el("i", { class: cls });
+  fill.style.width = `${Math.min(100, (100 * part) / Math.max(whole, 1e-9))}%`;
+  return fill;
+}
+
 function svg(tag, attrs, text) {
   const node = document.createElementNS(SVG, tag);
   for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
@@ -80,7 +88,7 @@ function renderStates(tasks) {
   const total = Math.max(1, STATES.reduce((sum, s) => sum + (tasks[s] || 0), 0));
   $("#states tbody").replaceChildren(...STATES.map((s) => el("tr", {},
     el("th", {}, s),
-    el("td", { class: "bar" }, el("i", { class: `fill ${s}`, style: `width:${(100 * (tasks[s] || 0)) / total}%` })),
+    el("td", { class: "bar" }, bar(`fill ${s}`, tasks[s] || 0, total)),
     el("td", { class: "num", "data-field": `tasks.${s}` }, count.format(tasks[s] || 0)))));
 }
 
@@ -93,7 +101,7 @@ function renderExecutors(table) {
     el("td", { "data-col": "type" }, (e.facts && e.facts.instance_type) || "–"),
     el("td", { "data-col": "cpus", class: "num" }, e.cpus),
     el("td", { "data-col": "busy" }, el("span", { class: "meter" },
-      el("i", { style: `width:${Math.min(100, (100 * e.busy) / Math.max(1, e.slots))}%` })), ` ${e.busy} / ${e.slots}`),
+      bar("", e.busy, e.slots)), ` ${e.busy} / ${e.slots}`),
     el("td", { "data-col": "completed", class: "num" }, count.format(e.completed)),
     el("td", { "data-col": "idle", class: "num" }, e.idle_s > 0 ? duration(e.idle_s) : "–"),
     el("td", { "data-col": "state" }, el("span", { class: `badge ${e.state}` }, e.state))));
@@ -109,7 +117,7 @@ function renderFleet(fleet) {
   const types = {};
   for (const n of fleet.nodes) types[n.type] = (types[n.type] || 0) + 1;
   const spend = fleet.budget_usd > 0
-    ? [el("span", { class: "meter wide" }, el("i", { style: `width:${Math.min(100, (100 * fleet.spent_usd) / fleet.budget_usd)}%` })),
+    ? [el("span", { class: "meter wide" }, bar("", fleet.spent_usd, fleet.budget_usd)),
       ` ${usd.format(fleet.spent_usd)} of ${usd.format(fleet.budget_usd)}`]
     : [`${usd.format(fleet.spent_usd)} (no budget cap)`];
   const decisions = [...fleet.decisions].reverse().slice(0, 5).map((d) => el("li", {},

@@ -132,10 +132,14 @@ def page_matches_api(driver, base: str, settled, timeout_s: float = 20.0) -> dic
 
 
 def screenshot(driver, when: str) -> None:
-    """Save the page to $FALCONET_SCREENSHOT, if set: the docs' picture comes from a real run."""
+    """Save the whole page, 1280 wide, to $FALCONET_SCREENSHOT if set (the docs' picture)."""
     path = os.environ.get("FALCONET_SCREENSHOT")
-    if path:
-        assert driver.save_screenshot(path), f"could not write the screenshot ({when}) to {path}"
+    if not path:
+        return
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": VIEWPORT[0], "height": height, "deviceScaleFactor": 1, "mobile": False})
+    assert driver.save_screenshot(path), f"could not write the screenshot ({when}) to {path}"
 
 
 # ---------------------------------------------------------------- the tests
@@ -165,6 +169,8 @@ def test_page_shows_a_run_as_the_status_api_does(cluster, browser):
         assert "input data-7.csv: no such file" in failures[0]["text"]
         assert "No provisioner reporting" in browser.find_element(By.ID, "fleet").text
         assert not browser.find_element(By.ID, "banner").is_displayed()
+        errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, "the page logged errors (a Content-Security-Policy refusal, say)"
 
     cluster.kill("dispatcher", signal.SIGKILL)
     banner = browser.find_element(By.ID, "banner")
