@@ -121,7 +121,7 @@ function renderFleet(fleet) {
       ` ${usd.format(fleet.spent_usd)} of ${usd.format(fleet.budget_usd)}`]
     : [`${usd.format(fleet.spent_usd)} (no budget cap)`];
   const decisions = [...fleet.decisions].reverse().slice(0, 5).map((d) => el("li", {},
-    el("span", { class: "muted" }, clock(d.at) + (d.repeats ? ` (×${d.repeats + 1})` : "")),
+    el("span", { class: "muted" }, clock(d.at) + (d.repeats ? ` (×${d.repeats})` : "")),
     el("ul", {}, ...d.reasons.map((r) => el("li", {}, r)))));
   box.replaceChildren(
     el("p", { class: "muted" }, `${fleet.backend} backend · cluster ${fleet.cluster} · policy ${fleet.policy}` +

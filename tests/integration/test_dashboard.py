@@ -103,6 +103,7 @@ def table_rows(driver, table: str) -> list[dict]:
 
 
 def shown_int(driver, name: str) -> int | None:
+    """The number the element shows ("1,025" is 1025); None when it shows none ("–")."""
     text = (shown(driver, name) or "").replace(",", "")
     return int(text) if text.isdigit() else None
 
