@@ -48,10 +48,12 @@ def test_fleet_grows_with_the_queue_and_shrinks_when_idle(cluster):
         assert any(r.startswith("release ") and "idle" in r for r in reasons), reasons
         assert client.status()["lost_executors"] == 0  # released by drain, not killed
         # The fleet's story as events: three launched, three joined, released and gone.
-        events = client.events(limit=5000)["events"]
-        counts = {k: sum(e["event"] == k for e in events) for k in ("launched", "joined", "released", "left")}
-        assert counts["launched"] == counts["joined"] == 3, counts
-        assert counts["released"] == counts["left"] == 3, counts
+        def counts() -> dict:
+            events[:] = client.events(limit=5000)["events"]  # the observer thread lags the loop a little
+            return {k: sum(e["event"] == k for e in events) for k in ("launched", "joined", "released", "left")}
+        events: list = []
+        wait_until(lambda: counts()["left"] == 3, what="three 'left' events")
+        assert counts() == {"launched": 3, "joined": 3, "released": 3, "left": 3}
         launched = {e["node"] for e in events if e["event"] == "launched"}
         assert launched == {e["executor"] for e in events if e["event"] == "joined"}
     shown = subprocess.run([*spawn.falconet(), "status", "--dispatcher", cluster.client_address],
