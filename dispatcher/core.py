@@ -93,6 +93,7 @@ class Core:
         self.counts = [0] * len(TaskState)  # live tasks by state; final states are totals
         self.submitted_total = 0
         self.lost_total = 0
+        self.resumed_at = -math.inf  #: monotonic time the loop came back from its last stall
         self.stale_results = 0
         self.recent_lost: collections.deque[dict] = collections.deque(maxlen=20)
         self.rate = Rate(config.rate_window_s)  #: completions, for the tasks/s figure
@@ -532,8 +533,10 @@ class Core:
         # An executor only needs to hear from us within its timeout: three chances per timeout
         # keep 10,000 idle executors from costing a quarter of a core.
         interval = max(self.config.heartbeat_interval_s, timeout / 3)
+        heard_by = now - timeout  # silent since before this: lost
+        judge = self.resumed_at <= heard_by  # after a stall, every executor has a full timeout again
         for ex in list(self.executors.values()):
-            if now - ex.last_seen > timeout:
+            if judge and ex.last_seen < heard_by:
                 self._remove(ex, lost=True)
             elif now - ex.last_sent >= interval:
                 ex.last_sent = now
@@ -541,6 +544,15 @@ class Core:
         if self.matcher.classes:
             for cls, reason in self.matcher.check(now, self.fleet, self.fleet_reports):
                 self._fail_class(cls, reason)
+
+    def stalled(self, now: float, for_s: float) -> None:
+        """The loop did not run for for_s seconds (the process was paused, swapped out or
+        starved): executors' messages of that time may not even have been read yet, so
+        silence is measured from now, and no executor is lost (nor a retry spent) for it."""
+        self.resumed_at = now
+        log.warning("the dispatcher's loop stalled for %.1fs (paused, swapped out or starved of CPU); "
+                    "executors get a full %.1fs from now before any is declared lost",
+                    for_s, self.config.heartbeat_timeout_s)
 
     def _fail_class(self, cls: NeedsClass, reason: str) -> None:
         wall = self.wall()

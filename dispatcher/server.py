@@ -40,6 +40,9 @@ BLOB_BYTES_PER_TURN = 8 << 20  # blob chunks sent per loop turn, so file transfe
 MAX_TRANSFERS_PER_PEER = 16  # blobs sent to one peer at once; streams beyond wait their turn
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)  # a plain int: pyzmq's enum arithmetic shows up in profiles
+#: the loop woke this much later than it asked to: it stalled (executors' silence is then
+#: measured from its return)
+STALL_S = 1.0
 LISTEN_BACKLOG = 4096  # 10,000 executors connecting at once overflow libzmq's default of 100  # bound a turn so one busy port cannot starve the other
 
 
@@ -241,13 +244,17 @@ class Server:
         # Snapshots and the turn histogram are for the HTTP side; events need neither.
         observer = self.observer if self.web is not None else None
         turns, clock = self.turns, time.perf_counter
+        stall_s = max(STALL_S, core.config.heartbeat_interval_s)
         try:
             while not self._stop:
                 # Blob chunks still to send: poll without waiting.
                 wait_ms = 0 if self.streams else max(0.0, next_tick - time.monotonic()) * 1000
+                due = time.monotonic() + wait_ms / 1000
                 ready = dict(poller.poll(wait_ms))
                 t0 = clock()
                 now = time.monotonic()
+                if now - due > stall_s:  # SIGSTOP, swap, a starved VM: not the executors' fault
+                    core.stalled(now, now - due)
                 if zap is not None and zap in ready:
                     self.zap.handle()
                 if self.client_sock in ready:
@@ -261,6 +268,9 @@ class Server:
                 self._send_all()
                 if self.streams:
                     self._pump_blobs()
+                took = time.monotonic() - now
+                if took > stall_s:  # a turn this long is a stall too: nothing was read meanwhile
+                    core.stalled(now + took, took)
                 if observer is not None:
                     turns.observe(clock() - t0)
                     if now >= observer.next_snapshot:

@@ -300,6 +300,19 @@ def test_silent_executor_is_lost_its_task_requeued_with_next_attempt_late_result
     assert (peer, r.state, r.output, r.executor, r.attempts) == (b"c1", DONE, b"fresh", "e2", 2)
 
 
+def test_after_a_stall_of_its_own_loop_the_dispatcher_gives_every_executor_a_full_timeout(h):
+    h.register(b"e1", now=0.0)
+    h.register(b"e2", now=0.0)
+    h.report(b"e2", now=4.0)
+    h.core.stalled(30.0, 29.0)  # the loop slept through the executors' messages (SIGSTOP)
+    h.core.tick(30.0)
+    h.core.tick(30.0 + TIMEOUT_S)  # exactly a timeout after the stall: not yet
+    assert set(h.core.executors) == {b"e1", b"e2"}
+    h.report(b"e2", now=31.0)  # e2's queued messages are read; e1 stays silent
+    h.core.tick(30.0 + TIMEOUT_S + 0.5)
+    assert set(h.core.executors) == {b"e2"}  # silent for a whole timeout since the stall
+
+
 def test_lost_past_the_retry_limit_fails_with_lost_in_the_reason(h):
     h.submit(spec(0, retries=1))
     now = 0.0
