@@ -534,7 +534,7 @@ class Core:
         # keep 10,000 idle executors from costing a quarter of a core.
         interval = max(self.config.heartbeat_interval_s, timeout / 3)
         heard_by = now - timeout  # silent since before this: lost
-        judge = self.resumed_at <= heard_by  # after a stall, every executor has a full timeout again
+        judge = self.resumed_at < heard_by  # after a stall, every executor has a full timeout again
         for ex in list(self.executors.values()):
             if judge and ex.last_seen < heard_by:
                 self._remove(ex, lost=True)
