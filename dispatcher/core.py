@@ -15,9 +15,10 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import operator
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from falconet import needs as nd
@@ -26,6 +27,7 @@ from falconet.dispatcher import events as ev
 from falconet.dispatcher import replay, states
 from falconet.dispatcher.entries import (
     KINDS,
+    RESULT_OVERHEAD,
     ClientEntry,
     Config,
     ExecutorEntry,
@@ -51,6 +53,7 @@ _DONE, _FAILED, _CANCELLED = int(TaskState.DONE), int(TaskState.FAILED), int(Tas
 _FINAL = frozenset({_DONE, _FAILED, _CANCELLED})
 _LEGAL = states.LEGAL
 _new = tuple.__new__  # builds a NamedTuple without its Python-level __new__
+_OUTPUT = operator.itemgetter(2)  # TaskResult.output
 #: the answer to a client that has not said Hello to this dispatcher (or to its last run)
 _HELLO_AGAIN = p.HelloAgain("this dispatcher does not know this client (it restarted, or the client "
                             "skipped Hello): say Hello again")
@@ -84,7 +87,9 @@ class Core:
         self.wall = wall
         self.dispatcher_id = uuid.uuid4().hex[:12]
         self.started_wall = wall()
-        self.queue: collections.deque[Task] = collections.deque()  #: plain tasks
+        #: clients with plain tasks queued (each holds its own queue), in fair-share turn order
+        self.plain: dict[bytes, ClientEntry] = {}
+        self._weights = dict(config.client_weights)
         self._reserved: set[bytes] = set()  #: executors held for a large task in the last turn
         self.executors: dict[bytes, ExecutorEntry] = {}
         self.ready: dict[bytes, ExecutorEntry] = {}  # executors with credit > 0, in turn order
@@ -94,6 +99,7 @@ class Core:
         self.submitted_total = 0
         self.lost_total = 0
         self.resumed_at = -math.inf  #: monotonic time the loop came back from its last stall
+        self._clients_checked = -math.inf
         self.stale_results = 0
         self.recent_lost: collections.deque[dict] = collections.deque(maxlen=20)
         self.rate = Rate(config.rate_window_s)  #: completions, for the tasks/s figure
@@ -118,6 +124,11 @@ class Core:
         self.events: list[tuple] | None = None
         #: answers an EventsRequest: (after, since, limit) -> reply map; set with the events
         self.event_source: Callable[[int, float, int], dict] | None = None
+
+    def plain_tasks(self) -> Iterator[Task]:
+        """Every plain task queued, client by client (cancelled ones not yet dropped included)."""
+        for client in self.clients.values():
+            yield from client.queue
 
     @property
     def classes(self) -> dict[nd.Needs, NeedsClass]:
@@ -179,6 +190,8 @@ class Core:
         """Handle one decoded message from a client."""
         if type(msg) is p.Hello:
             self._hello(peer, msg)
+            if peer in self.clients:
+                self.clients[peer].last_seen = now
             return
         client = self.clients.get(peer)
         if client is None or not client.welcomed:
@@ -187,6 +200,7 @@ class Core:
             else:
                 self.to_clients.append((peer, _HELLO_AGAIN))
             return
+        client.last_seen = now
         if type(msg) is p.Submit:
             self._submit(client, msg)
         elif type(msg) is p.Ack:
@@ -237,6 +251,7 @@ class Core:
         client = self.clients.get(peer)
         if client is None:
             client = self.clients[peer] = ClientEntry(peer, msg.name)
+        client.weight = self._weights.get(msg.name, 1.0)
         client.welcomed = True
         limits = {"max_submit_batch": self.config.max_submit_batch,
                   "max_message_bytes": self.config.max_message_bytes,
@@ -267,7 +282,7 @@ class Core:
         self.to_clients.append((client.peer, p.Accepted(msg.batch, len(msg.tasks))))
 
     def _queue(self, client: ClientEntry, specs: list[p.TaskSpec], wall: float) -> None:
-        queue, counts, ccounts = self.queue, self.counts, client.counts
+        queue, counts, ccounts = client.queue, self.counts, client.counts
         counts[_PENDING] += len(specs)
         ccounts[_PENDING] += len(specs)
         max_body = self.config.max_task_bytes
@@ -290,11 +305,15 @@ class Core:
             else:
                 self._finish(Task(client, spec, wall), _FAILED, b"", invalid_spec(spec, max_body), "", 0.0, wall)
         self.submitted_total += len(specs)
+        if queue and not client.held:
+            self.plain.setdefault(client.peer, client)
 
     def _enqueue(self, task: Task, front: bool = False) -> None:
         """Queue a pending task: in its needs class, or a plain one in the plain queue."""
         if task.needs is None:
-            queue = self.queue
+            queue = task.client.queue
+            if not task.client.held:
+                self.plain.setdefault(task.client.peer, task.client)
         else:
             cls = self.matcher.class_for(task.needs)
             cls.pending += 1
@@ -302,16 +321,67 @@ class Core:
         (queue.appendleft if front else queue.append)(task)
 
     def _ack(self, client: ClientEntry, seqs: list[int]) -> None:
-        unacked = client.unacked
+        unacked, freed = client.unacked, 0
         for seq in seqs:
-            unacked.pop(seq, None)
+            r = unacked.pop(seq, None)
+            if r is not None:
+                freed += len(r[2]) + RESULT_OVERHEAD
+        client.unacked_bytes -= freed
+        if client.held and client.unacked_bytes <= self.config.max_unacked_bytes * 3 // 4:
+            client.held = False  # room again (with a margin, so it does not flap)
+            log.info("client %s acknowledged its results: its tasks go on", client.label)
+            if client.queue:
+                self.plain[client.peer] = client
         if self.journal is not None:
             self.journal.append((Kind.ACK, (client.peer, seqs)))
 
+    def _hold(self, client: ClientEntry) -> None:
+        """Back-pressure: a client over max_unacked_bytes gets no more of its tasks run until
+        it acknowledges (a client that stopped reading must not pin the dispatcher's memory)."""
+        client.held = True
+        self.plain.pop(client.peer, None)
+        log.warning("client %s has %d MB of results it has not acknowledged (limit %d MB, "
+                    "--max-unacked-mb): its queued tasks wait until it reads them", client.label,
+                    client.unacked_bytes >> 20, self.config.max_unacked_bytes >> 20)
+
+    def _check_clients(self, now: float) -> None:
+        """Cancel the queued tasks of clients silent for client_timeout_s; drop the results of
+        those silent for result_expiry_s (and forget them when nothing of theirs is live)."""
+        timeout, expiry = self.config.client_timeout_s, self.config.result_expiry_s
+        for client in list(self.clients.values()):
+            silent = now - client.last_seen
+            if timeout and silent > timeout and client.counts[_PENDING]:
+                self._cancel_queued(client, f"its client {client.label} was silent for {silent:.0f}s "
+                                            f"(--client-timeout {timeout:g})")
+            if expiry and silent > expiry and (client.unacked or client.results):
+                log.warning("client %s silent for %.0fs: its %d unacknowledged results are dropped "
+                            "(--result-expiry %g)", client.label, silent, len(client.unacked), expiry)
+                self._ack(client, list(client.unacked))
+                if not any(client.counts[s] for s in (_PENDING, _DISPATCHED, _RUNNING)) and not client.results:
+                    del self.clients[client.peer]
+                    self._results_pending.pop(client.peer, None)
+
+    def _cancel_queued(self, client: ClientEntry, reason: str) -> None:
+        wall = self.wall()
+        n = 0
+        for task in client.queue:
+            if task.state == _PENDING:
+                self._finish(task, _CANCELLED, b"", reason, "", 0.0, wall)
+                n += 1
+        client.queue.clear()
+        self.plain.pop(client.peer, None)
+        for cls in self.classes.values():
+            for task in cls.queue:
+                if task.client is client and task.state == _PENDING:
+                    self._finish(task, _CANCELLED, b"", reason, "", 0.0, wall)
+                    cls.pending -= 1
+                    n += 1
+        log.warning("%d queued tasks cancelled: %s", n, reason)
+
     def _cancel(self, client: ClientEntry, seqs: set[int]) -> None:
         wall = self.wall()
-        for task in self.queue:  # cancelled tasks stay in the deque and are skipped later
-            if task.client is client and task.state == _PENDING and task.seq in seqs:
+        for task in client.queue:  # cancelled tasks stay in the deque and are skipped later
+            if task.state == _PENDING and task.seq in seqs:
                 self._finish(task, _CANCELLED, b"", "cancelled before it started", "", 0.0, wall)
         for cls in self.classes.values():
             for task in cls.queue:
@@ -544,6 +614,9 @@ class Core:
         if self.matcher.classes:
             for cls, reason in self.matcher.check(now, self.fleet, self.fleet_reports):
                 self._fail_class(cls, reason)
+        if now - self._clients_checked >= 1.0 and self.resumed_at < now - 1.0:  # not right after a stall
+            self._clients_checked = now
+            self._check_clients(now)
 
     def stalled(self, now: float, for_s: float) -> None:
         """The loop did not run for for_s seconds (the process was paused, swapped out or
@@ -569,18 +642,19 @@ class Core:
         # Reservations are found afresh each turn (each class remembers its own executor).
         matcher = self.matcher
         self._reserved = matcher.dispatch(now, self.to_executors) if matcher.classes and self.ready else set()
-        queue, ready = self.queue, self.ready
-        if not queue or not ready:
+        plain, ready = self.plain, self.ready
+        if not plain or not ready:
             return
         reserved = self._reserved
         candidates = [ex for ex in ready.values() if ex.peer not in reserved] if reserved else list(ready.values())
         total = sum(ex.credit for ex in candidates)
-        queued = len(queue)  # shares are of the work there was when this turn began
+        # shares are of the work there was when this turn began
+        queued = sum([len(c.queue) for c in plain.values()]) if len(plain) > 1 else len(next(iter(plain.values())).queue)
         short = queued < total
         limit = self.config.max_dispatch_batch
         wall = self.wall()
         for ex in candidates:
-            if not queue:
+            if not plain:
                 break
             n = ex.credit
             if short:
@@ -594,9 +668,35 @@ class Core:
                 self.to_executors.append((ex.peer, p.Tasks(batch)))
 
     def _take(self, ex: ExecutorEntry, n: int, wall: float) -> list[p.Assignment]:
-        batch = self._pop(self.queue, ex, n, 1)
+        plain = self.plain
+        if len(plain) == 1:  # one client with work: the fast path
+            client = next(iter(plain.values()))
+            batch = self._pop(client.queue, ex, n, 1)
+            if not client.queue:
+                del plain[client.peer]
+        else:
+            batch = self._share(ex, n)
         ex.credit -= len(batch)
         ex.cpus_used += len(batch)
+        return batch
+
+    def _share(self, ex: ExecutorEntry, n: int) -> list[p.Assignment]:
+        """Up to n tasks from the clients with queued work, by deficit round robin: each turn
+        of a client adds n x its share of the weights to what it may take, so over time
+        each gets free slots in proportion to its weight, whatever the others queued."""
+        plain, batch = self.plain, []
+        weights = sum([c.weight for c in plain.values()])
+        while len(batch) < n and plain:
+            client = next(iter(plain.values()))
+            client.deficit += n * client.weight / weights
+            part = self._pop(client.queue, ex, min(int(client.deficit), n - len(batch)), 1)
+            client.deficit -= len(part)
+            batch += part
+            del plain[client.peer]
+            if client.queue:
+                plain[client.peer] = client  # to the back of the line, keeping what it may still take
+            else:
+                client.deficit = 0.0
         return batch
 
     def _pop(self, queue: collections.deque[Task], ex: ExecutorEntry, n: int, cpus: int) -> list[p.Assignment]:
@@ -640,6 +740,9 @@ class Core:
             if events is not None:
                 events.append((ev.FINISHED, wall, client.label, results))
             client.unacked.update([(r[0], r) for r in results])
+            client.unacked_bytes += sum(map(len, map(_OUTPUT, results))) + RESULT_OVERHEAD * len(results)
+            if client.unacked_bytes > self.config.max_unacked_bytes and not client.held:
+                self._hold(client)
             for part in self._chunks(results, 2):
                 if journal is not None:
                     journal.append((Kind.RESULTS, (peer, part)))
@@ -660,17 +763,22 @@ class Core:
 
     # ------------------------------------------------------------ durability
 
-    def restore(self, records: Any) -> int:
+    def restore(self, records: Any, now: float | None = None) -> int:
         """Rebuild the queue and the unacknowledged results from journal records.
 
         Every accepted task without a result is queued again (tasks that were running when
         the last dispatcher died run again: at-least-once).  Returns the tasks queued.
+        now (monotonic, default: the clock's) starts the clients' silence.
         """
         live = replay.replay(records, self.clients)
+        now = time.monotonic() if now is None else now
         for client in self.clients.values():
+            client.weight = self._weights.get(client.name, 1.0)
+            client.last_seen = now  # silence is counted from this start
             for r in client.unacked.values():
                 self.counts[r.state] += 1
                 client.counts[r.state] += 1
+                client.unacked_bytes += len(r.output) + RESULT_OVERHEAD
         max_body = self.config.max_task_bytes
         for t in live:
             self.counts[_PENDING] += 1
@@ -685,7 +793,7 @@ class Core:
 
     def snapshot(self) -> Any:
         """The live state as journal records: what compaction keeps."""
-        queues = [self.queue, *(cls.queue for cls in self.classes.values())]
+        queues = [*(c.queue for c in self.clients.values()), *(cls.queue for cls in self.classes.values())]
         return replay.snapshot(self.clients.values(), self.executors.values(), queues, self._chunks)
 
     # ------------------------------------------------------------ statistics

@@ -6,6 +6,7 @@ them, and the matching, replay and status modules read or build them.
 
 from __future__ import annotations
 
+import collections
 import enum
 import math
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from falconet import protocol as p
 from falconet.protocol import TaskState
 
 _PENDING = int(TaskState.PENDING)
+RESULT_OVERHEAD = 200  #: bytes counted for each unacknowledged result besides its output
 _NO_LIMIT = 0.0
 
 
@@ -36,6 +38,15 @@ class Config:
     reserve_after_s: float = 1.0
     fail_unschedulable_s: float = 0.0  #: fail tasks unschedulable for this long; 0: keep them queued
     max_classes: int = 10_000  #: distinct sets of needs queued at once (each costs a scan per change)
+    #: a client silent this long has its queued tasks cancelled (0: never); a live client with
+    #: tasks out speaks every few seconds (falconet.client_session.PING_S)
+    client_timeout_s: float = 300.0
+    #: the results a client never acknowledged are dropped once it has been silent this long (0: never)
+    result_expiry_s: float = 3600.0
+    #: bytes of a client's unacknowledged results above which its tasks wait (back-pressure)
+    max_unacked_bytes: int = 256 << 20
+    #: client name -> share weight (default 1): free slots go round the clients with queued work
+    client_weights: tuple[tuple[str, float], ...] = ()
 
 
 class Task:
@@ -113,12 +124,18 @@ class ClientEntry:
     """A client session: its identity, name, per-state task counts and undelivered results."""
 
     __slots__ = ("peer", "name", "label", "counts", "results", "started", "unacked", "welcomed", "batch_high",
-                 "batch_extra")
+                 "batch_extra", "queue", "weight", "deficit", "last_seen", "unacked_bytes", "held")
 
-    def __init__(self, peer: bytes, name: str, *, welcomed: bool = True):
+    def __init__(self, peer: bytes, name: str, *, welcomed: bool = True, now: float = 0.0, weight: float = 1.0):
         self.peer = peer
         self.name = name
         self.label = name or peer[:8].hex()  #: how events and the dashboard name it
+        self.queue: collections.deque = collections.deque()  #: its plain tasks (Task), oldest first
+        self.weight = weight  #: its share of free slots against the other clients with queued work
+        self.deficit = 0.0  #: tasks it may still take in this round of the fair share
+        self.last_seen = now  #: monotonic time of its last message
+        self.unacked_bytes = 0  #: outputs of its unacknowledged results, plus RESULT_OVERHEAD each
+        self.held = False  #: over max_unacked_bytes: its tasks wait until it acknowledges
         self.counts = [0] * len(TaskState)
         self.results: list[p.TaskResult] = []  #: finished this turn, not yet sent
         self.started: list[int] = []  #: seqs that started running this turn, not yet sent

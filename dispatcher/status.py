@@ -57,7 +57,9 @@ class Rate:
 def status_report(core: Core, now: float, detail: bool = False, client: ClientEntry | None = None) -> Status:
     """The dispatcher's statistics."""
     executors = core.executors.values()
-    waits, unschedulable = waiting(core.counts[_PENDING], core.queue, core.classes.values(), core.wall(), now)
+    heads = [next((t for t in c.queue if t.state == _PENDING), None) for c in core.clients.values() if c.queue]
+    waits, unschedulable = waiting(core.counts[_PENDING], [t for t in heads if t is not None], core.classes.values(),
+                                   core.wall(), now)
     extra = {name: report() for name, report in core.reporters.items()}  # security, journal, blobs
     if client is not None:
         extra["client"] = {_STATE_NAMES[s]: n for s, n in enumerate(client.counts)}
@@ -91,16 +93,17 @@ def status_report(core: Core, now: float, detail: bool = False, client: ClientEn
     )
 
 
-def waiting(pending: int, plain_queue: Iterable[Task], classes: Iterable[NeedsClass], wall: float,
+def waiting(pending: int, plain_heads: Iterable[Task], classes: Iterable[NeedsClass], wall: float,
             now: float) -> tuple[tuple[Waiting, ...], tuple[Waiting, ...]]:
     """Queued tasks by needs (for the provisioner), and the classes no executor can run.
 
-    pending counts every queued task; the plain ones are what the classes do not hold."""
+    pending counts every queued task; the plain ones are what the classes do not hold, and
+    plain_heads are the oldest pending plain task of each client."""
     classes = list(classes)
     waits, unschedulable = [], []
     plain = pending - sum(cls.pending for cls in classes)
     if plain > 0:
-        head = next((t for t in plain_queue if t.state == _PENDING), None)
+        head = min(plain_heads, key=lambda t: t.submitted, default=None)  # each client's oldest
         waits.append(Waiting(nd.PLAIN, plain, wall - head.submitted if head else 0.0))
     for cls in classes:
         head = cls.head()

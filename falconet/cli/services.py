@@ -23,6 +23,21 @@ def _logging(level: str) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
+def _weights(given: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    """--client-weight NAME=W values, checked."""
+    out = []
+    for item in given:
+        name, _, w = item.rpartition("=")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = -1.0
+        if not name or not weight > 0:
+            raise click.BadParameter(f"{item!r}: give NAME=W with a weight above 0, e.g. nightly=0.5")
+        out.append((name, weight))
+    return tuple(out)
+
+
 def _strategies() -> list:
     from falconet.provisioner.policy import Strategy
 
@@ -81,6 +96,19 @@ def _strategies() -> list:
 @click.option("--event-history", type=click.IntRange(min=0), default=100_000, show_envvar=True,
               metavar="N", help="Task, executor and fleet events kept for 'falconet events' (about 120 "
                                 "bytes each in memory; with --state-dir also on disk, at most 1.5 N); 0: none.")
+@click.option("--client-timeout", type=click.FloatRange(min=0), default=300.0, show_envvar=True, metavar="S",
+              help="Cancel the queued tasks of a client silent this long (a live client with tasks out "
+                   "speaks every few seconds; one that comes back sooner keeps its work); 0: never.")
+@click.option("--result-expiry", type=click.FloatRange(min=0), default=3600.0, show_envvar=True, metavar="S",
+              help="Drop the results a client never acknowledged once it has been silent this long "
+                   "(from the journal too); 0: never.")
+@click.option("--max-unacked-mb", type=click.IntRange(min=1), default=256, show_envvar=True,
+              help="A client's unacknowledged results above this many MB hold its queued tasks back "
+                   "until it reads them (a client that stops reading cannot pin the dispatcher's memory).")
+@click.option("--client-weight", "client_weights", multiple=True, show_envvar=True, metavar="NAME=W",
+              callback=lambda _c, _p, v: _weights(v),
+              help="Share of free slots of the clients named NAME (Client(name=...)) against the other "
+                   "clients with queued work [default: 1 each] (repeatable).")
 @log_level
 @parent_pid
 def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interval: float,
@@ -88,7 +116,8 @@ def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interv
                max_output_bytes: int, max_submit_batch: int, state_dir: str | None, compact_mb: int,
                keys_dir: str | None, insecure: bool, fail_unschedulable: float, reserve_after: float,
                max_blob_store_mb: int, http_port: int | None, http_host: str, http_token: str,
-               event_history: int, log_level: str, parent_pid: int | None) -> None:
+               event_history: int, client_timeout: float, result_expiry: float, max_unacked_mb: int,
+               client_weights: tuple, log_level: str, parent_pid: int | None) -> None:
     """Run a dispatcher; prints 'client: ADDR' and 'executor: ADDR' (and 'http: URL' with
     --http-port), then serves."""
     from falconet.dispatcher import server
@@ -101,7 +130,9 @@ def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interv
     config = Config(heartbeat_interval_s=heartbeat_interval, heartbeat_timeout_s=heartbeat_timeout,
                     max_message_bytes=max_message_bytes, max_task_bytes=max_task_bytes,
                     max_output_bytes=max_output_bytes, max_submit_batch=max_submit_batch,
-                    fail_unschedulable_s=fail_unschedulable, reserve_after_s=reserve_after)
+                    fail_unschedulable_s=fail_unschedulable, reserve_after_s=reserve_after,
+                    client_timeout_s=client_timeout, result_expiry_s=result_expiry,
+                    max_unacked_bytes=max_unacked_mb << 20, client_weights=client_weights)
     try:
         srv = server.Server(host, client_port, executor_port, config, insecure=insecure,
                             state_dir=state_dir, compact_bytes=compact_mb << 20, keys_dir=keys_dir,

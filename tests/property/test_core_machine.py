@@ -4,7 +4,7 @@ The machine plays clients and executors against one :class:`Core`, with an injec
 clock and a monotonic ``now`` that only the ``tick`` rule moves.  It keeps its own model of
 every task (who holds which attempt, per the ``Tasks`` messages the core sent) and of every
 executor (registered or not, draining, outstanding credit, last sign of life), and the order
-of the queue (submissions at the back, returned and lost work at the front).  It predicts
+of each client's queue (submissions at the back, returned and lost work at the front).  It predicts
 every message the core must send, and after each step compares the model with the core.
 """
 
@@ -240,8 +240,10 @@ class CoreMachine(RuleBasedStateMachine):
         for a in msg.tasks:
             t = self.by_body[a.body]
             assert t.live and t.holder is None, f"dispatched a task that is not queued: {a}"
-            assert self.queue[0] is t, f"dispatched {a.body!r} before {self.queue[0].spec.body!r}"
-            del self.queue[0]
+            # Each client's queue is first in, first out; free slots go round the clients.
+            head = next(q for q in self.queue if q.client == t.client)
+            assert head is t, f"dispatched {a.body!r} before {head.spec.body!r} of the same client"
+            self.queue.remove(t)
             assert a.attempt == t.attempt + 1, (a, t.attempt)
             assert (a.kind, a.walltime_s) == (t.spec.kind, t.spec.walltime_s)
             if t.tid is None:
@@ -594,10 +596,11 @@ class CoreMachine(RuleBasedStateMachine):
     @invariant()
     def model_matches_core(self):
         core = self.core
-        queued = [(t.client.peer, t.seq) for t in core.queue if t.state == PENDING]
-        assert queued == [(t.client, t.spec.seq) for t in self.queue], "queue order differs"
+        for client in self.clients:
+            queued = [t.seq for t in core.plain_tasks() if t.state == PENDING and t.client.peer == client]
+            assert queued == [t.spec.seq for t in self.queue if t.client == client], "a client's queue order differs"
         places: dict[tuple[bytes, int], list] = collections.defaultdict(list)
-        for t in core.queue:
+        for t in core.plain_tasks():
             if t.state == PENDING:
                 places[(t.client.peer, t.seq)].append((None, t))
             else:  # cancelled while queued, left for dispatch to skip

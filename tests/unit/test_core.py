@@ -54,7 +54,7 @@ class Harness:
 
     def task_state(self, seq, peer=b"c1"):
         """The state of a live task by the client's seq, from the core's own places."""
-        places = list(self.core.queue) + [t for ex in self.core.executors.values() for t in ex.tasks.values()]
+        places = list(self.core.plain_tasks()) + [t for ex in self.core.executors.values() for t in ex.tasks.values()]
         found = [t for t in places if t.client.peer == peer and t.seq == seq and t.state in (0, 1, 2)]
         assert len(found) == 1, f"seq {seq} is in {len(found)} places"
         return found[0].state
@@ -217,8 +217,8 @@ def test_clients_are_told_which_of_their_tasks_started_once_per_turn_before_resu
     h.submit(spec(9), peer=b"bob")
     h.register(b"e1", slots=4)
     h.report(b"e1", credit=4)
-    sent = {a.tid: a for a in assignments(h.dispatch()[1])[b"e1"]}
-    a1, a2, a3, b9 = sorted(sent.values(), key=lambda a: a.tid)
+    by_seq = {int(a.body.split(b"-")[1]): a for a in assignments(h.dispatch()[1])[b"e1"]}  # bodies: body-SEQ
+    a1, a2, a3, b9 = (by_seq[seq] for seq in (1, 2, 3, 9))
     to_clients, _ = h.report(b"e1", started=[(a.tid, a.attempt) for a in (a1, a2, b9)], results=[done(a2)])
     kinds = [(peer, type(m)) for peer, m in to_clients]
     assert kinds.index((b"alice", p.Started)) < kinds.index((b"alice", p.Results))

@@ -351,7 +351,7 @@ def test_a_journal_replay_queues_tasks_with_their_needs_in_their_classes():
     fresh = Core(Config(), wall=lambda: WALL0)
     assert fresh.restore(records) == 3
     assert fresh.classes[nd.make(cpus=2, where="local")].pending == 2
-    assert len(fresh.queue) == 1
+    assert len(list(fresh.plain_tasks())) == 1
 
 
 # ------------------------------------------------------------ the matching module on its own

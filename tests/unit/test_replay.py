@@ -75,7 +75,7 @@ def _wire(records):
 def live(core: Core) -> tuple[list[int], list[int]]:
     """(seqs still to run in queue order, seqs with a result kept for the client)."""
     todo = [t.seq for ex in core.executors.values() for t in ex.tasks.values() if t.state in (0, 1, 2)]
-    todo += [t.seq for t in core.queue if t.state == 0]
+    todo += [t.seq for t in core.plain_tasks() if t.state == 0]
     kept = sorted(seq for c in core.clients.values() for seq in c.unacked)
     return todo, kept
 
@@ -123,7 +123,7 @@ def test_losses_survive_a_restart_so_the_retry_limit_holds():
     farm.core.tick(100.0)  # the executor is lost: one loss
     farm.flush()
     core = restored(farm.records)
-    assert [t.losses for t in core.queue] == [1]
+    assert [t.losses for t in core.plain_tasks()] == [1]
 
 
 EVENTS = st.lists(st.one_of(
@@ -221,7 +221,7 @@ def test_snapshot_lists_dispatched_tasks_before_queued_ones_and_splits_with_chun
     farm.submit(4)
     farm.take(1)
     core = farm.core
-    queues = [core.queue]
+    queues = [list(core.plain_tasks())]
     runs = list(replay.snapshot(core.clients.values(), core.executors.values(), queues, lambda r, _f: [r[:2], r[2:]]))
     assert [k for k, _ in runs] == [Kind.CLIENT, Kind.TASKS, Kind.TASKS, Kind.RESULTS, Kind.RESULTS]
     assert [t[0] for _, (_, part) in runs[1:3] for t in part] == [1, 2, 3, 4]

@@ -82,7 +82,8 @@ def test_waiting_counts_plain_tasks_apart_from_the_classes_and_lists_the_unsched
     big.pending = 1
     big.unschedulable, big.unschedulable_since = "needs 64 cpus: no executor can run it", 6.0
     empty = NeedsClass(nd.make(cpus=2))
-    waiting, unschedulable = status.waiting(3, plain, [big, empty], 10.0, 9.0)
+    heads = [plain[1]]  # the client's oldest pending plain task (the cancelled one is not)
+    waiting, unschedulable = status.waiting(3, heads, [big, empty], 10.0, 9.0)
     assert [(w.needs.cpus, w.count, w.oldest_s, w.reason) for w in waiting] == [(1, 2, 8.0, ""), (64, 1, 6.0, "")]
     [u] = unschedulable
     assert u.reason.startswith("needs 64 cpus") and u.since_s == 3.0 and u.count == 1
