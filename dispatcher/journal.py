@@ -14,14 +14,24 @@ hold, logs it, and truncates the file there.
 
 Compaction (:meth:`Journal.rewrite`) writes the live state as a new file beside the old
 one, syncs it, and renames it into place, so a crash at any point leaves one whole journal.
+It first checks that the disk has room for the whole current journal (the live state is
+never larger), and removes its partial file if writing fails anyway; a ``journal.new``
+left by a crash is removed at start.
+
+A commit that fails (a full disk, a quota, an I/O error: :class:`JournalWriteError`) cuts
+the file back to its last whole record and keeps the records for the next commit, so
+nothing is lost and no torn record sits before later ones.
 A ``lock`` file held with ``flock`` keeps a second dispatcher out of the same directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import logging
 import os
+import shutil
 import struct
 import uuid
 import zlib
@@ -32,7 +42,7 @@ from typing import Any
 import msgpack
 
 from falconet.dispatcher.records import Kind as Kind  # re-exported: records name their kind
-from falconet.errors import JournalError
+from falconet.errors import JournalError, JournalWriteError
 
 log = logging.getLogger("falconet.dispatcher")
 
@@ -43,18 +53,27 @@ _RECORD = struct.Struct("<II")
 MAX_RECORD_BYTES = 1 << 31  # a larger length can only be garbage
 
 
+def _full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 class Journal:
     """One state directory's journal, opened for replay and then for appending."""
 
     def __init__(self, state_dir: Path | str):
         self.dir = Path(state_dir)
+        self.path = self.dir / "journal"
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = self._lock()
+            self.id = self._identity()  #: stays with the directory: clients tell one journal from another
+            stale = self.dir / "journal.new"
+            if stale.exists():  # a compaction that died before its rename: the journal is whole
+                stale.unlink()
+                log.warning("removed %s, left by a compaction that did not finish", stale)
         except OSError as exc:
-            raise JournalError(f"cannot use state directory {self.dir}: {exc.strerror}") from None
-        self.path = self.dir / "journal"
-        self._lock_fd = self._lock()
-        self.id = self._identity()  #: stays with the directory: clients tell one journal from another
+            raise JournalError(f"cannot use state directory {self.dir}: {exc.strerror or exc}"
+                               f"{' (the disk is full: free space there)' if _full(exc) else ''}") from None
         self._fd = -1
         self._buffer: list[bytes] = []
         self._pack = msgpack.Packer(use_bin_type=True).pack
@@ -87,6 +106,12 @@ class Journal:
 
     def replay(self) -> Iterator[tuple[int, list]]:
         """Yield every whole record as (kind, fields), then open the file for appending."""
+        try:
+            yield from self._replay()
+        except OSError as exc:
+            raise JournalError(f"cannot read or open {self.path}: {exc.strerror or exc}") from None
+
+    def _replay(self) -> Iterator[tuple[int, list]]:
         if not self.path.exists() or self.path.stat().st_size == 0:
             self._open_new()
             return
@@ -169,32 +194,60 @@ class Journal:
         return bool(self._buffer)
 
     def commit(self) -> int:
-        """Write the buffered records in one write and sync them; returns the bytes written."""
+        """Write the buffered records in one write and sync them; returns the bytes written.
+
+        On a write or sync error the file is cut back to its last whole record, the records
+        stay buffered for the next commit, and JournalWriteError says why and where."""
         if not self._buffer:
             return 0
         data = b"".join(self._buffer)
+        self._buffer = [data]
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(self._fd, self.size)  # freeing space needs none; a dead disk may refuse
+            except OSError:
+                pass
+            raise JournalWriteError(f"cannot write the journal {self.path}: {exc.strerror or exc}") from None
         self._buffer.clear()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
-        os.fdatasync(self._fd)
         self.size += len(data)
         self.commits += 1
         return len(data)
 
+    def pending_bytes(self) -> int:
+        """Bytes waiting for commit()."""
+        return sum(map(len, self._buffer))
+
+    def room_to_compact(self) -> bool:
+        """True when the disk has room for a compacted copy (never larger than the journal)."""
+        try:
+            return shutil.disk_usage(self.dir).free > self.size + (1 << 20)
+        except OSError:
+            return False
+
     def rewrite(self, records: Iterable[tuple[int, tuple]]) -> None:
-        """Replace the journal by these records (the live state), atomically."""
+        """Replace the journal by these records (the live state), atomically.  On an error
+        the old journal stays as it was and the partial new file is removed."""
         self.commit()
         tmp = self.path.with_name("journal.new")
-        with open(tmp, "wb") as f:
-            f.write(_HEADER.pack(MAGIC, FORMAT_VERSION))
-            for kind, fields in records:
-                payload = self._pack([int(kind), *fields])
-                f.write(_RECORD.pack(len(payload), zlib.crc32(payload)))
-                f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
+        try:
+            with open(tmp, "wb") as f:
+                f.write(_HEADER.pack(MAGIC, FORMAT_VERSION))
+                for kind, fields in records:
+                    payload = self._pack([int(kind), *fields])
+                    f.write(_RECORD.pack(len(payload), zlib.crc32(payload)))
+                    f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+                size = f.tell()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise JournalWriteError(f"cannot compact the journal into {tmp}: {exc.strerror or exc}") from None
         os.replace(tmp, self.path)
         self._sync_dir()
         os.close(self._fd)
@@ -219,10 +272,13 @@ class Journal:
 
     def close(self) -> None:
         """Write what is buffered, then release the file and the directory lock."""
-        if self._fd >= 0:
-            self.commit()
-            os.close(self._fd)
-            self._fd = -1
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        try:
+            if self._fd >= 0:
+                self.commit()  # may raise JournalWriteError: the file and lock are let go all the same
+        finally:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1

@@ -31,7 +31,7 @@ from falconet.dispatcher.journal import Journal
 from falconet.dispatcher.observe import TURN_BUCKETS, Histogram, Observer, Snapshot
 from falconet.dispatcher.status import status_report
 from falconet.dispatcher.web import WebOptions, WebServer
-from falconet.errors import BindRefused, FalconetError, ProtocolError
+from falconet.errors import BindRefused, FalconetError, JournalWriteError, ProtocolError
 
 log = logging.getLogger("falconet.dispatcher")
 
@@ -40,6 +40,7 @@ BLOB_BYTES_PER_TURN = 8 << 20  # blob chunks sent per loop turn, so file transfe
 MAX_TRANSFERS_PER_PEER = 16  # blobs sent to one peer at once; streams beyond wait their turn
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.NOBLOCK | zmq.SNDMORE)  # a plain int: pyzmq's enum arithmetic shows up in profiles
+JOURNAL_RETRY_S = 0.5  #: how often a journal that could not be written is tried again
 #: the loop woke this much later than it asked to: it stalled (executors' silence is then
 #: measured from its return)
 STALL_S = 1.0
@@ -75,17 +76,29 @@ class _RateLimitedLog:
         self.last, self.held = now, 0
 
 
-def apply_output(out: TurnOutput, commit: Callable[[list], None] | None,
+def apply_output(out: TurnOutput, commit: Callable[[list], bool | None] | None,
                  to_client: Callable[[bytes, Any], bool],
-                 to_executor: Callable[[bytes, Any], bool]) -> list[tuple[bytes, Any]]:
+                 to_executor: Callable[[bytes, Any], bool],
+                 held: list[tuple[bytes, Any]] | None = None) -> list[tuple[bytes, Any]]:
     """Apply one turn's output: commit its journal records (written and synced) before any
-    message goes out, then send.  commit is None without a journal.  Returns the messages
-    no executor could be reached for; an unroutable client's results stay unacknowledged
-    and go out again after its next Hello."""
-    if commit is not None:
-        commit(out.journal)
+    message to a client goes out, then send.  commit is None without a journal; when it
+    returns False (the journal cannot be written now) the Accepted messages wait in held,
+    in order, and go out after the next commit that succeeds: Accepted is the promise that
+    a batch is on disk.  The rest goes out at once: a result sent before its record is on
+    disk, or a task handed out before its client heard Accepted, can at worst run twice
+    after a crash (at-least-once), and a status reply must show the stall.
+    Returns the messages no executor could be reached for; an unroutable client's results
+    stay unacknowledged and go out again after its next Hello."""
+    durable = commit is None or commit(out.journal) is not False
+    if durable and held:
+        for peer, msg in held:
+            to_client(peer, msg)
+        held.clear()
     for peer, msg in out.to_clients:
-        to_client(peer, msg)
+        if durable or type(msg) is not p.Accepted:
+            to_client(peer, msg)
+        else:
+            held.append((peer, msg))
     return [(peer, msg) for peer, msg in out.to_executors if not to_executor(peer, msg)]
 
 
@@ -117,6 +130,9 @@ class Server:
         self.core = Core(config, journal_id=self.journal.id if self.journal is not None else None,
                          reporters=reporters)
         self.compact_bytes = compact_bytes
+        self.journal_error = ""  #: why the journal cannot be written now ("" when it can)
+        self._stalled_at = self._retry_at = 0.0
+        self._held: list[tuple[bytes, Any]] = []  #: clients' messages waiting for the journal
         if self.journal is not None:
             self._restore()
         # Staged files: kept with the journal when there is one, else in a temp dir of this run.
@@ -197,29 +213,70 @@ class Server:
             self._compact()
         self._compact_at = max(self.compact_bytes, 2 * journal.size)
 
-    def _commit(self, records: list[tuple[int, tuple]]) -> None:
-        """Journal this turn's records (one write, one fdatasync), compacting when it has grown."""
+    def _commit(self, records: list[tuple[int, tuple]]) -> bool:
+        """Journal this turn's records (one write, one fdatasync), compacting when it has grown.
+        False when they could not be written: they stay buffered and are tried again, at
+        most every JOURNAL_RETRY_S, while new submissions are refused (see _reject)."""
         journal = self.journal
         for kind, fields in records:
             journal.append(kind, *fields)
         if not journal.pending():
-            return
-        journal.commit()
+            return not self.journal_error
+        if self.journal_error and time.monotonic() < self._retry_at:
+            return False
+        try:
+            journal.commit()
+        except JournalWriteError as exc:
+            self._retry_at = time.monotonic() + JOURNAL_RETRY_S
+            if not self.journal_error:
+                self.journal_error, self._stalled_at = str(exc), time.time()
+                log.error("%s; accepted tasks and results are kept in memory and written again every "
+                          "%gs; new tasks are refused until it can be written", exc, JOURNAL_RETRY_S)
+            return False
+        if self.journal_error:
+            log.warning("the journal %s is written again (%d held messages go out); new tasks are "
+                        "accepted again", journal.path, len(self._held))
+            self.journal_error = ""
         if journal.size >= self._compact_at:
             self._compact()
             # At least double again before the next compaction: the cost stays linear.
             self._compact_at = max(self.compact_bytes, 2 * journal.size)
+        return True
 
     def _compact(self) -> None:
         t0 = time.monotonic()
         journal, before = self.journal, self.journal.size
-        journal.rewrite(self.core.snapshot())
+        if not journal.room_to_compact():
+            log.warning("journal %s not compacted: the disk has less free space than its %d bytes; "
+                        "it is tried again when the journal has grown further", journal.path, before)
+            return
+        try:
+            journal.rewrite(self.core.snapshot())
+        except JournalWriteError as exc:
+            log.warning("%s; the journal stays as it was", exc)
+            return
         log.info("journal compacted from %d to %d bytes in %.2fs", before, journal.size, time.monotonic() - t0)
 
     def _journal_status(self) -> dict:
         j = self.journal
-        return {"state_dir": str(j.dir), "journal_bytes": j.size, "commits": j.commits,
-                "recovered": j.recovered_from}
+        info = {"state_dir": str(j.dir), "journal_bytes": j.size, "commits": j.commits,
+                "recovered": j.recovered_from, "writable": not self.journal_error}
+        if self.journal_error:
+            info.update(error=self.journal_error, since_s=time.time() - self._stalled_at,
+                        pending_bytes=j.pending_bytes(), held_messages=len(self._held))
+        return info
+
+    def _reject(self, peer: bytes, msg: p.Submit) -> None:
+        """Answer a new batch while the journal cannot be written: Accepted, with every task
+        failed at once for the reason (nothing of it is queued or journaled)."""
+        wall = time.time()
+        reason = (f"the dispatcher refuses new tasks: {self.journal_error}. Accepted tasks are safe; "
+                  "free space there (or fix the disk) and submit again")
+        failed = [p.TaskResult(s.seq, int(p.TaskState.FAILED), b"", reason, "", 0, wall, 0.0, wall) for s in msg.tasks]
+        self._send(self.client_sock, peer, p.Accepted(msg.batch, len(msg.tasks)))
+        for part in p.runs(failed, 2, self.core.config.max_results_batch, self.core.config.max_message_bytes):
+            self._send(self.client_sock, peer, p.Results(part))
+        self._bad.warn("refused a batch of %d tasks from %r: %s", len(msg.tasks), peer[:16], self.journal_error)
 
     def _security(self) -> dict:
         if self.zap is not None:
@@ -338,7 +395,9 @@ class Server:
                            port, peer[:16], exc)
             return
         try:
-            if type(msg) in p.BLOB_MESSAGES:
+            if self.journal_error and type(msg) is p.Submit and port == "client" and self._is_new(peer, msg.batch):
+                self._reject(peer, msg)
+            elif type(msg) in p.BLOB_MESSAGES:
                 self._blob(msg, peer, port)
             else:
                 if type(msg) is p.Register:  # a (re)registering executor asks for its files afresh
@@ -347,6 +406,12 @@ class Server:
         except Exception:  # the loop boundary: one bad message must not stop the service
             log.exception("error while handling %s from %r on the %s port",
                           type(msg).__name__, peer[:16], port)
+
+    def _is_new(self, peer: bytes, batch: int) -> bool:
+        """A batch this client has not had accepted (a re-sent one goes to the core, which
+        knows it is in the journal already)."""
+        client = self.core.clients.get(peer)
+        return client is None or not (0 < batch <= client.batch_high or batch in client.batch_extra)
 
     # ------------------------------------------------------------ blobs (staged files)
 
@@ -420,7 +485,7 @@ class Server:
                 self.observer.note(out.events)
             self.messages["client", "out"] += len(out.to_clients)
             self.messages["executor", "out"] += len(out.to_executors)
-            unreachable = apply_output(out, commit, self._to_client, self._to_executor)
+            unreachable = apply_output(out, commit, self._to_client, self._to_executor, self._held)
             if not unreachable:
                 return
             for peer, msg in unreachable:
@@ -451,7 +516,10 @@ class Server:
             self.zap.close()
         self.ctx.term()
         if self.journal is not None:
-            self.journal.close()
+            try:
+                self.journal.close()
+            except JournalWriteError as exc:  # their clients never heard Accepted: they send them again
+                log.error("%s: %d bytes of the last records are not on disk", exc, self.journal.pending_bytes())
         if self._blob_tmp:
             shutil.rmtree(self._blob_tmp, ignore_errors=True)
 

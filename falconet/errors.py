@@ -13,6 +13,11 @@ class JournalError(FalconetError):
     """The state directory's journal cannot be used (locked, foreign, or another format)."""
 
 
+class JournalWriteError(JournalError):
+    """The journal could not be written (a full disk, a quota, an I/O error); what was to be
+    written is kept and written again by the next commit."""
+
+
 class TaskError(FalconetError):
     """A task could not run to an outcome (executor lost, wall time, bad body)."""
 

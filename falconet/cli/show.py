@@ -51,6 +51,9 @@ def _durability(info: Status) -> str:
         return "in memory (tasks are lost if the dispatcher stops; --state-dir keeps a journal)"
     j = info.journal
     text = f"journal in {j['state_dir']} ({j['journal_bytes'] / 1e6:.1f} MB)"
+    if j.get("writable") is False:
+        text += (f"; NOT WRITABLE for {j.get('since_s', 0):.0f}s: {j.get('error', '')}; new tasks are refused, "
+                 f"{j.get('pending_bytes', 0) / 1e6:.1f} MB and {j.get('held_messages', 0)} messages wait for it")
     return text + (f"; recovered a torn tail at start: {j['recovered']}" if j.get("recovered") else "")
 
 
