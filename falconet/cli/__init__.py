@@ -18,13 +18,13 @@ from __future__ import annotations
 import click
 
 from falconet.cli.clients import _one_place, executors, run, status, submit
-from falconet.cli.options import ByteSize, OneLineError
+from falconet.cli.options import ByteSize, NameWeight, OneLineError
 from falconet.cli.services import dispatcher, executor, provisioner
 from falconet.cli.signals import Stopped
 from falconet.cli.tools import bench, keys
 from falconet.cli.watch import events
 
-__all__ = ["main", "variable_names", "SHARED_VARIABLES", "NOT_CLIENTS", "ByteSize", "OneLineError", "Stopped",
+__all__ = ["main", "variable_names", "SHARED_VARIABLES", "NOT_CLIENTS", "ByteSize", "NameWeight", "OneLineError", "Stopped",
            "run", "submit", "status", "executors", "events", "dispatcher", "executor", "provisioner", "bench", "keys",
            "_one_place"]
 

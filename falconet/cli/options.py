@@ -137,3 +137,21 @@ def task_options(cpus: int, memory: int, arch: str | None, tags: tuple[str, ...]
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     return Options(wanted, tuple(inputs), **rest)
+
+
+class NameWeight(click.ParamType):
+    """NAME=W with W > 0: a client name and its share weight (falconet dispatcher --client-weight)."""
+
+    name = "NAME=W"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[str, float]:
+        if isinstance(value, tuple):
+            return value
+        name, _, w = str(value).rpartition("=")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = -1.0
+        if not name or not weight > 0:
+            self.fail(f"{value!r}: give NAME=W with a weight above 0, e.g. nightly=0.5", param, ctx)
+        return name, weight

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from falconet.cli.options import check_address, client_keys, log_level, parent_pid
+from falconet.cli.options import NameWeight, check_address, client_keys, log_level, parent_pid
 from falconet.cli.signals import watch_parent
 from falconet.errors import FalconetError
 
@@ -21,21 +21,6 @@ from falconet.errors import FalconetError
 def _logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-
-def _weights(given: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
-    """--client-weight NAME=W values, checked."""
-    out = []
-    for item in given:
-        name, _, w = item.rpartition("=")
-        try:
-            weight = float(w)
-        except ValueError:
-            weight = -1.0
-        if not name or not weight > 0:
-            raise click.BadParameter(f"{item!r}: give NAME=W with a weight above 0, e.g. nightly=0.5")
-        out.append((name, weight))
-    return tuple(out)
 
 
 def _strategies() -> list:
@@ -105,8 +90,7 @@ def _strategies() -> list:
 @click.option("--max-unacked-mb", type=click.IntRange(min=1), default=256, show_envvar=True,
               help="A client's unacknowledged results above this many MB hold its queued tasks back "
                    "until it reads them (a client that stops reading cannot pin the dispatcher's memory).")
-@click.option("--client-weight", "client_weights", multiple=True, show_envvar=True, metavar="NAME=W",
-              callback=lambda _c, _p, v: _weights(v),
+@click.option("--client-weight", "client_weights", type=NameWeight(), multiple=True, show_envvar=True,
               help="Share of free slots of the clients named NAME (Client(name=...)) against the other "
                    "clients with queued work [default: 1 each] (repeatable).")
 @log_level

@@ -61,6 +61,8 @@ def _value_for(option: click.Option, tmp_path: Path) -> tuple[str, object]:
     if isinstance(t, click.FloatRange) or t is click.FLOAT:
         value = (getattr(t, "min", None) or 0) + 3.5
         return str(value), value
+    if isinstance(t, cli.NameWeight):
+        return "nightly=0.5", None
     if isinstance(t, cli.ByteSize):
         return "3M", 3 << 20
     if isinstance(t, click.Path):
