@@ -28,6 +28,7 @@ class SlotTask(NamedTuple):
     cpus: int
     files: bytes  #: the staging spec, b"" for a task without files
     prefetched: list  #: blobs fetched from the dispatcher for this task (its cache misses)
+    max_output: int  #: a larger output fails the task in the slot (Registered.max_output_bytes)
 
 
 class SlotResult(NamedTuple):

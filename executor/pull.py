@@ -176,6 +176,7 @@ class Pull:
         self.mean_s: float | None = None  #: moving mean of task run times
         self.heartbeat_interval_s, self.heartbeat_timeout_s = 1.0, 10.0
         self.max_message_bytes = 256 << 20
+        self.slot_extra: tuple = ([], 64 << 20)  #: SlotTask's (prefetched, max_output) for a plain task
         now = clock()
         self.heard = self.spoke = self.last_busy = now
         self.next_register, self.backoff_s = now, FIRST_BACKOFF_S
@@ -262,6 +263,7 @@ class Pull:
         self.heartbeat_interval_s = msg.heartbeat_interval_s
         self.heartbeat_timeout_s = msg.heartbeat_timeout_s
         self.max_message_bytes = msg.max_message_bytes
+        self.slot_extra = ([], msg.max_output_bytes)
 
     def _on_refused(self, reason: str) -> None:
         if reason.startswith(p.WRONG_PORT):
@@ -472,14 +474,15 @@ class Pull:
         if alone:
             a = queue.popleft()
             chunk = [a]
-            tasks = [SlotTask(*a, self.prefetched.pop(a.tid, []))]
+            tasks = [SlotTask(*a, self.prefetched.pop(a.tid, []), self.slot_extra[1])]
         else:
             size = self.chunk_size()
             chunk = [queue.popleft()]
             if chunk[0].walltime_s == 0:  # wall-time tasks go alone, so the clock is exact
                 while len(chunk) < size and queue and queue[0].walltime_s == 0 and _plain(queue[0]):
                     chunk.append(queue.popleft())
-            tasks = [a + _NO_INPUTS for a in chunk]  # SlotTask's fields: a NamedTuple costs 4x more
+            extra = self.slot_extra  # (prefetched, max_output): shared, only sent
+            tasks = [a + extra for a in chunk]  # SlotTask's fields: a NamedTuple costs 4x more
         slot.chunk.update((a.tid, a) for a in chunk)
         self.started += [(a.tid, a.attempt) for a in chunk]
         self.out.append(Run(i, tasks))
@@ -618,9 +621,6 @@ class Pull:
             return 2 * n
         backlog = math.ceil(n / max(self.mean_s, 1e-6) * BACKLOG_WORK_S)
         return n + min(backlog, MAX_BACKLOG)
-
-
-_NO_INPUTS: tuple = ([],)  # SlotTask.prefetched of a task without files (shared: only sent)
 
 
 def _plain(a: p.Assignment) -> bool:

@@ -30,14 +30,16 @@ def serve(rfd: int, wfd: int, stage: Stage | None = None) -> None:
         unsent: list = []
         oldest = 0.0
         for i, rec in enumerate(chunk):
-            tid, attempt, kind, body, walltime_s, _cpus, files, _prefetched = rec  # a SlotTask's fields
+            tid, attempt, kind, body, walltime_s, _cpus, files, _prefetched, max_output = rec  # a SlotTask's fields
             started = time.time()
             counts, uploads = None, False
             if files and stage is not None:
                 state, output, reason, files, counts = stage.run(SlotTask._make(rec), functions)
                 uploads = _has_outbox_paths(files)
             else:
-                state, output, reason = runner.run(kind, body, walltime_s, functions)
+                state, output, reason = runner.run(kind, body, walltime_s, functions, max_output=max_output)
+            if len(output) > max_output:  # never copied out of the slot: it would only be refused
+                state, output, reason = runner.FAILED, b"", runner.too_large(len(output), max_output)
             finished = time.time()
             if not unsent:
                 oldest = time.monotonic()
@@ -72,7 +74,8 @@ class Stage:
         return run_staged(task.files, work_root=self.work_root, cache=self.cache, outbox=self.outbox,
                           prefetched=task.prefetched,
                           run=lambda cwd, streams: runner.run(task.kind, task.body, task.walltime_s, functions,
-                                                              cwd=cwd, streams=streams))
+                                                              cwd=cwd, streams=streams,
+                                                              max_output=task.max_output))
 
 
 def _die_with_parent(parent: int) -> None:

@@ -20,6 +20,7 @@ from falconet.executor.pipes import EXEC_RESULT_FIELDS, SlotResult, SlotTask
 from falconet.executor.pull import Phase, Pull
 
 WALL = 1_700_000_000.0
+OUTPUT_LIMIT = 1 << 20  # Registered.max_output_bytes
 DONE, FAILED, CANCELLED = int(p.TaskState.DONE), int(p.TaskState.FAILED), int(p.TaskState.CANCELLED)
 COMMAND, PYTHON = int(p.TaskKind.COMMAND), int(p.TaskKind.PYTHON)
 REGISTER = p.Register(p.PROTOCOL_VERSION, "ex-1", "host-1", ["192.0.2.7"], 2, 4096, "linux-x86_64",
@@ -43,7 +44,7 @@ def make(slots: int = 2, cpus: int | None = None, *, register: bool = True, max_
                 wall=lambda: WALL, **kw)
     if register:
         pull.turn()
-        pull.on_message(p.Registered("disp-1", 1.0, 10.0, max_message_bytes))
+        pull.on_message(p.Registered("disp-1", 1.0, 10.0, max_message_bytes, OUTPUT_LIMIT))
         pull.take_actions()
     return pull, clock
 
@@ -80,12 +81,12 @@ def turn(pull: Pull) -> list:
 
 
 def test_slot_records_extend_the_protocol_records_they_carry():
-    assert SlotTask._fields[:-1] == p.Assignment._fields
+    assert SlotTask._fields[:-2] == p.Assignment._fields
     assert SlotResult._fields[:EXEC_RESULT_FIELDS] == p.ExecResult._fields
 
 
 def test_slot_records_cross_the_pipe_as_arrays_of_their_fields():
-    t = SlotTask(*task(7), ["abc"])
+    t = SlotTask(*task(7), ["abc"], 1000)
     assert SlotTask._make(msgpack.unpackb(msgpack.packb([t]))[0]) == t
     r = SlotResult(7, 1, DONE, b"out", "", 1.0, 2.0, b"", {"hits": 1}, False)
     assert SlotResult._make(msgpack.unpackb(msgpack.packb([r]))[0]) == r
@@ -138,7 +139,7 @@ def test_registers_at_once_then_backs_off_until_answered():
 def test_registered_joins_refetches_and_asks_for_two_tasks_a_slot():
     pull, _ = make(slots=3, register=False)
     pull.turn()
-    pull.on_message(p.Registered("disp-1", 1.0, 10.0, 1 << 20))
+    pull.on_message(p.Registered("disp-1", 1.0, 10.0, 1 << 20, OUTPUT_LIMIT))
     actions = pull.take_actions()
     assert of(actions, pl.Joined) == [pl.Joined("disp-1")] and of(actions, pl.Refetch)
     assert [r.credit for r in sent(pull.flush(), p.Report)] == [6]
@@ -210,7 +211,7 @@ def test_first_tasks_go_one_per_slot_and_are_reported_started():
     actions = turn(pull)
     runs = of(actions, pl.Run)
     assert [(r.slot, tids(r)) for r in runs] == [(0, [1]), (1, [2])]
-    assert runs[0].tasks[0] == SlotTask(*task(1), [])
+    assert runs[0].tasks[0] == SlotTask(*task(1), [], OUTPUT_LIMIT)
     assert sent(actions, p.Report)[0].started == [(1, 1), (2, 1)]
     assert [a.tid for a in pull.queue] == [3]
 
@@ -400,7 +401,7 @@ def test_lost_registration_abandons_all_work(event):
     if event == "reregister":
         pull.on_message(p.Reregister("who are you?"))
     else:
-        pull.on_message(p.Registered("disp-2", 1.0, 10.0, 1 << 20))
+        pull.on_message(p.Registered("disp-2", 1.0, 10.0, 1 << 20, OUTPUT_LIMIT))
     actions = pull.turn()
     assert of(actions, pl.AbortFetches) and of(actions, pl.ClearOutbox) == [pl.ClearOutbox(b"out")]
     assert [k.slot for k in of(actions, pl.Kill)] == [1]
@@ -586,7 +587,7 @@ def test_random_runs_keep_the_pull_invariants(slots, prefetch, script):
             actions = pull.turn()
             model.apply(actions)
             assert not pull.registered and sent(actions, p.Register)
-            pull.on_message(p.Registered("disp-1", 1.0, 10.0, 4_000))
+            pull.on_message(p.Registered("disp-1", 1.0, 10.0, 4_000, OUTPUT_LIMIT))
             model.credit = 0  # the dispatcher starts its credit again at 0
         elif not pull.drain_requested:  # a second request would stop at once, dropping work
             pull.request_drain()
