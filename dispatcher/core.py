@@ -385,7 +385,7 @@ class Core:
         self.matcher.gen += 1
         self._send_executor(ex, p.Registered(self.dispatcher_id, self.config.heartbeat_interval_s,
                                              self.config.heartbeat_timeout_s, self.config.max_message_bytes,
-                                             self.output_limit()))
+                                             self.config.max_output_bytes))
 
     def _report(self, ex: ExecutorEntry, msg: p.Report, now: float) -> None:
         tasks = ex.tasks
@@ -521,12 +521,6 @@ class Core:
                     t.attempt -= 1
                     self._requeue(t, loss=False)
         self._remove(ex, lost=True, how="its connection is gone")
-
-    def output_limit(self) -> int:
-        """The largest output a result can carry: --max-output-bytes, or less when one
-        result at that size would not fit a Report under --max-message-bytes."""
-        room = p.record_budget(self.config.max_message_bytes) - p.RECORD_OVERHEAD
-        return min(self.config.max_output_bytes, room)
 
     def _send_executor(self, ex: ExecutorEntry, msg: Any) -> None:
         self.to_executors.append((ex.peer, msg))

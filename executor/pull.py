@@ -35,6 +35,7 @@ MAX_CHUNK = 64
 MAX_BACKLOG = 1024
 MAX_REPORT = 4096  # results per Report message
 PIPELINE_BELOW_S = 0.05  # mean task time under which slots get their next chunk early
+OVERDUE_MIN_S, OVERDUE_MEANS = 0.2, 20  # a task running longer than both is overdue
 COMMAND_GRACE_S = 5.0  # a command's own slot enforces its wall time; this is the backstop
 FIRST_COMPLAINT_S = 5.0  # not registered after this long: say why in the log...
 COMPLAINT_EVERY_S = 30.0  # ...and again this often while it lasts
@@ -66,6 +67,13 @@ class Run(NamedTuple):
 
     slot: int
     tasks: list[tuple]  #: SlotTask records; plain tuples of its fields for chunks (speed)
+
+
+class Reclaim(NamedTuple):
+    """Ask slot `slot` for the tasks it holds behind its overdue one (RECLAIM_SIGNAL); it
+    answers with Pull.on_handed_back."""
+
+    slot: int
 
 
 class Kill(NamedTuple):
@@ -113,7 +121,7 @@ class Complain(NamedTuple):
     since_s: float
 
 
-Action = Send | Run | Kill | Upload | ClearOutbox | AbortFetches | Refetch | Joined | Complain
+Action = Send | Run | Reclaim | Kill | Upload | ClearOutbox | AbortFetches | Refetch | Joined | Complain
 
 
 class Inputs(NamedTuple):
@@ -124,13 +132,21 @@ class Inputs(NamedTuple):
 
 
 class SlotState:
-    """The chunk a slot was handed, in order, and when its current task started."""
+    """The chunk a slot was handed, in order, when its current task started, and whether a
+    Reclaim sent to it waits for its answer."""
 
-    __slots__ = ("chunk", "sent_at")
+    __slots__ = ("chunk", "sent_at", "reclaiming")
 
     def __init__(self) -> None:
         self.chunk: dict[int, p.Assignment] = {}
         self.sent_at = 0.0
+        self.reclaiming = False
+
+    def clear(self) -> list[p.Assignment]:
+        """Forget the chunk (the slot process is being replaced); return it, in order."""
+        chunk = list(self.chunk.values())
+        self.chunk, self.reclaiming = {}, False
+        return chunk
 
     @property
     def cpus(self) -> int:
@@ -294,7 +310,7 @@ class Pull:
         self.results.clear()
         self.started.clear()
         for i in busy:
-            self.slots[i].chunk = {}
+            self.slots[i].clear()
             self.out.append(Kill(i, "abandoning a restarted dispatcher's work"))
 
     def _cancel(self, tids: set[int]) -> None:
@@ -335,8 +351,7 @@ class Pull:
     def on_slot_died(self, index: int, code: int | None) -> None:
         """Slot `index` ended by itself (exit status `code`) and was replaced: its first task
         fails, the rest of its chunk goes back to the front of the queue."""
-        slot = self.slots[index]
-        chunk, slot.chunk = list(slot.chunk.values()), {}
+        chunk = self.slots[index].clear()
         if chunk:
             how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
             self._fail(chunk[0], f"the slot process running this task died ({how})")
@@ -356,6 +371,16 @@ class Pull:
             if t.prefetched:
                 self.prefetched[t.tid] = t.prefetched
         self.queue.extendleft(reversed(unsent))
+
+    def on_handed_back(self, index: int, tids: list[int]) -> None:
+        """Slot `index` answered a Reclaim: it will not run these tasks (maybe none); they go
+        back to the front of the queue, in order, for the next free slot."""
+        slot = self.slots[index]
+        slot.reclaiming = False
+        back = [slot.chunk.pop(tid) for tid in tids if tid in slot.chunk]
+        if back:
+            log.debug("slot %d handed back %d tasks queued behind its overdue one", index, len(back))
+            self.queue.extendleft(reversed(back))
 
     def on_inputs(self, digest: str, error: str) -> None:
         """A download ended: release the tasks waiting for it, or fail them with `error`."""
@@ -408,6 +433,7 @@ class Pull:
         feeding slots, registration and heartbeat, leaving when idle or drained."""
         now = self.clock()
         self._enforce_walltime(now)
+        self._reclaim_overdue(now)
         if self.drain_requested and self.phase is Phase.ACTIVE:
             self._begin_drain("asked to stop")
         self._feed_slots(now)
@@ -423,11 +449,26 @@ class Pull:
                 continue
             limit = a.walltime_s + (COMMAND_GRACE_S if a.kind == p.TaskKind.COMMAND else 0.0)
             if now - slot.sent_at > limit:
-                rest = list(slot.chunk.values())[1:]
-                slot.chunk = {}
+                rest = slot.clear()[1:]
                 self.out.append(Kill(i, "a task ran past its wall time"))
                 self._fail(a, f"wall time of {a.walltime_s:g}s exceeded; the slot running it was killed")
                 self.queue.extendleft(reversed(rest))
+
+    def overdue_s(self) -> float:
+        """How long a task runs before the tasks queued behind it in its slot are taken back."""
+        return max(OVERDUE_MIN_S, OVERDUE_MEANS * (self.mean_s or 0.0))
+
+    def _reclaim_overdue(self, now: float) -> None:
+        """Tasks wait behind an overdue one in its slot: ask for them back, to run elsewhere.
+
+        Chunks and pipelining assume tasks as short as the mean; one much longer would hold
+        the rest of its chunk, and the chunk sent ahead, while other slots idle.
+        """
+        overdue = self.overdue_s()
+        for i, slot in enumerate(self.slots):
+            if len(slot.chunk) > 1 and not slot.reclaiming and now - slot.sent_at > overdue:
+                slot.reclaiming = True
+                self.out.append(Reclaim(i))
 
     def chunk_size(self) -> int:
         """Tasks per chunk: about CHUNK_WORK_S of work, shared fairly among the slots."""
@@ -442,12 +483,14 @@ class Pull:
         # waits for this loop between tasks.  Long ones: a slot takes work only when free,
         # so work is not tied to a busy slot while another frees up.
         pipeline = self.mean_s is not None and self.mean_s < PIPELINE_BELOW_S
+        overdue = self.overdue_s()
         slots = self.slots
         used = sum(s.cpus for s in slots)
         # Idle slots first: a task must not wait behind a running one while a slot is free.
         order = [i for i, s in enumerate(slots) if not s.chunk]
-        if pipeline and len(order) < len(slots):
-            order += [i for i, s in enumerate(slots) if s.chunk]
+        if pipeline and len(order) < len(slots):  # not to a slot whose task is overdue
+            order += [i for i, s in enumerate(slots)
+                      if s.chunk and not s.reclaiming and now - s.sent_at <= overdue]
         for i in order:
             slot = slots[i]
             if not queue:

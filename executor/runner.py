@@ -285,19 +285,17 @@ class FunctionCache:
 
 
 def too_large(size: int, limit: int) -> str:
-    """The reason of a task whose output passed the dispatcher's limit."""
-    return (f"the task's output of {size} bytes is more than the dispatcher's limit of {limit} bytes "
-            "(--max-output-bytes, within half its --max-message-bytes); return less, or write it to a file")
+    """The reason of a task whose output passed the dispatcher's limit (worded as the
+    dispatcher's own check, which this one spares the copy to it)."""
+    return (f"its output of {size} bytes is more than the dispatcher's limit of {limit} (--max-output-bytes); "
+            "return less, lower the task's output cap, or send its output to a file")
 
 
-def _bytes_like_size(value: Any) -> int:
-    """The size of a bytes, bytearray, memoryview or str value (its pickle is at least that), else 0."""
-    kind = type(value)
-    if kind is bytes or kind is bytearray or kind is str:
-        return len(value)
-    if kind is memoryview:
-        return value.nbytes
-    return 0
+_BYTES_LIKE = frozenset([bytes, bytearray, str, memoryview])  # pickled, at least their size
+
+
+def _size(value: bytes | bytearray | str | memoryview) -> int:
+    return value.nbytes if type(value) is memoryview else len(value)
 
 
 def run_python(body: bytes, functions: FunctionCache, max_output: int = 0) -> Outcome:
@@ -320,8 +318,8 @@ def run_python(body: bytes, functions: FunctionCache, max_output: int = 0) -> Ou
     except BaseException as exc:  # SystemExit too: the task failed, the slot lives on
         tb = traceback.format_exc()
         return FAILED, tasks.encode_python_error(exc, tb), f"{type(exc).__name__}: {exc}"
-    if max_output and (size := _bytes_like_size(value)) > max_output:
-        return FAILED, b"", too_large(size, max_output)
+    if max_output and type(value) in _BYTES_LIKE and _size(value) > max_output:
+        return FAILED, b"", too_large(_size(value), max_output)
     try:
         return DONE, tasks.encode_python_value(value), ""
     except Exception as exc:

@@ -465,8 +465,8 @@ class Registered:
     heartbeat_interval_s: float
     heartbeat_timeout_s: float
     max_message_bytes: int  #: the dispatcher disconnects an executor that sends more
-    #: the largest output a result may carry (--max-output-bytes, within the message limit);
-    #: the executor fails a larger one in the slot, before it is copied out (protocol 8)
+    #: the dispatcher's --max-output-bytes: the executor fails a larger output in the slot,
+    #: before it is copied out (protocol 8)
     max_output_bytes: int
 
 
