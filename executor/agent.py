@@ -272,7 +272,7 @@ class Executor:
                 if kind == pipes.FromSlot.RESULTS:
                     self.pull.on_slot_results(slot.index, payload)
                 else:
-                    self.pull.on_handed_back(slot.index, payload)
+                    self.pull.on_handed_back(slot.index, *payload)
 
     # ------------------------------------------------------------ actions out
 

@@ -3,7 +3,8 @@ two record types they carry.
 
 A frame to a slot is a list of :class:`SlotTask` (a chunk, run in order).  A frame from a
 slot is ``[FromSlot, payload]``: RESULTS with a list of :class:`SlotResult`, or HANDED_BACK
-with the tids of tasks it was given and will not run.  Both records are NamedTuples, so
+with ``[tids, running_s]``: the tasks it was given and will not run, and how long the task
+it runs has been running (0: none).  Both records are NamedTuples, so
 msgpack sends them as arrays of their fields in this order, and each side rebuilds them
 with ``_make``.
 
@@ -35,7 +36,7 @@ class FromSlot(enum.IntEnum):
     """What a frame from a slot carries."""
 
     RESULTS = 0  #: a list of SlotResult records, in the order the tasks ran
-    HANDED_BACK = 1  #: the tids of tasks it will not run (the answer to a reclaim)
+    HANDED_BACK = 1  #: [tids it will not run, seconds its task has run] (the answer to a reclaim)
 
 
 class SlotTask(NamedTuple):

@@ -346,7 +346,10 @@ class Pull:
             took = max(result.finished - result.started, 0.0)
             mean = took if mean is None else 0.9 * mean + 0.1 * took
         self.mean_s = mean
-        slot.sent_at = self.clock()  # the next task of the chunk started about now
+        # The next task of the chunk started about now; but results a slot sends with its
+        # answer to a Reclaim are of tasks before its overdue one, which still runs.
+        if not slot.reclaiming:
+            slot.sent_at = self.clock()
 
     def on_slot_died(self, index: int, code: int | None) -> None:
         """Slot `index` ended by itself (exit status `code`) and was replaced: its first task
@@ -372,11 +375,13 @@ class Pull:
                 self.prefetched[t.tid] = t.prefetched
         self.queue.extendleft(reversed(unsent))
 
-    def on_handed_back(self, index: int, tids: list[int]) -> None:
+    def on_handed_back(self, index: int, tids: list[int], running_s: float) -> None:
         """Slot `index` answered a Reclaim: it will not run these tasks (maybe none); they go
-        back to the front of the queue, in order, for the next free slot."""
+        back to the front of the queue, in order, for the next free slot.  Its task has run
+        for running_s."""
         slot = self.slots[index]
         slot.reclaiming = False
+        slot.sent_at = self.clock() - running_s
         back = [slot.chunk.pop(tid) for tid in tids if tid in slot.chunk]
         if back:
             log.debug("slot %d handed back %d tasks queued behind its overdue one", index, len(back))

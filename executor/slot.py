@@ -44,17 +44,21 @@ class Work:
         self.unsent: list = []  #: SlotResult records (plain tuples)
         self.oldest = 0.0  #: monotonic time of the oldest unsent result
         self.reclaim = False  #: a reclaim signal waits for its answer
+        self.started = 0.0  #: wall time the running task started
 
     def on_reclaim(self, signum: int, frame: object) -> None:
         """The reclaim signal: answer now if serve() is not using the pipes, else later."""
         if self.phase is Phase.BETWEEN:
             self.reclaim = True
+        elif self.phase is Phase.RUNNING:
+            self.hand_back(time.time() - self.started)
         else:
-            self.hand_back()
+            self.hand_back(0.0)
 
-    def hand_back(self) -> None:
+    def hand_back(self, running_s: float) -> None:
         """Answer a reclaim: send the results held, then the tids of every task not
-        started, in this chunk and in the chunks still in the pipe."""
+        started, in this chunk and in the chunks still in the pipe, and how long the
+        running task has run (0: one starts now, or none)."""
         self.reclaim = False
         tids = [rec[0] for rec in self.pending]
         self.pending.clear()
@@ -65,7 +69,7 @@ class Work:
                     break
                 tids += [rec[0] for rec in chunk]
         self.flush()
-        pipes.write_frame(self.wfd, (pipes.FromSlot.HANDED_BACK, tids))
+        pipes.write_frame(self.wfd, (pipes.FromSlot.HANDED_BACK, [tids, running_s]))
 
     def flush(self) -> None:
         """Send the results held."""
@@ -84,7 +88,7 @@ def serve(rfd: int, wfd: int, stage: Stage | None = None, work: Work | None = No
         # after, and a signal after is answered by the handler itself.
         work.phase = idle
         if work.reclaim:
-            work.hand_back()
+            work.hand_back(0.0)
         chunk = pipes.read_frame(rfd)
         if chunk is None:
             return
@@ -94,8 +98,8 @@ def serve(rfd: int, wfd: int, stage: Stage | None = None, work: Work | None = No
             rec = pending.popleft()
             work.phase = running
             if work.reclaim:
-                work.hand_back()  # the rest of the chunk; this task still runs here
-            result = _run(rec, functions, stage)
+                work.hand_back(0.0)  # the rest of the chunk; this task still runs here, from now
+            result = _run(rec, functions, stage, work)
             work.phase = between
             unsent = work.unsent
             if not unsent:
@@ -106,10 +110,10 @@ def serve(rfd: int, wfd: int, stage: Stage | None = None, work: Work | None = No
                 work.flush()
 
 
-def _run(rec: list, functions: runner.FunctionCache, stage: Stage | None) -> tuple:
+def _run(rec: list, functions: runner.FunctionCache, stage: Stage | None, work: Work) -> tuple:
     """Run one task; its SlotResult's fields, as a plain tuple: this is the per-task path."""
     tid, attempt, kind, body, walltime_s, _cpus, files, _prefetched, max_output = rec  # a SlotTask's fields
-    started = time.time()
+    work.started = started = time.time()
     counts, uploads = None, False
     if files and stage is not None:
         state, output, reason, files, counts = stage.run(SlotTask._make(rec), functions)

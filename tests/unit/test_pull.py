@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import msgpack
 import pytest
@@ -276,11 +277,12 @@ def test_tasks_handed_back_go_to_a_slot_not_overdue_nor_owing_an_answer():
     pull, clock, runs = pipelined()
     clock.t += pl.OVERDUE_MIN_S * 1.1
     assert of(pull.turn(), pl.Reclaim) == [pl.Reclaim(0), pl.Reclaim(1)]
-    pull.on_handed_back(0, [2, 3])
+    pull.on_slot_results(0, [])  # results sent with the answer: of tasks before the overdue one
+    pull.on_handed_back(0, [2, 3], 1.0)
     assert [a.tid for a in pull.queue] == [2, 3] and list(pull.slots[0].chunk) == [1]
     pull.on_slot_results(1, [result(runs[1].tasks[0])])  # slot 1 ran task 4, runs 5: it owes an answer
     assert not of(pull.turn(), pl.Run), "slot 0 is overdue, slot 1 owes an answer"
-    pull.on_handed_back(1, [])  # too late: it had started task 5
+    pull.on_handed_back(1, [], 0.01)  # too late: it had started task 5
     runs = of(pull.turn(), pl.Run)
     assert runs and all(r.slot == 1 for r in runs) and tids(runs[0])[0] == 2
 
@@ -289,7 +291,7 @@ def test_an_answer_handing_back_nothing_or_unknown_tasks_changes_nothing_but_the
     pull, clock, _ = pipelined()
     clock.t += pl.OVERDUE_MIN_S * 1.1
     pull.turn()
-    pull.on_handed_back(0, [99])  # the slot had started them all; 99 is not its
+    pull.on_handed_back(0, [99], 1.0)  # it had started them all (99 is not its)
     assert not pull.queue and list(pull.slots[0].chunk) == [1, 2, 3] and not pull.slots[0].reclaiming
     assert of(pull.turn(), pl.Reclaim) == [pl.Reclaim(0)], "still overdue with tasks behind: asked again"
 
@@ -310,11 +312,11 @@ def test_a_slot_answers_a_reclaim_with_what_it_has_not_started_and_its_unread_ch
     work.pending.extend([list(task(2)) + [[], 100], list(task(3)) + [[], 100]])
     work.unsent = [(1, 1, DONE, b"", "", 1.0, 2.0, b"", None, False)]
     pipes.write_frame(to_slot_w, [list(task(7)) + [[], 100]])  # a chunk sent ahead
-    work.phase = slot.Phase.RUNNING
+    work.phase, work.started = slot.Phase.RUNNING, time.time() - 5
     work.on_reclaim(pipes.RECLAIM_SIGNAL, None)
     first, second = pipes.read_frame(from_slot_r), pipes.read_frame(from_slot_r)
     assert first[0] == pipes.FromSlot.RESULTS and [r[0] for r in first[1]] == [1]
-    assert second == [pipes.FromSlot.HANDED_BACK, [2, 3, 7]]
+    assert second[0] == pipes.FromSlot.HANDED_BACK and second[1][0] == [2, 3, 7] and 5 <= second[1][1] < 60
     assert not work.pending and not work.unsent
     work.phase = slot.Phase.BETWEEN  # writing results, maybe: only noted
     work.on_reclaim(pipes.RECLAIM_SIGNAL, None)
@@ -625,7 +627,7 @@ class Model:
         if slot in self.reclaims:
             self.reclaims.discard(slot)
             back, self.running[slot] = self.running[slot][1:], self.running[slot][:1]
-            self.pull.on_handed_back(slot, [t.tid for t in back])
+            self.pull.on_handed_back(slot, [t.tid for t in back], 0.0)
 
     def check(self) -> None:
         pull = self.pull
