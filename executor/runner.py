@@ -195,7 +195,7 @@ def _communicate(proc: subprocess.Popen, stdin: bytes | None, cap: int,
                            + ([_EXIT_POLL_S] if exit_fd < 0 else []), default=None)
                 for key, _ in sel.select(wait):
                     f = key.fileobj
-                    if f is exit_fd:
+                    if f == exit_fd:  # an int, registered as such
                         sel.unregister(f)
                         stop_at = time.monotonic() + OUTPUT_GRACE_S
                     elif f is proc.stdin:
