@@ -45,7 +45,7 @@ import zmq
 
 from falconet import spawn
 
-# Message tags and record layouts of falconet.protocol (PROTOCOL_VERSION 7), spelled out so
+# Message tags and record layouts of falconet.protocol (PROTOCOL_VERSION 8), spelled out so
 # the helper loops run without falconet code: the bytes on the wire are the same.  Records:
 #   TaskSpec   [seq, kind, body, retries, walltime_s, needs, files]                      (7)
 #   Assignment [tid, attempt, kind, body, walltime_s, cpus, files]                      (7)
@@ -58,7 +58,7 @@ _HELLO, _SUBMIT, _STATUS_REQUEST, _ACK = 1, 2, 4, 7
 _WELCOME, _ACCEPTED, _RESULTS, _STATUS_REPLY, _REFUSED, _HELLO_AGAIN, _STARTED = 10, 11, 12, 13, 14, 15, 16
 _REGISTER, _REPORT = 20, 21
 _REGISTERED, _TASKS, _REREGISTER, _HEARTBEAT = 30, 31, 33, 40
-_VERSION = 7
+_VERSION = 8
 _COMMAND, _DONE = 1, 3
 
 _BODY = bytes(40)  # bare_zmq: an Assignment body of about the size of a small command's

@@ -455,7 +455,8 @@ class Core:
             self._executor_event("joined", ex, f"{msg.slots} slots, {msg.cpus} cpus, {','.join(msg.addresses)}")
         self.matcher.gen += 1
         self._send_executor(ex, p.Registered(self.dispatcher_id, self.config.heartbeat_interval_s,
-                                             self.config.heartbeat_timeout_s, self.config.max_message_bytes))
+                                             self.config.heartbeat_timeout_s, self.config.max_message_bytes,
+                                             self.config.max_output_bytes))
 
     def _report(self, ex: ExecutorEntry, msg: p.Report, now: float) -> None:
         tasks = ex.tasks

@@ -38,6 +38,7 @@ from falconet.executor.pull import (
     Kill,
     Phase,
     Pull,
+    Reclaim,
     Refetch,
     Run,
     Send,
@@ -83,16 +84,30 @@ class Slot:
     def start(self) -> None:
         to_slot_r, to_slot_w = os.pipe()
         from_slot_r, from_slot_w = os.pipe()
-        self.proc = subprocess.Popen(
-            spawn.module("falconet.executor.slot", str(to_slot_r), str(from_slot_w),
-                         str(os.getpid()), *self.staging_args),
-            pass_fds=(to_slot_r, from_slot_w), stdin=subprocess.DEVNULL, start_new_session=True,
-        )
+        # Started with the reclaim signal blocked (the mask is inherited): until the slot has
+        # its handler, the signal's default action would kill it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {pipes.RECLAIM_SIGNAL})
+        try:
+            self.proc = subprocess.Popen(
+                spawn.module("falconet.executor.slot", str(to_slot_r), str(from_slot_w),
+                             str(os.getpid()), *self.staging_args),
+                pass_fds=(to_slot_r, from_slot_w), stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(to_slot_r)
         os.close(from_slot_w)
         os.set_blocking(from_slot_r, False)
         self.rfd, self.wfd = from_slot_r, to_slot_w
         self.reader = pipes.FrameReader()
+
+    def signal(self, sig: int) -> None:
+        """Send the slot process a signal; one that just died is replaced when its pipe ends."""
+        if self.proc is not None:
+            try:
+                os.kill(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
 
     def close(self, kill: bool = False) -> int | None:
         """Close the pipes; kill the process group if asked; return the exit status."""
@@ -253,8 +268,11 @@ class Executor:
                 code = self._restart(slot, "it died")
                 self.pull.on_slot_died(slot.index, code)
                 return
-            for frame in slot.reader.feed(data):
-                self.pull.on_slot_results(slot.index, frame)
+            for kind, payload in slot.reader.feed(data):
+                if kind == pipes.FromSlot.RESULTS:
+                    self.pull.on_slot_results(slot.index, payload)
+                else:
+                    self.pull.on_handed_back(slot.index, *payload)
 
     # ------------------------------------------------------------ actions out
 
@@ -281,7 +299,9 @@ class Executor:
 
     def _apply_rare(self, action: Action) -> None:
         kind = type(action)
-        if kind is Kill:
+        if kind is Reclaim:
+            self.slots[action.slot].signal(pipes.RECLAIM_SIGNAL)
+        elif kind is Kill:
             self._restart(self.slots[action.slot], action.why, kill=True)
         elif kind is ClearOutbox:
             try:

@@ -1,20 +1,42 @@
 """The pipes between an executor and its slots: length-prefixed msgpack frames and the
 two record types they carry.
 
-A frame to a slot is a list of :class:`SlotTask` (a chunk, run in order); a frame from a
-slot is a list of :class:`SlotResult`.  Both are NamedTuples, so msgpack sends them as
-arrays of their fields in this order, and each side rebuilds them with ``_make``.
+A frame to a slot is a list of :class:`SlotTask` (a chunk, run in order).  A frame from a
+slot is ``[FromSlot, payload]``: RESULTS with a list of :class:`SlotResult`, or HANDED_BACK
+with ``[tids, running_s]``: the tasks it was given and will not run, and how long the task
+it runs has been running (0: none).  Both records are NamedTuples, so
+msgpack sends them as arrays of their fields in this order, and each side rebuilds them
+with ``_make``.
+
+Reclaim: the executor sends the slot RECLAIM_SIGNAL when its running task is overdue with
+tasks waiting behind it.  The slot answers each with exactly one HANDED_BACK frame, at once
+if a task is running (from the signal handler), else before its next task or read: the
+tasks of its chunk not started and the chunks still unread in its pipe (maybe none).  The
+executor sends such a slot no new chunk until the answer came.
 """
 
 from __future__ import annotations
 
+import enum
 import os
+import signal
 import struct
 from typing import Any, NamedTuple
 
 import msgpack
 
 _HEADER = struct.Struct("<I")
+
+#: a real-time signal, one that Python tasks and their libraries (faulthandler on SIGUSR1)
+#: are unlikely to claim; SIGUSR2 where Python does not name real-time signals
+RECLAIM_SIGNAL = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR2
+
+
+class FromSlot(enum.IntEnum):
+    """What a frame from a slot carries."""
+
+    RESULTS = 0  #: a list of SlotResult records, in the order the tasks ran
+    HANDED_BACK = 1  #: [tids it will not run, seconds its task has run] (the answer to a reclaim)
 
 
 class SlotTask(NamedTuple):
@@ -28,6 +50,7 @@ class SlotTask(NamedTuple):
     cpus: int
     files: bytes  #: the staging spec, b"" for a task without files
     prefetched: list  #: blobs fetched from the dispatcher for this task (its cache misses)
+    max_output: int  #: a larger output fails the task in the slot (the dispatcher's --max-output-bytes)
 
 
 class SlotResult(NamedTuple):

@@ -35,6 +35,7 @@ MAX_CHUNK = 64
 MAX_BACKLOG = 1024
 MAX_REPORT = 4096  # results per Report message
 PIPELINE_BELOW_S = 0.05  # mean task time under which slots get their next chunk early
+OVERDUE_MIN_S, OVERDUE_MEANS = 0.2, 20  # a task running longer than both is overdue
 COMMAND_GRACE_S = 5.0  # a command's own slot enforces its wall time; this is the backstop
 FIRST_COMPLAINT_S = 5.0  # not registered after this long: say why in the log...
 COMPLAINT_EVERY_S = 30.0  # ...and again this often while it lasts
@@ -66,6 +67,13 @@ class Run(NamedTuple):
 
     slot: int
     tasks: list[tuple]  #: SlotTask records; plain tuples of its fields for chunks (speed)
+
+
+class Reclaim(NamedTuple):
+    """Ask slot `slot` for the tasks it holds behind its overdue one (RECLAIM_SIGNAL); it
+    answers with Pull.on_handed_back."""
+
+    slot: int
 
 
 class Kill(NamedTuple):
@@ -113,7 +121,7 @@ class Complain(NamedTuple):
     since_s: float
 
 
-Action = Send | Run | Kill | Upload | ClearOutbox | AbortFetches | Refetch | Joined | Complain
+Action = Send | Run | Reclaim | Kill | Upload | ClearOutbox | AbortFetches | Refetch | Joined | Complain
 
 
 class Inputs(NamedTuple):
@@ -124,13 +132,21 @@ class Inputs(NamedTuple):
 
 
 class SlotState:
-    """The chunk a slot was handed, in order, and when its current task started."""
+    """The chunk a slot was handed, in order, when its current task started, and whether a
+    Reclaim sent to it waits for its answer."""
 
-    __slots__ = ("chunk", "sent_at")
+    __slots__ = ("chunk", "sent_at", "reclaiming")
 
     def __init__(self) -> None:
         self.chunk: dict[int, p.Assignment] = {}
         self.sent_at = 0.0
+        self.reclaiming = False
+
+    def clear(self) -> list[p.Assignment]:
+        """Forget the chunk (the slot process is being replaced); return it, in order."""
+        chunk = list(self.chunk.values())
+        self.chunk, self.reclaiming = {}, False
+        return chunk
 
     @property
     def cpus(self) -> int:
@@ -176,6 +192,7 @@ class Pull:
         self.mean_s: float | None = None  #: moving mean of task run times
         self.heartbeat_interval_s, self.heartbeat_timeout_s = 1.0, 10.0
         self.max_message_bytes = 256 << 20
+        self.slot_extra: tuple = ([], 64 << 20)  #: SlotTask's (prefetched, max_output) for a plain task
         now = clock()
         self.heard = self.spoke = self.last_busy = now
         self.next_register, self.backoff_s = now, FIRST_BACKOFF_S
@@ -262,6 +279,7 @@ class Pull:
         self.heartbeat_interval_s = msg.heartbeat_interval_s
         self.heartbeat_timeout_s = msg.heartbeat_timeout_s
         self.max_message_bytes = msg.max_message_bytes
+        self.slot_extra = ([], msg.max_output_bytes)
 
     def _on_refused(self, reason: str) -> None:
         if reason.startswith(p.WRONG_PORT):
@@ -292,7 +310,7 @@ class Pull:
         self.results.clear()
         self.started.clear()
         for i in busy:
-            self.slots[i].chunk = {}
+            self.slots[i].clear()
             self.out.append(Kill(i, "abandoning a restarted dispatcher's work"))
 
     def _cancel(self, tids: set[int]) -> None:
@@ -328,13 +346,15 @@ class Pull:
             took = max(result.finished - result.started, 0.0)
             mean = took if mean is None else 0.9 * mean + 0.1 * took
         self.mean_s = mean
-        slot.sent_at = self.clock()  # the next task of the chunk started about now
+        # The next task of the chunk started about now; but results a slot sends with its
+        # answer to a Reclaim are of tasks before its overdue one, which still runs.
+        if not slot.reclaiming:
+            slot.sent_at = self.clock()
 
     def on_slot_died(self, index: int, code: int | None) -> None:
         """Slot `index` ended by itself (exit status `code`) and was replaced: its first task
         fails, the rest of its chunk goes back to the front of the queue."""
-        slot = self.slots[index]
-        chunk, slot.chunk = list(slot.chunk.values()), {}
+        chunk = self.slots[index].clear()
         if chunk:
             how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
             self._fail(chunk[0], f"the slot process running this task died ({how})")
@@ -354,6 +374,18 @@ class Pull:
             if t.prefetched:
                 self.prefetched[t.tid] = t.prefetched
         self.queue.extendleft(reversed(unsent))
+
+    def on_handed_back(self, index: int, tids: list[int], running_s: float) -> None:
+        """Slot `index` answered a Reclaim: it will not run these tasks (maybe none); they go
+        back to the front of the queue, in order, for the next free slot.  Its task has run
+        for running_s."""
+        slot = self.slots[index]
+        slot.reclaiming = False
+        slot.sent_at = self.clock() - running_s
+        back = [slot.chunk.pop(tid) for tid in tids if tid in slot.chunk]
+        if back:
+            log.debug("slot %d handed back %d tasks queued behind its overdue one", index, len(back))
+            self.queue.extendleft(reversed(back))
 
     def on_inputs(self, digest: str, error: str) -> None:
         """A download ended: release the tasks waiting for it, or fail them with `error`."""
@@ -406,6 +438,7 @@ class Pull:
         feeding slots, registration and heartbeat, leaving when idle or drained."""
         now = self.clock()
         self._enforce_walltime(now)
+        self._reclaim_overdue(now)
         if self.drain_requested and self.phase is Phase.ACTIVE:
             self._begin_drain("asked to stop")
         self._feed_slots(now)
@@ -421,11 +454,26 @@ class Pull:
                 continue
             limit = a.walltime_s + (COMMAND_GRACE_S if a.kind == p.TaskKind.COMMAND else 0.0)
             if now - slot.sent_at > limit:
-                rest = list(slot.chunk.values())[1:]
-                slot.chunk = {}
+                rest = slot.clear()[1:]
                 self.out.append(Kill(i, "a task ran past its wall time"))
                 self._fail(a, f"wall time of {a.walltime_s:g}s exceeded; the slot running it was killed")
                 self.queue.extendleft(reversed(rest))
+
+    def overdue_s(self) -> float:
+        """How long a task runs before the tasks queued behind it in its slot are taken back."""
+        return max(OVERDUE_MIN_S, OVERDUE_MEANS * (self.mean_s or 0.0))
+
+    def _reclaim_overdue(self, now: float) -> None:
+        """Tasks wait behind an overdue one in its slot: ask for them back, to run elsewhere.
+
+        Chunks and pipelining assume tasks as short as the mean; one much longer would hold
+        the rest of its chunk, and the chunk sent ahead, while other slots idle.
+        """
+        overdue = self.overdue_s()
+        for i, slot in enumerate(self.slots):
+            if len(slot.chunk) > 1 and not slot.reclaiming and now - slot.sent_at > overdue:
+                slot.reclaiming = True
+                self.out.append(Reclaim(i))
 
     def chunk_size(self) -> int:
         """Tasks per chunk: about CHUNK_WORK_S of work, shared fairly among the slots."""
@@ -440,12 +488,14 @@ class Pull:
         # waits for this loop between tasks.  Long ones: a slot takes work only when free,
         # so work is not tied to a busy slot while another frees up.
         pipeline = self.mean_s is not None and self.mean_s < PIPELINE_BELOW_S
+        overdue = self.overdue_s()
         slots = self.slots
         used = sum(s.cpus for s in slots)
         # Idle slots first: a task must not wait behind a running one while a slot is free.
         order = [i for i, s in enumerate(slots) if not s.chunk]
-        if pipeline and len(order) < len(slots):
-            order += [i for i, s in enumerate(slots) if s.chunk]
+        if pipeline and len(order) < len(slots):  # not to a slot whose task is overdue
+            order += [i for i, s in enumerate(slots)
+                      if s.chunk and not s.reclaiming and now - s.sent_at <= overdue]
         for i in order:
             slot = slots[i]
             if not queue:
@@ -472,14 +522,15 @@ class Pull:
         if alone:
             a = queue.popleft()
             chunk = [a]
-            tasks = [SlotTask(*a, self.prefetched.pop(a.tid, []))]
+            tasks = [SlotTask(*a, self.prefetched.pop(a.tid, []), self.slot_extra[1])]
         else:
             size = self.chunk_size()
             chunk = [queue.popleft()]
             if chunk[0].walltime_s == 0:  # wall-time tasks go alone, so the clock is exact
                 while len(chunk) < size and queue and queue[0].walltime_s == 0 and _plain(queue[0]):
                     chunk.append(queue.popleft())
-            tasks = [a + _NO_INPUTS for a in chunk]  # SlotTask's fields: a NamedTuple costs 4x more
+            extra = self.slot_extra  # (prefetched, max_output): shared, only sent
+            tasks = [a + extra for a in chunk]  # SlotTask's fields: a NamedTuple costs 4x more
         slot.chunk.update((a.tid, a) for a in chunk)
         self.started += [(a.tid, a.attempt) for a in chunk]
         self.out.append(Run(i, tasks))
@@ -618,9 +669,6 @@ class Pull:
             return 2 * n
         backlog = math.ceil(n / max(self.mean_s, 1e-6) * BACKLOG_WORK_S)
         return n + min(backlog, MAX_BACKLOG)
-
-
-_NO_INPUTS: tuple = ([],)  # SlotTask.prefetched of a task without files (shared: only sent)
 
 
 def _plain(a: p.Assignment) -> bool:

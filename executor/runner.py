@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import pickle
 import selectors
@@ -16,19 +17,27 @@ from typing import Any
 
 from falconet import spawn, tasks
 from falconet.errors import ProtocolError
+from falconet.executor import reaper
 from falconet.protocol import TaskKind, TaskState
+
+log = logging.getLogger("falconet.executor")
 
 DONE, FAILED = int(TaskState.DONE), int(TaskState.FAILED)
 _READ_CHUNK = 1 << 16
+#: a command ends when its main process exits; what its children still write to its pipes
+#: after that is read for this long, then the pipes are closed and the children killed
+OUTPUT_GRACE_S = 0.1
+_EXIT_POLL_S = 0.01  # without a pidfd (not Linux), how often to look for the main process's exit
 
 Outcome = tuple[int, bytes, str]  # state, output, reason
 
 
 def run(kind: int, body: bytes, walltime_s: float, functions: FunctionCache, cwd: str | None = None,
-        streams: dict[str, str] | None = None) -> Outcome:
+        streams: dict[str, str] | None = None, max_output: int = 0) -> Outcome:
     """Run a task body (in cwd, a staged task's work dir); never raises for what the task does.
 
     streams: {"stdout" or "stderr": path} of a command's streams to write to files, uncapped.
+    max_output: a Python task's value that would pickle to more fails, unpickled (0: no limit).
     """
     try:
         if kind == TaskKind.COMMAND:
@@ -37,11 +46,11 @@ def run(kind: int, body: bytes, walltime_s: float, functions: FunctionCache, cwd
             return FAILED, b"", "only command tasks can send stdout or stderr to a file"
         if kind == TaskKind.PYTHON:
             if cwd is None:
-                return run_python(body, functions)
+                return run_python(body, functions, max_output)
             home = os.getcwd()
             os.chdir(cwd)
             try:
-                return run_python(body, functions)
+                return run_python(body, functions, max_output)
             finally:
                 os.chdir(home)
         return FAILED, b"", f"unknown task kind {kind}: this executor runs command (1) and python (2)"
@@ -85,12 +94,15 @@ def run_command(spec: tasks.CommandSpec, walltime_s: float, workdir: str | None 
     except OSError as exc:
         msg = f"could not open a file for the command's output: {exc}"
         return FAILED, tasks.encode_command_output(126, b"", msg.encode(), False), msg
+    spare = reaper.begin()  # children of the slot from before, to leave alone
     try:
         proc = _start(spec, workdir, files)
     except FileNotFoundError as exc:  # as /bin/sh would say it, with its exit status
+        reaper.release()
         msg = f"{exc.filename}: {exc.strerror}"
         return FAILED, tasks.encode_command_output(127, b"", msg.encode(), False), "exit code 127"
     except OSError as exc:
+        reaper.release()
         msg = f"could not start the command: {exc}"
         return FAILED, tasks.encode_command_output(126, b"", msg.encode(), False), msg
     finally:
@@ -101,9 +113,16 @@ def run_command(spec: tasks.CommandSpec, walltime_s: float, workdir: str | None 
     try:
         deadline = time.monotonic() + walltime_s if walltime_s > 0 else None
         out, err, truncated, timed_out = _communicate(proc, spec.stdin, spec.cap, deadline)
+        # The main process has exited but is not reaped yet, so its pid still names its
+        # group: kill what is left of the group, then reap, then sweep up the escapees.
+        spawn.signal_group(proc.pid, signal.SIGKILL)
         code = proc.wait()
     finally:
         _running = None
+        escaped = reaper.end(spare, proc.pid)
+    if escaped:
+        log.warning("killed %d processes that the command %r left behind outside its process group: %s",
+                    len(escaped), spec.cmd, ", ".join(escaped))
     output = tasks.encode_command_output(code, out, err, truncated)
     if timed_out:
         return FAILED, output, f"wall time of {walltime_s:g}s exceeded; the command was killed"
@@ -144,55 +163,105 @@ def _open_streams(streams: dict[str, str]) -> dict[str, Any]:
 def _communicate(proc: subprocess.Popen, stdin: bytes | None, cap: int,
                  deadline: float | None) -> tuple[bytes, bytes, bool, bool]:
     """Feed stdin and read the stdout and stderr pipes (None: sent to a file), keeping at
-    most cap bytes of each; truncated when either had more."""
-    pipes = [f for f in (proc.stdout, proc.stderr) if f is not None]
-    keep = {f: bytearray() for f in pipes}
+    most cap bytes of each; truncated when either had more.
+
+    Returns once the main process has exited (it is not reaped) and its pipes are closed,
+    or OUTPUT_GRACE_S after it exited: a child left behind may hold the pipes open for as
+    long as it lives, and the task must not wait for it.
+    """
+    keep = {f: bytearray() for f in (proc.stdout, proc.stderr) if f is not None}
     truncated = timed_out = False
+    exit_fd = _pidfd(proc.pid)
     with selectors.DefaultSelector() as sel:
-        for f in pipes:
+        for f in keep:
             sel.register(f, selectors.EVENT_READ)
+        if exit_fd >= 0:
+            sel.register(exit_fd, selectors.EVENT_READ)
         pending = memoryview(stdin or b"")
         if stdin:
             sel.register(proc.stdin, selectors.EVENT_WRITE)
-        while sel.get_map():
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
-                timed_out = True
-                spawn.signal_group(proc.pid, signal.SIGKILL)
-                deadline = None  # keep reading what is left, the group is dead
-                continue
-            for key, _ in sel.select(wait):
-                f = key.fileobj
-                if f is proc.stdin:
-                    try:
-                        n = os.write(f.fileno(), pending[:_READ_CHUNK])
-                        pending = pending[n:]
-                    except BrokenPipeError:
-                        pending = pending[:0]
-                    if not pending:
+        stop_at = None  # the main process exited: read until its pipes close, or until this
+        try:
+            while True:
+                now = time.monotonic()
+                if stop_at is None and exit_fd < 0 and _exited(proc.pid):
+                    stop_at = now + OUTPUT_GRACE_S
+                if stop_at is not None and (now >= stop_at or not _open(sel, proc)):
+                    break
+                if deadline is not None and now >= deadline:
+                    timed_out, deadline = True, None
+                    spawn.signal_group(proc.pid, signal.SIGKILL)
+                wait = min([t - now for t in (deadline, stop_at) if t is not None]
+                           + ([_EXIT_POLL_S] if exit_fd < 0 else []), default=None)
+                for key, _ in sel.select(wait):
+                    f = key.fileobj
+                    if f == exit_fd:  # an int, registered as such
                         sel.unregister(f)
-                        f.close()
-                    continue
-                data = os.read(f.fileno(), _READ_CHUNK)
-                if not data:
-                    sel.unregister(f)
+                        stop_at = time.monotonic() + OUTPUT_GRACE_S
+                    elif f is proc.stdin:
+                        pending = _feed(sel, f, pending)
+                    elif _read(sel, f, keep[f], cap):
+                        truncated = True
+        finally:
+            for f in [proc.stdin, *keep]:
+                if f is not None and not f.closed:
                     f.close()
-                    continue
-                buf = keep[f]
-                room = cap - len(buf)
-                if len(data) > room:
-                    truncated = True
-                buf += data[:max(room, 0)]
+            if exit_fd >= 0:
+                os.close(exit_fd)
     return bytes(keep.get(proc.stdout, b"")), bytes(keep.get(proc.stderr, b"")), truncated, timed_out
+
+
+def _pidfd(pid: int) -> int:
+    """A descriptor that becomes readable when the process exits (Linux 5.3), else -1."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return -1
+
+
+def _exited(pid: int) -> bool:
+    """Whether the process has exited, without reaping it."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def _open(sel: selectors.BaseSelector, proc: subprocess.Popen) -> bool:
+    """Whether an output pipe of the command is still open."""
+    return any(f in (proc.stdout, proc.stderr) for f in (k.fileobj for k in sel.get_map().values()))
+
+
+def _feed(sel: selectors.BaseSelector, f: Any, pending: memoryview) -> memoryview:
+    """Write the next part of stdin; close it once all is written or the reader is gone."""
+    try:
+        pending = pending[os.write(f.fileno(), pending[:_READ_CHUNK]):]
+    except BrokenPipeError:
+        pending = pending[:0]
+    if not pending:
+        sel.unregister(f)
+        f.close()
+    return pending
+
+
+def _read(sel: selectors.BaseSelector, f: Any, buf: bytearray, cap: int) -> bool:
+    """Read what a pipe has, keeping up to cap bytes in buf; True if some was dropped."""
+    data = os.read(f.fileno(), _READ_CHUNK)
+    if not data:
+        sel.unregister(f)
+        f.close()
+        return False
+    room = cap - len(buf)
+    buf += data[:max(room, 0)]
+    return len(data) > room
 
 
 _running: subprocess.Popen | None = None  # the command this slot process is running now
 
 
 def kill_running_command() -> None:
-    """Kill the running command's process group (the slot is being stopped)."""
+    """Kill the running command's process group and whatever it left with the slot (the
+    slot is being stopped)."""
     if _running is not None:
         spawn.signal_group(_running.pid, signal.SIGKILL)
+        reaper.kill_all()
 
 
 # ---------------------------------------------------------------- python
@@ -215,8 +284,26 @@ class FunctionCache:
         return fn
 
 
-def run_python(body: bytes, functions: FunctionCache) -> Outcome:
-    """Call a pickled function; its exception, with traceback, is a FAILED outcome."""
+def too_large(size: int, limit: int) -> str:
+    """The reason of a task whose output passed the dispatcher's limit (worded as the
+    dispatcher's own check, which this one spares the copy to it)."""
+    return (f"its output of {size} bytes is more than the dispatcher's limit of {limit} (--max-output-bytes); "
+            "return less, lower the task's output cap, or send its output to a file")
+
+
+_BYTES_LIKE = frozenset([bytes, bytearray, str, memoryview])  # pickled, at least their size
+
+
+def _size(value: bytes | bytearray | str | memoryview) -> int:
+    return value.nbytes if type(value) is memoryview else len(value)
+
+
+def run_python(body: bytes, functions: FunctionCache, max_output: int = 0) -> Outcome:
+    """Call a pickled function; its exception, with traceback, is a FAILED outcome.
+
+    A value over max_output bytes fails: a large bytes or str one before it is pickled (a
+    copy of it), any other once its pickle is made.
+    """
     fn_data, args_data = tasks.decode_python(body)
     try:
         fn = functions.load(fn_data)
@@ -231,6 +318,8 @@ def run_python(body: bytes, functions: FunctionCache) -> Outcome:
     except BaseException as exc:  # SystemExit too: the task failed, the slot lives on
         tb = traceback.format_exc()
         return FAILED, tasks.encode_python_error(exc, tb), f"{type(exc).__name__}: {exc}"
+    if max_output and type(value) in _BYTES_LIKE and _size(value) > max_output:
+        return FAILED, b"", too_large(_size(value), max_output)
     try:
         return DONE, tasks.encode_python_value(value), ""
     except Exception as exc:

@@ -89,7 +89,7 @@ from falconet.errors import ProtocolError
 #: 2: Ack, results kept until acknowledged; 3: needs, staging, blobs; 4: HelloAgain, where a
 #: Refused reason starting "say Hello first" told a client of a restarted dispatcher; 5: Register's
 #: memory in MB; 6: Started, which tells a client which of its tasks began running
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 #: Refused.reason prefix for a message that belongs on the dispatcher's other port.
 WRONG_PORT = "wrong port: this is"
 #: Bytes of msgpack framing counted for each record when filling a message.
@@ -453,9 +453,9 @@ class Bye:
     """The executor is leaving; every result it had has been sent."""
 
 
-@_message(MsgType.REGISTERED, f.string, f.number, f.number, f.integer)
+@_message(MsgType.REGISTERED, f.string, f.number, f.number, f.integer, f.integer)
 class Registered:
-    """The dispatcher accepts an executor and tells it the heartbeat rules.
+    """The dispatcher accepts an executor and tells it the heartbeat rules and size limits.
 
     dispatcher_id changes when the dispatcher restarts: an executor that sees a new one
     abandons the work of the old one, whose task ids the new one may reuse.
@@ -465,6 +465,9 @@ class Registered:
     heartbeat_interval_s: float
     heartbeat_timeout_s: float
     max_message_bytes: int  #: the dispatcher disconnects an executor that sends more
+    #: the dispatcher's --max-output-bytes: the executor fails a larger output in the slot,
+    #: before it is copied out (protocol 8)
+    max_output_bytes: int
 
 
 @_message(MsgType.TASKS, _assignments)

@@ -73,7 +73,7 @@ def _field_strategies(floats: st.SearchStrategy, min_size: int) -> dict[type, tu
         p.Report: (INTS, lists(pairs), lists(exec_results), maps),
         p.Drain: (lists(pairs),),
         p.Bye: (),
-        p.Registered: (TEXT, floats, floats, INTS),
+        p.Registered: (TEXT, floats, floats, INTS, INTS),
         p.Tasks: (lists(assignments),),
         p.CancelTasks: (lists(INTS),),
         p.Reregister: (TEXT,),
@@ -210,8 +210,8 @@ def test_round_trip_keeps_records_typed():
 
 
 def test_float_fields_accept_integers():
-    back = p.decode(pack([p.MsgType.REGISTERED, "d1", 5, 30, 1024]))
-    assert back == p.Registered("d1", 5.0, 30.0, 1024) and type(back.heartbeat_interval_s) is float
+    back = p.decode(pack([p.MsgType.REGISTERED, "d1", 5, 30, 1024, 512]))
+    assert back == p.Registered("d1", 5.0, 30.0, 1024, 512) and type(back.heartbeat_interval_s) is float
     back = p.decode(pack([p.MsgType.SUBMIT, 1, [[1, 1, b"", 0, 60, b"", b""]]]))
     assert type(back.tasks[0].walltime_s) is float
 

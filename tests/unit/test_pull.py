@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import msgpack
 import pytest
@@ -20,6 +21,7 @@ from falconet.executor.pipes import EXEC_RESULT_FIELDS, SlotResult, SlotTask
 from falconet.executor.pull import Phase, Pull
 
 WALL = 1_700_000_000.0
+OUTPUT_LIMIT = 1 << 20  # Registered.max_output_bytes
 DONE, FAILED, CANCELLED = int(p.TaskState.DONE), int(p.TaskState.FAILED), int(p.TaskState.CANCELLED)
 COMMAND, PYTHON = int(p.TaskKind.COMMAND), int(p.TaskKind.PYTHON)
 REGISTER = p.Register(p.PROTOCOL_VERSION, "ex-1", "host-1", ["192.0.2.7"], 2, 4096, "linux-x86_64",
@@ -43,7 +45,7 @@ def make(slots: int = 2, cpus: int | None = None, *, register: bool = True, max_
                 wall=lambda: WALL, **kw)
     if register:
         pull.turn()
-        pull.on_message(p.Registered("disp-1", 1.0, 10.0, max_message_bytes))
+        pull.on_message(p.Registered("disp-1", 1.0, 10.0, max_message_bytes, OUTPUT_LIMIT))
         pull.take_actions()
     return pull, clock
 
@@ -80,12 +82,12 @@ def turn(pull: Pull) -> list:
 
 
 def test_slot_records_extend_the_protocol_records_they_carry():
-    assert SlotTask._fields[:-1] == p.Assignment._fields
+    assert SlotTask._fields[:-2] == p.Assignment._fields
     assert SlotResult._fields[:EXEC_RESULT_FIELDS] == p.ExecResult._fields
 
 
 def test_slot_records_cross_the_pipe_as_arrays_of_their_fields():
-    t = SlotTask(*task(7), ["abc"])
+    t = SlotTask(*task(7), ["abc"], 1000)
     assert SlotTask._make(msgpack.unpackb(msgpack.packb([t]))[0]) == t
     r = SlotResult(7, 1, DONE, b"out", "", 1.0, 2.0, b"", {"hits": 1}, False)
     assert SlotResult._make(msgpack.unpackb(msgpack.packb([r]))[0]) == r
@@ -110,6 +112,8 @@ def test_a_slot_answers_a_chunk_with_slot_results_pull_reads():
         frames.append(frame)
     os.close(to_slot_r)
     os.close(from_slot_r)
+    assert {kind for kind, _ in frames} == {pipes.FromSlot.RESULTS}
+    frames = [payload for _, payload in frames]
     records = [SlotResult._make(r) for f in frames for r in f]
     assert [(r.tid, r.attempt, r.state, r.cache, r.uploads) for r in records] == [
         (1, 1, DONE, None, False), (2, 3, FAILED, None, False)]
@@ -138,7 +142,7 @@ def test_registers_at_once_then_backs_off_until_answered():
 def test_registered_joins_refetches_and_asks_for_two_tasks_a_slot():
     pull, _ = make(slots=3, register=False)
     pull.turn()
-    pull.on_message(p.Registered("disp-1", 1.0, 10.0, 1 << 20))
+    pull.on_message(p.Registered("disp-1", 1.0, 10.0, 1 << 20, OUTPUT_LIMIT))
     actions = pull.take_actions()
     assert of(actions, pl.Joined) == [pl.Joined("disp-1")] and of(actions, pl.Refetch)
     assert [r.credit for r in sent(pull.flush(), p.Report)] == [6]
@@ -210,7 +214,7 @@ def test_first_tasks_go_one_per_slot_and_are_reported_started():
     actions = turn(pull)
     runs = of(actions, pl.Run)
     assert [(r.slot, tids(r)) for r in runs] == [(0, [1]), (1, [2])]
-    assert runs[0].tasks[0] == SlotTask(*task(1), [])
+    assert runs[0].tasks[0] == SlotTask(*task(1), [], OUTPUT_LIMIT)
     assert sent(actions, p.Report)[0].started == [(1, 1), (2, 1)]
     assert [a.tid for a in pull.queue] == [3]
 
@@ -243,6 +247,82 @@ def test_wall_time_tasks_are_not_pipelined_behind_a_running_task():
     pull.on_message(p.Tasks([task(1), task(2, walltime_s=5.0)]))
     assert [tids(r) for r in of(pull.turn(), pl.Run)] == [[1]]
     assert not of(pull.turn(), pl.Run), "task 2 waits for the slot to be free"
+
+
+def pipelined() -> tuple[Pull, Clock, list]:
+    """Slot 0 runs task 1 with chunk [2, 3] sent ahead; slot 1 runs task 4 with [5] ahead."""
+    pull, clock = make(slots=2)
+    pull.mean_s = 0.001  # 2 tasks per chunk, pipelined
+    pull.on_message(p.Tasks([task(1), task(4)]))
+    runs = of(pull.turn(), pl.Run)
+    pull.on_message(p.Tasks([task(2), task(3), task(5)]))
+    runs += of(pull.turn(), pl.Run)
+    assert [(r.slot, tids(r)) for r in runs] == [(0, [1]), (1, [4]), (0, [2, 3]), (1, [5])]
+    return pull, clock, runs
+
+
+def test_a_slot_whose_task_runs_past_the_overdue_time_is_asked_for_what_waits_behind_it():
+    pull, clock, runs = pipelined()
+    assert pull.overdue_s() == pl.OVERDUE_MIN_S
+    clock.t += pl.OVERDUE_MIN_S * 0.9
+    pull.on_slot_results(1, [result(runs[1].tasks[0])])  # slot 1 now runs task 5, nothing behind
+    clock.t += pl.OVERDUE_MIN_S * 0.2
+    assert of(pull.turn(), pl.Reclaim) == [pl.Reclaim(0)]
+    assert not of(pull.turn(), pl.Reclaim), "one Reclaim until it is answered"
+    clock.t += pl.OVERDUE_MIN_S
+    assert not of(pull.turn(), pl.Reclaim), "slot 1's overdue task has nothing behind it"
+
+
+def test_tasks_handed_back_go_to_a_slot_not_overdue_nor_owing_an_answer():
+    pull, clock, runs = pipelined()
+    clock.t += pl.OVERDUE_MIN_S * 1.1
+    assert of(pull.turn(), pl.Reclaim) == [pl.Reclaim(0), pl.Reclaim(1)]
+    pull.on_slot_results(0, [])  # results sent with the answer: of tasks before the overdue one
+    pull.on_handed_back(0, [2, 3], 1.0)
+    assert [a.tid for a in pull.queue] == [2, 3] and list(pull.slots[0].chunk) == [1]
+    pull.on_slot_results(1, [result(runs[1].tasks[0])])  # slot 1 ran task 4, runs 5: it owes an answer
+    assert not of(pull.turn(), pl.Run), "slot 0 is overdue, slot 1 owes an answer"
+    pull.on_handed_back(1, [], 0.01)  # too late: it had started task 5
+    runs = of(pull.turn(), pl.Run)
+    assert runs and all(r.slot == 1 for r in runs) and tids(runs[0])[0] == 2
+
+
+def test_an_answer_handing_back_nothing_or_unknown_tasks_changes_nothing_but_the_wait():
+    pull, clock, _ = pipelined()
+    clock.t += pl.OVERDUE_MIN_S * 1.1
+    pull.turn()
+    pull.on_handed_back(0, [99], 1.0)  # it had started them all (99 is not its)
+    assert not pull.queue and list(pull.slots[0].chunk) == [1, 2, 3] and not pull.slots[0].reclaiming
+    assert of(pull.turn(), pl.Reclaim) == [pl.Reclaim(0)], "still overdue with tasks behind: asked again"
+
+
+def test_a_slot_that_dies_owes_no_answer():
+    pull, clock, _ = pipelined()
+    clock.t += pl.OVERDUE_MIN_S * 1.1
+    pull.turn()
+    pull.on_slot_died(0, -9)
+    assert not pull.slots[0].reclaiming and [a.tid for a in pull.queue] == [2, 3]
+
+
+def test_a_slot_answers_a_reclaim_with_what_it_has_not_started_and_its_unread_chunks():
+    """slot.Work over real pipes, as the signal handler runs it during a task."""
+    to_slot_r, to_slot_w = os.pipe()
+    from_slot_r, from_slot_w = os.pipe()
+    work = slot.Work(to_slot_r, from_slot_w)
+    work.pending.extend([list(task(2)) + [[], 100], list(task(3)) + [[], 100]])
+    work.unsent = [(1, 1, DONE, b"", "", 1.0, 2.0, b"", None, False)]
+    pipes.write_frame(to_slot_w, [list(task(7)) + [[], 100]])  # a chunk sent ahead
+    work.phase, work.started = slot.Phase.RUNNING, time.time() - 5
+    work.on_reclaim(pipes.RECLAIM_SIGNAL, None)
+    first, second = pipes.read_frame(from_slot_r), pipes.read_frame(from_slot_r)
+    assert first[0] == pipes.FromSlot.RESULTS and [r[0] for r in first[1]] == [1]
+    assert second[0] == pipes.FromSlot.HANDED_BACK and second[1][0] == [2, 3, 7] and 5 <= second[1][1] < 60
+    assert not work.pending and not work.unsent
+    work.phase = slot.Phase.BETWEEN  # writing results, maybe: only noted
+    work.on_reclaim(pipes.RECLAIM_SIGNAL, None)
+    assert work.reclaim
+    for fd in (to_slot_r, to_slot_w, from_slot_r, from_slot_w):
+        os.close(fd)
 
 
 def test_long_tasks_wait_for_a_free_slot():
@@ -400,7 +480,7 @@ def test_lost_registration_abandons_all_work(event):
     if event == "reregister":
         pull.on_message(p.Reregister("who are you?"))
     else:
-        pull.on_message(p.Registered("disp-2", 1.0, 10.0, 1 << 20))
+        pull.on_message(p.Registered("disp-2", 1.0, 10.0, 1 << 20, OUTPUT_LIMIT))
     actions = pull.turn()
     assert of(actions, pl.AbortFetches) and of(actions, pl.ClearOutbox) == [pl.ClearOutbox(b"out")]
     assert [k.slot for k in of(actions, pl.Kill)] == [1]
@@ -497,12 +577,16 @@ class Model:
         self.reported: list[int] = []  # every tid in a Report's results or a Drain's returned
         self.started: list[int] = []
         self.running: list[list[SlotTask]] = [[] for _ in pull.slots]
+        self.reclaims: set[int] = set()  # slots asked for their queued tasks, not yet answered
 
     def apply(self, actions: list) -> None:
         for a in actions:
             if type(a) is pl.Run:
                 assert 1 <= len(a.tasks) <= pl.MAX_CHUNK
                 self.running[a.slot] += [SlotTask._make(t) for t in a.tasks]
+            elif type(a) is pl.Reclaim:
+                assert a.slot not in self.reclaims, "one Reclaim per answer"
+                self.reclaims.add(a.slot)
             elif type(a) is pl.Send:
                 self.receive(a.msg)
 
@@ -535,7 +619,15 @@ class Model:
 
     def die(self, slot: int) -> None:
         self.running[slot] = []
+        self.reclaims.discard(slot)
         self.pull.on_slot_died(slot, -9)
+
+    def hand_back(self, slot: int) -> None:
+        """The slot answers a Reclaim: all but the task it runs go back."""
+        if slot in self.reclaims:
+            self.reclaims.discard(slot)
+            back, self.running[slot] = self.running[slot][1:], self.running[slot][:1]
+            self.pull.on_handed_back(slot, [t.tid for t in back], 0.0)
 
     def check(self) -> None:
         pull = self.pull
@@ -553,6 +645,7 @@ events = st.one_of(
     st.tuples(st.just("tasks"), st.integers(0, 40), st.booleans()),
     st.tuples(st.just("finish"), st.integers(0, 3), st.integers(1, 70), st.sampled_from([1e-5, 1e-3, 0.1])),
     st.tuples(st.just("die"), st.integers(0, 3)),
+    st.tuples(st.just("hand_back"), st.integers(0, 3)),
     st.tuples(st.just("cancel"), st.integers(0, 60), st.integers(0, 60)),
     st.tuples(st.just("tick"), st.floats(0, 3)),
     st.tuples(st.just("lost")),  # the dispatcher went quiet for longer than the timeout, then answered
@@ -576,6 +669,8 @@ def test_random_runs_keep_the_pull_invariants(slots, prefetch, script):
             model.finish(event[1] % slots, event[2], event[3])
         elif kind == "die":
             model.die(event[1] % slots)
+        elif kind == "hand_back":
+            model.hand_back(event[1] % slots)
         elif kind == "cancel":
             pull.on_message(p.CancelTasks(list(range(event[1], event[1] + event[2]))))
         elif kind == "tick":
@@ -586,7 +681,7 @@ def test_random_runs_keep_the_pull_invariants(slots, prefetch, script):
             actions = pull.turn()
             model.apply(actions)
             assert not pull.registered and sent(actions, p.Register)
-            pull.on_message(p.Registered("disp-1", 1.0, 10.0, 4_000))
+            pull.on_message(p.Registered("disp-1", 1.0, 10.0, 4_000, OUTPUT_LIMIT))
             model.credit = 0  # the dispatcher starts its credit again at 0
         elif not pull.drain_requested:  # a second request would stop at once, dropping work
             pull.request_drain()
@@ -600,6 +695,7 @@ def test_random_runs_keep_the_pull_invariants(slots, prefetch, script):
         if pull.done:
             break
         for i in range(slots):
+            model.hand_back(i)
             model.finish(i, pl.MAX_CHUNK, 1e-3)
         model.apply(pull.turn())
         model.apply(pull.flush())
