@@ -153,6 +153,8 @@ class Server:
         self.executor_sock = self._router(host, executor_port, config.max_message_bytes, "executor")
         self.client_address = self.client_sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.executor_address = self.executor_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.zap is not None:  # handshakes failing before ZAP show only in the sockets' monitors
+            self.zap.watch({"client": self.client_sock, "executor": self.executor_sock})
         self.core.endpoints = {"client": self.client_address, "executor": self.executor_address}
         self._to_client = functools.partial(self._send, self.client_sock)  # (peer, msg) -> sent?
         self._to_executor = functools.partial(self._send, self.executor_sock)
@@ -297,6 +299,9 @@ class Server:
         zap = self.zap.socket if self.zap is not None else None
         if zap is not None:
             poller.register(zap, zmq.POLLIN)
+        monitors = self.zap.monitors if self.zap is not None else []
+        for monitor in monitors:
+            poller.register(monitor, zmq.POLLIN)
         next_tick = time.monotonic()
         # Snapshots and the turn histogram are for the HTTP side; events need neither.
         observer = self.observer if self.web is not None else None
@@ -314,6 +319,8 @@ class Server:
                     core.stalled(now, now - due)
                 if zap is not None and zap in ready:
                     self.zap.handle()
+                if monitors and not ready.keys().isdisjoint(monitors):
+                    self.zap.read_monitors()
                 if self.client_sock in ready:
                     self._receive(self.client_sock, core.on_client, now, "client")
                 if self.executor_sock in ready:

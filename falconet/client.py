@@ -221,7 +221,8 @@ class Client:
             fut = TaskFuture(self, seq, int(kind), label)
             if blobs:
                 fut.blobs = tuple(blobs)
-            fut.dests = dests or {}
+            if dests:
+                fut.dests = dests
             made.append((p.TaskSpec(seq, int(kind), body, r, float(w), needs, files), fut))
         if self._add_with_inputs(made, blobs) if blobs else self._session.add(made):
             os.write(self._wake_w, b"x")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import concurrent.futures as cf
 import threading
 import time
+import types
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from falconet import protocol as p
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 _CANCELLED = int(p.TaskState.CANCELLED)
 # The standard library's state strings (concurrent.futures._base), for mark_running
 _PENDING_STATE, _RUNNING_STATE = cf._base.PENDING, cf._base.RUNNING
+_NONE: Mapping[str, str] = types.MappingProxyType({})  #: no outputs, no destinations (shared)
+_MAKING_CONDITION = threading.Lock()  # one Condition per future, however many threads ask at once
 
 
 class TaskFuture(cf.Future):
@@ -36,15 +39,43 @@ class TaskFuture(cf.Future):
     """
 
     def __init__(self, client: Client, seq: int, kind: int, label: str = ""):
-        super().__init__()
+        # cf.Future.__init__'s fields, all but its Condition: about 1 KB (a deque, an RLock
+        # and bound methods), made on first use (see _condition).  A run of 100,000 lines
+        # queues as many futures, most of which nobody waits on before they finish.
+        self._state = _PENDING_STATE
+        self._result = self._exception = None
+        self._waiters: list = []
+        self._done_callbacks: list = []
+        self._made_condition: threading.Condition | None = None
         self.seq = seq
         self.kind = kind
         self.label = label  #: the command line, or the function's name
         self.info: p.TaskResult | None = None
-        self.outputs: dict[str, str] = {}  #: staged output name -> where it was delivered
+        self.outputs: Mapping[str, str] = _NONE  #: staged output name -> where it was delivered
         self.blobs: tuple[str, ...] = ()  #: inputs uploaded to the dispatcher for this task
-        self.dests: dict[str, str] = {}  #: output name -> the path on this machine it asked for
+        self.dests: Mapping[str, str] = _NONE  #: output name -> the path on this machine it asked for
         self._client = client
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        """The Condition cf.Future's methods lock and wait on, made when first needed."""
+        cond = self._made_condition
+        if cond is None:
+            with _MAKING_CONDITION:
+                cond = self._made_condition
+                if cond is None:
+                    cond = self._made_condition = threading.Condition()
+        return cond
+
+    def add_done_callback(self, fn: Callable[[cf.Future], object]) -> None:
+        """As cf.Future's, without making the Condition of a future no one has locked yet."""
+        with _MAKING_CONDITION:
+            if self._made_condition is None:
+                # Every state change locks the Condition, made under this lock: while there
+                # is none, the future is pending and nothing is finishing it.
+                self._done_callbacks.append(fn)
+                return
+        super().add_done_callback(fn)
 
     def cancel(self) -> bool:
         """Cancel a task that has not started; False once it runs or finished.
@@ -95,7 +126,7 @@ def settle(fut: TaskFuture, r: p.TaskResult) -> None:
             fut.set_result(tasks.CommandResult(
                 code, out, err, truncated, r.executor, r.attempts,
                 {"submitted": r.submitted, "started": r.started, "finished": r.finished},
-                r.reason, fut.outputs))
+                r.reason, dict(fut.outputs)))
         elif not r.output:
             raise TaskError(r.reason, executor=r.executor, attempts=r.attempts)
         else:

@@ -23,6 +23,10 @@ key cannot submit tasks and a client's key cannot fetch them.  It runs inside th
 poll loop (no thread) and must be bound before the server sockets bind;
 :func:`server_socket` sets ``ZAP_ENFORCE_DOMAIN`` so that, without a handler, libzmq
 refuses every peer instead of letting every CURVE peer in.
+
+A peer without keys, or with another dispatcher's key, fails the handshake before any ZAP
+request is made; :meth:`ZapHandler.watch` reads those failures from the server sockets'
+monitors, and they count as refused too.
 """
 
 from __future__ import annotations
@@ -55,6 +59,16 @@ Z85_KEY_LEN = 40  #: a 32-byte CURVE key in z85 text
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _ZAP_VERSION = b"1.0"
+# Handshakes that fail before ZAP is asked.  A refused key (HANDSHAKE_FAILED_AUTH) is
+# counted by the handler itself when it answers 400.
+_FAILED_HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+_EVENTS_PER_CALL = 10_000  # a flood of connections must not hold up the loop's turn
+_PROTOCOL_ERRORS = {
+    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "the peer has no CURVE keys (started without "
+                                                "--dispatcher-key and --key?)",
+    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "the peer's keys do not fit (its --dispatcher-key is "
+                                           "another dispatcher's key?)",
+}
 
 
 # --- the key directory ------------------------------------------------------------------
@@ -281,6 +295,10 @@ class ZapHandler:
         self.refused = 0
         self.malformed = 0  #: requests not following RFC 27 (answered 500)
         self.refusals: collections.deque[dict[str, str]] = collections.deque(maxlen=keep)
+        self.handshakes_failed = 0  #: of the refused: handshakes that failed before ZAP
+        self.monitors: list[zmq.Socket] = []  #: readable when failed handshakes wait: poll them
+        self._monitor_domains: dict[zmq.Socket, str] = {}
+        self._ctx = ctx
         self.socket = ctx.socket(zmq.REP)
         self.socket.linger = 0
         try:
@@ -307,15 +325,55 @@ class ZapHandler:
             except zmq.ZMQError:
                 log.exception("ZAP reply could not be sent")
 
+    def watch(self, sockets: dict[str, zmq.Socket]) -> None:
+        """Count the handshakes that fail on these server sockets ({domain: socket}) before
+        any ZAP request: a peer without keys, or keyed for another dispatcher.  Poll
+        :attr:`monitors` and call :meth:`read_monitors` when one is readable."""
+        for domain, sock in sockets.items():
+            endpoint = f"inproc://falconet-handshakes-{domain}-{id(self):x}"
+            sock.monitor(endpoint, _FAILED_HANDSHAKE_EVENTS)
+            monitor = self._ctx.socket(zmq.PAIR)
+            monitor.linger = 0
+            monitor.connect(endpoint)
+            self.monitors.append(monitor)
+            self._monitor_domains[monitor] = domain
+
+    def read_monitors(self) -> None:
+        """Count the failed handshakes reported so far, never waiting."""
+        for monitor in self.monitors:
+            domain = self._monitor_domains[monitor]
+            for _ in range(_EVENTS_PER_CALL):
+                try:
+                    head, endpoint = monitor.recv_multipart(zmq.NOBLOCK)[:2]
+                except zmq.Again:
+                    break
+                event, value = struct.unpack("=Hi", head[:6])
+                self._handshake_failed(domain, endpoint.decode("utf-8", "replace"), event, value)
+
     def status(self) -> dict:
         """Counts and the last refusals, for the dispatcher's status."""
         return {"allowed": self.allowed, "refused": self.refused, "malformed": self.malformed,
-                "recent_refusals": list(self.refusals)}
+                "handshakes_failed": self.handshakes_failed, "recent_refusals": list(self.refusals)}
 
     def close(self) -> None:
-        """Close the ZAP socket; server sockets then refuse every peer."""
+        """Close the ZAP socket and the monitors; server sockets then refuse every peer."""
+        for monitor in self.monitors:
+            monitor.close(linger=0)
+        self.monitors = []
         if not self.socket.closed:
             self.socket.close(linger=0)
+
+    def _handshake_failed(self, domain: str, endpoint: str, event: int, value: int) -> None:
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            why = _PROTOCOL_ERRORS.get(value, f"ZeroMQ protocol error {value:#x}")
+        else:
+            why = "the connection closed during the handshake"
+        self.handshakes_failed += 1
+        self.refused += 1
+        # The monitor names our own endpoint, not the peer's: libzmq does not say who it was.
+        self.refusals.append({"domain": domain, "address": "", "key_prefix": "",
+                              "why": f"handshake failed: {why}"})
+        self._warn("a handshake failed on the %r port (%s): %s", domain, endpoint, why)
 
     def _answer(self, frames: list[bytes]) -> list[bytes]:
         if len(frames) < 6 or frames[0] != _ZAP_VERSION:

@@ -14,7 +14,11 @@ reset`` (or a bare ``#falconet``) returns to no directive.  Keys: those of
 (comma list), where, prefer), ``input=PATH_OR_S3_URL`` (repeatable: a file put in each task's
 work dir under its base name), ``retries=N``, ``walltime=S`` (0: no limit) and
 ``output-cap=SIZE`` (bytes of stdout and of stderr kept, e.g. 4000000 or 10M).  Values may be
-quoted as in the shell, and a ``# comment`` may end the line.  A directive replaces all of the
+quoted as in the shell, and a ``# comment`` may end the line.
+
+A line holds at most :data:`MAX_LINE_BYTES` bytes of UTF-8 (Linux's limit on one argument:
+``/bin/sh -c LINE`` could not start a longer one); a longer line is an error naming it.
+Parsing takes time linear in the file's size.  A directive replaces all of the
 requirements and inputs a run gives its lines by default (``falconet run --cpus ... --input
 ...``); retries, walltime and output-cap it does not set come from the run's options.
 """
@@ -22,6 +26,7 @@ requirements and inputs a run gives its lines by default (``falconet run --cpus 
 from __future__ import annotations
 
 import math
+import re
 import shlex
 from dataclasses import dataclass
 
@@ -33,6 +38,11 @@ DIRECTIVE = "#falconet"
 _OWN_KEYS = ("input", "retries", "walltime", "output-cap")
 _NEEDS_KEYS = ("cpus", "memory", "arch", "tag", "tags", "where", "prefer")
 _KEYS_TEXT = ", ".join(_NEEDS_KEYS + _OWN_KEYS)
+#: The longest line taken, in bytes of UTF-8: Linux's MAX_ARG_STRLEN (32 pages, with the
+#: terminating NUL) bounds the one argument of ``/bin/sh -c LINE``.
+MAX_LINE_BYTES = 128 * 1024 - 1
+_SPECIAL = re.compile(r"[#\\'\"]")  # what ends a plain stretch outside quotes
+_IN_DOUBLE = re.compile(r'["\\]')  # what ends a stretch inside double quotes
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +56,7 @@ class Options:
     output_cap: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskLine:
     """One command, the line it came from, and its directive's options (None: no directive)."""
 
@@ -64,9 +74,13 @@ def parse(text: str, source: str = "<tasks>") -> list[TaskLine]:
         line = raw.strip()
         if not line:
             continue
+        if line.startswith("#") and not is_directive(line):
+            continue  # a comment, however long
+        too_long = _too_long(line)
+        if too_long:
+            problems.append(f"{source}:{number}: {too_long}")
+            continue
         if line.startswith("#"):
-            if not is_directive(line):
-                continue
             try:
                 options = directive(line)
             except ValueError as exc:
@@ -151,14 +165,72 @@ def _size(key: str, value: str) -> int:
         raise ValueError(f"directive: {key}: {exc}") from None
 
 
+def _too_long(line: str) -> str:
+    """Why a stripped line is too long to run, or ''."""
+    # UTF-8 takes at most 4 bytes a character: most lines need no encoding to tell.
+    if len(line) <= MAX_LINE_BYTES // 4:
+        return ""
+    size = len(line.encode("utf-8", "surrogatepass"))
+    if size <= MAX_LINE_BYTES:
+        return ""
+    return (f"a line of {size:,} bytes is longer than the limit of {MAX_LINE_BYTES:,} (the most "
+            "/bin/sh -c takes as one command); put the long data in a file and have the command read it")
+
+
 def _problem(line: str) -> str:
     if "\x00" in line:
         return "contains a NUL byte"
-    try:
-        shlex.split(line, comments=True)
-    except ValueError as exc:  # unbalanced quotes or a trailing escape
-        return f"{str(exc).lower()}: fix the quoting of this command"
-    return ""
+    return quoting_problem(line)
+
+
+def quoting_problem(line: str) -> str:
+    """What shlex.split(line, comments=True) would reject, in one pass: '' if nothing.
+
+    shlex's own loop appends one character at a time to an attribute, which is quadratic in
+    the length of a word; this walks from one quote, backslash or '#' to the next.  As in
+    shlex, a '#' outside quotes and not escaped starts a comment, even within a word.
+    """
+    i, n = 0, len(line)
+    while True:
+        found = _SPECIAL.search(line, i)
+        if found is None:
+            return ""
+        i = found.start()
+        c = line[i]
+        if c == "#":
+            return ""
+        if c == "\\":
+            if i + 1 == n:
+                return _QUOTING.format("no escaped character")
+            i += 2
+        elif c == "'":  # no escapes inside single quotes
+            i = line.find("'", i + 1)
+            if i < 0:
+                return _QUOTING.format("no closing quotation")
+            i += 1
+        else:
+            i = _double_quoted_end(line, i + 1)
+            if i < 0:
+                return _QUOTING.format("no escaped character" if i == -2 else "no closing quotation")
+
+
+_QUOTING = "{}: fix the quoting of this command"
+
+
+def _double_quoted_end(line: str, i: int) -> int:
+    """Where a double-quoted stretch that starts at i ends (past its quote); -1 if it does
+    not, -2 if the line ends in the middle of an escape."""
+    n = len(line)
+    while True:
+        found = _IN_DOUBLE.search(line, i)
+        if found is None:
+            return -1
+        i = found.start()
+        if line[i] == '"':
+            return i + 1
+        if i + 1 == n:
+            return -2
+        i += 2
 
 
 def read(path: str) -> list[TaskLine]:

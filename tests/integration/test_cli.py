@@ -56,6 +56,18 @@ def test_run_rejects_a_bad_task_file_with_line_numbers(tmp_path):
     assert f"{tasks}:2:" in res.stderr and "quot" in res.stderr
 
 
+def test_run_refuses_a_ten_megabyte_line_at_once_in_one_line(tmp_path):
+    # Before the limit, the quoting check of this line ran for minutes at 100% CPU.
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("true\necho " + "a" * 10_000_000 + "\ntrue\n")
+    res = falconet("run", str(tasks), "--local", "1", timeout=30)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith(f"error: {tasks}:2: a line of 10,000,005 bytes is longer than the limit of "
+                                 "131,071"), res.stderr
+    assert "put the long data in a file" in res.stderr
+
+
 def test_usage_errors_exit_2(tmp_path):
     assert falconet("run").returncode == 2
     assert falconet("run", str(tmp_path / "missing.txt"), "--local", "1").returncode == 2

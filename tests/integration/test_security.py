@@ -5,6 +5,7 @@ Every dispatcher here runs with --keys on 127.0.0.1.  Keys come from `falconet k
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -199,3 +200,41 @@ def test_another_executor_key_cannot_take_over_an_executors_routing_id(cluster, 
     finally:
         evil.close(0)
         ctx.term()
+
+
+def test_plain_connections_to_a_keyed_dispatcher_count_as_refused(cluster, keydir):
+    """A peer without keys fails the handshake before any ZAP request: the sockets' monitors count it."""
+    cluster.start_dispatcher(extra=("--keys", str(keydir)))
+    ctx = zmq.Context()
+    try:
+        with cluster.client(**as_client(keydir)) as client:
+            before = client.status()["security"]
+            peers = [dealer(ctx, address) for address in (cluster.client_address, cluster.executor_address)
+                     for _ in range(5)]
+            wait_until(lambda: client.status()["security"]["refused"] >= before["refused"] + 10,
+                       timeout_s=30, what="ten plain connections counted as refused")
+            security = client.status()["security"]
+            for sock in peers:
+                sock.close(0)
+        assert security["handshakes_failed"] >= 10 and security["allowed"] == before["allowed"]
+        whys = {(r["domain"], r["why"]) for r in security["recent_refusals"]}
+        assert {d for d, _ in whys} == {"client", "executor"}, whys
+        assert all("the peer has no CURVE keys" in why for _, why in whys), whys
+    finally:
+        ctx.term()
+    run = subprocess.run([*spawn.falconet(), "status", "--json", "--dispatcher", cluster.client_address,
+                          *executor_keys(keydir, "client")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["security"]["refused"] >= 10
+
+
+def test_an_executor_without_keys_says_why_it_gets_no_answer(cluster, keydir):
+    cluster.start_dispatcher(extra=("--keys", str(keydir)))
+    cluster.start_executor("keyless", 1)
+    said = f"still not registered with {cluster.executor_address} after"
+    wait_until(lambda: said in cluster.log("keyless"), timeout_s=20, what="the executor's complaint")
+    line = next(ln for ln in cluster.log("keyless").splitlines() if said in ln)
+    assert "probably started with --keys" in line and "--dispatcher-key" in line and "--key" in line, line
+    with cluster.client(**as_client(keydir)) as client:
+        security = client.status()["security"]
+    assert security["handshakes_failed"] >= 1, security  # and the dispatcher counted it

@@ -184,3 +184,54 @@ def test_map_timeout_counts_from_the_call_not_from_the_first_next():
 def test_the_executor_reports_the_clients_slots_as_its_max_workers():
     ex = FuturesExecutor(Recorder())
     assert ex.max_workers == ex._max_workers == 12
+
+
+# --- what a queued future costs: its Condition is made only when something locks it -------------
+
+
+def test_a_task_future_has_every_field_of_a_plain_future():
+    plain = set(vars(cf.Future())) - {"_condition"}
+    fut = TaskFuture(Recorder(), 1, COMMAND, "true")
+    assert plain <= set(vars(fut)), plain - set(vars(fut))
+    assert isinstance(fut._condition, type(cf.Future()._condition))
+
+
+def test_a_queued_future_with_a_callback_holds_no_condition_until_it_finishes():
+    fut = TaskFuture(Recorder(), 1, COMMAND, "true")
+    seen = []
+    fut.add_done_callback(seen.append)
+    assert fut._made_condition is None and not fut.done()
+    fut.set_result("x")
+    assert seen == [fut] and fut.result(0) == "x"
+    late = []
+    fut.add_done_callback(late.append)  # on a done future: called at once, as cf.Future does
+    assert late == [fut]
+
+
+def test_one_condition_per_future_when_threads_race_for_it():
+    fut = TaskFuture(Recorder(), 1, COMMAND, "true")
+    made, barrier = [], threading.Barrier(8)
+
+    def grab():
+        barrier.wait()
+        made.append(fut._condition)
+
+    threads = [threading.Thread(target=grab) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(c) for c in made}) == 1
+
+
+def test_callbacks_added_while_another_thread_finishes_the_future_all_run():
+    for _ in range(200):
+        fut = TaskFuture(Recorder(), 1, COMMAND, "true")
+        seen: list[int] = []
+        finisher = threading.Thread(target=fut.set_result, args=("x",))
+        finisher.start()
+        for i in range(20):
+            fut.add_done_callback(lambda f, i=i, seen=seen: seen.append(i))
+        finisher.join()
+        assert sorted(seen) == list(range(20))
+    assert cf.wait([fut], timeout=1).done == {fut}
