@@ -54,6 +54,7 @@ _FINAL = frozenset({_DONE, _FAILED, _CANCELLED})
 _LEGAL = states.LEGAL
 _new = tuple.__new__  # builds a NamedTuple without its Python-level __new__
 _OUTPUT = operator.itemgetter(2)  # TaskResult.output
+_SEQ = operator.itemgetter(0)  # TaskSpec.seq
 #: the answer to a client that has not said Hello to this dispatcher (or to its last run)
 _HELLO_AGAIN = p.HelloAgain("this dispatcher does not know this client (it restarted, or the client "
                             "skipped Hello): say Hello again")
@@ -278,7 +279,8 @@ class Core:
             self.journal.append((Kind.SUBMIT, (client.peer, client.name, msg.batch, wall, msg.tasks)))
         self._queue(client, msg.tasks, wall)
         if self.events is not None:
-            self.events.append((ev.SUBMITTED, wall, client.label, msg.tasks))
+            # the seqs only: the specs (and their bodies) must go with the turn, as without events
+            self.events.append((ev.SUBMITTED, wall, client.label, list(map(_SEQ, msg.tasks))))
         self.to_clients.append((client.peer, p.Accepted(msg.batch, len(msg.tasks))))
 
     def _queue(self, client: ClientEntry, specs: list[p.TaskSpec], wall: float) -> None:

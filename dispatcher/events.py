@@ -53,7 +53,6 @@ FIELDS = {
     "terminated": ("node", "type", "detail"),
 }
 _OUTCOMES = {int(s): s.name.lower() for s in TaskState}
-_SEQ = operator.itemgetter(0)
 
 
 def as_map(event: tuple | list) -> dict:
@@ -79,8 +78,11 @@ def compact(raw: tuple) -> tuple:
     if code == FINISHED:  # columns: seq, state, reason, executor, attempts, submitted, started, finished
         cols = tuple(zip(*raw[3]))
         return (FINISHED, raw[1], raw[2], (cols[0], cols[1], *cols[3:9])) if cols else (FINISHED, raw[1], raw[2], ())
-    if code == SUBMITTED:
-        return (SUBMITTED, raw[1], raw[2], list(map(_SEQ, raw[3])))
+    if code == SUBMITTED:  # raw[3]: the batch's seqs, most often consecutive: then kept as a range
+        seqs = raw[3]
+        if seqs and seqs[-1] - seqs[0] == len(seqs) - 1 and all(map(operator.eq, seqs, range(seqs[0], seqs[-1] + 1))):
+            seqs = range(seqs[0], seqs[-1] + 1)
+        return (SUBMITTED, raw[1], raw[2], seqs)
     return raw  # STARTED holds small tuples already; EXECUTOR and FLEET are one event each
 
 
@@ -174,7 +176,7 @@ class History:
         try:
             if self._segment is None or self._segment_events >= max(1, self.keep // 2):
                 self._rotate(added[0][0])
-            self._segment.write(msgpack.packb(added, use_bin_type=True))
+            self._segment.write(msgpack.packb(added, use_bin_type=True, default=list))  # a range as its list
             self._segment.flush()  # no fsync: the history is best-effort, the journal is not
             self._segment_events += total
         except OSError as exc:

@@ -34,7 +34,11 @@ def _expanded(raw: tuple) -> list[tuple]:
 
 def test_each_raw_record_expands_to_one_event_per_task():
     specs = [p.TaskSpec(7, 1, b"", 0, 0.0), p.TaskSpec(8, 1, b"", 0, 0.0)]
-    assert _expanded((ev.SUBMITTED, 5.0, "c", specs)) == [("submitted", 5.0, "c", 7), ("submitted", 5.0, "c", 8)]
+    assert _expanded((ev.SUBMITTED, 5.0, "c", [s.seq for s in specs])) == [("submitted", 5.0, "c", 7),
+                                                                          ("submitted", 5.0, "c", 8)]
+    assert ev.compact((ev.SUBMITTED, 5.0, "c", [7, 8, 9]))[3] == range(7, 10)  # consecutive: a range
+    assert _expanded((ev.SUBMITTED, 5.0, "c", [9, 7, 8])) == [("submitted", 5.0, "c", s) for s in (9, 7, 8)]
+    assert _expanded((ev.SUBMITTED, 5.0, "c", [7, 9, 9])) == [("submitted", 5.0, "c", s) for s in (7, 9, 9)]
     assert _expanded((ev.STARTED, 6.0, "ex", [("c", 7, 2)])) == [("started", 6.0, "c", 7, "ex", 2)]
     assert _expanded((ev.FINISHED, 7.0, "c", [])) == []
     (done,) = _expanded((ev.FINISHED, 7.0, "c", [_result(7)]))

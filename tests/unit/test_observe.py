@@ -71,7 +71,7 @@ def test_a_thread_that_falls_behind_drops_the_oldest_and_counts_them(monkeypatch
     obs._stop = True
     obs.thread.join()
     for i in range(5):
-        obs.note([(ev.SUBMITTED, float(i), "c", [p.TaskSpec(j, 1, b"", 0, 0.0) for j in range(10)])])
+        obs.note([(ev.SUBMITTED, float(i), "c", list(range(10 * i, 10 * i + 10)))])
     obs.drain()
     assert obs.dropped == 20 and obs.recorded == 30
     assert obs.events(0, 0.0, 100)["dropped"] == 20
