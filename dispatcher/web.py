@@ -92,6 +92,7 @@ class WebServer:
         self.connections = 0
         self.refused = 0  #: connections closed at once: too many open
         self._cache: tuple[object, bytes] = (None, b"")
+        self._metrics_cache: tuple[object, bytes] = (None, b"")
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._run, name="falconet-http", daemon=True)
@@ -188,7 +189,7 @@ class WebServer:
 
     def _route(self, path: str) -> tuple[int, bytes, str]:
         if path == "/metrics":
-            return 200, generate_latest(self.registry), CONTENT_TYPE_LATEST
+            return 200, self._metrics(), CONTENT_TYPE_LATEST
         if path == "/api/status":
             snap = self.observer.snapshot
             return 200, snap.status_json if snap else b"{}", "application/json"
@@ -199,6 +200,14 @@ class WebServer:
         if static and _STATIC_NAME.fullmatch(name) and (STATIC / name).is_file():
             return 200, (STATIC / name).read_bytes(), _TYPES.get(Path(name).suffix, "application/octet-stream")
         return 404, b"not found: try /, /metrics, /api/status or /api/dashboard\n", "text/plain"
+
+    def _metrics(self) -> bytes:
+        """/metrics, rendered once per snapshot (about a second): scrapes in between, however
+        many, cost the dispatcher's process nothing but the copy."""
+        snap = self.observer.snapshot
+        if snap is None or self._metrics_cache[0] is not snap:
+            self._metrics_cache = (snap, generate_latest(self.registry))
+        return self._metrics_cache[1]
 
     def _dashboard(self) -> bytes:
         """/api/dashboard, encoded once per snapshot and observer update (many pages poll it)."""
