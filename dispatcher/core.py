@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 from falconet import needs as nd
 from falconet import protocol as p
 from falconet.dispatcher import events as ev
-from falconet.dispatcher import replay, states
+from falconet.dispatcher import replay, sharing, states
 from falconet.dispatcher.entries import (
     KINDS,
     RESULT_OVERHEAD,
@@ -337,49 +337,6 @@ class Core:
         if self.journal is not None:
             self.journal.append((Kind.ACK, (client.peer, seqs)))
 
-    def _hold(self, client: ClientEntry) -> None:
-        """Back-pressure: a client over max_unacked_bytes gets no more of its tasks run until
-        it acknowledges (a client that stopped reading must not pin the dispatcher's memory)."""
-        client.held = True
-        self.plain.pop(client.peer, None)
-        log.warning("client %s has %d MB of results it has not acknowledged (limit %d MB, "
-                    "--max-unacked-mb): its queued tasks wait until it reads them", client.label,
-                    client.unacked_bytes >> 20, self.config.max_unacked_bytes >> 20)
-
-    def _check_clients(self, now: float) -> None:
-        """Cancel the queued tasks of clients silent for client_timeout_s; drop the results of
-        those silent for result_expiry_s (and forget them when nothing of theirs is live)."""
-        timeout, expiry = self.config.client_timeout_s, self.config.result_expiry_s
-        for client in list(self.clients.values()):
-            silent = now - client.last_seen
-            if timeout and silent > timeout and client.counts[_PENDING]:
-                self._cancel_queued(client, f"its client {client.label} was silent for {silent:.0f}s "
-                                            f"(--client-timeout {timeout:g})")
-            if expiry and silent > expiry and (client.unacked or client.results):
-                log.warning("client %s silent for %.0fs: its %d unacknowledged results are dropped "
-                            "(--result-expiry %g)", client.label, silent, len(client.unacked), expiry)
-                self._ack(client, list(client.unacked))
-                if not any(client.counts[s] for s in (_PENDING, _DISPATCHED, _RUNNING)) and not client.results:
-                    del self.clients[client.peer]
-                    self._results_pending.pop(client.peer, None)
-
-    def _cancel_queued(self, client: ClientEntry, reason: str) -> None:
-        wall = self.wall()
-        n = 0
-        for task in client.queue:
-            if task.state == _PENDING:
-                self._finish(task, _CANCELLED, b"", reason, "", 0.0, wall)
-                n += 1
-        client.queue.clear()
-        self.plain.pop(client.peer, None)
-        for cls in self.classes.values():
-            for task in cls.queue:
-                if task.client is client and task.state == _PENDING:
-                    self._finish(task, _CANCELLED, b"", reason, "", 0.0, wall)
-                    cls.pending -= 1
-                    n += 1
-        log.warning("%d queued tasks cancelled: %s", n, reason)
-
     def _cancel(self, client: ClientEntry, seqs: set[int]) -> None:
         wall = self.wall()
         for task in client.queue:  # cancelled tasks stay in the deque and are skipped later
@@ -619,7 +576,7 @@ class Core:
                 self._fail_class(cls, reason)
         if now - self._clients_checked >= 1.0 and self.resumed_at < now - 1.0:  # not right after a stall
             self._clients_checked = now
-            self._check_clients(now)
+            sharing.check_clients(self, now)
 
     def stalled(self, now: float, for_s: float) -> None:
         """The loop did not run for for_s seconds (the process was paused, swapped out or
@@ -678,28 +635,9 @@ class Core:
             if not client.queue:
                 del plain[client.peer]
         else:
-            batch = self._share(ex, n)
+            batch = sharing.share(self, ex, n)
         ex.credit -= len(batch)
         ex.cpus_used += len(batch)
-        return batch
-
-    def _share(self, ex: ExecutorEntry, n: int) -> list[p.Assignment]:
-        """Up to n tasks from the clients with queued work, by deficit round robin: each turn
-        of a client adds n x its share of the weights to what it may take, so over time
-        each gets free slots in proportion to its weight, whatever the others queued."""
-        plain, batch = self.plain, []
-        weights = sum([c.weight for c in plain.values()])
-        while len(batch) < n and plain:
-            client = next(iter(plain.values()))
-            client.deficit += n * client.weight / weights
-            part = self._pop(client.queue, ex, min(int(client.deficit), n - len(batch)), 1)
-            client.deficit -= len(part)
-            batch += part
-            del plain[client.peer]
-            if client.queue:
-                plain[client.peer] = client  # to the back of the line, keeping what it may still take
-            else:
-                client.deficit = 0.0
         return batch
 
     def _pop(self, queue: collections.deque[Task], ex: ExecutorEntry, n: int, cpus: int) -> list[p.Assignment]:
@@ -745,7 +683,7 @@ class Core:
             client.unacked.update([(r[0], r) for r in results])
             client.unacked_bytes += sum(map(len, map(_OUTPUT, results))) + RESULT_OVERHEAD * len(results)
             if client.unacked_bytes > self.config.max_unacked_bytes and not client.held:
-                self._hold(client)
+                sharing.hold(self, client)
             for part in self._chunks(results, 2):
                 if journal is not None:
                     journal.append((Kind.RESULTS, (peer, part)))
