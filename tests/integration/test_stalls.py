@@ -13,8 +13,8 @@ def test_a_paused_dispatcher_loses_no_executor_and_spends_no_retry(cluster, tmp_
     marks = tmp_path / "marks"
     marks.mkdir()
     cluster.start_dispatcher()
-    cluster.start_executor("e1", 2)
-    cluster.start_executor("e2", 2)
+    cluster.start_executor("e1", 2, "--prefetch", "0")  # no task held beyond the slots: all four run at once
+    cluster.start_executor("e2", 2, "--prefetch", "0")
     with cluster.client() as client:
         wait_until(lambda: client.status()["slots"] == 4, what="both executors registered")
         futures = [client.submit_command(f"echo run >> {marks}/{i}; sleep 3", retries=0) for i in range(4)]
