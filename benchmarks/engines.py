@@ -7,9 +7,11 @@ when the engine is not installed, and one line of text in :func:`lines`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -101,28 +103,28 @@ def dask_graph(n_tasks: int = 10_000, slots: int = 2) -> dict:
     expected = sum(2 * i for i in range(n_tasks - 1))
     out: dict[str, Any] = {"version": dask.__version__, "tasks": n_tasks, "slots": slots}
 
-    t0 = time.perf_counter()
-    with falconet.local(slots=slots) as client:
-        pool = client.executor()
-        out["falconet_startup_s"] = time.perf_counter() - t0
-        graph = _dask_graph_of(n_tasks)
-        t1 = time.perf_counter()
-        (got,) = dask.compute(graph, scheduler=pool)
-        out["falconet_s"] = time.perf_counter() - t1
-    if got != expected:
-        raise RuntimeError(f"dask on falconet computed {got}, not {expected}")
+    @contextlib.contextmanager
+    def on_falconet() -> Iterator[Any]:
+        with falconet.local(slots=slots) as client:
+            yield client.executor()
 
-    t0 = time.perf_counter()
-    with distributed.LocalCluster(n_workers=slots, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
-            distributed.Client(cluster) as dclient:
-        out["distributed_startup_s"] = time.perf_counter() - t0
-        graph = _dask_graph_of(n_tasks)
-        t1 = time.perf_counter()
-        (got,) = dask.compute(graph, scheduler=dclient)
-        out["distributed_s"] = time.perf_counter() - t1
-    if got != expected:
-        raise RuntimeError(f"dask.distributed computed {got}, not {expected}")
+    @contextlib.contextmanager
+    def on_distributed() -> Iterator[Any]:
+        with distributed.LocalCluster(n_workers=slots, threads_per_worker=1, processes=True,
+                                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+                distributed.Client(cluster) as dclient:
+            yield dclient
+
+    for name, start in (("falconet", on_falconet), ("distributed", on_distributed)):
+        t0 = time.perf_counter()
+        with start() as scheduler:
+            out[f"{name}_startup_s"] = time.perf_counter() - t0
+            graph = _dask_graph_of(n_tasks)
+            t1 = time.perf_counter()
+            (got,) = dask.compute(graph, scheduler=scheduler)
+            out[f"{name}_s"] = time.perf_counter() - t1
+        if got != expected:
+            raise RuntimeError(f"the Dask graph on {name} computed {got}, not {expected}")
 
     out["falconet_tasks_per_s"] = n_tasks / out["falconet_s"]
     out["distributed_tasks_per_s"] = n_tasks / out["distributed_s"]

@@ -2,7 +2,7 @@
 
 The loop does two cheap things: it hands over each turn's raw event records (references,
 one per batch: :mod:`.events`) and, about once a second, publishes a :class:`Snapshot`
-of its status and counters.  A thread of this module expands the events (history,
+of its status and counters.  A thread of this module compacts the events (history,
 histograms of task wait and run time, the latest failures) and keeps a few minutes of
 the snapshots' figures for the dashboard's chart.  Readers (the HTTP side, EventsRequest)
 only ever see what was published: nothing here can change the dispatcher.

@@ -6,7 +6,7 @@ submit, cancel or change anything, and only GET and HEAD are answered.
 
 Hostile or slow clients are bounded: at most :data:`MAX_CONNECTIONS` at once (more get a
 503 and are closed), a request head of at most :data:`HEAD_BYTES` (431), sent within
-:data:`HEAD_TIMEOUT_S` (408: a slowloris client is cut off), and an idle keep-alive
+:data:`HEAD_TIMEOUT_S` (else the connection is closed: a slowloris client is cut off), and an idle keep-alive
 connection is closed after :data:`IDLE_S`.
 
 Routes: ``/`` (the dashboard), ``/static/NAME``, ``/metrics``, ``/api/status``,
@@ -48,7 +48,7 @@ _STATIC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 _TOKEN_PAGE = b"""<!doctype html><meta charset="utf-8"><title>falconet: token needed</title>
 <style>body{font:15px system-ui,sans-serif;margin:3em}</style>
 <h1>This dashboard needs its token</h1>

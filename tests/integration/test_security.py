@@ -219,7 +219,9 @@ def test_plain_connections_to_a_keyed_dispatcher_count_as_refused(cluster, keydi
         assert security["handshakes_failed"] >= 10 and security["allowed"] == before["allowed"]
         whys = {(r["domain"], r["why"]) for r in security["recent_refusals"]}
         assert {d for d, _ in whys} == {"client", "executor"}, whys
-        assert all("the peer has no CURVE keys" in why for _, why in whys), whys
+        # libzmq reports a plain peer either as a mechanism mismatch or as a handshake cut short
+        plain = ("the peer has no CURVE keys", "the connection closed during the handshake")
+        assert all(any(text in why for text in plain) for _, why in whys), whys
     finally:
         ctx.term()
     run = subprocess.run([*spawn.falconet(), "status", "--json", "--dispatcher", cluster.client_address,
