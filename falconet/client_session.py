@@ -105,6 +105,15 @@ class ClientSession:
             self._awake = True
             return True
 
+    def add1(self, spec: p.TaskSpec, fut: TaskFuture) -> bool:
+        """add() for one task that names no input (submit's fast path)."""
+        with self.lock:
+            self._outbox.append((spec, fut))
+            if self._awake:
+                return False
+            self._awake = True
+            return True
+
     def holds_input(self, digest: str) -> bool:
         """True if an unfinished task already uploaded this input (a hint, read without the lock)."""
         return digest in self._inputs

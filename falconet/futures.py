@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 
 _CANCELLED = int(p.TaskState.CANCELLED)
 # The standard library's state strings (concurrent.futures._base), for mark_running
-_PENDING_STATE, _RUNNING_STATE = cf._base.PENDING, cf._base.RUNNING
+_PENDING_STATE, _RUNNING_STATE, _FINISHED_STATE = cf._base.PENDING, cf._base.RUNNING, cf._base.FINISHED
+_CANCELLED_STATES = frozenset({cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED})
+_DONE_STATES = _CANCELLED_STATES | {cf._base.FINISHED}
 _NONE: Mapping[str, str] = types.MappingProxyType({})  #: no outputs, no destinations (shared)
 _MAKING_CONDITION = threading.Lock()  # one Condition per future, however many threads ask at once
 
@@ -70,9 +72,9 @@ class TaskFuture(cf.Future):
     def add_done_callback(self, fn: Callable[[cf.Future], object]) -> None:
         """As cf.Future's, without making the Condition of a future no one has locked yet."""
         with _MAKING_CONDITION:
-            if self._made_condition is None:
-                # Every state change locks the Condition, made under this lock: while there
-                # is none, the future is pending and nothing is finishing it.
+            if self._made_condition is None and self._state not in _DONE_STATES:
+                # A change of state without a Condition happens under this lock (see
+                # _set_quietly), which runs the callbacks it finds once it is done.
                 self._done_callbacks.append(fn)
                 return
         super().add_done_callback(fn)
@@ -96,11 +98,67 @@ class TaskFuture(cf.Future):
 
     def mark_running(self) -> bool:
         """The task started: mark the future running, unless it is cancelled or done."""
+        if self._made_condition is None:
+            with _MAKING_CONDITION:  # no Condition: nobody waits (see _set_quietly)
+                if self._made_condition is None:
+                    if self._state != _PENDING_STATE:
+                        return False
+                    self._state = _RUNNING_STATE
+                    return True
         with self._condition:  # set_running_or_notify_cancel() on a pending future, inlined
             if self._state != _PENDING_STATE:
                 return False
             self._state = _RUNNING_STATE
             return True
+
+    # State reads and changes without making the Condition.  Every waiter (result(),
+    # exception(), wait(), as_completed()) makes it before it waits, and a Condition is
+    # only made under _MAKING_CONDITION: while there is none, a change of state under that
+    # lock has nobody to wake.  Most futures finish before anyone waits on them, and the
+    # Condition costs about 1 KB and microseconds to make.
+
+    def done(self) -> bool:
+        return self._state in _DONE_STATES
+
+    def running(self) -> bool:
+        return self._state == _RUNNING_STATE
+
+    def cancelled(self) -> bool:
+        return self._state in _CANCELLED_STATES
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._state == _FINISHED_STATE:  # settled: as the standard library returns it
+            exc = self._exception
+            if exc is not None:
+                raise exc
+            return self._result
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state == _FINISHED_STATE:
+            return self._exception
+        return super().exception(timeout)
+
+    def set_result(self, result: Any) -> None:
+        if self._made_condition is not None or not self._set_quietly(_FINISHED_STATE, result, None):
+            super().set_result(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        if self._made_condition is not None or not self._set_quietly(_FINISHED_STATE, None, exception):
+            super().set_exception(exception)
+
+    def _set_quietly(self, state: str, result: Any, exception: BaseException | None) -> bool:
+        """Finish a future no one has a Condition of (so no one waits); False when one was
+        made meanwhile, or the future is done already: the standard way then does it (and
+        raises InvalidStateError for a done one)."""
+        with _MAKING_CONDITION:
+            if self._made_condition is not None or self._state in _DONE_STATES:
+                return False
+            self._result, self._exception, self._state = result, exception, state
+            callbacks = self._done_callbacks
+        if callbacks:
+            self._invoke_callbacks()
+        return True
 
     def _cancel_once(self) -> bool:
         """Cancel and notify waiters; True only for the call that did it (a second cancel()

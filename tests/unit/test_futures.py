@@ -235,3 +235,42 @@ def test_callbacks_added_while_another_thread_finishes_the_future_all_run():
         finisher.join()
         assert sorted(seen) == list(range(20))
     assert cf.wait([fut], timeout=1).done == {fut}
+
+
+def test_a_future_finishes_and_is_read_without_making_a_condition():
+    ok, bad = TaskFuture(Recorder(), 1, PYTHON), TaskFuture(Recorder(), 2, PYTHON)
+    assert ok.mark_running() and ok.running() and not ok.done()
+    settle(ok, result(1, output=tasks.encode_python_value(7)))
+    settle(bad, result(2, output=tasks.encode_python_error(KeyError("k"), "tb")))
+    assert ok.done() and not ok.running() and not ok.cancelled() and ok.result() == 7 and ok.exception() is None
+    assert isinstance(bad.exception(), KeyError)
+    with pytest.raises(KeyError):
+        bad.result()
+    assert ok._made_condition is None and bad._made_condition is None
+    with pytest.raises(cf.InvalidStateError):
+        ok.set_result(8)
+    assert not ok.mark_running() and ok.result() == 7
+    assert cf.wait([ok, bad], timeout=0).done == {ok, bad}
+    assert list(cf.as_completed([ok, bad], timeout=0)) != []
+
+
+def test_a_waiter_is_woken_by_a_result_set_from_another_thread():
+    """Waiting makes the Condition; setting then takes the standard path and wakes it, in
+    whichever order the two threads get there."""
+    for _ in range(300):
+        fut = TaskFuture(Recorder(), 1, PYTHON)
+        got: list = []
+        waiter = threading.Thread(target=lambda f=fut, got=got: got.append(f.result(timeout=10)))
+        waiter.start()
+        fut.set_result("v")
+        waiter.join()
+        assert got == ["v"]
+
+
+def test_a_cancelled_future_is_not_finished_quietly():
+    fut = TaskFuture(Recorder(), 1, PYTHON)
+    assert fut.cancel() and fut.cancelled() and fut.done()
+    with pytest.raises(cf.InvalidStateError):
+        fut.set_result(1)
+    with pytest.raises(cf.CancelledError):
+        fut.result(0)

@@ -12,6 +12,8 @@ import threading
 import cloudpickle
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from falconet import tasks
 from falconet.errors import ProtocolError, RemoteTraceback
@@ -362,3 +364,80 @@ def test_the_futures_executor_keeps_its_old_name_for_a_release():
 
     assert falconet.FalconetExecutor is falconet.FuturesExecutor
     assert issubclass(falconet.FuturesExecutor, cf.Executor)
+
+
+# ---------------------------------------------------------------- a function is pickled once
+
+SCALE = 2
+
+
+def _scaled(x):
+    return x * SCALE
+
+
+def test_a_function_is_pickled_once_while_nothing_it_carries_changes(monkeypatch):
+    calls = []
+    real = tasks.cloudpickle.dumps
+    monkeypatch.setattr(tasks.cloudpickle, "dumps", lambda obj, *a, **k: calls.append(obj) or real(obj, *a, **k))
+    adder = _make_adder(1)
+    first = tasks.pickle_function(adder)
+    assert tasks.pickle_function(adder) is first and calls == [adder]
+
+
+def test_rebinding_a_global_default_or_cell_pickles_the_function_again(monkeypatch):
+    before = tasks.pickle_function(_scaled)
+    assert _load_function(before)(2) == 4
+    monkeypatch.setattr(sys.modules[__name__], "SCALE", 3)
+    after = tasks.pickle_function(_scaled)
+    assert after is not before and _load_function(after)(2) == 6
+
+    def outer():
+        n = 1
+
+        def inner(x, y=10):
+            return x + n + y
+
+        def bump():
+            nonlocal n
+            n += 1
+
+        return inner, bump
+
+    inner, bump = outer()
+    assert _load_function(tasks.pickle_function(inner))(0) == 11
+    bump()
+    assert _load_function(tasks.pickle_function(inner))(0) == 12
+    inner.__defaults__ = (20,)
+    assert _load_function(tasks.pickle_function(inner))(0) == 22
+    inner.tag = "t"
+    assert _load_function(tasks.pickle_function(inner)).tag == "t"
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(-5, 5), min_size=1, max_size=8))
+def test_a_cached_pickle_always_loads_as_the_function_is_now(values):
+    """Whatever sequence of rebinds: what loads computes what the function computes now."""
+    box = {"k": 0}
+
+    def make():
+        k = box["k"]
+        return lambda x: x + k
+
+    fn = make()
+    cell = fn.__closure__[0]
+    for v in values:
+        cell.cell_contents = v  # rebinds the cell in place (what nonlocal does)
+        assert _load_function(tasks.pickle_function(fn))(100) == fn(100) == 100 + v
+
+
+def test_a_function_with_an_empty_cell_still_pickles():
+    def outer():
+        def inner():
+            return later
+
+        data = tasks.pickle_function(inner)
+        later = 5
+        return data, inner
+
+    data, inner = outer()
+    assert tasks.pickle_function(inner) is not data and _load_function(tasks.pickle_function(inner))() == 5
