@@ -15,9 +15,15 @@ Workloads, each submitted one future per task, the way each system documents sub
 independent tasks:
 
     noop-fn   a module-level function that returns its argument at once
-    true-cmd  /bin/true as a command: subprocess.run("/bin/true", shell=True) in a function
-              (processpool, dask), a bash_app returning "/bin/true" (parsl)
+    true-cmd  /bin/true as an argv, its output captured: subprocess.run(["/bin/true"],
+              capture_output=True) in a function (falconet: submit_command(["/bin/true"]))
+    true-sh   the shell line TRUE_LINE through /bin/sh, its output captured:
+              subprocess.run(TRUE_LINE, shell=True, capture_output=True) in a function
+              (falconet: submit_command(TRUE_LINE))
     sleep     a function that sleeps sleep_ms milliseconds and returns its argument
+
+Every system runs the same work for a workload: the commands of true-cmd and true-sh are
+the same exec (one, or the shell and one) with stdout and stderr captured, everywhere.
 
 Only the standard library is imported at module level; Parsl and Dask are imported
 when a system is opened (install the peers with: pip install parsl dask distributed).
@@ -55,7 +61,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 SYSTEMS: tuple[str, ...] = ("processpool", "parsl-htex", "dask")
-WORKLOADS: tuple[str, ...] = ("noop-fn", "true-cmd", "sleep")
+WORKLOADS: tuple[str, ...] = ("noop-fn", "true-cmd", "true-sh", "sleep")
+TRUE_ARGV = ["/bin/true"]
+#: a line that needs the shell (the ";"), so falconet cannot exec it directly either
+TRUE_LINE = "/bin/true;"
 
 LOOPBACK = "127.0.0.1"
 
@@ -70,7 +79,13 @@ def noop(x):
 def true_cmd(_i):
     import subprocess
 
-    return subprocess.run("/bin/true", shell=True).returncode
+    return subprocess.run(["/bin/true"], capture_output=True).returncode
+
+
+def true_sh(_i):
+    import subprocess
+
+    return subprocess.run("/bin/true;", shell=True, capture_output=True).returncode
 
 
 def sleep_task(x, sleep_ms):
@@ -80,13 +95,8 @@ def sleep_task(x, sleep_ms):
     return x
 
 
-def true_bash(_i):
-    """Parsl bash_app body: the command line to run (Parsl runs it with /bin/bash -c)."""
-    return "/bin/true"
-
-
 def _expected(workload: str, i: int) -> Any:
-    return 0 if workload == "true-cmd" else i
+    return 0 if workload in ("true-cmd", "true-sh") else i
 
 
 def _check(system: str, workload: str, n: int, results: list) -> None:
@@ -204,7 +214,7 @@ class _Runner:
         raise NotImplementedError
 
     def _function(self, workload: str) -> Callable:
-        return {"noop-fn": noop, "true-cmd": true_cmd, "sleep": sleep_task}[workload]
+        return {"noop-fn": noop, "true-cmd": true_cmd, "true-sh": true_sh, "sleep": sleep_task}[workload]
 
     # -- common
     def _run_checked(self, workload: str, n: int, sleep_ms: float) -> float:
@@ -384,7 +394,10 @@ class _ParslHtex(_Runner):
         self._dfk = parsl.load(config)
         self._apps = {
             "noop-fn": parsl.python_app(noop, data_flow_kernel=self._dfk, executors=[self.label]),
-            "true-cmd": parsl.bash_app(true_bash, data_flow_kernel=self._dfk, executors=[self.label]),
+            # python apps that run the command, as everywhere: a bash_app would run every
+            # command through bash without capturing its output
+            "true-cmd": parsl.python_app(true_cmd, data_flow_kernel=self._dfk, executors=[self.label]),
+            "true-sh": parsl.python_app(true_sh, data_flow_kernel=self._dfk, executors=[self.label]),
             "sleep": parsl.python_app(sleep_task, data_flow_kernel=self._dfk, executors=[self.label]),
         }
 
@@ -534,7 +547,7 @@ def _smoke(argv: list[str] | None = None) -> None:
     have = available()
     print(f"# python {platform.python_version()} on {platform.node()}, {os.cpu_count()} cores; "
           f"module {__name__}; available: {have}", flush=True)
-    plan = (("noop-fn", 2000, 0.0), ("true-cmd", 300, 0.0), ("sleep", 100, 10.0))
+    plan = (("noop-fn", 2000, 0.0), ("true-cmd", 300, 0.0), ("true-sh", 300, 0.0), ("sleep", 100, 10.0))
     for name in a.systems.split(","):
         if name not in have:
             print(f"{name:12} not installed", flush=True)

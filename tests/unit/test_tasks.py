@@ -441,3 +441,11 @@ def test_a_function_with_an_empty_cell_still_pickles():
 
     data, inner = outer()
     assert tasks.pickle_function(inner) is not data and _load_function(tasks.pickle_function(inner))() == 5
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from([0, 1, 255, 256, 65535, 65536, 70000]))
+def test_a_python_body_is_what_msgpack_would_write(fn, pad):
+    args = b"a" * pad
+    assert tasks.encode_python(fn, args) == msgpack.packb([fn, args], use_bin_type=True)
+    assert tasks.decode_python(tasks.encode_python(fn, args)) == (fn, args)
