@@ -216,7 +216,11 @@ class Executor:
         return self.pull.exit_code
 
     def _turn(self) -> None:
-        ready = dict(self.poller.poll(self.config.poll_s * 1000))
+        wait_s = self.config.poll_s
+        due = self.pull.report_due_in()
+        if due is not None and due < wait_s:
+            wait_s = due
+        ready = dict(self.poller.poll(wait_s * 1000))
         if self.sock in ready:
             self._on_dispatcher()
         for slot in self.slots:

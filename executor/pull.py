@@ -34,6 +34,8 @@ BACKLOG_WORK_S = 0.01  # work held locally beyond the slots
 MAX_CHUNK = 64
 MAX_BACKLOG = 1024
 MAX_REPORT = 4096  # results per Report message
+#: a Report of starts alone waits this long for a result to ride with (see _hold_started)
+START_HOLD_S = 0.002
 PIPELINE_BELOW_S = 0.05  # mean task time under which slots get their next chunk early
 OVERDUE_MIN_S, OVERDUE_MEANS = 0.2, 20  # a task running longer than both is overdue
 COMMAND_GRACE_S = 5.0  # a command's own slot enforces its wall time; this is the backstop
@@ -179,6 +181,7 @@ class Pull:
         self.staged: dict[int, tuple[p.Assignment, set[str]]] = {}  #: tid -> (task, blobs it waits for)
         self.prefetched: dict[int, list[str]] = {}  #: tid -> blobs fetched for it (cache misses)
         self.started: list[tuple[int, int]] = []  #: handed to a slot, not yet reported
+        self.started_since = 0.0  #: when a Report of starts alone was first held back (0: none is)
         self.results: list[p.ExecResult] = []  #: finished, not yet reported
         self.to_upload: dict[int, bytes] = {}  #: tid -> files of a result in self.results still in the outbox
         self.cache_counts = {"hits": 0, "misses": 0, "bytes_fetched": 0}
@@ -612,6 +615,9 @@ class Pull:
             return self.take_actions()
         credit = self.credit_to_ask()
         stats = self._stats()
+        if self.started and not (self.results or credit or stats) and self._hold_started():
+            return self.take_actions()
+        self.started_since = 0.0
         while self.started or self.results or credit or stats:
             n = self.report_size()
             self._send(p.Report(credit, self.started, self.results[:n], stats))
@@ -620,6 +626,21 @@ class Pull:
                 self.cache_reported = stats["cache"]
             self.started, self.results, credit, stats = [], self.results[n:], 0, {}
         return self.take_actions()
+
+    def _hold_started(self) -> bool:
+        """Keep a Report of starts alone back for START_HOLD_S: a short task's result then
+        carries its start, which saves a message each way, a dispatcher turn and the
+        client's Started (the dispatcher tells no Started for a task that ended)."""
+        now = self.clock()
+        if not self.started_since:
+            self.started_since = now
+        return now < self.started_since + START_HOLD_S
+
+    def report_due_in(self) -> float | None:
+        """Seconds until held starts must be reported (None: none held)."""
+        if not self.started_since:
+            return None
+        return max(0.0, self.started_since + START_HOLD_S - self.clock())
 
     def _stats(self) -> dict:
         """The input cache's counts, when they changed since the last report."""

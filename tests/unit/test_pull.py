@@ -219,6 +219,20 @@ def test_first_tasks_go_one_per_slot_and_are_reported_started():
     assert [a.tid for a in pull.queue] == [3]
 
 
+def test_a_short_tasks_result_carries_its_start_in_one_report():
+    pull, clock = make(slots=1, prefetch=0)
+    pull.flush()
+    pull.on_message(p.Tasks([task(1)]))
+    run = of(pull.turn(), pl.Run)[0]
+    assert pull.flush() == [] and pull.report_due_in() == pytest.approx(pl.START_HOLD_S)
+    clock.t += pl.START_HOLD_S / 2
+    assert pull.report_due_in() == pytest.approx(pl.START_HOLD_S / 2)
+    pull.on_slot_results(run.slot, [result(run.tasks[0])])
+    (report,) = sent(pull.flush(), p.Report)
+    assert report.started == [(1, 1)] and [r.tid for r in report.results] == [1]
+    assert pull.report_due_in() is None, "nothing held once it went"
+
+
 def test_short_tasks_come_in_chunks_of_about_two_milliseconds_and_are_pipelined():
     pull, _ = make(slots=2)
     pull.on_message(p.Tasks([task(1), task(2)]))
@@ -367,11 +381,13 @@ def test_credit_tops_up_to_slots_plus_a_prefetch_of_ten_milliseconds():
 
 
 def test_fixed_prefetch_and_small_top_ups_wait_for_a_results_report():
-    pull, _ = make(slots=8, prefetch=0)
+    pull, clock = make(slots=8, prefetch=0)
     pull.flush()
     assert pull.target() == 8 and pull.asked == 8
     pull.on_message(p.Tasks([task(1)]))
     run = of(pull.turn(), pl.Run)[0]
+    assert pull.flush() == [], "starts alone wait a moment for a result"
+    clock.t += pl.START_HOLD_S
     assert [(r.credit, r.started) for r in sent(pull.flush(), p.Report)] == [(0, [(1, 1)])]
     pull.on_slot_results(run.slot, [result(run.tasks[0])])
     assert [r.credit for r in sent(pull.flush(), p.Report)] == [1], "one more rides with the result"
