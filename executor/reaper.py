@@ -59,7 +59,20 @@ def begin() -> frozenset[int] | None:
     """Before a command: become a subreaper; the children to spare, or None when unsupported."""
     if not _set_subreaper(True):
         return None
-    return frozenset(children())
+    return _NONE if childless() else frozenset(children())
+
+
+_NONE: frozenset[int] = frozenset()
+
+
+def childless() -> bool:
+    """True when this process has no child at all, running or not yet reaped: one system
+    call, where children() reads /proc once per thread (the usual case: nothing to sweep)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return False
 
 
 def end(before: frozenset[int] | None, pgid: int) -> list[str]:
@@ -81,7 +94,7 @@ def _sweep(before: frozenset[int], pgid: int, give_up: float) -> list[str]:
     escaped: list[str] = []
     killed: set[int] = set()
     while True:
-        found = children() - before
+        found = set() if childless() else children() - before
         for pid in found - killed:
             if _pgid(pid) not in (pgid, -1):
                 escaped.append(f"{pid} ({_name(pid)})")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import signal
 import string
 import sys
 
@@ -162,3 +165,43 @@ def test_function_cache_loads_each_function_once():
     cache.load(data[1])
     cache.load(data[2])  # evicts abs
     assert list(cache._fns) == [data[1], data[2]]
+
+
+# ---------------------------------------------------------------- the spawn path
+
+_SHOW = ("import os, sys; print(os.getsid(0), sorted(map(int, os.listdir('/proc/self/fd')))[:3],"
+         " sys.stdin.read() == '', os.environ.get('FALCONET_T', '-'))")
+
+
+@pytest.mark.parametrize("via", ["argv", "shell line"])
+def test_a_spawned_command_sees_what_popen_would_give_it(via, monkeypatch):
+    """Its own session, only stdin/stdout/stderr, SIGPIPE at its default, an empty stdin
+    and the slot's environment as it is now."""
+    assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN  # as in every Python process
+    monkeypatch.setenv("FALCONET_T", "now")
+    argv = [sys.executable, "-c", _SHOW]
+    cmd = argv if via == "argv" else shlex.join(argv) + ";"
+    state, code, out, err, _, reason = run_cmd(cmd)
+    assert (state, code, err) == (DONE, 0, ""), reason
+    sid, *rest = out.split()
+    assert int(sid) != os.getsid(0) and rest == ["[0,", "1,", "2]", "True", "now"]
+    assert runner._DEVNULL >= 0, "the spawn path ran"
+    # SIGPIPE: Python ignores it in itself, so ask the kernel about a program that does not
+    line = run_cmd(["grep", "SigIgn", "/proc/self/status"])[2]
+    assert not int(line.split()[1], 16) & (1 << (signal.SIGPIPE - 1)), line
+
+
+def test_a_path_in_the_tasks_env_takes_popen_and_finds_the_program_there(tmp_path):
+    tool = tmp_path / "only-here"
+    tool.write_text("#!/bin/sh\necho found\n")
+    tool.chmod(0o755)
+    state, _, out, _, _, reason = run_cmd(["only-here"], env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    assert state == DONE and out == "found\n", reason
+
+
+def test_the_spawn_path_leaves_no_descriptor_open():
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        assert run_cmd(["/bin/true"])[0] == DONE
+        assert run_cmd(["/nonexistent/program"])[0] == FAILED
+    assert len(os.listdir("/proc/self/fd")) == before
