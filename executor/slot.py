@@ -23,7 +23,7 @@ import time
 from falconet.executor import pipes, runner
 from falconet.executor.pipes import SlotTask
 
-FLUSH_S = 0.002
+FLUSH_S = 0.005
 
 
 class Phase(enum.Enum):
