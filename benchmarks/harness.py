@@ -158,6 +158,52 @@ def latency(plan: Plan) -> dict:
             "max_ms": times[-1], "tasks": len(times)}
 
 
+def client_memory(n: int) -> dict:
+    """The client's memory per outstanding future: n tasks submitted one call each (submit
+    and submit_command), accepted by a dispatcher with no executor, so every future waits.
+    Each kind in a fresh interpreter: RSS delta / n, and what tracemalloc saw / n."""
+    import subprocess
+    import sys
+
+    out = {}
+    for kind in ("submit", "submit_command"):
+        code = f"from falconet.benchmarks import harness; harness._client_memory_child({n}, {kind!r})"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"client memory ({kind}) failed: {done.stderr.strip()[-2000:]}")
+        out[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _client_memory_child(n: int, kind: str) -> None:
+    import gc
+    import tracemalloc
+
+    import psutil
+
+    from falconet.local import LocalCluster
+
+    with LocalCluster(executors=0) as cluster, falconet.Client(cluster.client_address) as client:
+        client.submit(noop, 0)
+        client.submit_command(["/bin/true"])
+        gc.collect()
+        rss0 = psutil.Process().memory_info().rss
+        tracemalloc.start()
+        if kind == "submit":
+            futures = [client.submit(noop, i) for i in range(n)]
+        else:
+            futures = [client.submit_command(["/bin/true"]) for _ in range(n)]
+        while client.status()["queued"] < n + 2:  # accepted, so the specs sent are dropped
+            time.sleep(0.05)
+        gc.collect()
+        traced = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        rss = psutil.Process().memory_info().rss - rss0
+        print(json.dumps({"futures": len(futures), "rss_bytes_per_future": rss / n,
+                          "traced_bytes_per_future": traced / n}))
+        client.close(cancel=True)
+
+
 # ---------------------------------------------------------------- peers
 
 
@@ -218,7 +264,8 @@ def run(quick: bool = False, only: tuple[str, ...] = (), log: Callable[[str], No
         "sleep": lambda: sleep_efficiency(plan),
         "latency": lambda: latency(plan),
         "dispatch": lambda: _dispatch(plan, _dispatch_module()),
-        "memory": lambda: _dispatch_module().memory(plan.memory_tasks),
+        "memory": lambda: {**_dispatch_module().memory(plan.memory_tasks),
+                           "client": client_memory(min(plan.memory_tasks // 5, 200_000))},
         "scale": lambda: [_dispatch_module().scale(n, plan.scale_tasks, idle_s=plan.scale_idle_s,
                                                    runs=plan.scale_runs) for n in plan.scale_executors],
         "peers": lambda: peers(plan),
@@ -371,6 +418,9 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
     if mem:
         out.append(("memory per queued task", "<= 300 B", f"{mem['bytes_per_task']:.0f} B",
                     mem["bytes_per_task"] <= 300))
+        for kind, c in mem.get("client", {}).items():
+            per = c["rss_bytes_per_future"]
+            out.append((f"client memory per outstanding future ({kind})", "<= 1,024 B", f"{per:.0f} B", per <= 1024))
     sc = r.get("scale")
     if sc and d:
         ten = [x for x in d["rows"] if x["executors"] == 10]
@@ -427,6 +477,9 @@ def table(r: dict) -> str:
             lines.append(f"dispatch, 10 null executors, {name}: {fmt(v['tasks_per_s'])}{vs}")
     if "memory" in r:
         lines.append(f"memory: {r['memory']['bytes_per_task']:.0f} bytes per queued task")
+        for kind, c in r["memory"].get("client", {}).items():
+            lines.append(f"client memory per outstanding future, {c['futures']:,} from {kind}(): "
+                         f"{c['rss_bytes_per_future']:.0f} B RSS ({c['traced_bytes_per_future']:.0f} B of Python objects)")
     for row in r.get("scale", []):
         lines.append(f"scale, {row['executors']:,} executors: registered in {row['registered_s']:.1f}s, "
                      f"{row['tasks_per_s']:,.0f} tasks/s, heartbeat cost {row['idle_cpu_per_s']:.3f} CPU-s/s")

@@ -40,22 +40,25 @@ class TaskFuture(cf.Future):
     standard library's executors.
     """
 
+    # cf.Future.__init__'s fields, as class defaults until a future needs its own: a run of
+    # 100,000 lines queues as many futures, most of which nobody waits on before they
+    # finish.  The Condition (about 1 KB: a deque, an RLock and bound methods) and the list
+    # of waiters are made on first use (see _condition), the list of callbacks with the
+    # first callback; a future holds four fields of its own until it finishes.
+    _state = _PENDING_STATE
+    _result = _exception = None
+    _waiters: list | tuple = ()  # iterated empty; appended to only under the Condition
+    _done_callbacks: list | tuple = ()
+    _made_condition: threading.Condition | None = None
+    info: p.TaskResult | None = None  #: the dispatcher's record of the task, once it finished
+    outputs: Mapping[str, str] = _NONE  #: staged output name -> where it was delivered
+    blobs: tuple[str, ...] = ()  #: inputs uploaded to the dispatcher for this task
+    dests: Mapping[str, str] = _NONE  #: output name -> the path on this machine it asked for
+
     def __init__(self, client: Client, seq: int, kind: int, label: str = ""):
-        # cf.Future.__init__'s fields, all but its Condition: about 1 KB (a deque, an RLock
-        # and bound methods), made on first use (see _condition).  A run of 100,000 lines
-        # queues as many futures, most of which nobody waits on before they finish.
-        self._state = _PENDING_STATE
-        self._result = self._exception = None
-        self._waiters: list = []
-        self._done_callbacks: list = []
-        self._made_condition: threading.Condition | None = None
         self.seq = seq
         self.kind = kind
         self.label = label  #: the command line, or the function's name
-        self.info: p.TaskResult | None = None
-        self.outputs: Mapping[str, str] = _NONE  #: staged output name -> where it was delivered
-        self.blobs: tuple[str, ...] = ()  #: inputs uploaded to the dispatcher for this task
-        self.dests: Mapping[str, str] = _NONE  #: output name -> the path on this machine it asked for
         self._client = client
 
     @property
@@ -66,6 +69,9 @@ class TaskFuture(cf.Future):
             with _MAKING_CONDITION:
                 cond = self._made_condition
                 if cond is None:
+                    self._waiters = []
+                    if type(self._done_callbacks) is tuple:
+                        self._done_callbacks = []
                     cond = self._made_condition = threading.Condition()
         return cond
 
@@ -75,6 +81,8 @@ class TaskFuture(cf.Future):
             if self._made_condition is None and self._state not in _DONE_STATES:
                 # A change of state without a Condition happens under this lock (see
                 # _set_quietly), which runs the callbacks it finds once it is done.
+                if type(self._done_callbacks) is tuple:
+                    self._done_callbacks = []
                 self._done_callbacks.append(fn)
                 return
         super().add_done_callback(fn)

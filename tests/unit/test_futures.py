@@ -192,8 +192,11 @@ def test_the_executor_reports_the_clients_slots_as_its_max_workers():
 def test_a_task_future_has_every_field_of_a_plain_future():
     plain = set(vars(cf.Future())) - {"_condition"}
     fut = TaskFuture(Recorder(), 1, COMMAND, "true")
-    assert plain <= set(vars(fut)), plain - set(vars(fut))
+    assert all(hasattr(fut, name) for name in plain), [name for name in plain if not hasattr(fut, name)]
+    assert len(vars(fut)) == 4, "a queued future holds only its own fields"
     assert isinstance(fut._condition, type(cf.Future()._condition))
+    assert fut._waiters == [] and fut._done_callbacks == [], "made with the Condition, each its own"
+    assert TaskFuture(Recorder(), 2, COMMAND)._waiters == ()
 
 
 def test_a_queued_future_with_a_callback_holds_no_condition_until_it_finishes():
