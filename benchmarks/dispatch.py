@@ -124,13 +124,15 @@ def max_executors(nofile: int | None = None) -> int:
 def _host_plan(executors: int, nofile: int, procs: int = 2) -> list[tuple[list[str], int]]:
     """(source addresses, executors) for each helper process: at least `procs` of them, more
     until each fits its file limit (a DEALER costs two descriptors, its connection and its
-    ZeroMQ mailbox); helper i connects from 127.<i + 1>.0.1, .2, ... at most _PER_SOURCE
-    connections each, so every connection stays on loopback."""
+    ZeroMQ mailbox).  A helper of more than _PER_SOURCE connects from 127.<i + 1>.0.1, .2,
+    ... (at most _PER_SOURCE each, all on loopback); a smaller one, as the system chooses
+    (no sources), as on systems whose loopback answers on 127.0.0.1 alone."""
     per = max(1, (nofile - _FD_RESERVE) // 2)
     shares = _split(executors, max(procs, -(-executors // per)))
     if len(shares) > 254 or -(-max(shares) // _PER_SOURCE) > 254:
         raise ValueError(f"{executors} executors need more loopback source addresses than this plan has")
-    return [([f"127.{i + 1}.0.{m + 1}" for m in range(-(-k // _PER_SOURCE))], k) for i, k in enumerate(shares)]
+    return [([f"127.{i + 1}.0.{m + 1}" for m in range(-(-k // _PER_SOURCE))] if k > _PER_SOURCE else [], k)
+            for i, k in enumerate(shares)]
 
 
 def _from(source: str, address: str) -> str:

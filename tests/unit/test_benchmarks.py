@@ -24,8 +24,9 @@ def test_helpers_fit_their_file_limit_and_spread_their_sources():
     assert all(a.startswith("127.") for a in everyone)
 
 
-def test_a_small_fleet_keeps_two_helpers():
-    assert [k for _, k in dispatch._host_plan(1000, 20_000)] == [500, 500]
+def test_a_small_fleet_keeps_two_helpers_and_the_systems_source_address():
+    """The quick run's 1,000 executors connect as before: no 127.x beyond 127.0.0.1 needed."""
+    assert dispatch._host_plan(1000, 20_000) == [([], 500), ([], 500)]
 
 
 def test_the_dispatcher_holds_a_descriptor_per_executor():
