@@ -829,7 +829,7 @@ def scale(executors: int, n_tasks: int, credit: int = 64, idle_s: float = 3.0, w
     opts = ("--heartbeat-interval", "1", "--heartbeat-timeout", "30")
     with _Cluster(executors, credit, 2, *opts, raise_nofile=True, window=window) as c:
         t0 = time.perf_counter()  # the helpers got go just before: a few ms early at most
-        c.client.wait_executors(executors, max(90.0, executors / 500), every=0.1)
+        c.client.wait_executors(executors, max(90.0, executors / 250), every=0.1)
         registered_s = time.perf_counter() - t0
         time.sleep(1.0)  # the opening credit reports land; heartbeats settle into their rhythm
         rss = c.disp.rss()
