@@ -66,8 +66,8 @@ QUICK = Plan(repeat=1, fn_tasks=3000, cmd_tasks=300, sleep_ms=(10.0,), sleep_slo
 FULL = Plan(3, 20_000, 2000, (1.0, 10.0, 100.0), (1, 2, 4), 2.0, 2000, 500_000, (1, 10, 100),
             1_000_000, (1000, 10_000, 54_000), 200_000, 5000, 1000, 32, 500_000, 5,
             # idle executors hear from the dispatcher every heartbeat_timeout / 3 = 10 s: a
-            # shorter window can miss the round (10,000 registered in 3 s measured 0.003
-            # CPU-s/s over 3 s, 19,500 over 12 s 0.07)
+            # shorter window can miss the round (10,000 executors measured 0.003 CPU-s/s over
+            # 3 s that did, 19,500 0.07-0.09 over 10-12 s that did not)
             scale_idle_s=10.0)
 
 #: the needs of the matching comparison: every task the same, executors registered with
