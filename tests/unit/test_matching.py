@@ -445,3 +445,35 @@ def test_why_unschedulable_counts_the_reasons_and_names_the_fleet():
     why = why_unschedulable(nd.make(cpus=4), executors, [])
     assert "2 executors connected, 0 instance types launchable" in why and "2x needs 4 cpus, has 2" in why
     assert why_unschedulable(nd.make(cpus=64), {}, None) == "", "nothing to judge by: no verdict"
+
+
+def test_eligibility_follows_joins_reconnects_and_leaves_without_a_rescan():
+    """Executors joining, re-registering with other tags and leaving while tasks with needs
+    wait: each class's eligible set is kept current one executor at a time (no scan of the
+    registry per class per change, which made 54,000 joins quadratic), and always equals
+    what a full recompute gives."""
+    h = Harness()
+    h.submit(3, tags=["gpu"])
+    h.dispatch()
+    m = h.core.matcher
+    (cls,) = m.classes.values()
+    m.eligible(cls)
+
+    def agrees() -> bool:
+        return cls.gen == m.gen and cls.eligible == {
+            peer: ex for peer, ex in h.core.executors.items() if ex.caps.satisfies(cls.needs)}
+
+    h.executor(b"cpu", credit=0)
+    assert agrees() and cls.eligible == {}
+    h.executor(b"gpu", tags=["gpu"], credit=0)
+    assert agrees() and set(cls.eligible) == {b"gpu"}
+    h.executor(b"cpu", tags=["gpu"], credit=0)  # reconnects, now with a GPU
+    assert agrees() and set(cls.eligible) == {b"cpu", b"gpu"}
+    h.executor(b"gpu", credit=0)  # reconnects without it
+    assert agrees() and set(cls.eligible) == {b"cpu"}
+    h.core.on_executor(b"cpu", p.Bye(), h.now)
+    assert agrees() and cls.eligible == {}
+    m.gen += 1  # a change made behind the matcher's back: the next use recomputes
+    h.executor(b"late", tags=["gpu"], credit=5)
+    assert cls.gen != m.gen, "a stale set stays stale until recomputed"
+    assert sum(len(ts) for ts in h.dispatch().values()) == 3
