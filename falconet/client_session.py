@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import itertools
 import logging
+import operator
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -38,6 +39,10 @@ PING_S = 2.0  # ask the dispatcher for a sign of life after this much silence
 HELLO_AGAIN_S = 10.0  # a Hello with no Welcome yet is sent again only after this long
 
 Queued = tuple[p.TaskSpec, TaskFuture]  #: a task waiting in the outbox, and its future
+
+
+_SPEC, _FUTURE = operator.itemgetter(0), operator.itemgetter(1)  # of a Queued (spec, future)
+_SEQ, _BODY = operator.itemgetter(0), operator.itemgetter(2)  # of a TaskSpec
 
 
 class Output(NamedTuple):
@@ -211,10 +216,10 @@ class ClientSession:
         self._upload_queue += uploads
         out, futures = self._out, self.futures
         for part in self._batches(outbox):
-            for spec, fut in part:
-                futures[spec.seq] = fut
+            specs = list(map(_SPEC, part))  # per task in C: a burst of submit() is thousands
+            futures.update(zip(map(_SEQ, specs), map(_FUTURE, part)))
             batch = next(self._batch)
-            self.unaccepted[batch] = specs = [s for s, _ in part]
+            self.unaccepted[batch] = specs
             out.append(p.Submit(batch, specs))
         self._flushing = []
         if cancels:  # after the submits, so a cancel never overtakes its task
@@ -250,11 +255,7 @@ class ClientSession:
                     resolve(r)
             self._acks += [r.seq for r in msg.results]
         elif kind is p.Started:
-            futures = self.futures
-            for seq in msg.seqs:
-                fut = futures.get(seq)
-                if fut is not None:
-                    fut.mark_running()
+            TaskFuture.mark_all_running(filter(None, map(self.futures.get, msg.seqs)))
         elif kind is p.BlobData:
             self._on_blob(msg, now)
         elif kind is p.Accepted:
@@ -323,6 +324,10 @@ class ClientSession:
         """
         budget = p.record_budget(self.max_message_bytes)
         max_batch, overhead = self.max_batch, p.RECORD_OVERHEAD
+        sizes = list(map(len, map(_BODY, map(_SPEC, outbox))))
+        if sizes and len(sizes) <= max_batch and sum(sizes) + overhead * len(sizes) <= budget:
+            yield outbox  # the usual burst: one message, every task within the budget
+            return
         part: list[Queued] = []
         size = 0
         for spec, fut in outbox:

@@ -119,6 +119,20 @@ class TaskFuture(cf.Future):
             self._state = _RUNNING_STATE
             return True
 
+    @staticmethod
+    def mark_all_running(futures: Iterable[TaskFuture]) -> None:
+        """mark_running() for many (a Started message), taking the lock once for those
+        without a Condition."""
+        made = []
+        with _MAKING_CONDITION:
+            for fut in futures:
+                if fut._made_condition is not None:
+                    made.append(fut)
+                elif fut._state == _PENDING_STATE:
+                    fut._state = _RUNNING_STATE
+        for fut in made:
+            fut.mark_running()
+
     # State reads and changes without making the Condition.  Every waiter (result(),
     # exception(), wait(), as_completed()) makes it before it waits, and a Condition is
     # only made under _MAKING_CONDITION: while there is none, a change of state under that

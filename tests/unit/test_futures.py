@@ -277,3 +277,13 @@ def test_a_cancelled_future_is_not_finished_quietly():
         fut.set_result(1)
     with pytest.raises(cf.CancelledError):
         fut.result(0)
+
+
+def test_mark_all_running_moves_only_pending_futures_with_or_without_a_condition():
+    plain, waited, done, cancelled = (TaskFuture(Recorder(), i, PYTHON) for i in range(4))
+    assert waited._condition is not None  # someone waits on it: it has its Condition
+    done.set_result(1)
+    cancelled.cancel()
+    TaskFuture.mark_all_running([plain, waited, done, cancelled])
+    assert plain.running() and waited.running() and plain._made_condition is None
+    assert done.result() == 1 and cancelled.cancelled()
