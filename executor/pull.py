@@ -29,8 +29,8 @@ from falconet.executor.pipes import EXEC_RESULT_FIELDS, SlotResult, SlotTask
 log = logging.getLogger("falconet.executor")
 
 _FAILED, _CANCELLED = int(p.TaskState.FAILED), int(p.TaskState.CANCELLED)
-CHUNK_WORK_S = 0.005  # work per chunk handed to a slot
-BACKLOG_WORK_S = 0.02  # work held locally beyond the slots
+CHUNK_WORK_S = 0.02  # work per chunk handed to a slot
+BACKLOG_WORK_S = 0.05  # work held locally beyond the slots
 MAX_CHUNK = 64
 MAX_BACKLOG = 1024
 MAX_REPORT = 4096  # results per Report message

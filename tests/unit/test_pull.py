@@ -233,15 +233,15 @@ def test_a_short_tasks_result_carries_its_start_in_one_report():
     assert pull.report_due_in() is None, "nothing held once it went"
 
 
-def test_short_tasks_come_in_chunks_of_about_five_milliseconds_and_are_pipelined():
+def test_short_tasks_come_in_chunks_of_about_twenty_milliseconds_and_are_pipelined():
     pull, _ = make(slots=2)
     pull.on_message(p.Tasks([task(1), task(2)]))
     runs = of(turn(pull), pl.Run)
-    pull.on_slot_results(0, [result(runs[0].tasks[0], took=0.0002)])  # mean 200 us: 25 per chunk
+    pull.on_slot_results(0, [result(runs[0].tasks[0], took=2**-10)])  # mean about 1 ms: 20 per chunk
     pull.on_message(p.Tasks([task(t) for t in range(10, 110)]))
     runs = of(pull.turn(), pl.Run)
-    assert [(r.slot, len(r.tasks)) for r in runs] == [(0, 25), (1, 25)], "slot 1 runs one task: it gets more"
-    assert pull.chunk_size() == 25
+    assert [(r.slot, len(r.tasks)) for r in runs] == [(0, 20), (1, 20)], "slot 1 runs one task: it gets more"
+    assert pull.chunk_size() == 20
     pull.on_message(p.Tasks([]))
     assert not of(pull.turn(), pl.Run), "a slot with two chunks' worth waits"
 
@@ -368,16 +368,16 @@ def test_a_large_task_waits_for_its_cpus_and_nothing_overtakes_it():
     assert [tids(r) for r in runs] == [[2]]
 
 
-def test_credit_tops_up_to_slots_plus_a_prefetch_of_twenty_milliseconds():
+def test_credit_tops_up_to_slots_plus_a_prefetch_of_fifty_milliseconds():
     pull, _ = make(slots=2)
     pull.on_message(p.Tasks([task(1), task(2), task(3), task(4)]))
     runs = of(turn(pull), pl.Run)
     for r in runs:
-        pull.on_slot_results(r.slot, [result(r.tasks[0], took=2**-10)])  # about 1 ms: 41 more cover 20 ms
+        pull.on_slot_results(r.slot, [result(r.tasks[0], took=2**-10)])  # about 1 ms: 103 more cover 50 ms
     report = sent(turn(pull), p.Report)[0]
-    assert pull.target() == 2 + 41
-    assert report.credit == 43 - 2  # the two still queued count
-    assert pull.asked == 41
+    assert pull.target() == 2 + 103
+    assert report.credit == 105 - 2  # the two still queued count
+    assert pull.asked == 103
 
 
 def test_fixed_prefetch_and_small_top_ups_wait_for_a_results_report():
