@@ -90,6 +90,8 @@ def apply_output(out: TurnOutput, commit: Callable[[list], bool | None] | None,
     Returns the messages no executor could be reached for; an unroutable client's results
     stay unacknowledged and go out again after its next Hello."""
     durable = commit is None or commit(out.journal) is not False
+    # Executors first: their tasks are on the way to running while the clients hear.
+    unreachable = [(peer, msg) for peer, msg in out.to_executors if not to_executor(peer, msg)]
     if durable and held:
         for peer, msg in held:
             to_client(peer, msg)
@@ -99,7 +101,7 @@ def apply_output(out: TurnOutput, commit: Callable[[list], bool | None] | None,
             to_client(peer, msg)
         else:
             held.append((peer, msg))
-    return [(peer, msg) for peer, msg in out.to_executors if not to_executor(peer, msg)]
+    return unreachable
 
 
 class Server:

@@ -88,7 +88,8 @@ def test_without_a_journal_the_output_is_only_sent():
     rec = Recorder()
     out = TurnOutput([], [(b"c1", p.Accepted(1, 1))], [(b"e1", p.Heartbeat())], [], [], [])
     apply_output(out, None, rec.to_client, rec.to_executor)
-    assert rec.calls == [("client", b"c1", p.Accepted), ("executor", b"e1", p.Heartbeat)]
+    assert rec.calls == [("executor", b"e1", p.Heartbeat), ("client", b"c1", p.Accepted)], \
+        "executors first: their tasks start while the clients hear"
 
 
 def test_messages_for_unreachable_executors_come_back_and_the_core_takes_the_tasks_back():
