@@ -8,8 +8,10 @@ id to their own id (``client_id`` / ``executor_id``), so a reconnecting peer kee
 identity.  Every ZeroMQ message is a single frame (the ROUTER adds the identity frame):
 a msgpack array ``[type, field1, field2, ...]`` where ``type`` is a :class:`MsgType`
 and the fields follow the order of the dataclass below.  Per-task records inside batches
-(``TaskSpec``, ``Assignment``, ``ExecResult``, ``TaskResult``) are msgpack arrays in the
-order of their NamedTuple fields.  Wall-clock times are float seconds since the epoch;
+(``TaskSpec``, ``Assignment``, ``ExecResult``, ``TaskResult``) travel *column-wise*: a batch
+of k records is an array of one array per NamedTuple field, in field order, each of k values
+(``[[tid1, tid2], [attempt1, attempt2], ...]``), so a receiver checks a batch a column at a
+time; every column must have the same length.  Wall-clock times are float seconds since the epoch;
 durations are float seconds.  Task bodies and outputs are opaque bytes to the dispatcher
 (see :mod:`falconet.tasks`).
 
@@ -88,8 +90,9 @@ from falconet.errors import ProtocolError
 
 #: 2: Ack, results kept until acknowledged; 3: needs, staging, blobs; 4: HelloAgain, where a
 #: Refused reason starting "say Hello first" told a client of a restarted dispatcher; 5: Register's
-#: memory in MB; 6: Started, which tells a client which of its tasks began running
-PROTOCOL_VERSION = 8
+#: memory in MB; 6: Started, which tells a client which of its tasks began running; 7: EventsRequest;
+#: 8: Registered.max_output_bytes; 9: batches of records (Submit, Tasks, Report, Results) column-wise
+PROTOCOL_VERSION = 9
 #: Refused.reason prefix for a message that belongs on the dispatcher's other port.
 WRONG_PORT = "wrong port: this is"
 #: Bytes of msgpack framing counted for each record when filling a message.
@@ -250,12 +253,16 @@ class TaskResult(NamedTuple):
 _STATE_VALUES = frozenset(int(s) for s in TaskState)
 
 
-_task_specs = f.records(TaskSpec, (f.integer, f.integer, f.blob, f.integer, f.number, f.blob, f.blob))
-_assignments = f.records(Assignment, (f.integer, f.integer, f.integer, f.blob, f.number, f.integer, f.blob))
-_exec_results = f.records(ExecResult, (f.integer, f.integer, f.integer, f.blob, f.string, f.number, f.number, f.blob))
-_task_results = f.records(
+# Batches of records travel column-wise (version 9): one array per field, checked a column at a time.
+_task_specs = f.columns(TaskSpec, (f.integer, f.integer, f.blob, f.integer, f.number, f.blob, f.blob))
+_assignments = f.columns(Assignment, (f.integer, f.integer, f.integer, f.blob, f.number, f.integer, f.blob))
+_exec_results = f.columns(ExecResult, (f.integer, f.integer, f.integer, f.blob, f.string, f.number, f.number, f.blob))
+_task_results = f.columns(
     TaskResult, (f.integer, f.integer, f.blob, f.string, f.string, f.integer, f.number, f.number, f.number, f.blob)
 )
+#: message type -> (index of its record batch in the encoded array, fields per record)
+_COLUMNAR = {int(MsgType.SUBMIT): (2, len(TaskSpec._fields)), int(MsgType.TASKS): (1, len(Assignment._fields)),
+             int(MsgType.REPORT): (3, len(ExecResult._fields)), int(MsgType.RESULTS): (1, len(TaskResult._fields))}
 
 # ---------------------------------------------------------------- messages
 
@@ -553,8 +560,13 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 
 
 def encode(msg: Any) -> bytes:
-    """Encode one message as its msgpack frame."""
-    return _packb([msg.TYPE, *[getattr(msg, n) for n in msg._names]])
+    """Encode one message as its msgpack frame (record batches column-wise)."""
+    fields = [msg.TYPE, *[getattr(msg, n) for n in msg._names]]
+    at = _COLUMNAR.get(msg.TYPE)
+    if at is not None:
+        i, n = at
+        fields[i] = f.transpose(fields[i], n)
+    return _packb(fields)
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
