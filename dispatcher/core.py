@@ -19,7 +19,7 @@ import operator
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from itertools import repeat
+from itertools import repeat, starmap
 from typing import Any, NamedTuple
 
 from falconet import needs as nd
@@ -59,6 +59,10 @@ _SEQ = operator.itemgetter(0)  # TaskSpec.seq, TaskResult.seq
 _STATE, _ATTEMPT, _NEEDS, _CLIENT = (operator.attrgetter(a) for a in ("state", "attempt", "needs", "client"))
 _TASK_SEQ, _SUBMITTED = operator.attrgetter("seq"), operator.attrgetter("submitted")
 _NO_NEEDS = {None}
+_SPEC_KIND, _SPEC_BODY, _SPEC_RETRIES, _SPEC_WALLTIME, _SPEC_NEEDS = (operator.itemgetter(i) for i in (1, 2, 3, 4, 5))
+_ZEROS = repeat(0.0)
+_TID, _KIND, _BODY, _WALLTIME, _FILES = (operator.attrgetter(a) for a in ("tid", "kind", "body", "walltime_s", "files"))
+_ONLY_PENDING, _NO_TID = {_PENDING}, {None}
 #: the answer to a client that has not said Hello to this dispatcher (or to its last run)
 _HELLO_AGAIN = p.HelloAgain("this dispatcher does not know this client (it restarted, or the client "
                             "skipped Hello): say Hello again")
@@ -292,8 +296,13 @@ class Core:
         counts[_PENDING] += len(specs)
         ccounts[_PENDING] += len(specs)
         max_body = self.config.max_task_bytes
+        if self._plain_and_valid(specs, max_body):  # the usual batch: checked a column at a time
+            queue.extend(map(Task, repeat(client), specs, repeat(wall)))
+            specs_each: list[p.TaskSpec] = []
+        else:
+            specs_each = specs
         classes: dict[bytes, NeedsClass | str | None] = {}  # needs as sent -> its class, once per batch
-        for spec in specs:
+        for spec in specs_each:
             if spec.kind in KINDS and spec.retries >= 0 and spec.walltime_s >= 0 and len(spec.body) <= max_body:
                 if not spec.needs:
                     queue.append(Task(client, spec, wall))  # (NaN fails the walltime test)
@@ -313,6 +322,15 @@ class Core:
         self.submitted_total += len(specs)
         if queue and not client.held:
             self.plain.setdefault(client.peer, client)
+
+    @staticmethod
+    def _plain_and_valid(specs: list[p.TaskSpec], max_body: int) -> bool:
+        """True when every spec is a plain task that passes the checks of _queue (a kind
+        this dispatcher runs, retries and walltime_s >= 0, not NaN, a body within the limit)."""
+        if not specs or any(map(_SPEC_NEEDS, specs)) or not set(map(_SPEC_KIND, specs)) <= KINDS:
+            return False
+        return (min(map(_SPEC_RETRIES, specs)) >= 0 and all(map(operator.ge, map(_SPEC_WALLTIME, specs), _ZEROS))
+                and max(map(len, map(_SPEC_BODY, specs))) <= max_body)
 
     def _enqueue(self, task: Task, front: bool = False) -> None:
         """Queue a pending task: in its needs class, or a plain one in the plain queue."""
@@ -683,6 +701,17 @@ class Core:
 
     def _pop(self, queue: collections.deque[Task], ex: ExecutorEntry, n: int, cpus: int) -> list[p.Assignment]:
         """Up to n pending tasks from the front of queue, dispatched to ex (the hot loop)."""
+        k = min(n, len(queue))
+        if k > 1:
+            ts = list(starmap(queue.popleft, repeat((), k)))
+            if (set(map(_STATE, ts)) == _ONLY_PENDING and set(map(_TID, ts)) == _NO_TID
+                    and len(set(map(_CLIENT, ts))) == 1):
+                return self._pop_fresh(ts, ex, cpus)
+            queue.extendleft(reversed(ts))  # not the usual case: one by one
+        return self._pop_each(queue, ex, n, cpus)
+
+    def _pop_each(self, queue: collections.deque[Task], ex: ExecutorEntry, n: int, cpus: int) -> list[p.Assignment]:
+        """_pop one task at a time: skips cancelled ones, keeps the tids of re-runs."""
         tasks, Assignment = ex.tasks, p.Assignment
         batch: list[p.Assignment] = []
         append = batch.append
@@ -704,6 +733,22 @@ class Core:
         self.counts[_PENDING] -= len(batch)
         self.counts[_DISPATCHED] += len(batch)
         return batch
+
+    def _pop_fresh(self, ts: list[Task], ex: ExecutorEntry, cpus: int) -> list[p.Assignment]:
+        """Dispatch to ex pending tasks of one client that were never dispatched (so have no
+        tid and attempt 0), a batch at a time: _pop's loop in C-level passes."""
+        k = len(ts)
+        tids = range(self._next_tid, self._next_tid + k)
+        self._next_tid += k
+        for name, values in (("tid", tids), ("state", repeat(_DISPATCHED)), ("attempt", repeat(1)),
+                             ("executor", repeat(ex))):
+            collections.deque(map(setattr, ts, repeat(name), values), 0)
+        ex.tasks.update(zip(tids, ts))
+        for counts in (self.counts, ts[0].client.counts):
+            counts[_PENDING] -= k
+            counts[_DISPATCHED] += k
+        return list(map(_new, repeat(p.Assignment), zip(
+            tids, repeat(1), map(_KIND, ts), map(_BODY, ts), map(_WALLTIME, ts), repeat(cpus), map(_FILES, ts))))
 
     def take_output(self) -> TurnOutput:
         """Return and clear what this turn produced: journal records, messages, accepted

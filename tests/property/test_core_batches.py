@@ -1,11 +1,16 @@
-"""The dispatcher applies a Report's results a batch at a time when it can (Core._accept_batch):
-whatever an executor reports, the outcome equals judging each result on its own."""
+"""The dispatcher takes the usual batches a batch at a time (C-level passes over columns):
+Submits (Core._plain_and_valid), dispatch (Core._pop_fresh) and Reports (Core._accept_batch).
+Whatever a peer sends, the outcome equals judging each record on its own."""
 
 from __future__ import annotations
+
+import collections
+import math
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from falconet import needs as nd
 from falconet import protocol as p
 from falconet.dispatcher.core import Config, Core
 
@@ -15,9 +20,12 @@ MAX_OUTPUT = 8
 
 
 def _core(batched: bool) -> Core:
-    core = Core(Config(max_output_bytes=MAX_OUTPUT), wall=lambda: WALL0)
+    core = Core(Config(max_output_bytes=MAX_OUTPUT, max_task_bytes=4), wall=lambda: WALL0)
+    core.dispatcher_id = "d1"
     if not batched:
         core._accept_batch = lambda ex, results: 0
+        core._plain_and_valid = lambda specs, max_body: False
+        core._pop_fresh = lambda ts, ex, cpus: core._pop_each(collections.deque(ts), ex, len(ts), cpus)
     return core
 
 
@@ -82,3 +90,42 @@ def test_the_usual_report_is_accepted_as_a_batch():
     assert core._accept_batch(core.executors[b"e"], results) == 5
     assert core.executors[b"e"].tasks == {}
     assert [r.seq for r in core.clients[b"c1"].results] == [0, 1, 2, 3, 4]
+
+
+VALID = st.builds(p.TaskSpec, st.integers(0, 10), st.sampled_from([1, 2]), st.sampled_from([b"b", b""]),
+                  st.integers(0, 2), st.sampled_from([0.0, 2.5, math.inf]), needs=st.just(b""), files=st.just(b""))
+#: field index -> values that make a spec invalid or not plain
+SPOILS = {1: [0, 7], 2: [b"x" * 5], 3: [-1], 4: [-1.0, math.nan], 5: [b"\xc1", nd.encode(nd.make(cpus=2))]}
+
+
+@st.composite
+def batch(draw) -> list[p.TaskSpec]:
+    """Valid plain specs, sometimes with one field of one of them spoiled."""
+    specs = draw(st.lists(VALID, max_size=12))
+    if specs and draw(st.booleans()):
+        i, field = draw(st.integers(0, len(specs) - 1)), draw(st.sampled_from(sorted(SPOILS)))
+        fields = list(specs[i])
+        fields[field] = draw(st.sampled_from(SPOILS[field]))
+        specs[i] = p.TaskSpec(*fields)
+    return specs
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches=st.lists(batch(), min_size=1, max_size=3), cancel=st.lists(st.integers(0, 10), max_size=3),
+       credit=st.integers(0, 30))
+def test_batched_submits_and_dispatch_equal_one_by_one(batches, cancel, credit):
+    outs = []
+    for core in (_core(True), _core(False)):
+        core.on_client(b"c1", p.Hello(p.PROTOCOL_VERSION, "c1", "c1"), 0.0)
+        for i, specs in enumerate(batches):
+            core.on_client(b"c1", p.Submit(i + 1, specs), 0.0)
+        if cancel:
+            core.on_client(b"c1", p.Cancel(cancel), 0.0)
+        core.on_executor(b"e", p.Register(p.PROTOCOL_VERSION, "e", "h", [], 64, 1024, "linux", 64, 1, {}, []), 0.0)
+        core.on_executor(b"e", p.Report(credit, [], [], {}), 0.0)
+        core.dispatch(0.0)
+        out = core.take_output()
+        queued = [(t.seq, t.state, t.kind, t.body, t.walltime_s, t.needs) for t in core.plain_tasks()]
+        held = sorted((tid, t.seq, t.attempt, t.state) for tid, t in core.executors[b"e"].tasks.items())
+        outs.append((repr(out.to_clients), repr(out.to_executors), core.counts, repr(queued), held))
+    assert outs[0] == outs[1]
