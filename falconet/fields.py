@@ -47,6 +47,7 @@ def boolean(v: Any) -> bool:
     return v
 
 
+_EXACT = {integer: int, number: float, string: str, blob: bytes, boolean: bool}
 _DATA = (type(None), bool, int, float, str, bytes)
 
 
@@ -75,15 +76,17 @@ def plain_map(v: Any) -> dict:
 
 
 def list_of(item: Callable[[Any], Any]) -> Callable[[Any], list]:
+    exact = frozenset({_EXACT[item]}) if item in _EXACT else None
+
     def check(v: Any) -> list:
         if type(v) is not list:
             raise ProtocolError(f"expected an array, got {type(v).__name__}")
+        if exact is not None and set(map(type, v)) <= exact:  # the usual case, in one C-level pass
+            return v
         return [item(x) for x in v]
 
     return check
 
-
-_EXACT = {integer: int, number: float, string: str, blob: bytes, boolean: bool}
 
 
 def pair(v: Any) -> tuple[int, int]:
@@ -92,7 +95,18 @@ def pair(v: Any) -> tuple[int, int]:
     return (v[0], v[1])
 
 
-_LIST = frozenset({list})
+_LIST, _TWO, _INT = frozenset({list}), frozenset({2}), frozenset({int})
+
+
+def pairs(v: Any) -> list[tuple[int, int]]:
+    """An array of [tid, attempt] pairs, checked in C-level passes, pair by pair on a miss."""
+    if type(v) is not list:
+        raise ProtocolError(f"expected an array, got {type(v).__name__}")
+    if v and set(map(type, v)) <= _LIST and set(map(len, v)) <= _TWO:
+        tids, attempts = zip(*v)
+        if set(map(type, tids)) <= _INT and set(map(type, attempts)) <= _INT:
+            return list(map(tuple, v))
+    return [pair(x) for x in v]
 
 
 def columns(cls: type, checks: tuple) -> Callable[[Any], list]:

@@ -81,6 +81,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Callable, Iterator
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 import msgpack
@@ -109,7 +110,7 @@ def runs(records: list, field: int, max_count: int, max_message_bytes: int) -> I
     """records in runs of at most max_count and the record budget of their bytes field (index
     field, plus RECORD_OVERHEAD each): each run fits one message (and one journal record)."""
     budget = record_budget(max_message_bytes)
-    if len(records) <= max_count and sum([len(r[field]) for r in records]) + RECORD_OVERHEAD * len(records) <= budget:
+    if len(records) <= max_count and sum(map(len, map(itemgetter(field), records))) + RECORD_OVERHEAD * len(records) <= budget:
         yield records  # the usual case: one run, no per-record loop in Python
         return
     start, size = 0, 0
@@ -419,7 +420,7 @@ class HelloAgain:
     f.integer,
     f.integer,
     f.plain_map,
-    f.list_of(f.pair),
+    f.pairs,
 )
 class Register:
     """An executor joins; holding lists tasks it still runs from before a reconnect."""
@@ -437,7 +438,7 @@ class Register:
     holding: list
 
 
-@_message(MsgType.REPORT, f.integer, f.list_of(f.pair), _exec_results, f.plain_map)
+@_message(MsgType.REPORT, f.integer, f.pairs, _exec_results, f.plain_map)
 class Report:
     """Executor progress: more credit, tasks started, attempts finished; stats (such as
     the input cache's hits) only when they changed, else an empty map."""
@@ -448,7 +449,7 @@ class Report:
     stats: dict = dataclasses.field(default_factory=dict)
 
 
-@_message(MsgType.DRAIN, f.list_of(f.pair))
+@_message(MsgType.DRAIN, f.pairs)
 class Drain:
     """The executor takes no more work; returned tasks were never started."""
 
