@@ -58,7 +58,6 @@ _OUTPUT = operator.itemgetter(2)  # TaskResult.output
 _SEQ = operator.itemgetter(0)  # TaskSpec.seq, TaskResult.seq
 _STATE, _ATTEMPT, _NEEDS, _CLIENT = (operator.attrgetter(a) for a in ("state", "attempt", "needs", "client"))
 _TASK_SEQ, _SUBMITTED = operator.attrgetter("seq"), operator.attrgetter("submitted")
-_NO_NEEDS = {None}
 _SPEC_KIND, _SPEC_BODY, _SPEC_RETRIES, _SPEC_WALLTIME, _SPEC_NEEDS = (operator.itemgetter(i) for i in (1, 2, 3, 4, 5))
 _ZEROS = repeat(0.0)
 _TID, _KIND, _BODY, _WALLTIME, _FILES = (operator.attrgetter(a) for a in ("tid", "kind", "body", "walltime_s", "files"))
@@ -470,10 +469,10 @@ class Core:
 
     def _accept_batch(self, ex: ExecutorEntry, results: list[p.ExecResult]) -> int:
         """Accept a Report's results a batch at a time (C-level passes over its columns) when
-        they are the usual case: each the current attempt of a distinct plain task of one
-        client held by ex, in a final state reached by a legal move, with an output within
-        the limit and no files.  Returns how many were accepted; 0 (nothing changed) leaves
-        the batch to _accept_each, which judges each result on its own."""
+        they are the usual case: each the current attempt of a distinct task held by ex, all
+        of one client and one set of needs, in a final state reached by a legal move, with
+        an output within the limit and no files.  Returns how many were accepted; 0 (nothing
+        changed) leaves the batch to _accept_each, which judges each result on its own."""
         tids, attempts, states_, outputs, reasons, started, finished, files = zip(*results)
         tasks = ex.tasks
         ts = list(map(tasks.get, tids))
@@ -481,10 +480,12 @@ class Core:
             return 0
         olds = list(map(_STATE, ts))
         if (list(map(_ATTEMPT, ts)) != list(attempts) or not set(zip(olds, states_)) <= _LEGAL
-                or set(map(_NEEDS, ts)) != _NO_NEEDS or max(map(len, outputs)) > self.config.max_output_bytes):
+                or max(map(len, outputs)) > self.config.max_output_bytes):
             return 0
         clients = set(map(_CLIENT, ts))
-        if len(clients) != 1:
+        held = list(map(_NEEDS, ts))
+        needs = held[0]  # tasks of one needs class share one Needs object: count() compares identity first
+        if len(clients) != 1 or held.count(needs) != len(held):
             return 0
         client = clients.pop()
         collections.deque(map(tasks.__delitem__, tids), 0)
@@ -500,7 +501,11 @@ class Core:
             map(_TASK_SEQ, ts), states_, outputs, reasons, repeat(ex.info.executor_id), attempts,
             map(_SUBMITTED, ts), started, finished, files))
         self._results_pending[client.peer] = client
-        ex.cpus_used -= len(ts)  # a plain task holds one cpu
+        if needs is None:
+            ex.cpus_used -= len(ts)  # a plain task holds one cpu
+        else:
+            ex.cpus_used -= needs.cpus * len(ts)
+            ex.memory_used -= needs.memory_mb * len(ts)
         return len(ts)
 
     def _accept_each(self, ex: ExecutorEntry, results: list[p.ExecResult]) -> int:

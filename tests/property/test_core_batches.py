@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,11 +31,12 @@ def _core(batched: bool) -> Core:
 
 
 def _setup(core: Core, tasks_per_client: tuple[int, int]) -> list[p.Assignment]:
-    """Two clients' tasks, all dispatched to one executor; returns its assignments."""
-    for peer, n in zip((b"c1", b"c2"), tasks_per_client):
+    """Two clients' tasks (c2's need 2 cpus and 100 MB), all dispatched to one executor;
+    returns its assignments."""
+    for peer, n, needs in zip((b"c1", b"c2"), tasks_per_client, (b"", nd.encode(nd.make(cpus=2, memory=100)))):
         core.on_client(peer, p.Hello(p.PROTOCOL_VERSION, peer.decode(), peer.decode()), 0.0)
-        core.on_client(peer, p.Submit(1, [p.TaskSpec(s, 1, b"b", 0, 0.0) for s in range(n)]), 0.0)
-    core.on_executor(b"e", p.Register(p.PROTOCOL_VERSION, "e", "h", [], 64, 1024, "linux", 64, 1, {}, []), 0.0)
+        core.on_client(peer, p.Submit(1, [p.TaskSpec(s, 1, b"b", 0, 0.0, needs) for s in range(n)]), 0.0)
+    core.on_executor(b"e", p.Register(p.PROTOCOL_VERSION, "e", "h", [], 64, 4096, "linux", 64, 1, {}, []), 0.0)
     core.on_executor(b"e", p.Report(64, [], [], {}), 0.0)
     core.dispatch(0.0)
     out = core.take_output()
@@ -78,18 +80,21 @@ def test_batched_results_equal_results_judged_one_by_one(split, data):
         ex = core.executors[b"e"]
         out = core.take_output()
         outs.append((out.to_clients, out.delivered_files, core.counts, core.stale_results, sorted(ex.tasks),
-                     ex.cpus_used, ex.completed, ex.credit,
+                     ex.cpus_used, ex.memory_used, ex.completed, ex.credit,
                      {peer: (c.counts, sorted(c.unacked.items())) for peer, c in core.clients.items()}))
     assert outs[0] == outs[1]
 
 
-def test_the_usual_report_is_accepted_as_a_batch():
+@pytest.mark.parametrize("split", [(5, 0), (0, 5)], ids=["plain", "needs"])
+def test_the_usual_report_is_accepted_as_a_batch(split):
     core = _core(True)
-    assigned = _setup(core, (5, 0))
+    assigned = _setup(core, split)
+    ex = core.executors[b"e"]
+    assert len(assigned) == 5 and ex.cpus_used == (5 if split[0] else 10)
     results = [p.ExecResult(a.tid, a.attempt, DONE, b"ok", "", 1.0, 2.0) for a in assigned]
-    assert core._accept_batch(core.executors[b"e"], results) == 5
-    assert core.executors[b"e"].tasks == {}
-    assert [r.seq for r in core.clients[b"c1"].results] == [0, 1, 2, 3, 4]
+    assert core._accept_batch(ex, results) == 5
+    assert ex.tasks == {} and ex.cpus_used == 0 and ex.memory_used == 0
+    assert [r.seq for r in core.clients[b"c1" if split[0] else b"c2"].results] == [0, 1, 2, 3, 4]
 
 
 VALID = st.builds(p.TaskSpec, st.integers(0, 10), st.sampled_from([1, 2]), st.sampled_from([b"b", b""]),
