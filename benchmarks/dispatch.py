@@ -46,8 +46,9 @@ import zmq
 
 from falconet import spawn
 
-# Message tags and record layouts of falconet.protocol (PROTOCOL_VERSION 8), spelled out so
-# the helper loops run without falconet code: the bytes on the wire are the same.  Records:
+# Message tags and record layouts of falconet.protocol (PROTOCOL_VERSION 9), spelled out so
+# the helper loops run without falconet code: the bytes on the wire are the same.  A batch of
+# records travels column-wise: one array per field below, each as long as the batch.  Records:
 #   TaskSpec   [seq, kind, body, retries, walltime_s, needs, files]                      (7)
 #   Assignment [tid, attempt, kind, body, walltime_s, cpus, files]                      (7)
 #   ExecResult [tid, attempt, state, output, reason, started, finished, files]          (8)
@@ -59,8 +60,9 @@ _HELLO, _SUBMIT, _STATUS_REQUEST, _ACK = 1, 2, 4, 7
 _WELCOME, _ACCEPTED, _RESULTS, _STATUS_REPLY, _REFUSED, _HELLO_AGAIN, _STARTED = 10, 11, 12, 13, 14, 15, 16
 _REGISTER, _REPORT = 20, 21
 _REGISTERED, _TASKS, _REREGISTER, _HEARTBEAT = 30, 31, 33, 40
-_VERSION = 8
+_VERSION = 9
 _COMMAND, _DONE = 1, 3
+_NO_RESULTS = [[]] * 8  # a Report's results without any: eight empty columns
 
 _BODY = bytes(40)  # bare_zmq: an Assignment body of about the size of a small command's
 _OUTPUT = msgpack.packb([0, b"", b"", False])  # a command's output: exit 0, no stdout/stderr
@@ -178,6 +180,17 @@ def _wait_go() -> None:
         data += chunk
 
 
+def _assignments(first: int, k: int) -> list:
+    """k Assignment columns for tids first.. (attempt 1, a small command's body)."""
+    return [list(range(first, first + k)), [1] * k, [_COMMAND] * k, [_BODY] * k, [0.0] * k, [1] * k, [b""] * k]
+
+
+def _done(tasks: list) -> list:
+    """ExecResult columns answering Assignment columns: every task DONE now, with no output."""
+    k, now = len(tasks[0]), time.time()
+    return [tasks[0], tasks[1], [_DONE] * k, [_OUTPUT] * k, [""] * k, [now] * k, [now] * k, [b""] * k]
+
+
 def _router(n: int, peers: int, batch: int) -> None:
     """bare_zmq's dispatcher: decode results, encode the next batch against the credit."""
     ctx = zmq.Context()
@@ -193,15 +206,15 @@ def _router(n: int, peers: int, batch: int) -> None:
     for peer, frame in first:
         k = min(unpackb(frame)[1], batch, n - sent)
         if k > 0:
-            send([peer, packb([_TASKS, [(t, 1, _COMMAND, _BODY, 0.0, 1, b"") for t in range(sent, sent + k)]])])
+            send([peer, packb([_TASKS, _assignments(sent, k)])])
             sent += k
     while done < n:
         peer, frame = recv()
         msg = unpackb(frame)  # [REPORT, credit, started, results, stats]
-        done += len(msg[3])
+        done += len(msg[3][0])
         k = min(msg[1], batch, n - sent)
         if k > 0:
-            send([peer, packb([_TASKS, [(t, 1, _COMMAND, _BODY, 0.0, 1, b"") for t in range(sent, sent + k)]])])
+            send([peer, packb([_TASKS, _assignments(sent, k)])])
             sent += k
     _say("done", time.perf_counter() - t0, done)
     _say("stats", "")
@@ -281,7 +294,7 @@ class _BarePeers(_Dealers):
 
     def __init__(self, address: str, prefix: str, count: int, batch: int):
         super().__init__(address, [f"{prefix}-{i}".encode() for i in range(count)])
-        self.request = msgpack.packb([_REPORT, batch, [], [], {}])
+        self.request = msgpack.packb([_REPORT, batch, [], _NO_RESULTS, {}])
         self.packb, self.unpackb = msgpack.packb, msgpack.unpackb
 
     def start(self, s: zmq.Socket) -> None:
@@ -289,9 +302,7 @@ class _BarePeers(_Dealers):
 
     def handle(self, s: zmq.Socket, frame: bytes) -> None:
         tasks = self.unpackb(frame)[1]
-        now = time.time()
-        s.send(self.packb([_REPORT, len(tasks), [], [(a[0], a[1], _DONE, _OUTPUT, "", now, now, b"") for a in tasks],
-                           {}]))
+        s.send(self.packb([_REPORT, len(tasks[0]), [], _done(tasks), {}]))
 
 
 class _NullExecutors(_Dealers):
@@ -315,7 +326,7 @@ class _NullExecutors(_Dealers):
                               "linux", credit, os.getpid(), facts, []])
             for s, eid in zip(self.socks, self.ids)
         }
-        self.first_credit = msgpack.packb([_REPORT, credit, [], [], {}])
+        self.first_credit = msgpack.packb([_REPORT, credit, [], _NO_RESULTS, {}])
         self.packb, self.unpackb = msgpack.packb, msgpack.unpackb
         self.done = self.messages = self.heartbeats = self.registered = self.reregistered = 0
 
@@ -335,10 +346,8 @@ class _NullExecutors(_Dealers):
         kind = msg[0]
         if kind == _TASKS:
             tasks = msg[1]
-            now = time.time()
-            s.send(self.packb([_REPORT, len(tasks), [],
-                               [(a[0], a[1], _DONE, _OUTPUT, "", now, now, b"") for a in tasks], {}]))
-            self.done += len(tasks)
+            s.send(self.packb([_REPORT, len(tasks[0]), [], _done(tasks), {}]))
+            self.done += len(tasks[0])
             self.messages += 1
         elif kind == _HEARTBEAT:
             s.send(_HB)
@@ -522,9 +531,9 @@ class _Client:
         frame = self.sock.recv()
         kind = frame[1]  # [type, ...]: a fixarray header, then the type as a positive fixint
         if kind == _RESULTS:  # acknowledged, as every client does, so the dispatcher forgets them
-            results = msgpack.unpackb(frame)[1]
-            self.results += len(results)
-            self.sock.send(msgpack.packb([_ACK, [r[0] for r in results]]))
+            seqs = msgpack.unpackb(frame)[1][0]  # TaskResult columns; seqs first
+            self.results += len(seqs)
+            self.sock.send(msgpack.packb([_ACK, seqs]))
         elif kind == _ACCEPTED:
             self.accepted += msgpack.unpackb(frame)[2]
         elif kind in (_REFUSED, _HELLO_AGAIN):  # this client never outlives its dispatcher
@@ -601,9 +610,12 @@ def _submit_frames(n: int, per_message: int = 10_000, first_seq: int = 0, first_
 
     body = encode_command("/bin/true")
     end = first_seq + n
-    return [msgpack.packb([_SUBMIT, first_batch + b, [[seq, _COMMAND, body, 0, 0.0, needs, b""]
-                                                      for seq in range(start, min(end, start + per_message))]])
-            for b, start in enumerate(range(first_seq, end, per_message))]
+    frames = []
+    for b, start in enumerate(range(first_seq, end, per_message)):
+        k = min(end, start + per_message) - start
+        columns = [list(range(start, start + k)), [_COMMAND] * k, [body] * k, [0] * k, [0.0] * k, [needs] * k, [b""] * k]
+        frames.append(msgpack.packb([_SUBMIT, first_batch + b, columns]))
+    return frames
 
 
 def _null_hosts(address: str, executors: int, credit: int, procs: int, window: int = 0, cpus: int = 0,
@@ -651,8 +663,9 @@ def bare_zmq(n_records: int, executors: int, batch: int = 256, procs: int = 2) -
     """The ceiling of this design: a plain pyzmq+msgpack ROUTER loop, no falconet code.
 
     A router process and `executors` DEALER peers (in `procs` <= 2 processes) move
-    Assignment-like 7-tuples out and ExecResult-like 8-tuples back, msgpack-framed exactly as
-    falconet's Tasks and Report, `batch` records per message against the peers' credit.
+    Assignment-like 7-field records out and ExecResult-like 8-field records back, column-wise
+    and msgpack-framed exactly as falconet's Tasks and Report, `batch` records per message
+    against the peers' credit.
     Timed in the router from the first batch (every peer has asked) to the last result.
     """
     router = _Helpers("router", [[n_records, executors, batch]], ready="addr")

@@ -407,7 +407,7 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
         ten = [x for x in d["rows"] if x["executors"] == 10]
         if ten:
             ratio = med(ten[0]["tasks_per_s"]) / med(d["bare_zmq_10"])
-            out.append(("dispatch(10) / bare ZeroMQ(10)", ">= 0.25", f"{ratio:.2f}", ratio >= 0.25))
+            out.append(("dispatch(10) / bare ZeroMQ(10)", ">= 0.35", f"{ratio:.2f}", ratio >= 0.35))
         if "journal_10" in d:
             j = d["journal_10"]
             ratio = med(j["journal"]) / med(j["in_memory"])

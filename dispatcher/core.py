@@ -19,6 +19,7 @@ import operator
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from itertools import repeat, starmap
 from typing import Any, NamedTuple
 
 from falconet import needs as nd
@@ -54,7 +55,13 @@ _FINAL = frozenset({_DONE, _FAILED, _CANCELLED})
 _LEGAL = states.LEGAL
 _new = tuple.__new__  # builds a NamedTuple without its Python-level __new__
 _OUTPUT = operator.itemgetter(2)  # TaskResult.output
-_SEQ = operator.itemgetter(0)  # TaskSpec.seq
+_SEQ = operator.itemgetter(0)  # TaskSpec.seq, TaskResult.seq
+_STATE, _ATTEMPT, _NEEDS, _CLIENT = (operator.attrgetter(a) for a in ("state", "attempt", "needs", "client"))
+_TASK_SEQ, _SUBMITTED = operator.attrgetter("seq"), operator.attrgetter("submitted")
+_SPEC_KIND, _SPEC_BODY, _SPEC_RETRIES, _SPEC_WALLTIME, _SPEC_NEEDS = (operator.itemgetter(i) for i in (1, 2, 3, 4, 5))
+_ZEROS = repeat(0.0)
+_TID, _KIND, _BODY, _WALLTIME, _FILES = (operator.attrgetter(a) for a in ("tid", "kind", "body", "walltime_s", "files"))
+_ONLY_PENDING, _NO_TID = {_PENDING}, {None}
 #: the answer to a client that has not said Hello to this dispatcher (or to its last run)
 _HELLO_AGAIN = p.HelloAgain("this dispatcher does not know this client (it restarted, or the client "
                             "skipped Hello): say Hello again")
@@ -288,8 +295,13 @@ class Core:
         counts[_PENDING] += len(specs)
         ccounts[_PENDING] += len(specs)
         max_body = self.config.max_task_bytes
+        if self._plain_and_valid(specs, max_body):  # the usual batch: checked a column at a time
+            queue.extend(map(Task, repeat(client), specs, repeat(wall)))
+            specs_each: list[p.TaskSpec] = []
+        else:
+            specs_each = specs
         classes: dict[bytes, NeedsClass | str | None] = {}  # needs as sent -> its class, once per batch
-        for spec in specs:
+        for spec in specs_each:
             if spec.kind in KINDS and spec.retries >= 0 and spec.walltime_s >= 0 and len(spec.body) <= max_body:
                 if not spec.needs:
                     queue.append(Task(client, spec, wall))  # (NaN fails the walltime test)
@@ -310,6 +322,15 @@ class Core:
         if queue and not client.held:
             self.plain.setdefault(client.peer, client)
 
+    @staticmethod
+    def _plain_and_valid(specs: list[p.TaskSpec], max_body: int) -> bool:
+        """True when every spec is a plain task that passes the checks of _queue (a kind
+        this dispatcher runs, retries and walltime_s >= 0, not NaN, a body within the limit)."""
+        if not specs or any(map(_SPEC_NEEDS, specs)) or not set(map(_SPEC_KIND, specs)) <= KINDS:
+            return False
+        return (min(map(_SPEC_RETRIES, specs)) >= 0 and all(map(operator.ge, map(_SPEC_WALLTIME, specs), _ZEROS))
+                and max(map(len, map(_SPEC_BODY, specs))) <= max_body)
+
     def _enqueue(self, task: Task, front: bool = False) -> None:
         """Queue a pending task: in its needs class, or a plain one in the plain queue."""
         if task.needs is None:
@@ -323,12 +344,8 @@ class Core:
         (queue.appendleft if front else queue.append)(task)
 
     def _ack(self, client: ClientEntry, seqs: list[int]) -> None:
-        unacked, freed = client.unacked, 0
-        for seq in seqs:
-            r = unacked.pop(seq, None)
-            if r is not None:
-                freed += len(r[2]) + RESULT_OVERHEAD
-        client.unacked_bytes -= freed
+        gone = list(filter(None, map(client.unacked.pop, seqs, repeat(None))))  # unknown seqs: None
+        client.unacked_bytes -= sum(map(len, map(_OUTPUT, gone))) + RESULT_OVERHEAD * len(gone)
         if client.held and client.unacked_bytes <= self.config.max_unacked_bytes * 3 // 4:
             client.held = False  # room again (with a margin, so it does not flap)
             log.info("client %s acknowledged its results: its tasks go on", client.label)
@@ -421,7 +438,7 @@ class Core:
         tasks = ex.tasks
         if msg.started:
             # A task that also finishes in this report needs no Started: its result says more.
-            ending = {r.tid for r in msg.results} if msg.results else ()
+            ending = set(map(_SEQ, msg.results)) if msg.results else ()  # ExecResult.tid
             last = None
             seen = None if self.events is None else []
             for tid, attempt in msg.started:
@@ -441,33 +458,7 @@ class Core:
         if msg.stats:
             note_stats(self.cache_totals, ex, msg.stats)
         if msg.results:
-            eid = ex.info.executor_id
-            accepted = plain = 0
-            max_out = self.config.max_output_bytes
-            for r in msg.results:
-                t = tasks.get(r.tid)
-                if t is None or t.attempt != r.attempt:
-                    self.stale_results += 1
-                    continue
-                del tasks[r.tid]
-                if t.needs is None:
-                    plain += 1
-                else:
-                    ex.cpus_used -= t.needs.cpus
-                    ex.memory_used -= t.needs.memory_mb
-                state, reason, output = r.state, r.reason, r.output
-                if state not in _FINAL:
-                    state, reason = _FAILED, f"executor reported invalid state {state}"
-                if len(output) > max_out:
-                    state, output = _FAILED, b""
-                    reason = (f"its output of {len(r.output)} bytes is more than the dispatcher's "
-                              f"limit of {max_out} (--max-output-bytes); lower the task's output cap, "
-                              "or send its output to a file")
-                if r.files:  # its outputs now belong to its client (the blob store counts them)
-                    self.delivered_files.append((t.client.peer, ex.peer, r.files))
-                self._finish(t, state, output, reason, eid, r.started, r.finished, r.files)
-                accepted += 1
-            ex.cpus_used -= plain
+            accepted = self._accept_batch(ex, msg.results) or self._accept_each(ex, msg.results)
             ex.completed += accepted
             self.rate.note(now, accepted)
             if not tasks:
@@ -475,6 +466,79 @@ class Core:
         if msg.credit > 0 and ex.state is ExecutorState.ACTIVE:
             ex.credit += msg.credit
             self.ready[ex.peer] = ex
+
+    def _accept_batch(self, ex: ExecutorEntry, results: list[p.ExecResult]) -> int:
+        """Accept a Report's results a batch at a time (C-level passes over its columns) when
+        they are the usual case: each the current attempt of a distinct task held by ex, all
+        of one client and one set of needs, in a final state reached by a legal move, with
+        an output within the limit and no files.  Returns how many were accepted; 0 (nothing
+        changed) leaves the batch to _accept_each, which judges each result on its own."""
+        tids, attempts, states_, outputs, reasons, started, finished, files = zip(*results)
+        tasks = ex.tasks
+        ts = list(map(tasks.get, tids))
+        if None in ts or len(set(tids)) != len(tids) or any(files) or not set(states_) <= _FINAL:
+            return 0
+        olds = list(map(_STATE, ts))
+        if (list(map(_ATTEMPT, ts)) != list(attempts) or not set(zip(olds, states_)) <= _LEGAL
+                or max(map(len, outputs)) > self.config.max_output_bytes):
+            return 0
+        clients = set(map(_CLIENT, ts))
+        held = list(map(_NEEDS, ts))
+        needs = held[0]  # tasks of one needs class share one Needs object: count() compares identity first
+        if len(clients) != 1 or held.count(needs) != len(held):
+            return 0
+        client = clients.pop()
+        collections.deque(map(tasks.__delitem__, tids), 0)
+        collections.deque(map(setattr, ts, repeat("state"), states_), 0)
+        counts, c = self.counts, client.counts
+        for state, k in collections.Counter(olds).items():
+            counts[state] -= k
+            c[state] -= k
+        for state, k in collections.Counter(states_).items():
+            counts[state] += k
+            c[state] += k
+        client.results += map(_new, repeat(p.TaskResult), zip(
+            map(_TASK_SEQ, ts), states_, outputs, reasons, repeat(ex.info.executor_id), attempts,
+            map(_SUBMITTED, ts), started, finished, files))
+        self._results_pending[client.peer] = client
+        if needs is None:
+            ex.cpus_used -= len(ts)  # a plain task holds one cpu
+        else:
+            ex.cpus_used -= needs.cpus * len(ts)
+            ex.memory_used -= needs.memory_mb * len(ts)
+        return len(ts)
+
+    def _accept_each(self, ex: ExecutorEntry, results: list[p.ExecResult]) -> int:
+        """Accept a Report's results one by one: stale ones counted and dropped, a bad state
+        or an output over the limit failing its task.  Returns how many were accepted."""
+        tasks, eid = ex.tasks, ex.info.executor_id
+        accepted = plain = 0
+        max_out = self.config.max_output_bytes
+        for r in results:
+            t = tasks.get(r.tid)
+            if t is None or t.attempt != r.attempt:
+                self.stale_results += 1
+                continue
+            del tasks[r.tid]
+            if t.needs is None:
+                plain += 1
+            else:
+                ex.cpus_used -= t.needs.cpus
+                ex.memory_used -= t.needs.memory_mb
+            state, reason, output = r.state, r.reason, r.output
+            if state not in _FINAL:
+                state, reason = _FAILED, f"executor reported invalid state {state}"
+            if len(output) > max_out:
+                state, output = _FAILED, b""
+                reason = (f"its output of {len(r.output)} bytes is more than the dispatcher's "
+                          f"limit of {max_out} (--max-output-bytes); lower the task's output cap, "
+                          "or send its output to a file")
+            if r.files:  # its outputs now belong to its client (the blob store counts them)
+                self.delivered_files.append((t.client.peer, ex.peer, r.files))
+            self._finish(t, state, output, reason, eid, r.started, r.finished, r.files)
+            accepted += 1
+        ex.cpus_used -= plain
+        return accepted
 
     def _drain(self, ex: ExecutorEntry, msg: p.Drain) -> None:
         if move_executor(ex, ExecutorState.DRAINING):
@@ -642,6 +706,17 @@ class Core:
 
     def _pop(self, queue: collections.deque[Task], ex: ExecutorEntry, n: int, cpus: int) -> list[p.Assignment]:
         """Up to n pending tasks from the front of queue, dispatched to ex (the hot loop)."""
+        k = min(n, len(queue))
+        if k > 1:
+            ts = list(starmap(queue.popleft, repeat((), k)))
+            if (set(map(_STATE, ts)) == _ONLY_PENDING and set(map(_TID, ts)) == _NO_TID
+                    and len(set(map(_CLIENT, ts))) == 1):
+                return self._pop_fresh(ts, ex, cpus)
+            queue.extendleft(reversed(ts))  # not the usual case: one by one
+        return self._pop_each(queue, ex, n, cpus)
+
+    def _pop_each(self, queue: collections.deque[Task], ex: ExecutorEntry, n: int, cpus: int) -> list[p.Assignment]:
+        """_pop one task at a time: skips cancelled ones, keeps the tids of re-runs."""
         tasks, Assignment = ex.tasks, p.Assignment
         batch: list[p.Assignment] = []
         append = batch.append
@@ -664,6 +739,22 @@ class Core:
         self.counts[_DISPATCHED] += len(batch)
         return batch
 
+    def _pop_fresh(self, ts: list[Task], ex: ExecutorEntry, cpus: int) -> list[p.Assignment]:
+        """Dispatch to ex pending tasks of one client that were never dispatched (so have no
+        tid and attempt 0), a batch at a time: _pop's loop in C-level passes."""
+        k = len(ts)
+        tids = range(self._next_tid, self._next_tid + k)
+        self._next_tid += k
+        for name, values in (("tid", tids), ("state", repeat(_DISPATCHED)), ("attempt", repeat(1)),
+                             ("executor", repeat(ex))):
+            collections.deque(map(setattr, ts, repeat(name), values), 0)
+        ex.tasks.update(zip(tids, ts))
+        for counts in (self.counts, ts[0].client.counts):
+            counts[_PENDING] -= k
+            counts[_DISPATCHED] += k
+        return list(map(_new, repeat(p.Assignment), zip(
+            tids, repeat(1), map(_KIND, ts), map(_BODY, ts), map(_WALLTIME, ts), repeat(cpus), map(_FILES, ts))))
+
     def take_output(self) -> TurnOutput:
         """Return and clear what this turn produced: journal records, messages, accepted
         result files and departed executors.  The records must be on disk before any of
@@ -680,7 +771,7 @@ class Core:
             results, client.results = client.results, []
             if events is not None:
                 events.append((ev.FINISHED, wall, client.label, results))
-            client.unacked.update([(r[0], r) for r in results])
+            client.unacked.update(zip(map(_SEQ, results), results))
             client.unacked_bytes += sum(map(len, map(_OUTPUT, results))) + RESULT_OVERHEAD * len(results)
             if client.unacked_bytes > self.config.max_unacked_bytes and not client.held:
                 sharing.hold(self, client)

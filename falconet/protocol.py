@@ -8,8 +8,10 @@ id to their own id (``client_id`` / ``executor_id``), so a reconnecting peer kee
 identity.  Every ZeroMQ message is a single frame (the ROUTER adds the identity frame):
 a msgpack array ``[type, field1, field2, ...]`` where ``type`` is a :class:`MsgType`
 and the fields follow the order of the dataclass below.  Per-task records inside batches
-(``TaskSpec``, ``Assignment``, ``ExecResult``, ``TaskResult``) are msgpack arrays in the
-order of their NamedTuple fields.  Wall-clock times are float seconds since the epoch;
+(``TaskSpec``, ``Assignment``, ``ExecResult``, ``TaskResult``) travel *column-wise*: a batch
+of k records is an array of one array per NamedTuple field, in field order, each of k values
+(``[[tid1, tid2], [attempt1, attempt2], ...]``), so a receiver checks a batch a column at a
+time; every column must have the same length.  Wall-clock times are float seconds since the epoch;
 durations are float seconds.  Task bodies and outputs are opaque bytes to the dispatcher
 (see :mod:`falconet.tasks`).
 
@@ -79,6 +81,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Callable, Iterator
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 import msgpack
@@ -88,8 +91,9 @@ from falconet.errors import ProtocolError
 
 #: 2: Ack, results kept until acknowledged; 3: needs, staging, blobs; 4: HelloAgain, where a
 #: Refused reason starting "say Hello first" told a client of a restarted dispatcher; 5: Register's
-#: memory in MB; 6: Started, which tells a client which of its tasks began running
-PROTOCOL_VERSION = 8
+#: memory in MB; 6: Started, which tells a client which of its tasks began running; 7: EventsRequest;
+#: 8: Registered.max_output_bytes; 9: batches of records (Submit, Tasks, Report, Results) column-wise
+PROTOCOL_VERSION = 9
 #: Refused.reason prefix for a message that belongs on the dispatcher's other port.
 WRONG_PORT = "wrong port: this is"
 #: Bytes of msgpack framing counted for each record when filling a message.
@@ -106,7 +110,7 @@ def runs(records: list, field: int, max_count: int, max_message_bytes: int) -> I
     """records in runs of at most max_count and the record budget of their bytes field (index
     field, plus RECORD_OVERHEAD each): each run fits one message (and one journal record)."""
     budget = record_budget(max_message_bytes)
-    if len(records) <= max_count and sum([len(r[field]) for r in records]) + RECORD_OVERHEAD * len(records) <= budget:
+    if len(records) <= max_count and sum(map(len, map(itemgetter(field), records))) + RECORD_OVERHEAD * len(records) <= budget:
         yield records  # the usual case: one run, no per-record loop in Python
         return
     start, size = 0, 0
@@ -250,12 +254,16 @@ class TaskResult(NamedTuple):
 _STATE_VALUES = frozenset(int(s) for s in TaskState)
 
 
-_task_specs = f.records(TaskSpec, (f.integer, f.integer, f.blob, f.integer, f.number, f.blob, f.blob))
-_assignments = f.records(Assignment, (f.integer, f.integer, f.integer, f.blob, f.number, f.integer, f.blob))
-_exec_results = f.records(ExecResult, (f.integer, f.integer, f.integer, f.blob, f.string, f.number, f.number, f.blob))
-_task_results = f.records(
+# Batches of records travel column-wise (version 9): one array per field, checked a column at a time.
+_task_specs = f.columns(TaskSpec, (f.integer, f.integer, f.blob, f.integer, f.number, f.blob, f.blob))
+_assignments = f.columns(Assignment, (f.integer, f.integer, f.integer, f.blob, f.number, f.integer, f.blob))
+_exec_results = f.columns(ExecResult, (f.integer, f.integer, f.integer, f.blob, f.string, f.number, f.number, f.blob))
+_task_results = f.columns(
     TaskResult, (f.integer, f.integer, f.blob, f.string, f.string, f.integer, f.number, f.number, f.number, f.blob)
 )
+#: message type -> (index of its record batch in the encoded array, fields per record)
+_COLUMNAR = {int(MsgType.SUBMIT): (2, len(TaskSpec._fields)), int(MsgType.TASKS): (1, len(Assignment._fields)),
+             int(MsgType.REPORT): (3, len(ExecResult._fields)), int(MsgType.RESULTS): (1, len(TaskResult._fields))}
 
 # ---------------------------------------------------------------- messages
 
@@ -412,7 +420,7 @@ class HelloAgain:
     f.integer,
     f.integer,
     f.plain_map,
-    f.list_of(f.pair),
+    f.pairs,
 )
 class Register:
     """An executor joins; holding lists tasks it still runs from before a reconnect."""
@@ -430,7 +438,7 @@ class Register:
     holding: list
 
 
-@_message(MsgType.REPORT, f.integer, f.list_of(f.pair), _exec_results, f.plain_map)
+@_message(MsgType.REPORT, f.integer, f.pairs, _exec_results, f.plain_map)
 class Report:
     """Executor progress: more credit, tasks started, attempts finished; stats (such as
     the input cache's hits) only when they changed, else an empty map."""
@@ -441,7 +449,7 @@ class Report:
     stats: dict = dataclasses.field(default_factory=dict)
 
 
-@_message(MsgType.DRAIN, f.list_of(f.pair))
+@_message(MsgType.DRAIN, f.pairs)
 class Drain:
     """The executor takes no more work; returned tasks were never started."""
 
@@ -553,8 +561,13 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 
 
 def encode(msg: Any) -> bytes:
-    """Encode one message as its msgpack frame."""
-    return _packb([msg.TYPE, *[getattr(msg, n) for n in msg._names]])
+    """Encode one message as its msgpack frame (record batches column-wise)."""
+    fields = [msg.TYPE, *[getattr(msg, n) for n in msg._names]]
+    at = _COLUMNAR.get(msg.TYPE)
+    if at is not None:
+        i, n = at
+        fields[i] = f.transpose(fields[i], n)
+    return _packb(fields)
 
 
 def _reject_ext(code: int, data: bytes) -> Any:

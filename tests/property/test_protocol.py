@@ -212,8 +212,91 @@ def test_round_trip_keeps_records_typed():
 def test_float_fields_accept_integers():
     back = p.decode(pack([p.MsgType.REGISTERED, "d1", 5, 30, 1024, 512]))
     assert back == p.Registered("d1", 5.0, 30.0, 1024, 512) and type(back.heartbeat_interval_s) is float
-    back = p.decode(pack([p.MsgType.SUBMIT, 1, [[1, 1, b"", 0, 60, b"", b""]]]))
+    back = p.decode(pack([p.MsgType.SUBMIT, 1, [[1], [1], [b""], [0], [60], [b""], [b""]]]))
     assert type(back.tasks[0].walltime_s) is float
+
+
+# ---------------------------------------------------------------- record batches, column-wise
+
+#: message class -> (index of its record batch in the encoded array, record class)
+BATCHES = {p.Submit: (2, p.TaskSpec), p.Tasks: (1, p.Assignment), p.Report: (3, p.ExecResult),
+           p.Results: (1, p.TaskResult)}
+ANY_BATCH = st.sampled_from(sorted(BATCHES, key=lambda c: c.TYPE)).flatmap(lambda c: messages(c, FIELDS_NONEMPTY))
+
+
+@FAST
+@given(msg=ANY_BATCH)
+def test_record_batches_travel_column_wise(msg):
+    at, record = BATCHES[type(msg)]
+    records = getattr(msg, msg._names[at - 1])
+    columns = raw(msg)[at]
+    assert len(columns) == len(record._fields)
+    assert [list(c) for c in zip(*records)] == columns, "field i of every record, in the i-th array"
+
+
+@pytest.mark.parametrize("msg", [p.Submit(1, []), p.Tasks([]), p.Report(1, [], [], {}), p.Results([])],
+                         ids=lambda m: type(m).__name__)
+def test_an_empty_batch_is_one_empty_array_per_field(msg):
+    at, record = BATCHES[type(msg)]
+    assert raw(msg)[at] == [[]] * len(record._fields)
+    assert p.decode(p.encode(msg)) == msg
+
+
+@SOME
+@given(msg=ANY_BATCH, data=st.data())
+def test_columns_of_unequal_length_are_refused_naming_the_record(msg, data):
+    at, record = BATCHES[type(msg)]
+    arr = raw(msg)
+    i = data.draw(st.integers(0, len(record._fields) - 1), label="column")
+    if data.draw(st.booleans(), label="grow"):
+        arr[at][i].append(arr[at][i][0])
+    else:
+        arr[at][i].pop()
+    with pytest.raises(ProtocolError, match=f"{record.__name__} columns differ in length"):
+        p.decode(pack(arr))
+
+
+@SOME
+@given(msg=ANY_BATCH, data=st.data())
+def test_a_missing_or_extra_column_is_refused(msg, data):
+    at, record = BATCHES[type(msg)]
+    arr = raw(msg)
+    if data.draw(st.booleans(), label="extra"):
+        arr[at].append(list(arr[at][0]))
+    else:
+        arr[at].pop(data.draw(st.integers(0, len(arr[at]) - 1), label="column"))
+    with pytest.raises(ProtocolError, match=f"{record.__name__} records: expected an array of "
+                                            f"{len(record._fields)} column arrays"):
+        p.decode(pack(arr))
+
+
+@FAST
+@given(msg=ANY_BATCH, data=st.data())
+def test_a_bad_value_in_a_column_is_refused_naming_field_and_index(msg, data):
+    at, record = BATCHES[type(msg)]
+    arr = raw(msg)
+    i = data.draw(st.integers(0, len(record._fields) - 1), label="column")
+    j = data.draw(st.integers(0, len(arr[at][i]) - 1), label="index")
+    arr[at][i][j] = data.draw(wrong_value_for(arr[at][i][j]), label="wrong value")
+    with pytest.raises(ProtocolError) as info:
+        p.decode(pack(arr))
+    text = str(info.value)
+    assert text.startswith(f"{type(msg).__name__}: {record.__name__}.{record._fields[i]}[{j}]: expected"), text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize("column", [None, 3, "x", {"a": 1}, b"\x90"])
+def test_a_column_that_is_not_an_array_is_refused(column):
+    columns = [[1], [1], [3], [b""], [""], [1.0], [1.0], [b""]]
+    columns[3] = column
+    with pytest.raises(ProtocolError, match="ExecResult records: expected an array of 8 column arrays"):
+        p.decode(pack([p.MsgType.REPORT, 1, [], columns, {}]))
+
+
+@pytest.mark.parametrize("records", [[("short",)], [(1, 2, 3, b"", "", 1.0, 2.0, b"", "long")]])
+def test_a_record_of_the_wrong_size_is_not_encoded(records):
+    with pytest.raises(ValueError, match="records of 8 fields"):
+        p.encode(p.Report(0, [], records, {}))
 
 
 # ---------------------------------------------------------------- garbage
