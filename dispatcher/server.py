@@ -36,6 +36,9 @@ from falconet.errors import BindRefused, FalconetError, JournalWriteError, Proto
 log = logging.getLogger("falconet.dispatcher")
 
 _RECV_PER_TURN = 20_000
+#: a turn reads one port for at most this long; what is left waits for the next turn, so a
+#: burst of large Submits neither holds back the other port nor makes a turn look like a stall
+READ_S = 0.2
 BLOB_BYTES_PER_TURN = 8 << 20  # blob chunks sent per loop turn, so file transfers never stall tasks
 MAX_TRANSFERS_PER_PEER = 16  # blobs sent to one peer at once; streams beyond wait their turn
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -360,13 +363,16 @@ class Server:
         if self.zap is not None:
             self._receive_keyed(sock, handle, now, port)
             return
-        recv = sock.recv_multipart
+        recv, clock = sock.recv_multipart, time.perf_counter
+        stop = clock() + READ_S
         n = 0
         try:
-            for n in range(_RECV_PER_TURN):  # noqa: B007 - n counts what was read
+            while n < _RECV_PER_TURN:
                 frames = recv(_NOBLOCK)
+                n += 1
                 self._handle(frames, handle, now, port)
-            n = _RECV_PER_TURN
+                if clock() > stop:
+                    break
         except zmq.Again:
             pass
         self.messages[port, "in"] += n  # counted once a turn, not per message
@@ -380,7 +386,10 @@ class Server:
         could speak as another executor and hand in forged results for its tasks.
         """
         owners = self._owners.setdefault(port, {})
+        stop = time.perf_counter() + READ_S
         for _ in range(_RECV_PER_TURN):
+            if time.perf_counter() > stop:
+                return
             try:
                 parts = sock.recv_multipart(_NOBLOCK, copy=False)
             except zmq.Again:

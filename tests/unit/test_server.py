@@ -128,3 +128,36 @@ def test_a_result_with_files_is_handed_over_in_the_output():
     done = p.ExecResult(a.tid, a.attempt, int(p.TaskState.DONE), b"", "", 1.0, 2.0, b"files")
     core.on_executor(b"e1", p.Report(0, [], [done]), 0.0)
     assert core.take_output().delivered_files == [(b"c1", b"e1", b"files")]
+
+
+def test_a_turn_reads_a_port_for_at_most_read_s(monkeypatch):
+    """A burst (say, many large Submits) is read over several turns, not in one turn that
+    holds back the other port and looks like a stall."""
+    import zmq
+
+    from falconet.dispatcher import server as srv
+
+    server = srv.Server()
+    ctx = zmq.Context()
+    client = ctx.socket(zmq.DEALER)
+    try:
+        client.connect(server.client_address)
+        for i in range(5):
+            client.send(p.encode(p.StatusRequest(i, False)))
+        seen: list = []
+
+        def take(limit_s: float) -> int:
+            monkeypatch.setattr(srv, "READ_S", limit_s)
+            before = len(seen)
+            assert server.client_sock.poll(10_000), "the requests never came"
+            server._receive(server.client_sock, lambda peer, msg, now: seen.append(msg.req_id), 0.0, "client")
+            return len(seen) - before
+
+        assert take(0.0) == 1, "past READ_S after the first message: the rest waits"
+        while len(seen) < 5:
+            take(60.0)
+        assert seen == [0, 1, 2, 3, 4] and server.messages["client", "in"] == 5
+    finally:
+        client.close(linger=0)
+        ctx.term()
+        server.close()
