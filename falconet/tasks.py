@@ -17,6 +17,7 @@ The dispatcher never looks inside these bytes.
 from __future__ import annotations
 
 import io
+import operator
 import os
 import pickle
 import re
@@ -221,56 +222,58 @@ class _FunctionPickles:
     """The pickles of recently submitted functions, each with what it was made from.
 
     A function pickled by value carries its code, defaults, closure cells, attributes and
-    the globals its code names, as they were when it was pickled.  The pickle is reused
-    only while each of those is the same object (identity): rebinding a global, a default
-    or a cell pickles it again.  What it cannot see is an object changed in place (a global
-    list appended to after the first submit); such data belongs in the arguments.
+    the globals its code names, and so does every function it reaches through those (a
+    helper it calls), as they were when it was pickled.  The pickle is reused only while
+    each of those is the same object (identity): rebinding a global, a default or a cell,
+    of the function or of a helper, pickles it again.  What it cannot see is an object
+    changed in place (a global list appended to after the first submit); such data
+    belongs in the arguments.
     """
 
     def __init__(self, size: int = 256):
         self.size = size
-        self._made: dict[types.FunctionType, tuple[tuple, tuple[str, ...], bytes]] = {}
+        self._made: dict[types.FunctionType, tuple[list, bytes]] = {}
+        self._names: dict[types.CodeType, tuple[str, ...]] = {}
         self._lock = threading.Lock()  # submit() from many threads
 
-    @staticmethod
-    def _source(fn: types.FunctionType, names: tuple[str, ...]) -> tuple:
-        g = fn.__globals__
-        cells = fn.__closure__
-        attrs = fn.__dict__
-        return (fn.__code__, fn.__defaults__, fn.__kwdefaults__, attrs and (*attrs, *attrs.values()),
-                cells and tuple(c.cell_contents for c in cells), tuple(map(g.get, names)),
-                fn.__qualname__, fn.__module__)
+    def _carried(self, fn: types.FunctionType) -> list:
+        """What fn's pickle depends on, flat: of fn, then of each function it reaches."""
+        out: list = []
+        seen, todo = {id(fn)}, [fn]
+        names_of = self._names
+        while todo:
+            f = todo.pop()
+            code, attrs = f.__code__, f.__dict__
+            names = names_of.get(code)
+            if names is None:
+                names = names_of[code] = _global_names(code)
+            values = list(map(f.__globals__.get, names))
+            cells = [c.cell_contents for c in f.__closure__] if f.__closure__ else []
+            out += (code, f.__defaults__, f.__kwdefaults__, f.__qualname__, f.__module__, *attrs, *attrs.values())
+            out += values
+            out += cells
+            for v in (*values, *cells):
+                if type(v) is types.FunctionType and id(v) not in seen:
+                    seen.add(id(v))
+                    todo.append(v)
+        return out
 
     def dumps(self, fn: types.FunctionType) -> bytes:
         made = self._made.get(fn)
-        if made is not None:
-            source, names, data = made
-            if names is not None and _same(self._source(fn, names), source):
-                return data
-        _ship_module_by_value(fn)
-        names = _global_names(fn.__code__)
         try:
-            source = self._source(fn, names)
+            carried = self._carried(fn)
         except ValueError:  # an empty closure cell: pickle it each time
             return cloudpickle.dumps(fn)
+        if made is not None and len(made[0]) == len(carried) and all(map(operator.is_, made[0], carried)):
+            return made[1]
+        _ship_module_by_value(fn)
         data = cloudpickle.dumps(fn)
         with self._lock:
             if len(self._made) >= self.size:
                 self._made.clear()
-            self._made[fn] = (source, names, data)
+                self._names.clear()
+            self._made[fn] = (carried, data)
         return data
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    """Element-wise identity, one level into tuples (the sources of _FunctionPickles)."""
-    for x, y in zip(a, b):
-        if x is y:
-            continue
-        if type(x) is not tuple or type(y) is not tuple or len(x) != len(y):
-            return False
-        if any(i is not j for i, j in zip(x, y)):
-            return False
-    return True
 
 
 _FUNCTIONS = _FunctionPickles()

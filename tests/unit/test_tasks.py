@@ -413,6 +413,36 @@ def test_rebinding_a_global_default_or_cell_pickles_the_function_again(monkeypat
     assert _load_function(tasks.pickle_function(inner)).tag == "t"
 
 
+OFFSET = 10
+
+
+def _offset():
+    return OFFSET
+
+
+def _calls_a_helper(x):
+    return x + _offset()
+
+
+def test_rebinding_a_global_of_a_helper_it_calls_pickles_the_function_again(monkeypatch):
+    """cloudpickle carries the helper (and its globals) inside the function's pickle."""
+    module = sys.modules[__name__]
+    was = module.__name__ in tasks.cloudpickle.list_registry_pickle_by_value()
+    tasks.cloudpickle.register_pickle_by_value(module)  # as for a script's own module
+    try:
+        assert _load_function(tasks.pickle_function(_calls_a_helper))(1) == 11
+        monkeypatch.setattr(sys.modules[__name__], "OFFSET", 20)
+        assert _load_function(tasks.pickle_function(_calls_a_helper))(1) == 21
+
+        def recursive(n):
+            return 0 if n == 0 else recursive(n - 1) + OFFSET
+
+        assert _load_function(tasks.pickle_function(recursive))(2) == 40, "a function that reaches itself"
+    finally:
+        if not was:
+            tasks.cloudpickle.unregister_pickle_by_value(module)
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.integers(-5, 5), min_size=1, max_size=8))
 def test_a_cached_pickle_always_loads_as_the_function_is_now(values):
