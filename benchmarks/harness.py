@@ -172,7 +172,8 @@ def client_memory(n: int) -> dict:
     out = {}
     for kind in ("submit", "submit_command"):
         code = f"from falconet.benchmarks import harness; harness._client_memory_child({n}, {kind!r})"
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        # -P: the clone's own falconet/ folder (no benchmarks in it) must not shadow the install
+        done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"client memory ({kind}) failed: {done.stderr.strip()[-2000:]}")
         out[kind] = json.loads(done.stdout.strip().splitlines()[-1])
