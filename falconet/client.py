@@ -116,7 +116,7 @@ class Client:
         # plain loop makes per task, and every microsecond here is one of the caller's.
         if self._closed:
             raise RuntimeError("this client is closed")
-        body = _encode_python(_pickle_function(fn), _pickle_arguments(args, kwargs))
+        body = tasks.encode_python(tasks.pickle_function(fn), tasks.pickle_arguments(args, kwargs))
         seq = next(self._seq)
         fut = TaskFuture(self, seq, _PYTHON, _name(fn))
         if self._session.add1(p.TaskSpec(seq, _PYTHON, body, self.retries, float(self.walltime_s), b"", b""), fut):
@@ -510,5 +510,3 @@ def _name(fn: Callable[..., Any]) -> str:
 
 
 _PYTHON = int(p.TaskKind.PYTHON)
-_encode_python, _pickle_function, _pickle_arguments = tasks.encode_python, tasks.pickle_function, tasks.pickle_arguments
-
