@@ -18,6 +18,7 @@ from importlib import metadata
 from typing import Any
 
 import falconet
+from falconet.benchmarks import hops
 
 
 def noop(x):
@@ -159,7 +160,9 @@ def latency(plan: Plan) -> dict:
             times.append((time.perf_counter() - t0) * 1000)
     times.sort()
     return {"p50_ms": times[len(times) // 2], "p99_ms": times[int(len(times) * 0.99)],
-            "max_ms": times[-1], "tasks": len(times)}
+            "max_ms": times[-1], "tasks": len(times),
+            # the same four processes and hops with no falconet code: what the design allows here
+            "floor": hops.floor_latency(max(plan.latency_tasks, 1000))}
 
 
 def client_memory(n: int) -> dict:
@@ -486,7 +489,11 @@ def table(r: dict) -> str:
                      f"{fmt(row['efficiency'], '', 3)}")
     if "latency" in r:
         lat = r["latency"]
-        lines.append(f"latency: p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms")
+        line = f"latency: p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms"
+        if "floor" in lat:  # absent from runs before it was measured
+            line += (f" (the same processes and hops with no falconet code, benchmarks/hops.py: "
+                     f"p50 {lat['floor']['p50_ms']:.2f} ms, p99 {lat['floor']['p99_ms']:.2f} ms)")
+        lines.append(line)
     if "dispatch" in r:
         for row in r["dispatch"]["rows"]:
             lines.append(f"dispatch, {row['executors']} null executors: {fmt(row['tasks_per_s'])}")

@@ -57,3 +57,16 @@ def test_a_scale_row_reports_registration_memory_and_heartbeats():
            "tasks_per_s_max": 1e5, "bytes_per_executor": 30_720.0, "idle_cpu_per_s": 0.1}
     line = harness.scale_line(row)
     assert "registered in 20.0s" in line and "30.0 KiB" in line and "0.100 CPU-s/s" in line
+
+
+def test_the_latency_floor_runs_through_four_processes_and_leaves_none():
+    """benchmarks/hops.py: every message comes back (recv would block otherwise), and its
+    dispatcher, executor and slot processes are gone when it returns."""
+    import psutil
+
+    from falconet.benchmarks import hops
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    row = hops.floor_latency(n=50, warmup=5)
+    assert row["tasks"] == 50 and 0 < row["p50_ms"] <= row["p99_ms"]
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
