@@ -68,6 +68,8 @@ class ExecutorConfig:
     tags: tuple[str, ...] = ()  #: what tasks may ask for (gpu, site=cloud...); site= is added
     work_dir: str = ""  #: private task directories, the input cache and outputs; "": a temp dir
     cache_mb: int = 10_240  #: input cache size bound
+    ends_at: float = 0.0  #: epoch time its allocation ends (a batch job's walltime); 0: never
+    end_margin_s: float = 60.0  #: stop taking work this long before ends_at
 
 
 
@@ -150,7 +152,8 @@ class Executor:
         self._setup_staging()
         self.slots = [Slot(i, self.staging_args) for i in range(config.slots)]
         self.pull = Pull(config.slots, self.cpus, self._register_msg(), prefetch=config.prefetch,
-                         idle_timeout_s=config.idle_timeout_s, dispatcher_url=self.target.url)
+                         idle_timeout_s=config.idle_timeout_s, dispatcher_url=self.target.url,
+                         ends_at=config.ends_at, end_margin_s=config.end_margin_s)
 
     def _register_msg(self) -> p.Register:
         """This executor's Register message; Pull fills in what it holds when it sends it."""
@@ -158,6 +161,8 @@ class Executor:
         f["tags"] = sorted({*self.config.tags, *f.get("tags", [])})
         if self.config.memory_mb:
             f["memory_mb"] = self.config.memory_mb
+        if self.config.ends_at:  # the dispatcher shows it, and gives no task that would outlast it
+            f["ends_at"] = self.config.ends_at - self.config.end_margin_s
         return p.Register(
             p.PROTOCOL_VERSION, self.id, f["hostname"], f["addresses"], self.cpus, f["memory_mb"],
             f["platform"], self.config.slots, os.getpid(),

@@ -7,7 +7,9 @@ user-data's, and the user-data fills in the rest (the provisioner writes it).
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
 import subprocess
 from dataclasses import dataclass, field, replace
 
@@ -36,6 +38,8 @@ class Options:
     facts: dict = field(default_factory=dict)  #: extra registration facts (the instance's)
     secret_text: str = ""  #: the executor's secret key as text (from user-data)
     shutdown_when_idle: bool = False  #: power off after leaving for idleness
+    ends_at: float = 0.0  #: epoch time the allocation ends (0: never, or ask Slurm inside a job)
+    end_margin_s: float = 60.0
 
 
 def with_user_data(given: Options, metadata_url: str, timeout_s: float) -> Options:
@@ -75,7 +79,33 @@ def config(o: Options) -> agent.ExecutorConfig:
                                 idle_timeout_s=o.idle_timeout_s or 0.0, prefetch=o.prefetch,
                                 executor_id=o.executor_id, facts=o.facts, credentials=creds,
                                 cpus=o.cpus or 0, memory_mb=o.memory_mb or 0, tags=o.tags,
-                                work_dir=o.work_dir, cache_mb=o.cache_mb)
+                                work_dir=o.work_dir, cache_mb=o.cache_mb,
+                                ends_at=o.ends_at or slurm_job_end(), end_margin_s=o.end_margin_s)
+
+
+def slurm_job_end(env: dict | None = None) -> float:
+    """Inside a Slurm job (SLURM_JOB_ID set): the epoch time its time limit ends, from
+    squeue; 0.0 outside one, for a job with no limit, or when squeue cannot tell."""
+    job = (env if env is not None else os.environ).get("SLURM_JOB_ID")
+    if not job:
+        return 0.0
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%e"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("inside Slurm job %s, but squeue could not tell when it ends (%s); pass --ends-at "
+                    "so that no task is cut off by its time limit", job, exc)
+        return 0.0
+    return parse_slurm_time(out)
+
+
+def parse_slurm_time(text: str) -> float:
+    """squeue's local time (2026-12-03T22:00:00) as epoch seconds; 0.0 for none (Unknown,
+    N/A, NONE: a job with no time limit)."""
+    try:
+        return datetime.datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def shut_down_if_asked(o: Options, ex: agent.Executor, code: int, command: str) -> None:

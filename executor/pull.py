@@ -165,17 +165,21 @@ class Pull:
     """An executor's tasks, credit and timers; events in, actions out."""
 
     def __init__(self, slots: int, cpus: int, register: p.Register, *, prefetch: int | None = None,
-                 idle_timeout_s: float = 0.0, dispatcher_url: str = "",
+                 idle_timeout_s: float = 0.0, dispatcher_url: str = "", ends_at: float = 0.0,
+                 end_margin_s: float = 0.0,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         """register: this executor's Register message (its holding is filled in when sent);
-        dispatcher_url: for log lines; clock: monotonic seconds, for every rule of time;
-        wall: the epoch time of failures."""
+        dispatcher_url: for log lines; ends_at: the epoch time this executor's allocation
+        ends (a batch job's walltime; 0: never), before which it stops taking work by
+        end_margin_s, so that no task is killed by the end; clock: monotonic seconds, for
+        every rule of time; wall: the epoch time of failures and of ends_at."""
         self.dispatcher_url = dispatcher_url
         self.slots = [SlotState() for _ in range(slots)]
         self.cpus = cpus
         self.register_msg = register
         self.prefetch = prefetch
         self.idle_timeout_s = idle_timeout_s
+        self.ends_at, self.end_margin_s = ends_at, end_margin_s
         self.clock, self.wall = clock, wall
         self.queue: collections.deque[p.Assignment] = collections.deque()
         self.staged: dict[int, tuple[p.Assignment, set[str]]] = {}  #: tid -> (task, blobs it waits for)
@@ -553,6 +557,10 @@ class Pull:
             self.backoff_s = min(self.backoff_s * 2, MAX_BACKOFF_S)
         elif self.registered and now - self.spoke >= self.heartbeat_interval_s:
             self._send(p.Heartbeat())
+        if self.ends_at and self.phase is Phase.ACTIVE and self.wall() >= self.ends_at - self.end_margin_s:
+            # Running tasks finish, queued ones go back: the walltime kills nothing of ours.
+            end = time.strftime("%H:%M:%S", time.localtime(self.ends_at))
+            self._begin_drain(f"its allocation ends at {end}, in {self.ends_at - self.wall():.0f}s")
         if self.busy():
             self.last_busy = now
         elif self.phase is Phase.DRAINING:

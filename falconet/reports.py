@@ -219,6 +219,7 @@ class FleetNode(_Map):
     state: str  #: a NodeState value: booting, idle, busy, releasing
     age_s: float
     address: str | None = None
+    detail: str | None = None  #: the backend's words: a batch job's state, node and time left
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,13 @@ class Machine:
 
     id: str
     itype: str  #: InstanceType.name
-    state: str  #: "pending" (the cloud is starting it) or "running"
+    state: str  #: "pending" (the cloud is starting it, the job is queued), "running", or "ended"
+    #: (a batch job that has ended and is still listed: nothing to stop)
     launched: float  #: wall-clock time of the launch
     launch_token: str = ""
     address: str = ""  #: private address, when known
+    detail: str = ""  #: the backend's own words on it (a batch job's state, node and time left)
+    ends_at: float = 0.0  #: wall-clock time its allocation ends (a batch job's walltime); 0: never
 
 
 class Backend(Protocol):

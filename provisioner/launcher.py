@@ -27,7 +27,7 @@ class Options:
     """
 
     dispatcher: str  #: the dispatcher's client address
-    backend: str = "local"  #: local or ec2
+    backend: str = "local"  #: local, ec2 or slurm
     cluster: str = "falconet"
     min_executors: int = 0
     max_executors: int = 16
@@ -38,13 +38,13 @@ class Options:
     budget: float = 0.0
     prices: str | None = None
     interval: float = 5.0
-    boot_timeout: float | None = None  #: None: 300 on ec2, 60 local
+    boot_timeout: float | None = None  #: None: 300 on ec2, 600 slurm, 60 local
     release_grace: float = 600.0
     stop_grace: float = 30.0
     keep: bool = False
     slots: int | None = None
     executor_address: str | None = None
-    executor_idle_timeout: float | None = None  #: None: 3600 on ec2, 0 local
+    executor_idle_timeout: float | None = None  #: None: 3600 on ec2, 600 slurm, 0 local
     region: str | None = None
     profile: str | None = None
     ec2_endpoint_url: str | None = None
@@ -62,6 +62,15 @@ class Options:
     shutdown_when_idle: bool = True
     clean_orphans: bool = False
     executor_key: str | None = None
+    partition: str | None = None  #: slurm: the partition [default: the cluster's]
+    account: str | None = None
+    qos: str | None = None
+    job_time: str = "1:00:00"  #: slurm: each pilot's walltime
+    cpus_per_job: int | None = None  #: slurm: [default: a node's cpus]
+    memory_per_job: int | None = None  #: slurm: MB [default: a node's memory]
+    sbatch_option: tuple[str, ...] = ()  #: slurm: more sbatch options
+    sbatch_prologue: str | None = None  #: slurm: shell lines, or @FILE
+    end_margin: float | None = None  #: slurm: seconds before the job's end its executor stops taking work
 
 
 def build(o: Options) -> Provisioner:
@@ -74,14 +83,16 @@ def build(o: Options) -> Provisioner:
             raise FalconetError("the dispatcher did not report its executor address; "
                                 "pass --executor-address tcp://HOST:PORT")
         executor_address = address.parse(executor_address).url
-        ec2 = o.backend == "ec2"
+        ec2, slurm = o.backend == "ec2", o.backend == "slurm"
         tag_map = executor_tag_map(o.executor_tag or ())
         executor_tags = tuple(needs.tags_from_map(tag_map))  # as the executors will report them
         idle_timeout = o.executor_idle_timeout
         if idle_timeout is None:
-            idle_timeout = 3600.0 if ec2 else 0.0
+            idle_timeout = 3600.0 if ec2 else 600.0 if slurm else 0.0
         if ec2:
             backend = _ec2_backend(o, executor_address, idle_timeout, tag_map)
+        elif slurm:
+            backend = _slurm_backend(o, executor_address, idle_timeout, executor_tags)
         else:
             from falconet.provisioner.processes import LocalBackend
 
@@ -98,7 +109,7 @@ def build(o: Options) -> Provisioner:
             raise FalconetError("--min-executors is larger than --max-executors")
         settings = Settings(
             params=params, cluster=o.cluster, interval_s=o.interval,
-            boot_timeout_s=o.boot_timeout or (300.0 if ec2 else 60.0),
+            boot_timeout_s=o.boot_timeout or (300.0 if ec2 else 600.0 if slurm else 60.0),
             release_grace_s=o.release_grace, keep=o.keep, stop_grace_s=o.stop_grace)
         prov = Provisioner(settings, backend, client)
         prov.adopt(clean_orphans=o.clean_orphans)
@@ -140,6 +151,36 @@ def _ec2_backend(o: Options, executor_address: str, idle_timeout: float, tag_map
     backend = Ec2Backend(settings, user_data)
     backend.prepare()
     return backend
+
+
+def _slurm_backend(o: Options, executor_address: str, idle_timeout: float, tags: tuple[str, ...]) -> Any:
+    from falconet.provisioner.slurm import SlurmBackend, SlurmSettings
+
+    args: tuple[str, ...] = ("--idle-timeout", f"{idle_timeout:g}") if idle_timeout else ()
+    args += tuple(arg for t in tags for arg in ("--tag", t))
+    if o.executor_key:  # the job reads the key file where it runs: a shared filesystem
+        dispatcher_key, _ = _executor_keys(o)
+        args += ("--dispatcher-key", dispatcher_key, "--key", os.path.abspath(o.executor_key))
+    settings = SlurmSettings(
+        cluster=o.cluster, executor_address=executor_address, job_time=o.job_time,
+        partition=o.partition or "", account=o.account or "", qos=o.qos or "",
+        cpus_per_job=o.cpus_per_job or 0, memory_per_job=o.memory_per_job or 0,
+        sbatch_options=tuple(o.sbatch_option), prologue=_prologue(o.sbatch_prologue), slots=o.slots or 0,
+        end_margin_s=o.end_margin or 0.0, executor_args=args, tags=frozenset(tags))
+    backend = SlurmBackend(settings)
+    backend.prepare()
+    return backend
+
+
+def _prologue(text: str | None) -> str:
+    """--sbatch-prologue: shell lines, or @FILE to read them from."""
+    if not text or not text.startswith("@"):
+        return text or ""
+    try:
+        with open(text[1:]) as fh:
+            return fh.read()
+    except OSError as exc:
+        raise FalconetError(f"cannot read --sbatch-prologue {text}: {exc.strerror}") from None
 
 
 def _executor_keys(o: Options) -> tuple[str, str]:

@@ -84,6 +84,7 @@ class Provisioner:
         self.last_error = ""
         self.retry: tuple[str, int, str] | None = None  # (type, count, token) of a failed launch
         self.registered_once: set[str] = set()  # machines whose executor has registered
+        self.ended: set[str] = set()  # batch jobs seen ended (squeue lists them for a while)
         self.releasing: dict[str, float] = {}  # machine id -> when it was released
         self.ledger: dict[str, list] = {}  # machine id -> [launched, ended or None, $/h]
         self.decisions: collections.deque[Decision] = collections.deque(maxlen=20)
@@ -100,7 +101,7 @@ class Provisioner:
 
     def adopt(self, clean_orphans: bool = False) -> list[Machine]:
         """Take over (or, with clean_orphans, stop) machines already running with our tag."""
-        found = self.backend.list()
+        found = [m for m in self.backend.list() if m.state != "ended"]
         if found and clean_orphans:
             log.warning("stopping %d orphaned machines of cluster %s: %s", len(found),
                         self.settings.cluster, ", ".join(m.id for m in found))
@@ -149,7 +150,7 @@ class Provisioner:
             log.info("leaving the fleet running (--keep)")
             return
         try:
-            machines = self.backend.list()
+            machines = [m for m in self.backend.list() if m.state != "ended"]
         except FalconetError as exc:
             log.error("could not list the fleet to stop it: %s", exc)
             return
@@ -213,7 +214,9 @@ class Provisioner:
         return Status.from_map(self.client.status(detail=True, timeout_s=timeout_s))
 
     def _settle(self, machines: list[Machine], rows: dict[str, ExecutorRow], now: float) -> list[Machine]:
-        """Stop machines that failed to boot, whose executor left, or that were released."""
+        """Stop machines that failed to boot, whose executor left, or that were released;
+        count a batch job that ended before its executor registered as a failed launch."""
+        machines = self._ended(machines, now)
         gone, why = [], []
         for m in machines:
             self._charge_from(m)
@@ -255,6 +258,25 @@ class Provisioner:
             if mid not in live:
                 self.registered_once.discard(mid)
         return [m for m in machines if m.id in live]
+
+    def _ended(self, machines: list[Machine], now: float) -> list[Machine]:
+        """The machines still there; notes the batch jobs that ended (nothing to stop)."""
+        live = []
+        for m in machines:
+            if m.state != "ended":
+                live.append(m)
+                continue
+            if m.id in self.ended:
+                continue
+            self.ended.add(m.id)
+            self._charge_from(m)
+            self._charge_to(m.id, now)
+            if m.id not in self.registered_once and m.id not in self.releasing:
+                self._failed(f"{m.id} ended before its executor registered: {m.detail or 'no reason given'}")
+                self._note(now, [f"{m.id} ended: {m.detail}"])
+        listed = {m.id for m in machines}
+        self.ended &= listed  # forget those the backend no longer lists
+        return live
 
     def _node(self, m: Machine, row: ExecutorRow | None, now: float) -> Node:
         itype = self._types.get(m.itype) or policy.InstanceType(m.itype, 1, 0, "", 0.0)
@@ -350,8 +372,8 @@ class Provisioner:
             min_executors=p.min_executors, max_executors=p.max_executors, interval_s=self.settings.interval_s,
             counts={k: counts.get(k, 0) for k in ("requested", "booting", "idle", "busy", "releasing")},
             registered=counts.get("idle", 0) + counts.get("busy", 0),
-            nodes=tuple(FleetNode(n.id, n.itype.name, n.state.value, round(n.age_s, 1), m.address)
-                        for n, m in zip(nodes[:MAX_NODES_REPORTED], machines)),
+            nodes=tuple(FleetNode(n.id, n.itype.name, n.state.value, round(n.age_s, 1), m.address,
+                                  m.detail or None) for n, m in zip(nodes[:MAX_NODES_REPORTED], machines)),
             decisions=tuple(self.decisions)[-10:],
             unschedulable=tuple(decision.unschedulable) if decision else (),
             can_launch=tuple(t.launchable() for t in p.types),  # for the dispatcher's unschedulable test

@@ -36,7 +36,7 @@ from falconet.reports import Status
                    "[default: the number of CPUs, when --dispatcher is not given].")
 @click.option("--dispatcher", default=None, show_envvar=True, metavar="tcp://HOST:PORT", callback=check_address,
               help="Run on an existing dispatcher (its client address).")
-@click.option("--provision", type=click.Choice(["local", "ec2"]), default=None, show_envvar=True,
+@click.option("--provision", type=click.Choice(["local", "ec2", "slurm"]), default=None, show_envvar=True,
               help="Start an embedded dispatcher and a provisioner that grows executors with the "
                    "queue and stops them at the end; its options come from --provision-config and "
                    "FALCONET_PROVISIONER_* variables (see falconet provisioner --help).")

@@ -178,13 +178,19 @@ def dispatcher(host: str, client_port: int, executor_port: int, heartbeat_interv
                    "[default: a new temp dir].")
 @click.option("--cache-mb", type=click.IntRange(min=1), default=10_240, show_envvar=True,
               help="Size bound of the input-file cache.")
+@click.option("--ends-at", type=click.FloatRange(min=0), default=0.0, show_envvar=True, metavar="EPOCH",
+              help="When this executor's allocation ends (Unix time): it stops taking work --end-margin "
+                   "before, finishing what runs, and takes no task whose walltime would outlast it "
+                   "[default: inside a Slurm job, the job's end from squeue; else never].")
+@click.option("--end-margin", type=click.FloatRange(min=0), default=60.0, show_envvar=True, metavar="SECONDS",
+              help="How long before --ends-at it stops taking work.")
 @log_level
 @parent_pid
 def executor(dispatcher: str | None, slots: int | None, idle_timeout: float | None,
              prefetch: int | None, executor_id: str, from_metadata: bool, metadata_url: str,
              metadata_timeout: float, dispatcher_key: str | None, key: str | None, shutdown_command: str,
              cpus: int | None, memory: int | None, tags: tuple[str, ...], work_dir: str, cache_mb: int,
-             log_level: str, parent_pid: int | None) -> None:
+             ends_at: float, end_margin: float, log_level: str, parent_pid: int | None) -> None:
     """Run an executor: connect out to a dispatcher and run the tasks it hands over.
 
     SIGTERM drains it: running tasks finish, queued ones go back, then it leaves.
@@ -199,7 +205,8 @@ def executor(dispatcher: str | None, slots: int | None, idle_timeout: float | No
                                  param_hint="--tag")
     options = boot.Options(dispatcher=dispatcher, slots=slots, idle_timeout_s=idle_timeout, prefetch=prefetch,
                            executor_id=executor_id, dispatcher_key=dispatcher_key, key=key, cpus=cpus,
-                           memory_mb=memory, tags=tuple(tags), work_dir=work_dir, cache_mb=cache_mb)
+                           memory_mb=memory, tags=tuple(tags), work_dir=work_dir, cache_mb=cache_mb,
+                           ends_at=ends_at, end_margin_s=end_margin)
     try:
         if from_metadata:
             options = boot.with_user_data(options, metadata_url, metadata_timeout)
@@ -235,8 +242,9 @@ def _config_file(ctx: click.Context, _param: click.Parameter, path: str | None) 
               help="TOML file whose [provisioner] table gives defaults for these options.")
 @click.option("--dispatcher", required=True, show_envvar=True, metavar="tcp://HOST:PORT", callback=check_address,
               help="The dispatcher's client address.")
-@click.option("--backend", type=click.Choice(["local", "ec2"]), default="local", show_envvar=True,
-              help="Where executors run: processes on this machine, or EC2 instances.")
+@click.option("--backend", type=click.Choice(["local", "ec2", "slurm"]), default="local", show_envvar=True,
+              help="Where executors run: processes on this machine, EC2 instances, or Slurm batch "
+                   "jobs (pilots).")
 @click.option("--min-executors", type=click.IntRange(min=0), default=0, show_envvar=True,
               help="Executors kept even with no work.")
 @click.option("--max-executors", type=click.IntRange(min=1), default=16, show_envvar=True,
@@ -258,7 +266,7 @@ def _config_file(ctx: click.Context, _param: click.Parameter, path: str | None) 
               help="Seconds between scaling rounds.")
 @click.option("--boot-timeout", type=click.FloatRange(min=1), default=None, show_envvar=True,
               help="Seconds a new executor has to register before its machine is stopped "
-                   "[default: 300 on ec2, 60 local].")
+                   "[default: 300 on ec2, 600 slurm (a queued job counts as booting), 60 local].")
 @click.option("--release-grace", type=click.FloatRange(min=0), default=600.0, show_envvar=True,
               help="Seconds a released executor may take to drain before its machine is stopped.")
 @click.option("--stop-grace", type=click.FloatRange(min=0), default=30.0, show_envvar=True,
@@ -271,7 +279,7 @@ def _config_file(ctx: click.Context, _param: click.Parameter, path: str | None) 
               help="Where executors reach the dispatcher [default: its executor port as it reports it].")
 @click.option("--executor-idle-timeout", type=click.FloatRange(min=0), default=None, show_envvar=True,
               help="Executors leave by themselves after this long idle, a safety net should the "
-                   "provisioner die [default: 3600 on ec2, 0 local].")
+                   "provisioner die [default: 3600 on ec2, 600 slurm, 0 local].")
 @click.option("--cluster", default="falconet", show_envvar=True,
               help="Fleet name: the tag on every instance; one provisioner per name.")
 @click.option("--region", default=None, show_envvar=True, help="AWS region [default: the profile's].")
@@ -303,6 +311,25 @@ def _config_file(ctx: click.Context, _param: click.Parameter, path: str | None) 
 @click.option("--executor-key", default=None, show_envvar=True, metavar="FILE",
               help="Secret key file the executors connect with (executor.key_secret), for a dispatcher "
                    "with --keys; EC2 instances get it in their user-data.")
+@click.option("--partition", default=None, show_envvar=True,
+              help="slurm: the partition pilots are submitted to [default: the cluster's default].")
+@click.option("--account", default=None, show_envvar=True, help="slurm: the account pilots are charged to.")
+@click.option("--qos", default=None, show_envvar=True, help="slurm: the quality of service of the pilots.")
+@click.option("--job-time", default="1:00:00", show_envvar=True, metavar="TIME",
+              help="slurm: each pilot's walltime, in sbatch --time's forms (MINUTES, HH:MM:SS, D-HH:MM); "
+                   "its executor stops taking work --end-margin before the end.")
+@click.option("--cpus-per-job", type=click.IntRange(min=1), default=None, show_envvar=True,
+              help="slurm: cpus each pilot asks for [default: a node's, from sinfo].")
+@click.option("--memory-per-job", type=click.IntRange(min=1), default=None, show_envvar=True, metavar="MB",
+              help="slurm: memory each pilot asks for [default: Slurm's default for the partition].")
+@click.option("--sbatch-option", multiple=True, show_envvar=True, metavar="OPTION",
+              help="slurm: another sbatch option for every pilot, such as --constraint=avx2 (repeatable).")
+@click.option("--sbatch-prologue", default=None, show_envvar=True, metavar="LINES|@FILE",
+              help="slurm: shell lines run in each pilot before the executor, such as "
+                   "'module load python' or activating an environment (or @FILE to read them).")
+@click.option("--end-margin", type=click.FloatRange(min=0), default=None, show_envvar=True, metavar="SECONDS",
+              help="slurm: how long before its job's end an executor stops taking work "
+                   "[default: 60, at most a quarter of --job-time].")
 @client_keys
 @log_level
 @parent_pid

@@ -72,8 +72,10 @@ def _fleet(f: Fleet) -> None:
     for why in f.unschedulable:
         click.echo(f"no instance type for: {why}")  # this backend's view; the dispatcher's is above
     if f.nodes:
-        _table([("NODE", "TYPE", "STATE", "AGE", "ADDRESS")]
-               + [(n.id, n.type, n.state, f"{n.age_s:.0f}s", n.address or "-") for n in f.nodes])
+        detail = any(n.detail for n in f.nodes)  # a batch job's state, node and time left
+        _table([("NODE", "TYPE", "STATE", "AGE", "ADDRESS") + (("JOB",) if detail else ())]
+               + [(n.id, n.type, n.state, f"{n.age_s:.0f}s", n.address or "-") + ((n.detail or "-",) if detail else ())
+                  for n in f.nodes])
     for d in f.decisions[-5:]:
         when = time.strftime("%H:%M:%S", time.localtime(d.at))
         again = f" (x{d.repeats})" if d.repeats else ""

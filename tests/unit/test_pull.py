@@ -196,6 +196,41 @@ def test_idle_timeout_drains_then_says_bye():
     assert sent(pull.turn(), p.Bye) and pull.done
 
 
+def test_an_allocation_end_drains_a_margin_before_it_busy_or_not():
+    """ends_at (a batch job's walltime): at ends_at - margin the queued tasks go back and
+    no new one is taken, the running one finishes and is reported, then Bye: the job's end
+    kills none of its tasks."""
+    clock = Clock(1000.0)
+    pull = Pull(1, 1, dataclasses.replace(REGISTER, slots=1), clock=clock, wall=clock,
+                ends_at=1100.0, end_margin_s=10.0)
+    pull.turn()
+    pull.on_message(p.Registered("disp-1", 1.0, 10.0, 256 << 20, OUTPUT_LIMIT))
+    pull.take_actions()
+    pull.on_message(p.Tasks([task(1), task(2)]))
+    run = of(turn(pull), pl.Run)[0]
+    clock.t = 1089.9
+    pull.on_message(p.Heartbeat())
+    assert not sent(turn(pull), p.Drain) and pull.phase is Phase.ACTIVE
+    clock.t = 1090.0
+    pull.on_message(p.Heartbeat())
+    assert sent(pull.turn(), p.Drain) == [p.Drain([(2, 1)])] and pull.phase is Phase.DRAINING
+    assert not pull.left_idle
+    pull.on_message(p.Tasks([task(3)]))  # sent before the dispatcher heard: handed straight back
+    assert sent(pull.turn(), p.Drain) == [p.Drain([(3, 1)])]
+    pull.on_slot_results(run.slot, [result(run.tasks[0])])
+    actions = turn(pull)
+    assert [r.tid for m in sent(actions, p.Report) for r in m.results] == [1]
+    assert sent(actions + pull.turn(), p.Bye) and pull.done
+
+
+def test_no_allocation_end_never_drains():
+    pull, clock = make()  # ends_at 0: no end
+    clock.t += 10 ** 9
+    pull.on_message(p.Heartbeat())
+    turn(pull)
+    assert pull.phase is Phase.ACTIVE
+
+
 def test_idle_timeout_zero_never_leaves():
     pull, clock = make()
     for _ in range(5):

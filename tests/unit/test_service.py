@@ -167,3 +167,36 @@ def test_stop_drains_through_the_dispatcher_unless_its_parent_is_gone(now):
     assert sorted(backend.stopped) == ids and not backend.machines
     assert dispatcher.released == ([] if now else ids)  # no dispatcher left to drain through
     assert len(dispatcher.reports) == reports + (0 if now else 1)
+
+
+def test_a_batch_job_that_ends_before_its_executor_registers_is_a_failed_launch_once():
+    """squeue lists an ended job for minutes: it counts once, is never stopped, and is no node."""
+    clock = Clock()
+    backend, dispatcher = FakeBackend(clock), FakeDispatcher()
+    prov = _provisioner(clock, backend, dispatcher, strategy=Strategy.ONE_AT_A_TIME, max_executors=1)
+    dispatcher.queued = 1
+    prov.step()
+    (mid,) = backend.machines
+    backend.machines[mid] = Machine(mid, "small", "ended", clock(), "t", "", "FAILED (NonZeroExitCode)")
+    for _ in range(3):
+        clock.now += 1.0
+        prov.step()
+    assert prov.failures == 1 and "ended before its executor registered: FAILED" in prov.last_error
+    assert backend.stopped == [] and dispatcher.reports[-1]["nodes"] == []
+    assert backend.starts == 1  # backing off after the failure, not launching again at once
+
+
+def test_a_batch_job_that_ends_after_its_executor_left_is_no_failure():
+    clock = Clock()
+    backend, dispatcher = FakeBackend(clock), FakeDispatcher()
+    prov = _provisioner(clock, backend, dispatcher, strategy=Strategy.ONE_AT_A_TIME, max_executors=1)
+    dispatcher.queued = 1
+    prov.step()
+    (mid,) = backend.machines
+    dispatcher.register(mid, assigned=1)
+    prov.step()
+    dispatcher.queued = 0
+    del dispatcher.rows[mid]  # its walltime came; it drained and left
+    backend.machines[mid] = Machine(mid, "small", "ended", clock(), "t", "", "COMPLETED")
+    prov.step()
+    assert prov.failures == 0 and backend.stopped == [] and not prov.last_error
