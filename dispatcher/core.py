@@ -706,6 +706,8 @@ class Core:
 
     def _pop(self, queue: collections.deque[Task], ex: ExecutorEntry, n: int, cpus: int) -> list[p.Assignment]:
         """Up to n pending tasks from the front of queue, dispatched to ex (the hot loop)."""
+        if ex.ends_at:
+            return self._pop_before_end(queue, ex, n, cpus)
         k = min(n, len(queue))
         if k > 1:
             ts = list(starmap(queue.popleft, repeat((), k)))
@@ -714,6 +716,24 @@ class Core:
                 return self._pop_fresh(ts, ex, cpus)
             queue.extendleft(reversed(ts))  # not the usual case: one by one
         return self._pop_each(queue, ex, n, cpus)
+
+    def _pop_before_end(self, queue: collections.deque[Task], ex: ExecutorEntry, n: int,
+                        cpus: int) -> list[p.Assignment]:
+        """_pop for an executor whose allocation ends (a batch job's walltime): a task whose
+        walltime_s is longer than the time it has left stays queued, in its place, for an
+        executor with more.  A task with no walltime goes: its length is unknown, and the
+        executor stops taking work before its end.  At most 4n + 64 tasks are looked at."""
+        left = ex.ends_at - self.wall()
+        fits: collections.deque[Task] = collections.deque()
+        skipped: list[Task] = []
+        budget = 4 * n + 64
+        while queue and len(fits) < n and budget:
+            t = queue.popleft()
+            budget -= 1
+            (skipped if t.walltime_s > max(left, 0.0) and t.state == _PENDING else fits).append(t)
+        batch = self._pop_each(fits, ex, n, cpus)  # takes every one of fits (at most n)
+        queue.extendleft(reversed(skipped))
+        return batch
 
     def _pop_each(self, queue: collections.deque[Task], ex: ExecutorEntry, n: int, cpus: int) -> list[p.Assignment]:
         """_pop one task at a time: skips cancelled ones, keeps the tids of re-runs."""

@@ -86,7 +86,7 @@ class ExecutorEntry:
     """A registered executor as the dispatcher knows it."""
 
     __slots__ = ("peer", "info", "caps", "state", "credit", "tasks", "last_seen", "last_sent", "registered",
-                 "completed", "idle_since", "cpus_used", "memory_used", "stats")
+                 "completed", "idle_since", "cpus_used", "memory_used", "stats", "ends_at")
 
     def __init__(self, peer: bytes, info: p.Register, now: float, wall: float):
         self.peer = peer
@@ -103,6 +103,8 @@ class ExecutorEntry:
         self.registered = wall
         self.completed = 0
         self.idle_since = now  #: when it last ran out of tasks (for the provisioner's idle release)
+        ends_at = info.facts.get("ends_at")  # its allocation's end, less its margin (a batch job)
+        self.ends_at = float(ends_at) if type(ends_at) in (int, float) and ends_at > 0 else 0.0
 
 
 def caps_of(info: p.Register) -> nd.Caps:

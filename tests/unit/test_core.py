@@ -615,3 +615,38 @@ def test_an_output_over_the_limit_fails_that_task_only():
     got = {r.seq: r for _, r in results(to_clients)}
     assert got[1].state == FAILED and "--max-output-bytes" in got[1].reason and got[1].output == b""
     assert got[2].state == DONE and got[2].output == b"y" * 10
+
+
+def _register_ending(h: Harness, peer: bytes, ends_at: float, slots: int = 4) -> None:
+    msg = p.Register(p.PROTOCOL_VERSION, peer.decode(), "node1", [], 8, 16 << 10, "linux-x86_64", slots, 4242,
+                     {"ends_at": ends_at}, [])
+    h.core.on_executor(peer, msg, 0.0)
+    h.out()
+
+
+def test_a_task_that_would_outlast_an_executors_allocation_is_not_given_to_it():
+    """An executor of a batch job says when it stops taking work (facts' ends_at): tasks
+    whose walltime is longer than what is left wait, in order, for one with more time;
+    tasks with no walltime, or one that fits, go."""
+    h = Harness()
+    h.hello()
+    h.submit(spec(1, walltime_s=30.0), spec(2, walltime_s=300.0), spec(3), spec(4, walltime_s=60.0),
+             spec(5, walltime_s=600.0))
+    _register_ending(h, b"short", WALL0 + 100.0)
+    h.report(b"short", credit=4)
+    got = assignments(h.dispatch()[1])
+    assert [a.walltime_s for a in got[b"short"]] == [30.0, 0.0, 60.0]
+    h.register(b"long", slots=4)  # no end: takes the rest, in their order
+    h.report(b"long", credit=4)
+    assert [a.walltime_s for a in assignments(h.dispatch()[1])[b"long"]] == [300.0, 600.0]
+
+
+def test_an_allocation_that_has_run_out_takes_only_tasks_without_walltime():
+    h = Harness()
+    h.hello()
+    _register_ending(h, b"late", WALL0 + 5.0)
+    h.wall += 10.0  # past its end (it is about to leave)
+    h.submit(spec(1, walltime_s=1.0), spec(2))
+    h.report(b"late", credit=2)
+    assert [a.walltime_s for a in assignments(h.dispatch()[1])[b"late"]] == [0.0]
+    assert h.task_state(1) == PENDING
