@@ -106,8 +106,10 @@ def slurm_conf(root: Path, node: str, cpus: int, memory_mb: int, ctld_port: int,
         "MailProg=/bin/true",
         "ReturnToService=2",
         "SchedulerType=sched/backfill",
-        # Schedule on every submission and often in the background, so jobs start in about a second.
-        "SchedulerParameters=sched_interval=1,bf_interval=1,defer_batch=0",
+        # A job that the submit-time attempt cannot place (the node still busy cleaning up a
+        # cancelled job, say) waits for the main scheduler's next pass, about 3 s here, or the
+        # backfill's: a 1 s backfill starts it within about a second.
+        "SchedulerParameters=bf_interval=1",
         "MinJobAge=2",
         "KillWait=1",
         "InactiveLimit=0",

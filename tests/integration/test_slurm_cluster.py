@@ -53,3 +53,15 @@ def test_two_jobs_run_at_once(slurm):
                    JOB_START_TIMEOUT_S, f"jobs {jobs} running together")
     finally:
         slurm.run("scancel", *jobs)
+
+
+def test_a_time_limit_under_a_minute_is_rounded_up_to_one(slurm):
+    # Slurm keeps limits in whole minutes, and slurmctld checks them every 30 s (a
+    # compile-time constant), so a job outlives --time=0:20 by 40 to 70 s: a walltime test
+    # must allow for about 90 s.
+    job = slurm.sbatch("--output=/dev/null", "--time=0:20", "--hold", "--wrap", "true")
+    try:
+        limit = slurm.run("squeue", "--noheader", "--jobs", job, "--format", "%l").stdout.strip()
+        assert limit == "1:00"
+    finally:
+        slurm.run("scancel", job)
