@@ -31,7 +31,7 @@ def unavailable() -> str | None:
     if missing:
         return f"Slurm/munge not installed (missing {', '.join(missing)}); {INSTALL_HINT}"
     if os.geteuid() != 0:
-        return f"a test Slurm runs slurmd, which must be root; run the tests as root ({INSTALL_HINT})"
+        return "the test Slurm's slurmd must run as root to start jobs as their users; run the tests as root"
     return None
 
 
@@ -132,6 +132,7 @@ class SlurmCluster:
     def __init__(self, root: Path | None = None):
         self._owns_root = root is None
         self.root = Path(tempfile.mkdtemp(prefix="falconet-slurm-")) if root is None else root
+        self.root.chmod(0o755)  # munged wants its socket reachable by all, jobs their spool
         self.conf_path = self.root / "slurm.conf"
         self.node = socket.gethostname().split(".")[0]
         self.partitions = PARTITIONS
@@ -157,21 +158,24 @@ class SlurmCluster:
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-f", str(self.conf_path)])
             self._spawn("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf_path), "-N", self.node])
             wait_for(self._node_idle, START_TIMEOUT_S, f"node {self.node} idle in sinfo")
-        except BaseException as e:
+        except Exception as e:
             logs = self.logs()
             self.stop()
             raise RuntimeError(f"the test Slurm did not start: {e}\n{logs}") from e
+        except BaseException:  # KeyboardInterrupt: leave nothing running
+            self.stop()
+            raise
 
     def _start_munge(self) -> None:
         munge = self.root / "munge"
-        munge.mkdir(mode=0o755)  # munged warns unless others may reach its socket
+        munge.mkdir(mode=0o755)
         key = munge / "munge.key"
         subprocess.run([_which("mungekey"), "--create", "--keyfile", str(key)], check=True,
                        capture_output=True)
         key.chmod(0o400)
         socket_path = munge / "munge.socket"
-        # --force: munged refuses to run as root, and dislikes a world-writable /tmp above
-        # its socket even with the sticky bit; both are fine for a private test daemon.
+        # --force: munged refuses to start when a directory above its socket is unreachable
+        # by others or writable by them (an odd TMPDIR); it only warns with it.
         self._spawn("munged", [
             _which("munged"), "--foreground", "--force", f"--socket={socket_path}",
             f"--key-file={key}", f"--pid-file={munge / 'munged.pid'}",
