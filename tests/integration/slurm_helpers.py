@@ -131,7 +131,7 @@ class SlurmCluster:
 
     def __init__(self, root: Path | None = None):
         self._owns_root = root is None
-        self.root = Path(tempfile.mkdtemp(prefix="falconet-slurm-")) if root is None else root
+        self.root = Path(tempfile.mkdtemp(prefix="falconet-test-slurm-")) if root is None else root
         self.root.chmod(0o755)  # munged wants its socket reachable by all, jobs their spool
         self.conf_path = self.root / "slurm.conf"
         self.node = socket.gethostname().split(".")[0]
