@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from cluster_helpers import Cluster
+from slurm_helpers import SlurmCluster, unavailable
 
 
 @pytest.fixture
@@ -30,3 +31,13 @@ def moto_url():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """One real single-node Slurm (munged, slurmctld, slurmd) for the whole session."""
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    with SlurmCluster() as cluster:
+        yield cluster
