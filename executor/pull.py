@@ -19,6 +19,7 @@ import dataclasses
 import enum
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -360,8 +361,18 @@ class Pull:
 
     def on_slot_died(self, index: int, code: int | None) -> None:
         """Slot `index` ended by itself (exit status `code`) and was replaced: its first task
-        fails, the rest of its chunk goes back to the front of the queue."""
+        fails, the rest of its chunk goes back to the front of the queue.
+
+        A slot ended by SIGTERM while this executor was told to leave by one too is another
+        matter: a batch system ending the job (scancel, a walltime) signals every process
+        of it.  Its tasks did nothing wrong: they all go back to the dispatcher."""
         chunk = self.slots[index].clear()
+        if chunk and self.drain_requested and code in (-signal.SIGTERM, 128 + signal.SIGTERM):
+            if self.phase is Phase.ACTIVE:
+                self.queue.extendleft(reversed(chunk))  # the drain about to begin hands them back
+            else:
+                self._send(p.Drain([(a.tid, a.attempt) for a in chunk]))
+            return
         if chunk:
             how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
             self._fail(chunk[0], f"the slot process running this task died ({how})")

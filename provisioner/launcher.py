@@ -71,6 +71,7 @@ class Options:
     sbatch_option: tuple[str, ...] = ()  #: slurm: more sbatch options
     sbatch_prologue: str | None = None  #: slurm: shell lines, or @FILE
     end_margin: float | None = None  #: slurm: seconds before the job's end its executor stops taking work
+    job_log_dir: str | None = None  #: slurm: the pilots' scripts and output, on a shared filesystem
 
 
 def build(o: Options) -> Provisioner:
@@ -166,7 +167,7 @@ def _slurm_backend(o: Options, executor_address: str, idle_timeout: float, tags:
         partition=o.partition or "", account=o.account or "", qos=o.qos or "",
         cpus_per_job=o.cpus_per_job or 0, memory_per_job=o.memory_per_job or 0,
         sbatch_options=tuple(o.sbatch_option), prologue=_prologue(o.sbatch_prologue), slots=o.slots or 0,
-        end_margin_s=o.end_margin or 0.0, executor_args=args, tags=frozenset(tags))
+        end_margin_s=o.end_margin or 0.0, executor_args=args, tags=frozenset(tags), log_dir=o.job_log_dir or "")
     backend = SlurmBackend(settings)
     backend.prepare()
     return backend

@@ -21,7 +21,6 @@ import pwd
 import re
 import shlex
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -88,7 +87,9 @@ class SlurmSettings:
     end_margin_s: float = 0.0  #: the executor stops taking work this long before the end; 0: auto
     executor_args: tuple[str, ...] = ()  #: idle timeout, keys, tags
     tags: frozenset[str] = frozenset()
-    log_dir: str = ""  #: the jobs' output files; "": a temp dir
+    #: the pilots' scripts and output files; it must be on a filesystem the nodes share
+    #: "": falconet-slurm-<cluster> in the current directory (Slurm's own default is there too)
+    log_dir: str = ""
     env: dict | None = None  #: environment of the Slurm commands (SLURM_CONF in tests)
 
 
@@ -101,7 +102,12 @@ class SlurmBackend:
         self.settings = settings
         self.job_seconds = parse_job_time(settings.job_time)
         self.end_margin_s = settings.end_margin_s or min(60.0, self.job_seconds / 4)
-        self.log_dir = settings.log_dir or tempfile.mkdtemp(prefix="falconet-slurm-")
+        self.log_dir = os.path.abspath(settings.log_dir or f"falconet-slurm-{settings.cluster}")
+        try:
+            os.makedirs(self.log_dir, exist_ok=True)
+        except OSError as exc:
+            raise FalconetError(f"cannot make the pilots' log folder {self.log_dir}: {exc.strerror} "
+                                "(set --job-log-dir)") from None
         self.calls: collections.Counter[str] = collections.Counter()
         self.user = _user()
         self._tried: set[str] = set()

@@ -330,6 +330,9 @@ def _config_file(ctx: click.Context, _param: click.Parameter, path: str | None) 
 @click.option("--end-margin", type=click.FloatRange(min=0), default=None, show_envvar=True, metavar="SECONDS",
               help="slurm: how long before its job's end an executor stops taking work "
                    "[default: 60, at most a quarter of --job-time].")
+@click.option("--job-log-dir", default=None, show_envvar=True, metavar="DIR",
+              help="slurm: where the pilots' scripts and output files go; the nodes must see it "
+                   "(a shared filesystem) [default: ./falconet-slurm-CLUSTER].")
 @client_keys
 @log_level
 @parent_pid

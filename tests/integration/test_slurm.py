@@ -28,8 +28,8 @@ def _jobs(slurm, cluster_name: str, states: str = "PENDING,RUNNING,CONFIGURING,C
 
 
 def _provisioner(cluster, slurm, name: str, *args: str) -> subprocess.Popen:
-    return cluster._spawn(name, ["provisioner", "--dispatcher", cluster.client_address, *PILOT, *args],
-                          env=slurm.env)
+    return cluster._spawn(name, ["provisioner", "--dispatcher", cluster.client_address, *PILOT,
+                                 "--job-log-dir", str(cluster.log_dir / "jobs"), *args], env=slurm.env)
 
 
 def _reasons(client: falconet.Client) -> list[str]:

@@ -223,6 +223,29 @@ def test_an_allocation_end_drains_a_margin_before_it_busy_or_not():
     assert sent(actions + pull.turn(), p.Bye) and pull.done
 
 
+@pytest.mark.parametrize("code", [-15, 143])
+def test_slots_killed_with_the_whole_job_hand_their_tasks_back(code):
+    """scancel or a walltime signals every process of a batch job: the executor is told to
+    leave and its slot dies of SIGTERM too; the slot's tasks go back, none fails."""
+    pull, _ = make(slots=1)
+    pull.on_message(p.Tasks([task(1), task(2), task(3)]))
+    run = of(turn(pull), pl.Run)[0]
+    pull.request_drain()
+    pull.on_slot_died(run.slot, code)
+    actions = turn(pull)
+    assert sorted(tid for m in sent(actions, p.Drain) for tid, _ in m.returned) == [1, 2, 3]
+    assert not [r for m in sent(actions, p.Report) for r in m.results]
+
+
+def test_a_slot_that_dies_of_sigterm_while_the_executor_stays_fails_its_task():
+    pull, _ = make(slots=1)
+    pull.on_message(p.Tasks([task(1)]))
+    run = of(turn(pull), pl.Run)[0]
+    pull.on_slot_died(run.slot, 143)  # not the executor's leaving: the task's own doing
+    results = [r for m in sent(turn(pull), p.Report) for r in m.results]
+    assert [(r.tid, r.state) for r in results] == [(1, FAILED)] and "exit status 143" in results[0].reason
+
+
 def test_no_allocation_end_never_drains():
     pull, clock = make()  # ends_at 0: no end
     clock.t += 10 ** 9

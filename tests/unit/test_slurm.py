@@ -47,8 +47,9 @@ def test_outside_a_slurm_job_there_is_no_end():
     assert slurm_job_end({}) == 0.0
 
 
-def _backend(**kw) -> slurm.SlurmBackend:
-    backend = slurm.SlurmBackend(slurm.SlurmSettings(cluster="c1", executor_address="tcp://10.0.0.1:5001", **kw))
+def _backend(tmp_path, **kw) -> slurm.SlurmBackend:
+    backend = slurm.SlurmBackend(slurm.SlurmSettings(cluster="c1", executor_address="tcp://10.0.0.1:5001",
+                                                     log_dir=str(tmp_path), **kw))
     backend._types = (InstanceType("slurm:debug", 4, 8000, "x86_64", 0.0, 0, frozenset(), "local"),)
     return backend
 
@@ -57,26 +58,26 @@ def _row(job="17", state="RUNNING", comment="falconet:c1:c1-ab12-0001:2", nodes=
     return [job, state, comment, "2026-12-03T21:00:00", "2026-12-03T22:00:00", nodes, "None", "59:10"]
 
 
-def test_a_row_of_this_fleet_becomes_a_machine_with_its_index_and_end():
-    index, m = _backend()._machine(_row())
+def test_a_row_of_this_fleet_becomes_a_machine_with_its_index_and_end(tmp_path):
+    index, m = _backend(tmp_path)._machine(_row())
     assert index == 2 and m.id == "slurm-17" and m.state == "running" and m.launch_token == "c1-ab12-0001"
     assert m.address == "node3" and m.detail == "RUNNING on node3, 59:10 left"
     assert m.ends_at == parse_slurm_time("2026-12-03T22:00:00")
-    _, queued = _backend()._machine(_row(state="PENDING", nodes=""))
+    _, queued = _backend(tmp_path)._machine(_row(state="PENDING", nodes=""))
     assert queued.state == "pending" and queued.ends_at == 0.0
-    _, ended = _backend()._machine(_row(state="TIMEOUT"))
+    _, ended = _backend(tmp_path)._machine(_row(state="TIMEOUT"))
     assert ended.state == "ended" and ended.detail == "TIMEOUT"
 
 
 @pytest.mark.parametrize("comment", ["", "falconet:c2:c2-ab12-0001:0", "other:c1:t:0", "falconet:c1::0",
                                      "falconet:c1:t:x", "falconet:c1"])
-def test_a_job_of_another_fleet_or_of_someone_else_is_never_ours(comment):
-    assert _backend()._machine(_row(comment=comment)) is None
+def test_a_job_of_another_fleet_or_of_someone_else_is_never_ours(comment, tmp_path):
+    assert _backend(tmp_path)._machine(_row(comment=comment)) is None
 
 
 def test_a_pilot_asks_for_what_was_given_and_names_its_fleet(tmp_path):
-    backend = _backend(partition="short", account="proj7", qos="high", job_time="0:30:00", memory_per_job=2000,
-                       sbatch_options=("--constraint=avx2",), prologue="module load python", log_dir=str(tmp_path))
+    backend = _backend(tmp_path, partition="short", account="proj7", qos="high", job_time="0:30:00",
+                       memory_per_job=2000, sbatch_options=("--constraint=avx2",), prologue="module load python")
     args = backend._sbatch_args("c1-ab12-0001", 3)
     assert {"--job-name=falconet-c1", "--comment=falconet:c1:c1-ab12-0001:3", "--time=0:30:00",
             "--cpus-per-task=4", "--mem=2000", "--partition=short", "--account=proj7", "--qos=high",
