@@ -103,11 +103,6 @@ class SlurmBackend:
         self.job_seconds = parse_job_time(settings.job_time)
         self.end_margin_s = settings.end_margin_s or min(60.0, self.job_seconds / 4)
         self.log_dir = os.path.abspath(settings.log_dir or f"falconet-slurm-{settings.cluster}")
-        try:
-            os.makedirs(self.log_dir, exist_ok=True)
-        except OSError as exc:
-            raise FalconetError(f"cannot make the pilots' log folder {self.log_dir}: {exc.strerror} "
-                                "(set --job-log-dir)") from None
         self.calls: collections.Counter[str] = collections.Counter()
         self.user = _user()
         self._tried: set[str] = set()
@@ -156,6 +151,11 @@ class SlurmBackend:
                                     s.tags, "local"),)
         log.info("Slurm cluster %s: pilots of %d cpus, %s MB, %s each in partition %s", s.cluster,
                  job_cpus, job_memory or "default", s.job_time, part)
+        try:
+            os.makedirs(self.log_dir, exist_ok=True)
+        except OSError as exc:
+            raise FalconetError(f"cannot make the pilots' log folder {self.log_dir}: {exc.strerror} "
+                                "(set --job-log-dir)") from None
 
     def types(self) -> tuple[InstanceType, ...]:
         return self._types
