@@ -465,6 +465,21 @@ def scale_line(row: dict) -> str:
                    f"heartbeat cost {row['idle_cpu_per_s']:.3f} CPU-s/s")
 
 
+def provisioning_line(row: dict) -> str:
+    """One scale-out row: times to the first and the last executor, and the backend's calls."""
+    slurm = row.get("backend") == "slurm"
+    where = "a local Slurm (pilot jobs)" if slurm else "simulated EC2"
+    head = f"scale-out 0 -> {row['executors']} on {where}, {row['policy']}: "
+    if "skipped" in row:
+        return head + f"not run ({row['skipped']})"
+    calls = ", ".join(f"{k} {v}" for k, v in sorted(row["api_calls"].items()))
+    firsts = sorted(x["first_registered_s"] for x in row["runs"])
+    return (head + f"first executor {firsts[len(firsts) // 2]:.1f}s, all {row['all_registered_s']:.1f}s "
+            f"({min(x['all_registered_s'] for x in row['runs']):.1f}-"
+            f"{max(x['all_registered_s'] for x in row['runs']):.1f}), "
+            f"{row['total_api_calls']} {'Slurm commands' if slurm else 'EC2 API calls'} ({calls})")
+
+
 def table(r: dict) -> str:
     """The human-readable summary of a run."""
     lines = [f"# falconet bench on {r['machine']['node']} ({r['machine']['cpus']} CPUs, "
@@ -521,13 +536,7 @@ def table(r: dict) -> str:
     for row in r.get("scale", []):
         lines.append(scale_line(row))
     for row in r.get("provisioning", []):
-        calls = ", ".join(f"{k} {v}" for k, v in sorted(row["api_calls"].items()))
-        firsts = sorted(x["first_registered_s"] for x in row["runs"])
-        lines.append(f"scale-out 0 -> {row['executors']} on simulated EC2, {row['policy']}: first executor "
-                     f"{firsts[len(firsts) // 2]:.1f}s, all {row['all_registered_s']:.1f}s "
-                     f"({min(x['all_registered_s'] for x in row['runs']):.1f}-"
-                     f"{max(x['all_registered_s'] for x in row['runs']):.1f}), "
-                     f"{row['total_api_calls']} EC2 API calls ({calls})")
+        lines.append(provisioning_line(row))
     if "engines" in r:
         lines += _engines().lines(r["engines"])
     lines.append("")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 from cluster_helpers import Cluster
-from slurm_helpers import SlurmCluster, unavailable
+
+from falconet.benchmarks.slurmsim import SlurmCluster, unavailable
 
 
 @pytest.fixture

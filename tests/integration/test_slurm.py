@@ -136,3 +136,35 @@ def test_a_partition_slurm_does_not_have_is_one_clear_line(cluster, slurm):
     assert run.returncode == 1
     assert run.stderr.strip().splitlines() == [
         "error: Slurm has no partition 'nope'; it has: debug, short (check --partition)"]
+
+
+def test_run_a_task_file_on_slurm_pilots_configured_by_environment(slurm, tmp_path):
+    """`falconet run --provision slurm`, its options from FALCONET_PROVISIONER_* variables."""
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("".join(f"echo {i}\n" for i in range(20)))
+    results = tmp_path / "out.jsonl"
+    name = f"run-{uuid.uuid4().hex[:6]}"
+    env = {**slurm.env, "FALCONET_PROVISIONER_CLUSTER": name, "FALCONET_PROVISIONER_INTERVAL": "0.3",
+           "FALCONET_PROVISIONER_CPUS_PER_JOB": "1", "FALCONET_PROVISIONER_SLOTS": "1",
+           "FALCONET_PROVISIONER_MAX_EXECUTORS": "2", "FALCONET_PROVISIONER_JOB_TIME": "10",
+           "FALCONET_PROVISIONER_JOB_LOG_DIR": str(tmp_path / "jobs")}
+    run = subprocess.run([*spawn.falconet(), "run", str(tasks), "--provision", "slurm", "--results",
+                          str(results), "-q"], capture_output=True, text=True, timeout=180, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "20 done" in run.stderr
+    lines = results.read_text().splitlines()
+    assert len(lines) == 20 and all('"executor": "slurm-' in line for line in lines), lines[:2]
+    assert not _jobs(slurm, name)  # the run's end stopped its pilots
+    assert list((tmp_path / "jobs").glob("slurm-*.out"))  # the pilots' output, where it was asked
+
+
+def test_python_api_provision_slurm(slurm, tmp_path, monkeypatch):
+    for key in ("SLURM_CONF",):
+        monkeypatch.setenv(key, slurm.env[key])
+    name = f"api-{uuid.uuid4().hex[:6]}"
+    with falconet.provision("slurm", cluster=name, interval=0.3, cpus_per_job=1, slots=1, max_executors=2,
+                            job_time="10", job_log_dir=str(tmp_path / "jobs")) as client:
+        assert list(client.map(abs, range(-20, 0))) == list(range(20, 0, -1))
+        fleet = client.status(detail=True)["fleet"]
+        assert fleet["backend"] == "slurm" and fleet["cluster"] == name
+    assert not _jobs(slurm, name)

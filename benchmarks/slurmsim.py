@@ -1,4 +1,5 @@
-"""A real single-node Slurm for tests: munged, slurmctld and slurmd as child processes.
+"""A real single-node Slurm for tests and benchmarks: munged, slurmctld and slurmd as child
+processes (the slurm backend's tests, and `falconet bench --only provisioning`).
 
 Everything lives in one temporary directory: the munge key, socket and logs, slurm.conf,
 Slurm's state, spool, logs and pid files. Every Slurm command must run with `cluster.env`
@@ -71,7 +72,8 @@ def half_memory_mb() -> int:
 
 
 def slurm_conf(root: Path, node: str, cpus: int, memory_mb: int, ctld_port: int, slurmd_port: int) -> str:
-    """slurm.conf text for one node on 127.0.0.1, all paths under root, short intervals."""
+    """slurm.conf text for one node on 127.0.0.1, all paths under root, short intervals.
+    A node of more cpus than the machine has is declared as such (config_overrides)."""
     user = "root" if os.geteuid() == 0 else os.environ.get("USER", "root")
     partitions = [f"PartitionName={name} Nodes={node} MaxTime=INFINITE State=UP"
                   + (" Default=YES" if i == 0 else "") for i, name in enumerate(PARTITIONS)]
@@ -105,6 +107,7 @@ def slurm_conf(root: Path, node: str, cpus: int, memory_mb: int, ctld_port: int,
         "MpiDefault=none",
         "MailProg=/bin/true",
         "ReturnToService=2",
+        *(["SlurmdParameters=config_overrides"] if cpus > (os.cpu_count() or 1) else []),
         "SchedulerType=sched/backfill",
         # A job that the submit-time attempt cannot place (the node still busy cleaning up a
         # cancelled job, say) waits for the main scheduler's next pass, about 3 s here, or the
@@ -129,14 +132,15 @@ class SlurmCluster:
     one node's name; `partitions` are the partitions, the default first.
     """
 
-    def __init__(self, root: Path | None = None):
+    def __init__(self, root: Path | None = None, cpus: int = 0):
+        """cpus: the node's (0: this machine's); more lets many one-cpu pilots run at once."""
         self._owns_root = root is None
         self.root = Path(tempfile.mkdtemp(prefix="falconet-test-slurm-")) if root is None else root
         self.root.chmod(0o755)  # munged wants its socket reachable by all, jobs their spool
         self.conf_path = self.root / "slurm.conf"
         self.node = socket.gethostname().split(".")[0]
         self.partitions = PARTITIONS
-        self.cpus = os.cpu_count() or 1
+        self.cpus = cpus or os.cpu_count() or 1
         self.env = {**os.environ, "SLURM_CONF": str(self.conf_path)}
         self.procs: dict[str, subprocess.Popen] = {}
 
