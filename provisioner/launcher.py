@@ -111,7 +111,9 @@ def build(o: Options) -> Provisioner:
         settings = Settings(
             params=params, cluster=o.cluster, interval_s=o.interval,
             boot_timeout_s=o.boot_timeout or (300.0 if ec2 else 600.0 if slurm else 60.0),
-            release_grace_s=o.release_grace, keep=o.keep, stop_grace_s=o.stop_grace)
+            release_grace_s=o.release_grace, keep=o.keep, stop_grace_s=o.stop_grace,
+            # a pilot's replacement is queued one margin before its executor stops taking work
+            renew_before_s=min(2 * backend.end_margin_s, backend.job_seconds / 2) if slurm else 0.0)
         prov = Provisioner(settings, backend, client)
         prov.adopt(clean_orphans=o.clean_orphans)
         return prov

@@ -54,6 +54,9 @@ class Settings:
     backoff_max_s: float = 600.0
     keep: bool = False  #: leave the fleet running on stop
     stop_grace_s: float = 30.0  #: on stop, time for executors to drain before their machines stop
+    #: a node whose allocation ends within this counts as going away (a pilot job near its
+    #: walltime): the policy launches its replacement while it still works, if work waits
+    renew_before_s: float = 0.0
 
 
 def waiting_shapes(status: Status) -> dict[Shape, int]:
@@ -282,6 +285,8 @@ class Provisioner:
         itype = self._types.get(m.itype) or policy.InstanceType(m.itype, 1, 0, "", 0.0)
         if m.id in self.releasing:
             state = NodeState.RELEASING
+        elif m.ends_at and m.ends_at - now <= self.settings.renew_before_s:
+            state = NodeState.RELEASING  # its job is about to end: it is going, not leaving room
         elif row is None:
             state = NodeState.BOOTING
         elif row.draining:

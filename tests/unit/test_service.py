@@ -200,3 +200,40 @@ def test_a_batch_job_that_ends_after_its_executor_left_is_no_failure():
     backend.machines[mid] = Machine(mid, "small", "ended", clock(), "t", "", "COMPLETED")
     prov.step()
     assert prov.failures == 0 and backend.stopped == [] and not prov.last_error
+
+
+def test_a_node_whose_allocation_is_about_to_end_is_replaced_while_work_waits():
+    """A pilot job near its walltime counts as going away: with work waiting, its
+    replacement is launched while it still runs; with none, nothing is launched."""
+    clock = Clock()
+    backend, dispatcher = FakeBackend(clock), FakeDispatcher()
+    settings = service.Settings(params=Params(types=(SMALL,), strategy=Strategy.ONE_AT_A_TIME, max_executors=2),
+                                interval_s=5.0, boot_timeout_s=60.0, renew_before_s=120.0)
+    prov = service.Provisioner(settings, backend, dispatcher, wall=clock, clock=clock)  # type: ignore[arg-type]
+    dispatcher.queued = 1
+    prov.step()
+    (mid,) = backend.machines
+    backend.machines[mid] = Machine(mid, "small", "running", clock(), "t", "", "RUNNING", clock() + 600.0)
+    dispatcher.register(mid, assigned=1)
+    dispatcher.queued = 0  # the task runs there
+    prov.step()
+    clock.now += 480.0  # 120 s left, and no work waits: nothing to launch
+    prov.step()
+    assert len(backend.machines) == 1 and dispatcher.reports[-1]["counts"]["releasing"] == 1
+    dispatcher.queued = 1  # work waits: the replacement goes now, while the pilot still runs
+    clock.now += 1.0
+    prov.step()
+    assert len(backend.machines) == 2
+
+
+def test_without_a_renewal_margin_an_ending_node_counts_until_it_drains():
+    clock = Clock()
+    backend, dispatcher = FakeBackend(clock), FakeDispatcher()
+    prov = _provisioner(clock, backend, dispatcher, strategy=Strategy.ONE_AT_A_TIME, max_executors=2)
+    dispatcher.queued = 1
+    prov.step()
+    (mid,) = backend.machines
+    backend.machines[mid] = Machine(mid, "small", "running", clock(), "t", "", "RUNNING", clock() + 10.0)
+    dispatcher.register(mid, assigned=0)
+    prov.step()
+    assert len(backend.machines) == 1 and dispatcher.reports[-1]["counts"]["idle"] == 1
