@@ -71,11 +71,19 @@ def half_memory_mb() -> int:
     return max(total // 2 // 2**20, 100)
 
 
-def slurm_conf(root: Path, node: str, cpus: int, memory_mb: int, ctld_port: int, slurmd_port: int) -> str:
-    """slurm.conf text for one node on 127.0.0.1, all paths under root, short intervals.
-    A node of more cpus than the machine has is declared as such (config_overrides)."""
+def slurm_conf(root: Path, node: str, cpus: int, memory_mb: int, ctld_port: int, slurmd_ports: list[int],
+               names: list[str] | None = None) -> str:
+    """slurm.conf text for nodes on 127.0.0.1, all paths under root, short intervals.  node is
+    this host's name; with names, each is a node of its own slurmd (-N) on its own port.  A
+    node of more cpus than the machine has is declared as such (config_overrides)."""
     user = "root" if os.geteuid() == 0 else os.environ.get("USER", "root")
-    partitions = [f"PartitionName={name} Nodes={node} MaxTime=INFINITE State=UP"
+    names = names or [node]
+    if len(names) == 1:
+        node_lines = [f"NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN"]
+    else:  # several slurmd on one host: each its own name, port, spool and pid file (%n)
+        node_lines = [f"NodeName={name} NodeHostname={node} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} "
+                      f"RealMemory={memory_mb // len(names)} State=UNKNOWN" for name, port in zip(names, slurmd_ports)]
+    partitions = [f"PartitionName={name} Nodes={','.join(names)} MaxTime=INFINITE State=UP"
                   + (" Default=YES" if i == 0 else "") for i, name in enumerate(PARTITIONS)]
     return "\n".join([
         "ClusterName=falconet-test",
@@ -86,11 +94,11 @@ def slurm_conf(root: Path, node: str, cpus: int, memory_mb: int, ctld_port: int,
         "CredType=cred/munge",
         f"AuthInfo=socket={root / 'munge' / 'munge.socket'}",
         f"SlurmctldPort={ctld_port}",
-        f"SlurmdPort={slurmd_port}",
+        f"SlurmdPort={slurmd_ports[0]}",
         f"StateSaveLocation={root / 'state'}",
-        f"SlurmdSpoolDir={root / 'spool'}",
+        f"SlurmdSpoolDir={root / 'spool'}" + ("-%n" if len(names) > 1 else ""),
         f"SlurmctldPidFile={root / 'slurmctld.pid'}",
-        f"SlurmdPidFile={root / 'slurmd.pid'}",
+        f"SlurmdPidFile={root / 'slurmd'}" + ("-%n.pid" if len(names) > 1 else ".pid"),
         # No SlurmctldLogFile or SlurmdLogFile: run with -D, the daemons log to stderr, which
         # _spawn sends to log/<name>.log.
         "SlurmctldDebug=info",
@@ -119,7 +127,7 @@ def slurm_conf(root: Path, node: str, cpus: int, memory_mb: int, ctld_port: int,
         "SlurmdTimeout=30",
         "SlurmctldTimeout=30",
         "MessageTimeout=10",
-        f"NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN",
+        *node_lines,
         *partitions,
         "",
     ])
@@ -132,13 +140,16 @@ class SlurmCluster:
     one node's name; `partitions` are the partitions, the default first.
     """
 
-    def __init__(self, root: Path | None = None, cpus: int = 0):
-        """cpus: the node's (0: this machine's); more lets many one-cpu pilots run at once."""
+    def __init__(self, root: Path | None = None, cpus: int = 0, nodes: int = 1):
+        """cpus: each node's (0: this machine's); more lets many one-cpu pilots run at once.
+        nodes: more than one runs a slurmd per node on this host, for jobs of several nodes."""
         self._owns_root = root is None
         self.root = Path(tempfile.mkdtemp(prefix="falconet-test-slurm-")) if root is None else root
         self.root.chmod(0o755)  # munged wants its socket reachable by all, jobs their spool
         self.conf_path = self.root / "slurm.conf"
         self.node = socket.gethostname().split(".")[0]
+        #: the nodes' names: this host's, or <host>-n1... for several
+        self.nodes = [self.node] if nodes == 1 else [f"{self.node}-n{i + 1}" for i in range(nodes)]
         self.partitions = PARTITIONS
         self.cpus = cpus or os.cpu_count() or 1
         self.env = {**os.environ, "SLURM_CONF": str(self.conf_path)}
@@ -160,8 +171,10 @@ class SlurmCluster:
             self._start_munge()
             self._write_conf()
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-f", str(self.conf_path)])
-            self._spawn("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf_path), "-N", self.node])
-            wait_for(self._node_idle, START_TIMEOUT_S, f"node {self.node} idle in sinfo")
+            for name in self.nodes:
+                self._spawn(f"slurmd-{name}" if len(self.nodes) > 1 else "slurmd",
+                            [_which("slurmd"), "-D", "-f", str(self.conf_path), "-N", name])
+            wait_for(self._node_idle, START_TIMEOUT_S, f"nodes {','.join(self.nodes)} idle in sinfo")
         except Exception as e:
             logs = self.logs()
             self.stop()
@@ -188,11 +201,12 @@ class SlurmCluster:
         wait_for(socket_path.exists, 10.0, "munged's socket")
 
     def _write_conf(self) -> None:
-        for name in ("state", "spool"):
+        (self.root / "state").mkdir(mode=0o755)
+        for name in ["spool"] if len(self.nodes) == 1 else [f"spool-{n}" for n in self.nodes]:
             (self.root / name).mkdir(mode=0o755)
-        ctld_port, slurmd_port = free_ports(2)
+        ctld_port, *slurmd_ports = free_ports(1 + len(self.nodes))
         self.conf_path.write_text(slurm_conf(self.root, self.node, self.cpus, half_memory_mb(),
-                                             ctld_port, slurmd_port))
+                                             ctld_port, slurmd_ports, self.nodes))
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log_dir = self.root / "log"
@@ -205,8 +219,10 @@ class SlurmCluster:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}")
-        result = self.run("sinfo", "--noheader", "--nodes", self.node, "--format", "%t", check=False)
-        return result.returncode == 0 and result.stdout.split()[:1] == ["idle"]
+        result = self.run("sinfo", "--noheader", "--Node", "--partition", PARTITIONS[0], "--format", "%N %t",
+                          check=False)
+        states = dict(line.split() for line in result.stdout.splitlines() if line.strip())
+        return result.returncode == 0 and all(states.get(n) == "idle" for n in self.nodes)
 
     def run(self, *args: str, check: bool = True, timeout_s: float = 30.0) -> subprocess.CompletedProcess:
         """Run a Slurm command (`run("squeue", "-h")`) against this cluster, capturing text."""
@@ -227,7 +243,8 @@ class SlurmCluster:
         ctld = self.procs.get("slurmctld")
         if ctld is not None and ctld.poll() is None:
             self._cancel_all()
-        for name in ("slurmd", "slurmctld", "munged"):
+        slurmds = [name for name in self.procs if name.startswith("slurmd")]
+        for name in (*slurmds, "slurmctld", "munged"):
             if name in self.procs:
                 _terminate(self.procs.pop(name))
         # slurmstepd and the jobs leave slurmd's session; whatever scancel missed still

@@ -68,6 +68,7 @@ class Options:
     job_time: str = "1:00:00"  #: slurm: each pilot's walltime
     cpus_per_job: int | None = None  #: slurm: [default: a node's cpus]
     memory_per_job: int | None = None  #: slurm: MB [default: a node's memory]
+    nodes_per_job: int = 1  #: slurm: nodes of each pilot, one executor on each
     sbatch_option: tuple[str, ...] = ()  #: slurm: more sbatch options
     sbatch_prologue: str | None = None  #: slurm: shell lines, or @FILE
     end_margin: float | None = None  #: slurm: seconds before the job's end its executor stops taking work
@@ -167,7 +168,7 @@ def _slurm_backend(o: Options, executor_address: str, idle_timeout: float, tags:
     settings = SlurmSettings(
         cluster=o.cluster, executor_address=executor_address, job_time=o.job_time,
         partition=o.partition or "", account=o.account or "", qos=o.qos or "",
-        cpus_per_job=o.cpus_per_job or 0, memory_per_job=o.memory_per_job or 0,
+        cpus_per_job=o.cpus_per_job or 0, memory_per_job=o.memory_per_job or 0, nodes_per_job=o.nodes_per_job,
         sbatch_options=tuple(o.sbatch_option), prologue=_prologue(o.sbatch_prologue), slots=o.slots or 0,
         end_margin_s=o.end_margin or 0.0, executor_args=args, tags=frozenset(tags), log_dir=o.job_log_dir or "")
     backend = SlurmBackend(settings)

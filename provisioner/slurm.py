@@ -7,15 +7,20 @@ are ever listed, cancelled or counted: the provisioner never touches another job
 restarted one adopts its fleet by them.  A launch retried after an unclear failure first
 looks for jobs with its token, so it never submits a pilot twice.
 
-The executor's id is ``slurm-<job id>``, the machine's id for the provisioner.  Inside the
-job it asks squeue when the job ends and stops taking work a margin before (see
-falconet.executor.boot.slurm_job_end), so the walltime kills no task.
+The executor's id is ``slurm-<job id>``, the machine's id for the provisioner.  A pilot of
+several nodes (``nodes_per_job``) runs one executor per node through srun, ``slurm-<job
+id>.<node index>``, and each node is a machine of its own: the policy counts nodes, as it
+does instances.  Inside the job each executor asks squeue when the job ends and stops
+taking work a margin before (see falconet.executor.boot.slurm_job_end), so the walltime
+kills no task.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
+import math
 import os
 import pwd
 import re
@@ -80,7 +85,8 @@ class SlurmSettings:
     account: str = ""
     qos: str = ""
     cpus_per_job: int = 0  #: 0: a whole node's cpus (sinfo)
-    memory_per_job: int = 0  #: MB; 0: a whole node's memory (sinfo)
+    memory_per_job: int = 0  #: MB per node; 0: Slurm's default
+    nodes_per_job: int = 1  #: nodes of each pilot, one executor on each
     sbatch_options: tuple[str, ...] = ()  #: more sbatch options, as given (--constraint=avx2)
     prologue: str = ""  #: shell lines run before the executor (module load, an environment)
     slots: int = 0  #: executor slots; 0: the job's cpus
@@ -106,6 +112,7 @@ class SlurmBackend:
         self.calls: collections.Counter[str] = collections.Counter()
         self.user = _user()
         self._tried: set[str] = set()
+        self._stopped: set[str] = set()  # nodes of a multi-node pilot stopped while the rest work on
         self._types: tuple[InstanceType, ...] = ()
 
     # ------------------------------------------------------------ commands
@@ -166,8 +173,16 @@ class SlurmBackend:
     # ------------------------------------------------------------ the three operations
 
     def list(self) -> list[Machine]:
-        """This fleet's jobs: pending or running, and those ended lately (state "ended")."""
-        return [m for _, m in self._jobs()]
+        """This fleet's nodes: of jobs pending or running, and of those ended lately (state
+        "ended"); a node stopped alone while its job works on is no longer listed."""
+        jobs = self._jobs()
+        self._stopped &= {f"{m.id}.{n}" for _, m in jobs for n in range(self.settings.nodes_per_job)}
+        return [node for _, m in jobs for node in self._nodes(m) if node.id not in self._stopped]
+
+    def _nodes(self, job: Machine) -> list[Machine]:
+        """The machines of one pilot job: the job itself, or one per node of it."""
+        k = self.settings.nodes_per_job
+        return [job] if k == 1 else [dataclasses.replace(job, id=f"{job.id}.{n}") for n in range(k)]
 
     def _jobs(self) -> list[tuple[int, Machine]]:
         """(index in its launch, machine) of every job of this fleet squeue lists."""
@@ -176,6 +191,7 @@ class SlurmBackend:
         return [job for line in out.splitlines() if (job := self._machine(line.split(_SEP))) is not None]
 
     def start(self, itype: InstanceType, count: int, token: str) -> list[Machine]:
+        """Pilots for `count` nodes: ceil(count / nodes_per_job) jobs."""
         done: dict[int, Machine] = {}
         if token in self._tried:  # a retry: the first try may have submitted some after all
             done = {i: m for i, m in self._jobs() if m.launch_token == token and m.state != "ended"}
@@ -184,17 +200,31 @@ class SlurmBackend:
                          token, len(done))
         self._tried.add(token)
         started = list(done.values())
-        for i in range(count):
+        for i in range(math.ceil(count / self.settings.nodes_per_job)):
             if i in done:
                 continue
             job = self._run(f"sbatch ({itype.name})", ["sbatch", "--parsable", *self._sbatch_args(token, i),
                                                        self._script(token, i)]).strip().split(";")[0]
             started.append(Machine(f"slurm-{job}", itype.name, "pending", time.time(), token, "", "submitted"))
         self._tried.discard(token)  # known outcome: no retry will reuse this token
-        return started
+        return [node for job in started for node in self._nodes(job)]
 
     def stop(self, ids: list[str]) -> None:
-        jobs = [mid.removeprefix("slurm-") for mid in ids if mid.startswith("slurm-")]
+        """Cancel the jobs of these machines.  A node of a multi-node pilot is cancelled with
+        its job once every node of it is stopped; until then it is only no longer listed
+        (its executor has left, or never came), and the job ends when its last executor does."""
+        k = self.settings.nodes_per_job
+        jobs = []
+        for mid in ids:
+            if not mid.startswith("slurm-"):
+                continue
+            job, _, node = mid.removeprefix("slurm-").partition(".")
+            if k == 1 or not node:
+                jobs.append(job)
+                continue
+            self._stopped.add(mid)
+            if all(f"slurm-{job}.{n}" in self._stopped for n in range(k)):
+                jobs.append(job)
         for i in range(0, len(jobs), 200):
             self._run("scancel", ["scancel", *jobs[i:i + 200]])
 
@@ -207,7 +237,7 @@ class SlurmBackend:
     def _sbatch_args(self, token: str, index: int) -> list[str]:
         s = self.settings
         args = [f"--job-name={self.job_name}", f"--comment={COMMENT_PREFIX}:{s.cluster}:{token}:{index}",
-                f"--time={s.job_time}", "--nodes=1", "--ntasks=1",
+                f"--time={s.job_time}", f"--nodes={s.nodes_per_job}", "--ntasks-per-node=1",
                 f"--cpus-per-task={self._types[0].vcpus}" if self._types else "--exclusive",
                 f"--output={os.path.join(self.log_dir, 'slurm-%j.out')}"]
         if s.memory_per_job:
@@ -225,9 +255,13 @@ class SlurmBackend:
             "executor", "--dispatcher", s.executor_address, "--slots", str(itype.capacity),
             "--cpus", str(itype.capacity), *(("--memory", str(s.memory_per_job)) if s.memory_per_job else ()),
             "--end-margin", f"{self.end_margin_s:g}", *s.executor_args)
-        lines = ["#!/bin/sh", f"# falconet pilot: cluster {s.cluster}, launch {token} #{index}", s.prologue,
-                 # the id names the job: the provisioner matches executors to jobs by it
-                 f"exec {shlex.join(executor)} --id slurm-$SLURM_JOB_ID"]
+        if s.nodes_per_job == 1:  # the id names the job: the provisioner matches executors to jobs by it
+            run = f"exec {shlex.join(executor)} --id slurm-$SLURM_JOB_ID"
+        else:  # one executor per node, named by the job and the node's index in it
+            each = shlex.quote(f'exec {shlex.join(executor)} --id "slurm-$SLURM_JOB_ID.$SLURM_NODEID"')
+            run = (f"exec srun --nodes={s.nodes_per_job} --ntasks-per-node=1 --cpus-per-task={itype.vcpus} "
+                   f"--kill-on-bad-exit=0 sh -c {each}")
+        lines = ["#!/bin/sh", f"# falconet pilot: cluster {s.cluster}, launch {token} #{index}", s.prologue, run]
         path = os.path.join(self.log_dir, f"pilot-{token}-{index}.sh")
         with open(path, "w") as fh:
             fh.write("\n".join(line for line in lines if line) + "\n")

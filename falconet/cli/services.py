@@ -321,7 +321,10 @@ def _config_file(ctx: click.Context, _param: click.Parameter, path: str | None) 
 @click.option("--cpus-per-job", type=click.IntRange(min=1), default=None, show_envvar=True,
               help="slurm: cpus each pilot asks for [default: a node's, from sinfo].")
 @click.option("--memory-per-job", type=click.IntRange(min=1), default=None, show_envvar=True, metavar="MB",
-              help="slurm: memory each pilot asks for [default: Slurm's default for the partition].")
+              help="slurm: memory each pilot asks for, per node [default: Slurm's default for the partition].")
+@click.option("--nodes-per-job", type=click.IntRange(min=1), default=1, show_envvar=True,
+              help="slurm: nodes of each pilot job, one executor on each (for sites that want large "
+                   "jobs); --max-executors and --min-executors count nodes.")
 @click.option("--sbatch-option", multiple=True, show_envvar=True, metavar="OPTION",
               help="slurm: another sbatch option for every pilot, such as --constraint=avx2 (repeatable).")
 @click.option("--sbatch-prologue", default=None, show_envvar=True, metavar="LINES|@FILE",

@@ -8,10 +8,12 @@ import signal
 import subprocess
 import uuid
 
+import pytest
 from cluster_helpers import wait_until
 
 import falconet
 from falconet import spawn
+from falconet.benchmarks.slurmsim import SlurmCluster, unavailable
 
 PILOT = ("--backend", "slurm", "--cpus-per-job", "1", "--slots", "1", "--interval", "0.3",
          "--boot-timeout", "60", "--log-level", "debug")
@@ -168,3 +170,36 @@ def test_python_api_provision_slurm(slurm, tmp_path, monkeypatch):
         fleet = client.status(detail=True)["fleet"]
         assert fleet["backend"] == "slurm" and fleet["cluster"] == name
     assert not _jobs(slurm, name)
+
+
+@pytest.fixture(scope="module")
+def slurm2():
+    """A real Slurm of two nodes of one cpu each (two slurmd on this host)."""
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    with SlurmCluster(cpus=1, nodes=2) as two:
+        yield two
+
+
+def test_a_pilot_of_two_nodes_runs_an_executor_on_each_and_leaves_as_one(cluster, slurm2):
+    """--nodes-per-job 2: one job, an executor per node (slurm-<job>.0 and .1), each a node of
+    the fleet; idle, both drain and the job ends; no job is left."""
+    name = f"nodes-{uuid.uuid4().hex[:6]}"
+    cluster.start_dispatcher()
+    prov = _provisioner(cluster, slurm2, "provisioner", "--cluster", name, "--nodes-per-job", "2",
+                        "--max-executors", "2", "--idle-release", "1", "--job-time", "10")
+    with cluster.client() as client:
+        futures = client.submit_commands(["sleep 0.2"] * 20)
+        wait_until(lambda: len(cluster.registered(client)) == 2, timeout_s=60, what="both nodes' executors")
+        (job,) = _jobs(slurm2, name)
+        assert cluster.registered(client) == {f"slurm-{job}.0", f"slurm-{job}.1"}
+        assert all(f.result(timeout=120).ok for f in futures)
+        assert {f.result().executor for f in futures} == {f"slurm-{job}.0", f"slurm-{job}.1"}
+        wait_until(lambda: not cluster.registered(client), timeout_s=60, what="idle nodes to be released")
+        wait_until(lambda: not _jobs(slurm2, name), timeout_s=60, what="the job to end")
+        assert client.status()["lost_executors"] == 0
+        launches = [r for r in _reasons(client) if r.startswith("started ")]
+        assert launches == [f"started 2 slurm:debug: slurm-{job}.0, slurm-{job}.1"], _reasons(client)
+    prov.send_signal(signal.SIGTERM)
+    assert prov.wait(60) == 0
