@@ -203,3 +203,20 @@ def test_a_pilot_of_two_nodes_runs_an_executor_on_each_and_leaves_as_one(cluster
         assert launches == [f"started 2 slurm:debug: slurm-{job}.0, slurm-{job}.1"], _reasons(client)
     prov.send_signal(signal.SIGTERM)
     assert prov.wait(60) == 0
+
+
+def test_a_pilot_that_ends_before_its_executor_registers_is_a_failed_launch(cluster, slurm):
+    """A prologue that fails ends the job at once: the provisioner counts a failed launch,
+    says why, and backs off instead of submitting pilots in a loop."""
+    name = f"badprologue-{uuid.uuid4().hex[:6]}"
+    cluster.start_dispatcher()
+    prov = _provisioner(cluster, slurm, "provisioner", "--cluster", name, "--max-executors", "1",
+                        "--job-time", "10", "--sbatch-prologue", "echo no such module >&2; exit 3")
+    with cluster.client() as client:
+        client.submit_commands(["true"])
+        fleet = wait_until(lambda: (f := _fleet(client)).get("launch_failures", 0) >= 1 and f, timeout_s=60,
+                           what="a failed launch")
+        assert "ended before its executor registered: FAILED" in fleet["last_error"], fleet["last_error"]
+        assert fleet["backoff_s"] > 0 and fleet["api_calls"].get("sbatch") == 1
+    prov.send_signal(signal.SIGTERM)
+    assert prov.wait(60) == 0
