@@ -170,6 +170,23 @@ class Holds:
     def __init__(self, store: BlobStore):
         self.store = store
         self.counts: dict[str, collections.Counter[bytes]] = {}
+        self.uploading: set[tuple[bytes, str]] = set()  #: (holder, blob) of uploads pinned, not ended
+
+    def upload_chunk(self, holder: bytes, digest: str, last: bool) -> bool:
+        """A chunk of holder's upload of a blob whose content is in the store (this upload's
+        own copy, just completed, or one held already).  The upload holds the blob once,
+        from its first such chunk: the content of a second upload is there from its start,
+        and must not go (its first holder done with it) while the rest still comes, before
+        the result that names it.  True when this chunk took the hold."""
+        key = (holder, digest)
+        if key in self.uploading:
+            if last:
+                self.uploading.discard(key)
+            return False
+        self.add(holder, [digest])
+        if not last:
+            self.uploading.add(key)
+        return True
 
     def add(self, holder: bytes, digests: Iterable[str], delta: int = 1) -> None:
         """Change holder's count of each blob; delete the blobs no one holds any more."""
@@ -196,6 +213,7 @@ class Holds:
 
     def drop_holder(self, holder: bytes) -> None:
         """Lift every hold of a holder that is gone."""
+        self.uploading = {key for key in self.uploading if key[0] != holder}
         for digest in [d for d, h in self.counts.items() if holder in h]:
             self.add(holder, [digest], -self.counts[digest][holder])
 

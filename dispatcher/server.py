@@ -469,10 +469,11 @@ class Server:
             if port == "client":
                 self._send(sock, peer, p.Refused(f"file {msg.digest[:12]}... refused: {exc}"))
             return
-        if done is None or msg.offset + len(msg.data) < msg.total:
-            return  # more chunks to come (a blob held already acknowledges every chunk)
-        self.holds.add(peer if port == "client" else b"executor:" + peer, [msg.digest])
-        self.blob_counts["stored"] += 1
+        if done is None:
+            return  # more chunks of its own copy to come
+        holder = peer if port == "client" else b"executor:" + peer
+        if self.holds.upload_chunk(holder, msg.digest, msg.offset + len(msg.data) >= msg.total):
+            self.blob_counts["stored"] += 1
 
     def _settle_blobs(self, out: TurnOutput) -> None:
         """Hand executors' pins over to clients for the results accepted this turn; forget

@@ -507,6 +507,36 @@ def test_a_blob_stays_while_anyone_holds_it_and_goes_with_the_last_hold(tmp_path
     assert not store.has(digest)
 
 
+def test_a_second_upload_of_held_content_holds_it_from_its_first_chunk(tmp_path):
+    """Three tasks with the same big output: the executor uploads it before each result.
+    The second upload is discarded chunk by chunk (the content is here), and it must hold
+    the blob from its first chunk: the client done with the first result's copy must not
+    drop it while the second still comes (its result would name a blob gone)."""
+    from falconet.dispatcher.blobs import Holds
+
+    data = bytes(range(256)) * 8
+    store = BlobStore(str(tmp_path / "blobs"), max_bytes=1 << 30, durable=False)
+    holds = Holds(store)
+    digest, pin = sha(data), b"executor:e"
+    chunks = [(0, data[:1024]), (1024, data[1024:])]
+    for offset, part in chunks:  # the first upload: its hold comes with its last chunk
+        done = store.put(b"executor:e", digest, offset, len(data), part)
+        took = done is not None and holds.upload_chunk(pin, digest, offset + len(part) == len(data))
+        assert took == (offset == 1024)
+    holds.hand_over(pin, b"client", {digest})  # the first result is in
+    offset, part = chunks[0]  # the second upload starts
+    assert store.put(b"executor:e", digest, offset, len(data), part) == ""
+    assert holds.upload_chunk(pin, digest, last=False)
+    holds.release(b"client", [digest])  # the client fetched the first output and let it go
+    assert store.has(digest), "the second upload holds it"
+    offset, part = chunks[1]
+    assert store.put(b"executor:e", digest, offset, len(data), part) == ""
+    assert not holds.upload_chunk(pin, digest, last=True)  # one hold per upload
+    holds.hand_over(pin, b"client", {digest})
+    holds.release(b"client", [digest])
+    assert not store.has(digest) and not holds.counts and not holds.uploading
+
+
 def test_a_gone_executor_lifts_its_pins(tmp_path):
     from falconet.dispatcher.blobs import Holds
 
