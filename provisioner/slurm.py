@@ -105,6 +105,9 @@ class SlurmBackend:
     name = "slurm"
 
     def __init__(self, settings: SlurmSettings):
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", settings.cluster):
+            raise FalconetError(f"--cluster {settings.cluster!r}: with the slurm backend the name goes into "
+                                "job names and comments, so use letters, digits, '.', '_' and '-' only")
         self.settings = settings
         self.job_seconds = parse_job_time(settings.job_time)
         self.end_margin_s = settings.end_margin_s or min(60.0, self.job_seconds / 4)
@@ -273,10 +276,9 @@ class SlurmBackend:
         if len(row) != len(_FIELDS):
             return None
         job, state, comment, submitted, ends, nodes, reason, left = row
-        prefix, _, rest = comment.partition(":")
-        cluster, _, rest = rest.partition(":")
-        token, _, index = rest.rpartition(":")
-        if prefix != COMMENT_PREFIX or cluster != self.settings.cluster or not token or not index.isdigit():
+        ours = f"{COMMENT_PREFIX}:{self.settings.cluster}:"
+        token, _, index = comment.removeprefix(ours).rpartition(":")
+        if not comment.startswith(ours) or not token or not index.isdigit():
             return None
         state = state.split()[0] if state else ""
         if state in ENDED_STATES:

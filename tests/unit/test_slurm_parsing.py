@@ -70,7 +70,7 @@ def test_a_row_of_this_fleet_becomes_a_machine_with_its_index_and_end(tmp_path):
 
 
 @pytest.mark.parametrize("comment", ["", "falconet:c2:c2-ab12-0001:0", "other:c1:t:0", "falconet:c1::0",
-                                     "falconet:c1:t:x", "falconet:c1"])
+                                     "falconet:c1:t:x", "falconet:c1", "falconet:c1.x:t:0", "falconet:c:1:t:0"])
 def test_a_job_of_another_fleet_or_of_someone_else_is_never_ours(comment, tmp_path):
     assert _backend(tmp_path)._machine(_row(comment=comment)) is None
 
@@ -88,3 +88,12 @@ def test_a_pilot_asks_for_what_was_given_and_names_its_fleet(tmp_path):
     last = script.splitlines()[-1]
     assert last.startswith("exec ") and last.endswith("--id slurm-$SLURM_JOB_ID")
     assert "tcp://10.0.0.1:5001" in last and "--end-margin 60" in last and "--memory 2000" in last
+
+
+@pytest.mark.parametrize("name", ["a,b", "a b", "a:b", "", "x/y"])
+def test_a_cluster_name_slurm_could_not_filter_on_is_refused(name, tmp_path):
+    """squeue -n takes a comma-separated list and the comment is split on colons: a name
+    with those would hide the fleet's own jobs from it, and it would submit pilots forever."""
+    with pytest.raises(FalconetError, match="--cluster"):
+        slurm.SlurmBackend(slurm.SlurmSettings(cluster=name, executor_address="tcp://10.0.0.1:5001",
+                                               log_dir=str(tmp_path)))
