@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from falconet import needs as nd
 from falconet import protocol as p
 from falconet.dispatcher.core import Config, Core
+from falconet.errors import IllegalTransition
 
 WALL0 = 1_700_000_000.0
 DONE, FAILED, CANCELLED = int(p.TaskState.DONE), int(p.TaskState.FAILED), int(p.TaskState.CANCELLED)
@@ -95,6 +96,31 @@ def test_the_usual_report_is_accepted_as_a_batch(split):
     assert core._accept_batch(ex, results) == 5
     assert ex.tasks == {} and ex.cpus_used == 0 and ex.memory_used == 0
     assert [r.seq for r in core.clients[b"c1" if split[0] else b"c2"].results] == [0, 1, 2, 3, 4]
+
+
+ALL_STATES = [int(s) for s in p.TaskState]
+
+
+@settings(max_examples=100, deadline=None)
+@given(forced=st.lists(st.sampled_from(ALL_STATES), min_size=1, max_size=5),
+       ends=st.lists(st.sampled_from([DONE, FAILED, CANCELLED]), min_size=5, max_size=5))
+def test_batched_results_check_every_move_as_one_by_one(forced, ends):
+    """Held tasks put (white-box) in any state, finishing any way: the batch is taken only
+    when every move is legal, else the task that cannot move raises as one by one would."""
+    outs = []
+    for core in (_core(True), _core(False)):
+        assigned = _setup(core, (5, 0))
+        ex = core.executors[b"e"]
+        for a, state in zip(assigned, forced):
+            ex.tasks[a.tid].state = state
+        results = [p.ExecResult(a.tid, a.attempt, end, b"", "", 1.0, 2.0) for a, end in zip(assigned, ends)]
+        try:
+            core.on_executor(b"e", p.Report(0, [], results, {}), 1.0)
+        except IllegalTransition as exc:
+            outs.append(str(exc))
+            continue
+        outs.append((repr(core.take_output().to_clients), sorted(ex.tasks), core.clients[b"c1"].counts))
+    assert outs[0] == outs[1]
 
 
 VALID = st.builds(p.TaskSpec, st.integers(0, 10), st.sampled_from([1, 2]), st.sampled_from([b"b", b""]),
