@@ -18,10 +18,11 @@ import math
 import operator
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat, starmap
 from typing import Any, NamedTuple
 
+from falconet import fields as f
 from falconet import needs as nd
 from falconet import protocol as p
 from falconet.dispatcher import events as ev
@@ -58,7 +59,7 @@ _OUTPUT = operator.itemgetter(2)  # TaskResult.output
 _SEQ = operator.itemgetter(0)  # TaskSpec.seq, TaskResult.seq
 _STATE, _ATTEMPT, _NEEDS, _CLIENT = (operator.attrgetter(a) for a in ("state", "attempt", "needs", "client"))
 _TASK_SEQ, _SUBMITTED = operator.attrgetter("seq"), operator.attrgetter("submitted")
-_SPEC_KIND, _SPEC_BODY, _SPEC_RETRIES, _SPEC_WALLTIME, _SPEC_NEEDS = (operator.itemgetter(i) for i in (1, 2, 3, 4, 5))
+_SPEC_FIELDS, _RESULT_FIELDS = len(p.TaskSpec._fields), len(p.ExecResult._fields)
 _ZEROS = repeat(0.0)
 _TID, _KIND, _BODY, _WALLTIME, _FILES = (operator.attrgetter(a) for a in ("tid", "kind", "body", "walltime_s", "files"))
 _ONLY_PENDING, _NO_TID = {_PENDING}, {None}
@@ -282,21 +283,24 @@ class Core:
             self.to_clients.append((client.peer, p.Accepted(msg.batch, len(msg.tasks))))
             return
         wall = self.wall()
-        if self.journal is not None:
-            self.journal.append((Kind.SUBMIT, (client.peer, client.name, msg.batch, wall, msg.tasks)))
-        self._queue(client, msg.tasks, wall)
+        if self.journal is not None:  # records, as the journal keeps them
+            self.journal.append((Kind.SUBMIT, (client.peer, client.name, msg.batch, wall, list(msg.tasks))))
+        columns = f.columns_of(msg.tasks, _SPEC_FIELDS)
+        self._queue(client, msg.tasks, columns, wall)
         if self.events is not None:
             # the seqs only: the specs (and their bodies) must go with the turn, as without events
-            self.events.append((ev.SUBMITTED, wall, client.label, list(map(_SEQ, msg.tasks))))
+            self.events.append((ev.SUBMITTED, wall, client.label, columns[0]))
         self.to_clients.append((client.peer, p.Accepted(msg.batch, len(msg.tasks))))
 
-    def _queue(self, client: ClientEntry, specs: list[p.TaskSpec], wall: float) -> None:
+    def _queue(self, client: ClientEntry, specs: list[p.TaskSpec], columns: list[list], wall: float) -> None:
+        """Queue a batch of specs (its columns too: the usual batch is judged and queued
+        from them, with no TaskSpec made)."""
         queue, counts, ccounts = client.queue, self.counts, client.counts
         counts[_PENDING] += len(specs)
         ccounts[_PENDING] += len(specs)
         max_body = self.config.max_task_bytes
-        if self._plain_and_valid(specs, max_body):  # the usual batch: checked a column at a time
-            queue.extend(map(Task, repeat(client), specs, repeat(wall)))
+        if self._plain_and_valid(columns, max_body):  # the usual batch: checked a column at a time
+            queue.extend(map(Task, repeat(client), zip(*columns), repeat(wall)))
             specs_each: list[p.TaskSpec] = []
         else:
             specs_each = specs
@@ -323,13 +327,14 @@ class Core:
             self.plain.setdefault(client.peer, client)
 
     @staticmethod
-    def _plain_and_valid(specs: list[p.TaskSpec], max_body: int) -> bool:
-        """True when every spec is a plain task that passes the checks of _queue (a kind
-        this dispatcher runs, retries and walltime_s >= 0, not NaN, a body within the limit)."""
-        if not specs or any(map(_SPEC_NEEDS, specs)) or not set(map(_SPEC_KIND, specs)) <= KINDS:
+    def _plain_and_valid(columns: list[list], max_body: int) -> bool:
+        """True when every spec of a batch (its columns) is a plain task that passes the
+        checks of _queue (a kind this dispatcher runs, retries and walltime_s >= 0, not NaN,
+        a body within the limit)."""
+        seqs, kinds, bodies, retries, walltimes, needs, _ = columns
+        if not seqs or any(needs) or not set(kinds) <= KINDS:
             return False
-        return (min(map(_SPEC_RETRIES, specs)) >= 0 and all(map(operator.ge, map(_SPEC_WALLTIME, specs), _ZEROS))
-                and max(map(len, map(_SPEC_BODY, specs))) <= max_body)
+        return min(retries) >= 0 and all(map(operator.ge, walltimes, _ZEROS)) and max(map(len, bodies)) <= max_body
 
     def _enqueue(self, task: Task, front: bool = False) -> None:
         """Queue a pending task: in its needs class, or a plain one in the plain queue."""
@@ -438,7 +443,7 @@ class Core:
         tasks = ex.tasks
         if msg.started:
             # A task that also finishes in this report needs no Started: its result says more.
-            ending = set(map(_SEQ, msg.results)) if msg.results else ()  # ExecResult.tid
+            ending = set(f.column(msg.results, 0)) if msg.results else ()  # ExecResult.tid
             last = None
             seen = None if self.events is None else []
             for tid, attempt in msg.started:
@@ -473,7 +478,7 @@ class Core:
         of one client and one set of needs, in a final state reached by a legal move, with
         an output within the limit and no files.  Returns how many were accepted; 0 (nothing
         changed) leaves the batch to _accept_each, which judges each result on its own."""
-        tids, attempts, states_, outputs, reasons, started, finished, files = zip(*results)
+        tids, attempts, states_, outputs, reasons, started, finished, files = f.columns_of(results, _RESULT_FIELDS)
         tasks = ex.tasks
         ts = list(map(tasks.get, tids))
         new_set = set(states_)
@@ -481,7 +486,7 @@ class Core:
             return 0
         olds = list(map(_STATE, ts))
         old_set = set(olds)
-        if (tuple(map(_ATTEMPT, ts)) != attempts or max(map(len, outputs)) > self.config.max_output_bytes
+        if (list(map(_ATTEMPT, ts)) != attempts or max(map(len, outputs)) > self.config.max_output_bytes
                 or not (old_set <= _ENDS_ANY_WAY or set(zip(olds, states_)) <= _LEGAL)):
             return 0
         clients = set(map(_CLIENT, ts))
@@ -695,7 +700,7 @@ class Core:
                 ex.last_sent = now
                 self.to_executors.append((ex.peer, p.Tasks(batch)))
 
-    def _take(self, ex: ExecutorEntry, n: int, wall: float) -> list[p.Assignment]:
+    def _take(self, ex: ExecutorEntry, n: int, wall: float) -> Sequence[p.Assignment]:
         plain = self.plain
         if len(plain) == 1:  # one client with work: the fast path
             client = next(iter(plain.values()))
@@ -708,7 +713,7 @@ class Core:
         ex.cpus_used += len(batch)
         return batch
 
-    def _pop(self, queue: collections.deque[Task], ex: ExecutorEntry, n: int, cpus: int) -> list[p.Assignment]:
+    def _pop(self, queue: collections.deque[Task], ex: ExecutorEntry, n: int, cpus: int) -> Sequence[p.Assignment]:
         """Up to n pending tasks from the front of queue, dispatched to ex (the hot loop)."""
         k = min(n, len(queue))
         if k > 1:
@@ -743,9 +748,10 @@ class Core:
         self.counts[_DISPATCHED] += len(batch)
         return batch
 
-    def _pop_fresh(self, ts: list[Task], ex: ExecutorEntry, cpus: int) -> list[p.Assignment]:
+    def _pop_fresh(self, ts: list[Task], ex: ExecutorEntry, cpus: int) -> f.Columns:
         """Dispatch to ex pending tasks of one client that were never dispatched (so have no
-        tid and attempt 0), a batch at a time: _pop's loop in C-level passes."""
+        tid and attempt 0), a batch at a time: _pop's loop in C-level passes, the
+        assignments made as the columns they travel in."""
         k = len(ts)
         tids = range(self._next_tid, self._next_tid + k)
         self._next_tid += k
@@ -756,8 +762,8 @@ class Core:
         for counts in (self.counts, ts[0].client.counts):
             counts[_PENDING] -= k
             counts[_DISPATCHED] += k
-        return list(map(_new, repeat(p.Assignment), zip(
-            tids, repeat(1), map(_KIND, ts), map(_BODY, ts), map(_WALLTIME, ts), repeat(cpus), map(_FILES, ts))))
+        return f.Columns(p.Assignment, [list(tids), [1] * k, list(map(_KIND, ts)), list(map(_BODY, ts)),
+                                        list(map(_WALLTIME, ts)), [cpus] * k, list(map(_FILES, ts))])
 
     def take_output(self) -> TurnOutput:
         """Return and clear what this turn produced: journal records, messages, accepted
