@@ -57,12 +57,8 @@ _LEGAL, _ENDS_ANY_WAY = states.LEGAL, states.ENDS_ANY_WAY
 _new = tuple.__new__  # builds a NamedTuple without its Python-level __new__
 _OUTPUT = operator.itemgetter(2)  # TaskResult.output
 _SEQ = operator.itemgetter(0)  # TaskSpec.seq, TaskResult.seq
-_STATE, _ATTEMPT, _NEEDS, _CLIENT = (operator.attrgetter(a) for a in ("state", "attempt", "needs", "client"))
-_TASK_SEQ, _SUBMITTED = operator.attrgetter("seq"), operator.attrgetter("submitted")
 _SPEC_FIELDS, _RESULT_FIELDS = len(p.TaskSpec._fields), len(p.ExecResult._fields)
 _ZEROS = repeat(0.0)
-_TID, _KIND, _BODY, _WALLTIME, _FILES = (operator.attrgetter(a) for a in ("tid", "kind", "body", "walltime_s", "files"))
-_ONLY_PENDING, _NO_TID = {_PENDING}, {None}
 #: the answer to a client that has not said Hello to this dispatcher (or to its last run)
 _HELLO_AGAIN = p.HelloAgain("this dispatcher does not know this client (it restarted, or the client "
                             "skipped Hello): say Hello again")
@@ -473,42 +469,40 @@ class Core:
             self.ready[ex.peer] = ex
 
     def _accept_batch(self, ex: ExecutorEntry, results: list[p.ExecResult]) -> int:
-        """Accept a Report's results a batch at a time (C-level passes over its columns) when
-        they are the usual case: each the current attempt of a distinct task held by ex, all
-        of one client and one set of needs, in a final state reached by a legal move, with
-        an output within the limit and no files.  Returns how many were accepted; 0 (nothing
+        """Accept a Report's results a batch at a time (passes over its columns) when they
+        are the usual case: each the current attempt of a distinct task held by ex, all of
+        one client and one set of needs, in a final state reached by a legal move, with an
+        output within the limit and no files.  Returns how many were accepted; 0 (nothing
         changed) leaves the batch to _accept_each, which judges each result on its own."""
         tids, attempts, states_, outputs, reasons, started, finished, files = f.columns_of(results, _RESULT_FIELDS)
-        tasks = ex.tasks
-        ts = list(map(tasks.get, tids))
+        ts = list(map(ex.tasks.get, tids))
         new_set = set(states_)
         if None in ts or len(set(tids)) != len(tids) or any(files) or not new_set <= _FINAL:
             return 0
-        olds = list(map(_STATE, ts))
+        # One loop reads the slots: far cheaper than an attrgetter pass per field.
+        olds, held_attempts, clients, held_needs = [], [], set(), []
+        for t in ts:
+            olds.append(t.state)
+            held_attempts.append(t.attempt)
+            clients.add(t.client)
+            held_needs.append(t.needs)
         old_set = set(olds)
-        if (list(map(_ATTEMPT, ts)) != attempts or max(map(len, outputs)) > self.config.max_output_bytes
+        if (held_attempts != attempts or max(map(len, outputs)) > self.config.max_output_bytes
                 or not (old_set <= _ENDS_ANY_WAY or set(zip(olds, states_)) <= _LEGAL)):
             return 0
-        clients = set(map(_CLIENT, ts))
-        held = list(map(_NEEDS, ts))
-        needs = held[0]  # tasks of one needs class share one Needs object: count() compares identity first
-        if len(clients) != 1 or held.count(needs) != len(held):
+        needs = held_needs[0]  # tasks of one needs class share one Needs object: count() compares identity first
+        if len(clients) != 1 or held_needs.count(needs) != len(held_needs):
             return 0
         client = clients.pop()
-        collections.deque(map(tasks.__delitem__, tids), 0)
-        collections.deque(map(setattr, ts, repeat("state"), states_), 0)
-        counts, c = self.counts, client.counts
-        for state in old_set:  # a state or two: a count() pass each beats a Counter
-            k = olds.count(state)
-            counts[state] -= k
-            c[state] -= k
-        for state in new_set:
-            k = states_.count(state)
-            counts[state] += k
-            c[state] += k
+        collections.deque(map(ex.tasks.__delitem__, tids), 0)
+        seqs, submitted = [], []
+        for t, state in zip(ts, states_):  # every move checked above
+            t.state = state
+            seqs.append(t.seq)
+            submitted.append(t.submitted)
+        self._count_moves(client, olds, old_set, states_, new_set)
         client.results += map(_new, repeat(p.TaskResult), zip(
-            map(_TASK_SEQ, ts), states_, outputs, reasons, repeat(ex.info.executor_id), attempts,
-            map(_SUBMITTED, ts), started, finished, files))
+            seqs, states_, outputs, reasons, repeat(ex.info.executor_id), attempts, submitted, started, finished, files))
         self._results_pending[client.peer] = client
         if needs is None:
             ex.cpus_used -= len(ts)  # a plain task holds one cpu
@@ -516,6 +510,19 @@ class Core:
             ex.cpus_used -= needs.cpus * len(ts)
             ex.memory_used -= needs.memory_mb * len(ts)
         return len(ts)
+
+    def _count_moves(self, client: ClientEntry, olds: list[int], old_set: set[int], news: list[int],
+                     new_set: set[int]) -> None:
+        """Count tasks of client moved from olds to news (the sets: the states in each)."""
+        counts, c = self.counts, client.counts
+        for state in old_set:  # a state or two: a count() pass each beats a Counter
+            k = olds.count(state)
+            counts[state] -= k
+            c[state] -= k
+        for state in new_set:
+            k = news.count(state)
+            counts[state] += k
+            c[state] += k
 
     def _accept_each(self, ex: ExecutorEntry, results: list[p.ExecResult]) -> int:
         """Accept a Report's results one by one: stale ones counted and dropped, a bad state
@@ -718,10 +725,13 @@ class Core:
         k = min(n, len(queue))
         if k > 1:
             ts = list(starmap(queue.popleft, repeat((), k)))
-            if (set(map(_STATE, ts)) == _ONLY_PENDING and set(map(_TID, ts)) == _NO_TID
-                    and len(set(map(_CLIENT, ts))) == 1):
+            client = ts[0].client
+            for t in ts:  # a plain loop reads slots cheaper than a map pass per field
+                if t.state != _PENDING or t.tid is not None or t.client is not client:
+                    queue.extendleft(reversed(ts))  # not the usual case: one by one
+                    break
+            else:
                 return self._pop_fresh(ts, ex, cpus)
-            queue.extendleft(reversed(ts))  # not the usual case: one by one
         return self._pop_each(queue, ex, n, cpus)
 
     def _pop_each(self, queue: collections.deque[Task], ex: ExecutorEntry, n: int, cpus: int) -> list[p.Assignment]:
@@ -750,20 +760,27 @@ class Core:
 
     def _pop_fresh(self, ts: list[Task], ex: ExecutorEntry, cpus: int) -> f.Columns:
         """Dispatch to ex pending tasks of one client that were never dispatched (so have no
-        tid and attempt 0), a batch at a time: _pop's loop in C-level passes, the
-        assignments made as the columns they travel in."""
+        tid and attempt 0), a batch at a time, the assignments made as the columns they
+        travel in.  One plain loop: stores to slots are far cheaper there than through
+        setattr in map passes (PENDING -> DISPATCHED is in the table)."""
         k = len(ts)
         tids = range(self._next_tid, self._next_tid + k)
         self._next_tid += k
-        for name, values in (("tid", tids), ("state", repeat(_DISPATCHED)), ("attempt", repeat(1)),
-                             ("executor", repeat(ex))):
-            collections.deque(map(setattr, ts, repeat(name), values), 0)
+        kinds, bodies, walltimes, files = [], [], [], []
+        for t, tid in zip(ts, tids):
+            t.tid = tid
+            t.state = _DISPATCHED
+            t.attempt = 1
+            t.executor = ex
+            kinds.append(t.kind)
+            bodies.append(t.body)
+            walltimes.append(t.walltime_s)
+            files.append(t.files)
         ex.tasks.update(zip(tids, ts))
         for counts in (self.counts, ts[0].client.counts):
             counts[_PENDING] -= k
             counts[_DISPATCHED] += k
-        return f.Columns(p.Assignment, [list(tids), [1] * k, list(map(_KIND, ts)), list(map(_BODY, ts)),
-                                        list(map(_WALLTIME, ts)), [cpus] * k, list(map(_FILES, ts))])
+        return f.Columns(p.Assignment, [list(tids), [1] * k, kinds, bodies, walltimes, [cpus] * k, files])
 
     def take_output(self) -> TurnOutput:
         """Return and clear what this turn produced: journal records, messages, accepted

@@ -183,3 +183,27 @@ def test_batched_submits_and_dispatch_equal_one_by_one(form, batches, cancel, cr
         outs.append((repr(out.to_clients), repr(out.to_executors), core.counts, repr(queued), held,
                      _written(out.journal), repr(out.events)))
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@settings(max_examples=100, deadline=None)
+@given(sizes=st.lists(st.tuples(st.sampled_from([b"c1", b"c2"]), st.integers(1, 6)), min_size=1, max_size=4),
+       credit=st.integers(0, 30))
+def test_a_needs_class_of_several_clients_is_dispatched_as_one_by_one(form, sizes, credit):
+    """Tasks of one needs class queue together whoever sent them: a batch of several
+    clients' tasks leaves each client's counts as one by one would."""
+    needs = nd.encode(nd.make(cpus=1, memory=10))
+    outs = []
+    for core, how in ((_core(True), form), (_core(False), "records")):
+        for peer in (b"c1", b"c2"):
+            core.on_client(peer, p.Hello(p.PROTOCOL_VERSION, peer.decode(), peer.decode()), 0.0)
+        for i, (peer, n) in enumerate(sizes):
+            core.on_client(peer, _sent(p.Submit(i + 1, [p.TaskSpec(i * 10 + s, 1, b"b", 0, 0.0, needs)
+                                                       for s in range(n)]), how), 0.0)
+        core.on_executor(b"e", p.Register(p.PROTOCOL_VERSION, "e", "h", [], 64, 1024, "linux", 64, 1, {}, []), 0.0)
+        core.on_executor(b"e", p.Report(credit, [], [], {}), 0.0)
+        core.dispatch(0.0)
+        out = core.take_output()
+        held = sorted((tid, t.client.peer, t.seq, t.attempt, t.state) for tid, t in core.executors[b"e"].tasks.items())
+        outs.append((repr(out.to_executors), core.counts, {peer: c.counts for peer, c in core.clients.items()}, held))
+    assert outs[0] == outs[1]
