@@ -18,10 +18,11 @@ import math
 import operator
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat, starmap
 from typing import Any, NamedTuple
 
+from falconet import fields as f
 from falconet import needs as nd
 from falconet import protocol as p
 from falconet.dispatcher import events as ev
@@ -52,16 +53,12 @@ log = logging.getLogger("falconet.dispatcher")
 _PENDING, _DISPATCHED, _RUNNING = int(TaskState.PENDING), int(TaskState.DISPATCHED), int(TaskState.RUNNING)
 _DONE, _FAILED, _CANCELLED = int(TaskState.DONE), int(TaskState.FAILED), int(TaskState.CANCELLED)
 _FINAL = frozenset({_DONE, _FAILED, _CANCELLED})
-_LEGAL = states.LEGAL
+_LEGAL, _ENDS_ANY_WAY = states.LEGAL, states.ENDS_ANY_WAY
 _new = tuple.__new__  # builds a NamedTuple without its Python-level __new__
 _OUTPUT = operator.itemgetter(2)  # TaskResult.output
 _SEQ = operator.itemgetter(0)  # TaskSpec.seq, TaskResult.seq
-_STATE, _ATTEMPT, _NEEDS, _CLIENT = (operator.attrgetter(a) for a in ("state", "attempt", "needs", "client"))
-_TASK_SEQ, _SUBMITTED = operator.attrgetter("seq"), operator.attrgetter("submitted")
-_SPEC_KIND, _SPEC_BODY, _SPEC_RETRIES, _SPEC_WALLTIME, _SPEC_NEEDS = (operator.itemgetter(i) for i in (1, 2, 3, 4, 5))
+_SPEC_FIELDS, _RESULT_FIELDS = len(p.TaskSpec._fields), len(p.ExecResult._fields)
 _ZEROS = repeat(0.0)
-_TID, _KIND, _BODY, _WALLTIME, _FILES = (operator.attrgetter(a) for a in ("tid", "kind", "body", "walltime_s", "files"))
-_ONLY_PENDING, _NO_TID = {_PENDING}, {None}
 #: the answer to a client that has not said Hello to this dispatcher (or to its last run)
 _HELLO_AGAIN = p.HelloAgain("this dispatcher does not know this client (it restarted, or the client "
                             "skipped Hello): say Hello again")
@@ -282,21 +279,24 @@ class Core:
             self.to_clients.append((client.peer, p.Accepted(msg.batch, len(msg.tasks))))
             return
         wall = self.wall()
-        if self.journal is not None:
-            self.journal.append((Kind.SUBMIT, (client.peer, client.name, msg.batch, wall, msg.tasks)))
-        self._queue(client, msg.tasks, wall)
+        if self.journal is not None:  # records, as the journal keeps them
+            self.journal.append((Kind.SUBMIT, (client.peer, client.name, msg.batch, wall, list(msg.tasks))))
+        columns = f.columns_of(msg.tasks, _SPEC_FIELDS)
+        self._queue(client, msg.tasks, columns, wall)
         if self.events is not None:
             # the seqs only: the specs (and their bodies) must go with the turn, as without events
-            self.events.append((ev.SUBMITTED, wall, client.label, list(map(_SEQ, msg.tasks))))
+            self.events.append((ev.SUBMITTED, wall, client.label, columns[0]))
         self.to_clients.append((client.peer, p.Accepted(msg.batch, len(msg.tasks))))
 
-    def _queue(self, client: ClientEntry, specs: list[p.TaskSpec], wall: float) -> None:
+    def _queue(self, client: ClientEntry, specs: list[p.TaskSpec], columns: list[list], wall: float) -> None:
+        """Queue a batch of specs (its columns too: the usual batch is judged and queued
+        from them, with no TaskSpec made)."""
         queue, counts, ccounts = client.queue, self.counts, client.counts
         counts[_PENDING] += len(specs)
         ccounts[_PENDING] += len(specs)
         max_body = self.config.max_task_bytes
-        if self._plain_and_valid(specs, max_body):  # the usual batch: checked a column at a time
-            queue.extend(map(Task, repeat(client), specs, repeat(wall)))
+        if self._plain_and_valid(columns, max_body):  # the usual batch: checked a column at a time
+            queue.extend(map(Task, repeat(client), zip(*columns), repeat(wall)))
             specs_each: list[p.TaskSpec] = []
         else:
             specs_each = specs
@@ -323,13 +323,14 @@ class Core:
             self.plain.setdefault(client.peer, client)
 
     @staticmethod
-    def _plain_and_valid(specs: list[p.TaskSpec], max_body: int) -> bool:
-        """True when every spec is a plain task that passes the checks of _queue (a kind
-        this dispatcher runs, retries and walltime_s >= 0, not NaN, a body within the limit)."""
-        if not specs or any(map(_SPEC_NEEDS, specs)) or not set(map(_SPEC_KIND, specs)) <= KINDS:
+    def _plain_and_valid(columns: list[list], max_body: int) -> bool:
+        """True when every spec of a batch (its columns) is a plain task that passes the
+        checks of _queue (a kind this dispatcher runs, retries and walltime_s >= 0, not NaN,
+        a body within the limit)."""
+        seqs, kinds, bodies, retries, walltimes, needs, _ = columns
+        if not seqs or any(needs) or not set(kinds) <= KINDS:
             return False
-        return (min(map(_SPEC_RETRIES, specs)) >= 0 and all(map(operator.ge, map(_SPEC_WALLTIME, specs), _ZEROS))
-                and max(map(len, map(_SPEC_BODY, specs))) <= max_body)
+        return min(retries) >= 0 and all(map(operator.ge, walltimes, _ZEROS)) and max(map(len, bodies)) <= max_body
 
     def _enqueue(self, task: Task, front: bool = False) -> None:
         """Queue a pending task: in its needs class, or a plain one in the plain queue."""
@@ -438,7 +439,7 @@ class Core:
         tasks = ex.tasks
         if msg.started:
             # A task that also finishes in this report needs no Started: its result says more.
-            ending = set(map(_SEQ, msg.results)) if msg.results else ()  # ExecResult.tid
+            ending = set(f.column(msg.results, 0)) if msg.results else ()  # ExecResult.tid
             last = None
             seen = None if self.events is None else []
             for tid, attempt in msg.started:
@@ -468,38 +469,40 @@ class Core:
             self.ready[ex.peer] = ex
 
     def _accept_batch(self, ex: ExecutorEntry, results: list[p.ExecResult]) -> int:
-        """Accept a Report's results a batch at a time (C-level passes over its columns) when
-        they are the usual case: each the current attempt of a distinct task held by ex, all
-        of one client and one set of needs, in a final state reached by a legal move, with
-        an output within the limit and no files.  Returns how many were accepted; 0 (nothing
+        """Accept a Report's results a batch at a time (passes over its columns) when they
+        are the usual case: each the current attempt of a distinct task held by ex, all of
+        one client and one set of needs, in a final state reached by a legal move, with an
+        output within the limit and no files.  Returns how many were accepted; 0 (nothing
         changed) leaves the batch to _accept_each, which judges each result on its own."""
-        tids, attempts, states_, outputs, reasons, started, finished, files = zip(*results)
-        tasks = ex.tasks
-        ts = list(map(tasks.get, tids))
-        if None in ts or len(set(tids)) != len(tids) or any(files) or not set(states_) <= _FINAL:
+        tids, attempts, states_, outputs, reasons, started, finished, files = f.columns_of(results, _RESULT_FIELDS)
+        ts = list(map(ex.tasks.get, tids))
+        new_set = set(states_)
+        if None in ts or len(set(tids)) != len(tids) or any(files) or not new_set <= _FINAL:
             return 0
-        olds = list(map(_STATE, ts))
-        if (list(map(_ATTEMPT, ts)) != list(attempts) or not set(zip(olds, states_)) <= _LEGAL
-                or max(map(len, outputs)) > self.config.max_output_bytes):
+        # One loop reads the slots: far cheaper than an attrgetter pass per field.
+        olds, held_attempts, clients, held_needs = [], [], set(), []
+        for t in ts:
+            olds.append(t.state)
+            held_attempts.append(t.attempt)
+            clients.add(t.client)
+            held_needs.append(t.needs)
+        old_set = set(olds)
+        if (held_attempts != attempts or max(map(len, outputs)) > self.config.max_output_bytes
+                or not (old_set <= _ENDS_ANY_WAY or set(zip(olds, states_)) <= _LEGAL)):
             return 0
-        clients = set(map(_CLIENT, ts))
-        held = list(map(_NEEDS, ts))
-        needs = held[0]  # tasks of one needs class share one Needs object: count() compares identity first
-        if len(clients) != 1 or held.count(needs) != len(held):
+        needs = held_needs[0]  # tasks of one needs class share one Needs object: count() compares identity first
+        if len(clients) != 1 or held_needs.count(needs) != len(held_needs):
             return 0
         client = clients.pop()
-        collections.deque(map(tasks.__delitem__, tids), 0)
-        collections.deque(map(setattr, ts, repeat("state"), states_), 0)
-        counts, c = self.counts, client.counts
-        for state, k in collections.Counter(olds).items():
-            counts[state] -= k
-            c[state] -= k
-        for state, k in collections.Counter(states_).items():
-            counts[state] += k
-            c[state] += k
+        collections.deque(map(ex.tasks.__delitem__, tids), 0)
+        seqs, submitted = [], []
+        for t, state in zip(ts, states_):  # every move checked above
+            t.state = state
+            seqs.append(t.seq)
+            submitted.append(t.submitted)
+        self._count_moves(client, olds, old_set, states_, new_set)
         client.results += map(_new, repeat(p.TaskResult), zip(
-            map(_TASK_SEQ, ts), states_, outputs, reasons, repeat(ex.info.executor_id), attempts,
-            map(_SUBMITTED, ts), started, finished, files))
+            seqs, states_, outputs, reasons, repeat(ex.info.executor_id), attempts, submitted, started, finished, files))
         self._results_pending[client.peer] = client
         if needs is None:
             ex.cpus_used -= len(ts)  # a plain task holds one cpu
@@ -507,6 +510,19 @@ class Core:
             ex.cpus_used -= needs.cpus * len(ts)
             ex.memory_used -= needs.memory_mb * len(ts)
         return len(ts)
+
+    def _count_moves(self, client: ClientEntry, olds: list[int], old_set: set[int], news: list[int],
+                     new_set: set[int]) -> None:
+        """Count tasks of client moved from olds to news (the sets: the states in each)."""
+        counts, c = self.counts, client.counts
+        for state in old_set:  # a state or two: a count() pass each beats a Counter
+            k = olds.count(state)
+            counts[state] -= k
+            c[state] -= k
+        for state in new_set:
+            k = news.count(state)
+            counts[state] += k
+            c[state] += k
 
     def _accept_each(self, ex: ExecutorEntry, results: list[p.ExecResult]) -> int:
         """Accept a Report's results one by one: stale ones counted and dropped, a bad state
@@ -691,7 +707,7 @@ class Core:
                 ex.last_sent = now
                 self.to_executors.append((ex.peer, p.Tasks(batch)))
 
-    def _take(self, ex: ExecutorEntry, n: int, wall: float) -> list[p.Assignment]:
+    def _take(self, ex: ExecutorEntry, n: int, wall: float) -> Sequence[p.Assignment]:
         plain = self.plain
         if len(plain) == 1:  # one client with work: the fast path
             client = next(iter(plain.values()))
@@ -704,17 +720,20 @@ class Core:
         ex.cpus_used += len(batch)
         return batch
 
-    def _pop(self, queue: collections.deque[Task], ex: ExecutorEntry, n: int, cpus: int) -> list[p.Assignment]:
+    def _pop(self, queue: collections.deque[Task], ex: ExecutorEntry, n: int, cpus: int) -> Sequence[p.Assignment]:
         """Up to n pending tasks from the front of queue, dispatched to ex (the hot loop)."""
         if ex.ends_at:
             return self._pop_before_end(queue, ex, n, cpus)
         k = min(n, len(queue))
         if k > 1:
             ts = list(starmap(queue.popleft, repeat((), k)))
-            if (set(map(_STATE, ts)) == _ONLY_PENDING and set(map(_TID, ts)) == _NO_TID
-                    and len(set(map(_CLIENT, ts))) == 1):
+            client = ts[0].client
+            for t in ts:  # a plain loop reads slots cheaper than a map pass per field
+                if t.state != _PENDING or t.tid is not None or t.client is not client:
+                    queue.extendleft(reversed(ts))  # not the usual case: one by one
+                    break
+            else:
                 return self._pop_fresh(ts, ex, cpus)
-            queue.extendleft(reversed(ts))  # not the usual case: one by one
         return self._pop_each(queue, ex, n, cpus)
 
     def _pop_before_end(self, queue: collections.deque[Task], ex: ExecutorEntry, n: int,
@@ -759,21 +778,29 @@ class Core:
         self.counts[_DISPATCHED] += len(batch)
         return batch
 
-    def _pop_fresh(self, ts: list[Task], ex: ExecutorEntry, cpus: int) -> list[p.Assignment]:
+    def _pop_fresh(self, ts: list[Task], ex: ExecutorEntry, cpus: int) -> f.Columns:
         """Dispatch to ex pending tasks of one client that were never dispatched (so have no
-        tid and attempt 0), a batch at a time: _pop's loop in C-level passes."""
+        tid and attempt 0), a batch at a time, the assignments made as the columns they
+        travel in.  One plain loop: stores to slots are far cheaper there than through
+        setattr in map passes (PENDING -> DISPATCHED is in the table)."""
         k = len(ts)
         tids = range(self._next_tid, self._next_tid + k)
         self._next_tid += k
-        for name, values in (("tid", tids), ("state", repeat(_DISPATCHED)), ("attempt", repeat(1)),
-                             ("executor", repeat(ex))):
-            collections.deque(map(setattr, ts, repeat(name), values), 0)
+        kinds, bodies, walltimes, files = [], [], [], []
+        for t, tid in zip(ts, tids):
+            t.tid = tid
+            t.state = _DISPATCHED
+            t.attempt = 1
+            t.executor = ex
+            kinds.append(t.kind)
+            bodies.append(t.body)
+            walltimes.append(t.walltime_s)
+            files.append(t.files)
         ex.tasks.update(zip(tids, ts))
         for counts in (self.counts, ts[0].client.counts):
             counts[_PENDING] -= k
             counts[_DISPATCHED] += k
-        return list(map(_new, repeat(p.Assignment), zip(
-            tids, repeat(1), map(_KIND, ts), map(_BODY, ts), map(_WALLTIME, ts), repeat(cpus), map(_FILES, ts))))
+        return f.Columns(p.Assignment, [list(tids), [1] * k, kinds, bodies, walltimes, [cpus] * k, files])
 
     def take_output(self) -> TurnOutput:
         """Return and clear what this turn produced: journal records, messages, accepted

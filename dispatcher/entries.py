@@ -60,13 +60,10 @@ class Task:
     def __init__(self, client, spec: p.TaskSpec, submitted: float, needs: nd.Needs | None = None):
         self.tid = None  # given at first dispatch: a queued task needs none (memory)
         self.client = client
-        self.seq = spec.seq
-        self.kind = spec.kind
-        self.body = spec.body
-        self.retries = spec.retries
-        self.walltime_s = spec.walltime_s or _NO_LIMIT  # one shared float for the usual case
+        # One unpacking of the tuple, not six attribute lookups: this runs for every task.
+        self.seq, self.kind, self.body, self.retries, walltime_s, _, self.files = spec
+        self.walltime_s = walltime_s or _NO_LIMIT  # one shared float for the usual case
         self.needs = needs  # None for a plain task: one cpu, any executor (the fast path)
-        self.files = spec.files
         self.state = _PENDING
         self.attempt = 0  # number of times dispatched; results must name the current one
         self.losses = 0  # attempts ended by a lost executor (a dead slot fails its task instead)

@@ -410,7 +410,7 @@ class Server:
             return
         peer, frame = frames
         try:
-            msg = p.decode(frame)
+            msg = p.decode(frame, columns=True)  # the core reads record batches a column at a time
         except ProtocolError as exc:
             self._bad.warn("dropped a malformed message on the %s port from %r: %s",
                            port, peer[:16], exc)

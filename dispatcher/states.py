@@ -27,6 +27,10 @@ TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
 _ALLOWED = {int(s): frozenset(int(t) for t in ts) for s, ts in TRANSITIONS.items()}
 #: (old, new) pairs of the table, for callers that check inline on their hot path
 LEGAL = frozenset((old, new) for old, news in _ALLOWED.items() for new in news)
+#: states from which every final state is legal (a task an executor holds is in one): a batch
+#: of results for tasks all in these states needs no check pair by pair
+ENDS_ANY_WAY = frozenset(old for old, news in _ALLOWED.items()
+                         if {int(DONE), int(FAILED), int(CANCELLED)} <= news)
 
 
 def check(old: int, new: int) -> None:

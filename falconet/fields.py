@@ -8,8 +8,9 @@ message) only on a miss.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 from falconet.errors import ProtocolError
@@ -109,25 +110,86 @@ def pairs(v: Any) -> list[tuple[int, int]]:
     return [pair(x) for x in v]
 
 
+class Columns(Sequence):
+    """A batch of records kept as the columns it travels in (one list per field, of equal
+    length), for a side that reads and writes batches a column at a time (the dispatcher):
+    no tuple per record on its way through.  As a sequence it is the records, made once on
+    first use, so any other reader sees what a list of records would show.  Never changed
+    once made."""
+
+    __slots__ = ("cls", "columns", "_records")
+
+    def __init__(self, cls: type, columns: list[list]):
+        self.cls = cls  #: the NamedTuple of a record
+        self.columns = columns  #: one list per field of cls
+        self._records: list | None = None
+
+    def records(self) -> list:
+        """The records, as a list of cls."""
+        if self._records is None:
+            self._records = list(map(tuple.__new__, repeat(self.cls), zip(*self.columns)))
+        return self._records
+
+    def __len__(self) -> int:
+        return len(self.columns[0])
+
+    def __iter__(self) -> Any:
+        return iter(self.records())
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.records()[i]
+
+    def __eq__(self, other: Any) -> bool:
+        if type(other) is Columns:
+            other = other.records()
+        return self.records() == other if type(other) is list else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  (a list of records is not hashable either)
+
+    def __repr__(self) -> str:
+        return repr(self.records())
+
+
+def columns_of(batch: Sequence, n: int) -> list:
+    """The n columns of a batch of records of n fields, a list each: a Columns' own, or a
+    list of records transposed."""
+    if type(batch) is Columns:
+        return batch.columns
+    return [list(c) for c in zip(*batch)] if batch else [[] for _ in range(n)]
+
+
+def column(batch: Sequence, i: int) -> list:
+    """Field i of every record of a batch (a Columns' own list, or one made from records)."""
+    return batch.columns[i] if type(batch) is Columns else list(map(itemgetter(i), batch))
+
+
 def columns(cls: type, checks: tuple) -> Callable[[Any], list]:
     """A batch of records sent column-wise: an array of len(checks) arrays of equal length,
     the i-th holding field i of every record.  Checked a column at a time (the set of its
-    types, in C), with the precise checker only on a miss; returns the records."""
+    types, in C), with the precise checker only on a miss; returns the records.  Its
+    ``kept`` attribute is the same check returning the batch as :class:`Columns`."""
     n, name, fields = len(checks), cls.__name__, cls._fields
     exact = tuple(frozenset({_EXACT[c]}) for c in checks)
     new = tuple.__new__
 
-    def check(v: Any) -> list:
+    def checked(v: Any) -> list:
         if type(v) is not list or len(v) != n or not set(map(type, v)) <= _LIST:
             raise ProtocolError(f"{name} records: expected an array of {n} column arrays")
         lengths = set(map(len, v))
         if len(lengths) > 1:
             raise ProtocolError(f"{name} columns differ in length ({min(lengths)} to {max(lengths)} values)")
-        for i, (column, ok) in enumerate(zip(v, exact)):
-            if not set(map(type, column)) <= ok:
-                v[i] = _precise(column, checks[i], f"{name}.{fields[i]}")
-        return list(map(new, repeat(cls), zip(*v)))
+        for i, (values, ok) in enumerate(zip(v, exact)):
+            if not set(map(type, values)) <= ok:
+                v[i] = _precise(values, checks[i], f"{name}.{fields[i]}")
+        return v
 
+    def check(v: Any) -> list:
+        return list(map(new, repeat(cls), zip(*checked(v))))
+
+    def kept(v: Any) -> Columns:
+        return Columns(cls, checked(v))
+
+    check.kept = kept  # type: ignore[attr-defined]
     return check
 
 
@@ -143,8 +205,11 @@ def _precise(column: list, check: Callable[[Any], Any], where: str) -> list:
     return out
 
 
-def transpose(records: list, n: int) -> list:
-    """records (tuples of n fields) as n columns, the wire form :func:`columns` reads."""
+def transpose(records: Sequence, n: int) -> list:
+    """records (tuples of n fields) as n columns, the wire form :func:`columns` reads (a
+    Columns as it is)."""
+    if type(records) is Columns:
+        return records.columns
     cols = list(zip(*records))
     if len(cols) != n:
         if records:  # a short record would cut every column short: a programming error

@@ -574,8 +574,20 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise ProtocolError("msgpack extension types are not part of the protocol")
 
 
-def decode(frame: bytes) -> Any:
-    """Decode one frame into its message object, or raise ProtocolError."""
+def _keeping_columns(tag: int) -> tuple[type, tuple]:
+    cls, checks = _REGISTRY[tag]
+    at = _COLUMNAR[tag][0] - 1  # the batch's checker (the type is not among the checks)
+    return cls, (*checks[:at], checks[at].kept, *checks[at + 1:])
+
+
+#: _REGISTRY with each record batch kept as its columns (fields.Columns)
+_REGISTRY_COLUMNS = {**_REGISTRY, **{tag: _keeping_columns(tag) for tag in _COLUMNAR}}
+
+
+def decode(frame: bytes, *, columns: bool = False) -> Any:
+    """Decode one frame into its message object, or raise ProtocolError.  columns: record
+    batches stay as the columns they travelled in (:class:`falconet.fields.Columns`, the
+    same records to any reader), for a receiver that reads them a column at a time."""
     try:
         raw = msgpack.unpackb(frame, ext_hook=_reject_ext, use_list=True)
     except ProtocolError:
@@ -584,7 +596,7 @@ def decode(frame: bytes) -> Any:
         raise ProtocolError(f"not a msgpack frame ({type(exc).__name__})") from None
     if type(raw) is not list or not raw or type(raw[0]) is not int:
         raise ProtocolError("a message is an array starting with its integer type")
-    entry = _REGISTRY.get(raw[0])
+    entry = (_REGISTRY_COLUMNS if columns else _REGISTRY).get(raw[0])
     if entry is None:
         raise ProtocolError(f"unknown message type {raw[0]}")
     cls, checks = entry

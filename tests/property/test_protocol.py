@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from falconet import protocol as p
 from falconet.errors import ProtocolError
+from falconet.fields import Columns
 
 FAST = settings(max_examples=200, deadline=None)
 SOME = settings(max_examples=100, deadline=None)  # the many garbage shapes; together they add up
@@ -232,6 +233,43 @@ def test_record_batches_travel_column_wise(msg):
     columns = raw(msg)[at]
     assert len(columns) == len(record._fields)
     assert [list(c) for c in zip(*records)] == columns, "field i of every record, in the i-th array"
+
+
+@FAST
+@given(msg=ANY_MESSAGE)
+def test_batches_kept_as_columns_are_the_same_message(msg):
+    """decode(columns=True), as the dispatcher reads: the same message to any reader, and
+    the same frame when sent on."""
+    frame = p.encode(msg)
+    records, kept = p.decode(frame), p.decode(frame, columns=True)
+    assert kept == records and repr(kept) == repr(records)
+    assert p.encode(kept) == frame
+    if type(msg) in BATCHES:
+        at, record = BATCHES[type(msg)]
+        batch = getattr(kept, msg._names[at - 1])
+        assert type(batch) is Columns and batch.columns == raw(msg)[at]
+        assert len(batch) == len(getattr(records, msg._names[at - 1]))
+        assert all(type(r) is record for r in batch) and list(batch) == getattr(records, msg._names[at - 1])
+
+
+@SOME
+@given(msg=ANY_BATCH, data=st.data())
+def test_batches_kept_as_columns_refuse_what_records_refuse(msg, data):
+    """Any change to a batch's columns: both decodings refuse it alike, or both take it."""
+    at, record = BATCHES[type(msg)]
+    fields = raw(msg)
+    columns = fields[at]
+    i = data.draw(st.integers(0, len(columns) - 1))
+    j = data.draw(st.integers(0, len(columns[i]) - 1))
+    columns[i][j] = data.draw(_values(FLOATS))
+    frame = pack(fields)
+    outcomes = []
+    for columns_kept in (False, True):
+        try:
+            outcomes.append(repr(p.decode(frame, columns=columns_kept)))
+        except ProtocolError as exc:
+            outcomes.append(f"refused: {exc}")
+    assert outcomes[0] == outcomes[1]
 
 
 @pytest.mark.parametrize("msg", [p.Submit(1, []), p.Tasks([]), p.Report(1, [], [], {}), p.Results([])],

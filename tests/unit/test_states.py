@@ -33,6 +33,13 @@ def test_final_states_have_no_exits(final):
             states.check(final, new)
 
 
+def test_the_states_that_end_any_way_are_those_an_executor_holds():
+    assert {int(D), int(R)} == states.ENDS_ANY_WAY
+    for old in states.ENDS_ANY_WAY:
+        for end in FINAL_STATES:
+            states.check(old, end)
+
+
 def test_no_state_moves_to_itself():
     for s in TaskState:
         assert s not in TRANSITIONS[s]
