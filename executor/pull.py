@@ -25,11 +25,13 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from falconet import protocol as p
+from falconet import tasks
 from falconet.executor.pipes import EXEC_RESULT_FIELDS, SlotResult, SlotTask
 
 log = logging.getLogger("falconet.executor")
 
 _FAILED, _CANCELLED = int(p.TaskState.FAILED), int(p.TaskState.CANCELLED)
+_COMMAND = int(p.TaskKind.COMMAND)
 CHUNK_WORK_S = 0.02  # work per chunk handed to a slot
 BACKLOG_WORK_S = 0.05  # work held locally beyond the slots
 MAX_CHUNK = 64
@@ -340,6 +342,8 @@ class Pull:
         """A frame of SlotResult records from slot `index`, in the order its tasks ran."""
         slot = self.slots[index]
         chunk, results = slot.chunk, self.results
+        if self.drain_requested:
+            records = self._killed_with_the_job(chunk, records)
         mean = self.mean_s
         for r in records:
             tid = r[0]
@@ -358,6 +362,27 @@ class Pull:
         # answer to a Reclaim are of tasks before its overdue one, which still runs.
         if not slot.reclaiming:
             slot.sent_at = self.clock()
+
+    def _killed_with_the_job(self, chunk: dict[int, p.Assignment], records: list[list]) -> list[list]:
+        """The records left once commands killed by SIGTERM while this executor was told
+        to leave by one are handed back: a batch system ending the job signals every
+        process of it, the commands too, and they did not fail of their own."""
+        back, kept = [], []
+        for r in records:
+            a = chunk.get(r[0])
+            if (a is not None and a.kind == _COMMAND and r[2] == _FAILED and r[3]
+                    and tasks.decode_command_output(r[3])[0] == -signal.SIGTERM):
+                chunk.pop(r[0])
+                back.append(a)
+            else:
+                kept.append(r)
+        if back:
+            log.info("handing back %d commands killed by SIGTERM with this executor's job", len(back))
+            if self.phase is Phase.ACTIVE:
+                self.queue.extendleft(reversed(back))  # the drain about to begin hands them back
+            else:
+                self._send(p.Drain([(a.tid, a.attempt) for a in back]))
+        return kept
 
     def on_slot_died(self, index: int, code: int | None) -> None:
         """Slot `index` ended by itself (exit status `code`) and was replaced: its first task

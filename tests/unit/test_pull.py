@@ -237,6 +237,32 @@ def test_slots_killed_with_the_whole_job_hand_their_tasks_back(code):
     assert not [r for m in sent(actions, p.Report) for r in m.results]
 
 
+def test_commands_killed_with_the_whole_job_go_back_not_failed():
+    """scancel signals the commands too: one killed by SIGTERM while the executor is told
+    to leave goes back to the dispatcher; one that failed by itself is reported."""
+    pull, _ = make(slots=2)
+    pull.on_message(p.Tasks([task(1), task(2)]))
+    first, second = of(turn(pull), pl.Run)
+    pull.request_drain()
+    killed = tasks.encode_command_output(-15, b"", b"", False)
+    failed = tasks.encode_command_output(2, b"", b"oops", False)
+    pull.on_slot_results(first.slot, [result(first.tasks[0], state=FAILED, output=killed)])
+    pull.on_slot_results(second.slot, [result(second.tasks[0], state=FAILED, output=failed)])
+    actions = turn(pull)
+    back = [tid for m in sent(actions, p.Drain) for tid, _ in m.returned]
+    reported = [r.tid for m in sent(actions, p.Report) for r in m.results]
+    assert back == [tids(first)[0]] and reported == [tids(second)[0]]
+
+
+def test_a_command_killed_by_sigterm_while_the_executor_stays_fails():
+    pull, _ = make(slots=1)
+    pull.on_message(p.Tasks([task(1)]))
+    run = of(turn(pull), pl.Run)[0]
+    killed = tasks.encode_command_output(-15, b"", b"", False)
+    pull.on_slot_results(run.slot, [result(run.tasks[0], state=FAILED, output=killed)])
+    assert [(r.tid, r.state) for m in sent(turn(pull), p.Report) for r in m.results] == [(1, FAILED)]
+
+
 def test_a_slot_that_dies_of_sigterm_while_the_executor_stays_fails_its_task():
     pull, _ = make(slots=1)
     pull.on_message(p.Tasks([task(1)]))
