@@ -253,6 +253,10 @@ class SlurmCluster:
         if self._owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def cancel_all(self) -> None:
+        """Cancel every job and wait (a few seconds at most) for the queue to empty."""
+        self._cancel_all()
+
     def _cancel_all(self) -> None:
         try:
             self.run("scancel", "--user", str(os.geteuid()), check=False, timeout_s=10.0)

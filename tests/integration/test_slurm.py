@@ -19,6 +19,16 @@ PILOT = ("--backend", "slurm", "--cpus-per-job", "1", "--slots", "1", "--interva
          "--boot-timeout", "60", "--log-level", "debug")
 
 
+@pytest.fixture(autouse=True)
+def _no_job_outlives_its_test(request):
+    """A test that fails before its provisioner stops leaves pilots running: cancel them,
+    so the next test (and test_slurm_cluster.py) finds the cluster empty."""
+    yield
+    for name in ("slurm", "slurm2"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).cancel_all()
+
+
 def _fleet(client: falconet.Client) -> dict:
     return client.status(detail=True).get("fleet") or {}
 

@@ -12,9 +12,13 @@ JOB_START_TIMEOUT_S = 20.0
 
 
 def test_the_node_is_idle_in_every_partition(slurm):
-    out = slurm.run("sinfo", "--noheader", "--format", "%R %t %N").stdout.split("\n")
-    rows = {tuple(line.split()) for line in out if line.strip()}
-    assert rows == {(partition, "idle", slurm.node) for partition in slurm.partitions}
+    def rows() -> set:
+        out = slurm.run("sinfo", "--noheader", "--format", "%R %t %N").stdout.split("\n")
+        return {tuple(line.split()) for line in out if line.strip()}
+
+    want = {(partition, "idle", slurm.node) for partition in slurm.partitions}
+    # a job of an earlier test may still be completing on it
+    wait_until(lambda: rows() == want, JOB_START_TIMEOUT_S, f"the node idle in every partition, not {rows()}")
 
 
 @pytest.mark.parametrize("partition", ["debug", "short"])
