@@ -249,6 +249,7 @@ class Provisioner:
                 why.append(f"stop {mid}: released {now - since:.0f}s ago and still not gone")
         if gone:
             self.backend.stop(gone)
+            self.ended.update(gone)  # a batch job listed as ended after this is no news
             for mid in gone:
                 self._charge_to(mid, now)
                 self.releasing.pop(mid, None)

@@ -237,3 +237,24 @@ def test_without_a_renewal_margin_an_ending_node_counts_until_it_drains():
     dispatcher.register(mid, assigned=0)
     prov.step()
     assert len(backend.machines) == 1 and dispatcher.reports[-1]["counts"]["idle"] == 1
+
+
+def test_a_batch_job_the_provisioner_stopped_is_no_failed_launch_when_listed_as_ended():
+    """Its executor left, the provisioner cancelled the job, and squeue lists it CANCELLED
+    for a while: that is the provisioner's own doing, not a launch that failed."""
+    clock = Clock()
+    backend, dispatcher = FakeBackend(clock), FakeDispatcher()
+    prov = _provisioner(clock, backend, dispatcher, strategy=Strategy.ONE_AT_A_TIME, max_executors=1)
+    dispatcher.queued = 1
+    prov.step()
+    (mid,) = backend.machines
+    dispatcher.register(mid, assigned=1)
+    prov.step()
+    dispatcher.queued = 0
+    del dispatcher.rows[mid]  # it left
+    prov.step()
+    assert backend.stopped == [mid]
+    backend.machines[mid] = Machine(mid, "small", "ended", clock(), "t", "", "CANCELLED")  # squeue still lists it
+    clock.now += 1.0
+    prov.step()
+    assert prov.failures == 0 and not prov.last_error
