@@ -378,11 +378,15 @@ class Pull:
                 kept.append(r)
         if back:
             log.info("handing back %d commands killed by SIGTERM with this executor's job", len(back))
-            if self.phase is Phase.ACTIVE:
-                self.queue.extendleft(reversed(back))  # the drain about to begin hands them back
-            else:
-                self._send(p.Drain([(a.tid, a.attempt) for a in back]))
+            self._hand_back(back)
         return kept
+
+    def _hand_back(self, assignments: list[p.Assignment]) -> None:
+        """Give tasks killed with this executor's job back to the dispatcher, unfailed."""
+        if self.phase is Phase.ACTIVE:
+            self.queue.extendleft(reversed(assignments))  # the drain about to begin hands them back
+        else:
+            self._send(p.Drain([(a.tid, a.attempt) for a in assignments]))
 
     def on_slot_died(self, index: int, code: int | None) -> None:
         """Slot `index` ended by itself (exit status `code`) and was replaced: its first task
@@ -393,10 +397,7 @@ class Pull:
         of it.  Its tasks did nothing wrong: they all go back to the dispatcher."""
         chunk = self.slots[index].clear()
         if chunk and self.drain_requested and code in (-signal.SIGTERM, 128 + signal.SIGTERM):
-            if self.phase is Phase.ACTIVE:
-                self.queue.extendleft(reversed(chunk))  # the drain about to begin hands them back
-            else:
-                self._send(p.Drain([(a.tid, a.attempt) for a in chunk]))
+            self._hand_back(chunk)
             return
         if chunk:
             how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
