@@ -93,10 +93,22 @@ class FakeDispatcher:
         self.reports.append(info)
 
 
-def _provisioner(clock: Clock, backend: FakeBackend, dispatcher: FakeDispatcher, **params) -> service.Provisioner:
+def _provisioner(clock: Clock, backend: FakeBackend, dispatcher: FakeDispatcher, *, renew_before_s: float = 0.0,
+                 **params) -> service.Provisioner:
     settings = service.Settings(params=Params(types=(SMALL,), **params), interval_s=5.0, boot_timeout_s=60.0,
-                                backoff_base_s=10.0, stop_grace_s=0.0)
+                                backoff_base_s=10.0, stop_grace_s=0.0, renew_before_s=renew_before_s)
     return service.Provisioner(settings, backend, dispatcher, wall=clock, clock=clock)  # type: ignore[arg-type]
+
+
+def _one_launched(max_executors: int = 1, **kw) -> tuple[Clock, FakeBackend, FakeDispatcher, service.Provisioner, str]:
+    """A provisioner that launched one node, one at a time, for one waiting task."""
+    clock = Clock()
+    backend, dispatcher = FakeBackend(clock), FakeDispatcher()
+    prov = _provisioner(clock, backend, dispatcher, strategy=Strategy.ONE_AT_A_TIME, max_executors=max_executors, **kw)
+    dispatcher.queued = 1
+    prov.step()
+    (mid,) = backend.machines
+    return clock, backend, dispatcher, prov, mid
 
 
 def test_an_empty_fleet_rounds_fast_and_starts_at_the_first_task():
@@ -171,12 +183,7 @@ def test_stop_drains_through_the_dispatcher_unless_its_parent_is_gone(now):
 
 def test_a_batch_job_that_ends_before_its_executor_registers_is_a_failed_launch_once():
     """squeue lists an ended job for minutes: it counts once, is never stopped, and is no node."""
-    clock = Clock()
-    backend, dispatcher = FakeBackend(clock), FakeDispatcher()
-    prov = _provisioner(clock, backend, dispatcher, strategy=Strategy.ONE_AT_A_TIME, max_executors=1)
-    dispatcher.queued = 1
-    prov.step()
-    (mid,) = backend.machines
+    clock, backend, dispatcher, prov, mid = _one_launched()
     backend.machines[mid] = Machine(mid, "small", "ended", clock(), "t", "", "FAILED (NonZeroExitCode)")
     for _ in range(3):
         clock.now += 1.0
@@ -187,12 +194,7 @@ def test_a_batch_job_that_ends_before_its_executor_registers_is_a_failed_launch_
 
 
 def test_a_batch_job_that_ends_after_its_executor_left_is_no_failure():
-    clock = Clock()
-    backend, dispatcher = FakeBackend(clock), FakeDispatcher()
-    prov = _provisioner(clock, backend, dispatcher, strategy=Strategy.ONE_AT_A_TIME, max_executors=1)
-    dispatcher.queued = 1
-    prov.step()
-    (mid,) = backend.machines
+    clock, backend, dispatcher, prov, mid = _one_launched()
     dispatcher.register(mid, assigned=1)
     prov.step()
     dispatcher.queued = 0
@@ -205,14 +207,7 @@ def test_a_batch_job_that_ends_after_its_executor_left_is_no_failure():
 def test_a_node_whose_allocation_is_about_to_end_is_replaced_while_work_waits():
     """A pilot job near its walltime counts as going away: with work waiting, its
     replacement is launched while it still runs; with none, nothing is launched."""
-    clock = Clock()
-    backend, dispatcher = FakeBackend(clock), FakeDispatcher()
-    settings = service.Settings(params=Params(types=(SMALL,), strategy=Strategy.ONE_AT_A_TIME, max_executors=2),
-                                interval_s=5.0, boot_timeout_s=60.0, renew_before_s=120.0)
-    prov = service.Provisioner(settings, backend, dispatcher, wall=clock, clock=clock)  # type: ignore[arg-type]
-    dispatcher.queued = 1
-    prov.step()
-    (mid,) = backend.machines
+    clock, backend, dispatcher, prov, mid = _one_launched(max_executors=2, renew_before_s=120.0)
     backend.machines[mid] = Machine(mid, "small", "running", clock(), "t", "", "RUNNING", clock() + 600.0)
     dispatcher.register(mid, assigned=1)
     dispatcher.queued = 0  # the task runs there
@@ -227,12 +222,7 @@ def test_a_node_whose_allocation_is_about_to_end_is_replaced_while_work_waits():
 
 
 def test_without_a_renewal_margin_an_ending_node_counts_until_it_drains():
-    clock = Clock()
-    backend, dispatcher = FakeBackend(clock), FakeDispatcher()
-    prov = _provisioner(clock, backend, dispatcher, strategy=Strategy.ONE_AT_A_TIME, max_executors=2)
-    dispatcher.queued = 1
-    prov.step()
-    (mid,) = backend.machines
+    clock, backend, dispatcher, prov, mid = _one_launched(max_executors=2)
     backend.machines[mid] = Machine(mid, "small", "running", clock(), "t", "", "RUNNING", clock() + 10.0)
     dispatcher.register(mid, assigned=0)
     prov.step()
@@ -242,12 +232,7 @@ def test_without_a_renewal_margin_an_ending_node_counts_until_it_drains():
 def test_a_batch_job_the_provisioner_stopped_is_no_failed_launch_when_listed_as_ended():
     """Its executor left, the provisioner cancelled the job, and squeue lists it CANCELLED
     for a while: that is the provisioner's own doing, not a launch that failed."""
-    clock = Clock()
-    backend, dispatcher = FakeBackend(clock), FakeDispatcher()
-    prov = _provisioner(clock, backend, dispatcher, strategy=Strategy.ONE_AT_A_TIME, max_executors=1)
-    dispatcher.queued = 1
-    prov.step()
-    (mid,) = backend.machines
+    clock, backend, dispatcher, prov, mid = _one_launched()
     dispatcher.register(mid, assigned=1)
     prov.step()
     dispatcher.queued = 0
